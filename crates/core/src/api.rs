@@ -1,0 +1,117 @@
+//! The tensor-level entry point: validated block-sparse attention on `[batch, heads, n, d]`.
+
+use burn::backend::Dispatch;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::backend::SparseAttentionBackend;
+use crate::error::{Result, SparseAttentionError};
+use crate::layout::BlockLayout;
+
+/// Options of [`sparse_attention`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AttentionOptions {
+    /// Softmax scale; `None` (default) means `1 / sqrt(head_dim)`.
+    pub scale: Option<f32>,
+}
+
+impl AttentionOptions {
+    /// Options with an explicit scale.
+    pub fn with_scale(scale: f32) -> Self {
+        Self { scale: Some(scale) }
+    }
+}
+
+/// Block-sparse multi-head attention: `out[b, h, i] = sum_j softmax_j(scale q_i . k_j) v_j`
+/// over the keys `j` that `layout` allows for query `i` in head `h`.
+///
+/// Differentiable (under an autodiff device its backward runs the backend's sparse
+/// backward op); never allocates an `n x n` matrix. A row with no allowed key returns zeros.
+///
+/// # Shapes
+/// `q`, `k`, `v`: `[batch, heads, n, d]`, `n == layout.seq_len()`,
+/// `heads == layout.heads()`; output `[batch, heads, n, d]`.
+///
+/// # Errors
+/// Shapes that differ or are empty, a layout built for another `n` or head count, inputs on
+/// different devices, a scale that is not finite and positive.
+///
+/// # Example
+/// ```
+/// use burn::tensor::{Device, Distribution, Tensor};
+/// use sparse_attn_core::{AttentionOptions, BlockLayout, pattern::Band, sparse_attention};
+///
+/// let device = Device::ndarray();
+/// let layout = BlockLayout::build(&Band::sliding_window(16).unwrap(), 64, 16, 2).unwrap();
+/// let q = Tensor::<4>::random([1, 2, 64, 8], Distribution::Normal(0.0, 1.0), &device);
+/// let out = sparse_attention(q.clone(), q.clone(), q, &layout, AttentionOptions::default()).unwrap();
+/// assert_eq!(out.dims(), [1, 2, 64, 8]);
+/// ```
+pub fn sparse_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    layout: &BlockLayout,
+    options: AttentionOptions,
+) -> Result<Tensor<4>> {
+    let dims = q.dims();
+    let [_, heads, n, d] = dims;
+    if let Some(name) = ["batch", "heads", "seq_len", "head_dim"].iter().zip(dims).find_map(|(name, x)| (x == 0).then_some(*name)) {
+        return Err(SparseAttentionError::Zero { name });
+    }
+    for (name, t) in [("k", &k), ("v", &v)] {
+        if t.dims() != dims {
+            return Err(SparseAttentionError::Shape {
+                name,
+                got: t.dims().to_vec(),
+                expected: format!("{dims:?}, the shape of `q`"),
+            });
+        }
+        if t.device() != q.device() {
+            return Err(SparseAttentionError::DeviceMismatch {
+                name,
+                got: format!("{:?}", t.device()),
+                expected: format!("{:?}", q.device()),
+            });
+        }
+    }
+    check_layout(layout, n, heads)?;
+    let scale = options.scale.unwrap_or(1.0 / (d as f32).sqrt());
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(SparseAttentionError::Scale(scale));
+    }
+    Ok(match layout.order() {
+        None => raw_attention(q, k, v, layout, scale),
+        Some((order, inverse)) => {
+            let device = q.device();
+            let index = |p: &[usize]| {
+                let values: Vec<i64> = p.iter().map(|&x| x as i64).collect();
+                Tensor::<1, Int>::from_data(TensorData::new(values, [p.len()]), &device)
+            };
+            let (to_layout, to_tokens) = (index(order), index(inverse));
+            let permute = |t: Tensor<4>| t.select(2, to_layout.clone());
+            raw_attention(permute(q), permute(k), permute(v), layout, scale).select(2, to_tokens)
+        }
+    })
+}
+
+/// Checks that `layout` was built for `n` tokens and `heads` heads.
+pub(crate) fn check_layout(layout: &BlockLayout, n: usize, heads: usize) -> Result<()> {
+    if layout.seq_len() != n {
+        return Err(SparseAttentionError::LayoutMismatch { what: "seq_len", layout: layout.seq_len(), input: n });
+    }
+    if layout.heads() != heads {
+        return Err(SparseAttentionError::LayoutMismatch { what: "heads", layout: layout.heads(), input: heads });
+    }
+    Ok(())
+}
+
+/// The backend op on already validated tensors in layout positions.
+fn raw_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, layout: &BlockLayout, scale: f32) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as SparseAttentionBackend>::sparse_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        layout.clone(),
+        scale,
+    ))
+}

@@ -1,0 +1,103 @@
+//! `Autodiff<B>`: wires the backward op into Burn's graph. All math stays in `B`'s ops.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::backend::tensor::FloatTensor;
+
+use super::SparseAttentionBackend;
+use crate::layout::BlockLayout;
+
+/// What the backward pass needs: inputs, the forward's output and log-sum-exp.
+#[derive(Debug, Clone)]
+struct Saved<B: SparseAttentionBackend> {
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    layout: BlockLayout,
+    scale: f32,
+}
+
+#[derive(Debug)]
+struct SparseAttentionBackward;
+
+impl<B: SparseAttentionBackend> Backward<B, 3> for SparseAttentionBackward {
+    type State = Saved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let dout = grads.consume::<B>(&ops.node);
+        let s = ops.state;
+        let (dq, dk, dv) = B::sparse_attention_backward(s.q, s.k, s.v, s.out, s.lse, dout, s.layout, s.scale);
+        for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<B: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend for Autodiff<B, C> {
+    fn sparse_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        layout: BlockLayout,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        let guards = [q.node(), k.node(), v.node()];
+        match SparseAttentionBackward.prepare::<C>(guards).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+                let (out, lse) = B::sparse_attention_forward(q.clone(), k.clone(), v.clone(), layout.clone(), scale);
+                let saved = Saved { q, k, v, out: out.clone(), lse, layout, scale };
+                prep.finish(saved, out)
+            }
+            OpsKind::UnTracked(prep) => {
+                let out = B::sparse_attention(q.into_primitive(), k.into_primitive(), v.into_primitive(), layout, scale);
+                prep.finish(out)
+            }
+        }
+    }
+
+    /// Not differentiable itself (its `lse` output has no gradient): runs `B`'s forward on
+    /// the values and returns untracked tensors.
+    fn sparse_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        layout: BlockLayout,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (out, lse) = B::sparse_attention_forward(q.into_primitive(), k.into_primitive(), v.into_primitive(), layout, scale);
+        (FloatTensor::<Self>::new(out), FloatTensor::<Self>::new(lse))
+    }
+
+    /// Not differentiable itself: runs `B`'s backward and returns untracked tensors.
+    fn sparse_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        layout: BlockLayout,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dq, dk, dv) = B::sparse_attention_backward(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            out.into_primitive(),
+            lse.into_primitive(),
+            dout.into_primitive(),
+            layout,
+            scale,
+        );
+        (FloatTensor::<Self>::new(dq), FloatTensor::<Self>::new(dk), FloatTensor::<Self>::new(dv))
+    }
+}

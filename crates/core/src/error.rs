@@ -1,0 +1,102 @@
+//! Typed errors for everything built from user input.
+
+use thiserror::Error;
+
+/// Everything that can be wrong with the inputs of a public entry point.
+///
+/// Each variant names what was expected. Internal invariant breaks (a bug in this crate,
+/// not bad input) panic with a precise message instead.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum SparseAttentionError {
+    /// The block size is outside the supported range.
+    #[error("block size {got} is not supported: expected a block size between {min} and {max}")]
+    BlockSize {
+        /// Block size given.
+        got: usize,
+        /// Smallest supported block size.
+        min: usize,
+        /// Largest supported block size.
+        max: usize,
+    },
+    /// A pattern parameter makes no sense.
+    #[error("invalid `{pattern}` pattern: {reason}")]
+    InvalidPattern {
+        /// Pattern name.
+        pattern: &'static str,
+        /// What is wrong and what was expected.
+        reason: String,
+    },
+    /// A tensor does not have the expected shape.
+    #[error("`{name}` has shape {got:?}, expected {expected}")]
+    Shape {
+        /// Argument name.
+        name: &'static str,
+        /// Shape given.
+        got: Vec<usize>,
+        /// What was expected.
+        expected: String,
+    },
+    /// The number of heads does not divide the embedding width.
+    #[error("n_embd = {n_embd} is not divisible by heads = {heads}: expected heads to divide n_embd")]
+    HeadsDivide {
+        /// Embedding width.
+        n_embd: usize,
+        /// Number of heads.
+        heads: usize,
+    },
+    /// A zero count where a positive one is needed.
+    #[error("`{name}` must be positive, got 0")]
+    Zero {
+        /// Argument name.
+        name: &'static str,
+    },
+    /// The layout was built for another problem.
+    #[error("layout was built for {what} = {layout}, but the input has {what} = {input}")]
+    LayoutMismatch {
+        /// Which quantity differs (`seq_len`, `heads`, `block`).
+        what: &'static str,
+        /// The layout's value.
+        layout: usize,
+        /// The input's value.
+        input: usize,
+    },
+    /// Inputs live on different devices.
+    #[error("`{name}` is on device {got}, expected the device of `q` ({expected})")]
+    DeviceMismatch {
+        /// Argument name.
+        name: &'static str,
+        /// Its device.
+        got: String,
+        /// The device of `q`.
+        expected: String,
+    },
+    /// The layout has more active blocks than the kernels can index.
+    #[error("layout has {blocks} active blocks, more than the supported {max}")]
+    TooManyBlocks {
+        /// Active blocks.
+        blocks: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// The attention scale is not a finite positive number.
+    #[error("scale must be finite and positive, got {0}")]
+    Scale(f32),
+    /// An unknown mode name.
+    #[error("unknown attention mode `{0}`: expected one of all, local, strided, fixed")]
+    UnknownMode(String),
+    /// The input tensor uses a dtype this backend cannot run.
+    #[error("dtype {got} is not supported here: expected {expected}")]
+    DType {
+        /// The dtype given.
+        got: String,
+        /// What is supported.
+        expected: &'static str,
+    },
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = SparseAttentionError> = std::result::Result<T, E>;
+
+pub(crate) fn invalid(pattern: &'static str, reason: impl Into<String>) -> SparseAttentionError {
+    SparseAttentionError::InvalidPattern { pattern, reason: reason.into() }
+}

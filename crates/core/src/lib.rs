@@ -1,0 +1,51 @@
+//! Block-sparse multi-head attention for Burn: layouts, patterns and the
+//! [`SparseAttentionBackend`] extension.
+//!
+//! # Representation
+//! A [`Pattern`] is a token predicate `allows(head, i, j)`. [`BlockLayout::build`] turns it
+//! into per-head (or shared) CSR lists of active key blocks of `b` tokens, each full or
+//! with an element mask (bit set = allowed), plus transposed lists for the backward pass
+//! and, for patterns such as `strided`, a token order. Kernels walk only the active blocks:
+//! memory is `O(batch * heads * n * d)`, never `n x n`.
+//!
+//! # Entry points
+//! - [`sparse_attention`] on `[batch, heads, n, d]` with a [`BlockLayout`];
+//! - the original Sparse Transformer API: [`attention_impl`] (dense, masked),
+//!   [`blocksparse_attention_impl`] and [`SparseAttention`] on `[batch, n_ctx, n_embd]`.
+//!
+//! Backends are chosen at run time by the device (`Device::ndarray()`, `Device::flex()`,
+//! `Device::wgpu(..)`, `.autodiff()`), compiled in by the Cargo features `ndarray`, `flex`,
+//! `wgpu`, `vulkan`, `cuda`, `autodiff`, `fusion`.
+//!
+//! ```
+//! use burn::tensor::{Device, Distribution, Tensor};
+//! use sparse_attn_core::{AttnMode, attention_impl, blocksparse_attention_impl};
+//!
+//! let device = Device::ndarray();
+//! let x = Tensor::<3>::random([1, 64, 32], Distribution::Normal(0.0, 1.0), &device);
+//! let sparse = blocksparse_attention_impl(x.clone(), x.clone(), x.clone(), 2, AttnMode::Strided, Some(8), 8, 1, 1).unwrap();
+//! let dense = attention_impl(x.clone(), x.clone(), x, 2, AttnMode::Strided, Some(8)).unwrap();
+//! let diff = (sparse - dense).abs().max().into_scalar::<f32>();
+//! assert!(diff < 1e-5);
+//! ```
+
+#![warn(missing_docs)]
+
+mod api;
+pub mod backend;
+mod cache;
+mod error;
+mod layout;
+mod modes;
+pub mod pattern;
+mod picture;
+pub mod reference;
+
+pub use api::{AttentionOptions, sparse_attention};
+pub use backend::SparseAttentionBackend;
+pub use cache::LayoutCache;
+pub use error::{Result, SparseAttentionError};
+pub use layout::{BlockLayout, FULL, MAX_BLOCK, MIN_BLOCK};
+pub use modes::{AttnMode, ModeParams, SparseAttention, attention_impl, blocksparse_attention_impl};
+pub use pattern::{BlockCover, Geometry, Pattern};
+pub use picture::LayoutStats;

@@ -1,0 +1,187 @@
+//! The fused backward pass: `dQ` over the CSR rows, `dK`/`dV` over the transposed lists.
+//!
+//! `P` is recomputed from the saved log-sum-exp, so nothing of size `n x n` is stored, and
+//! every gradient element is owned by one task: no atomics, deterministic results.
+
+use rayon::prelude::*;
+
+use crate::layout::{AttentionShape, CsrLayout};
+use crate::tile::{gemm, probabilities, scores};
+
+/// Inputs shared by every task of the backward pass, for one `(batch, head)` slice.
+struct Slices<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    dout: &'a [f32],
+    lse: &'a [f32],
+    delta: &'a [f32],
+}
+
+/// Block-sparse attention backward.
+///
+/// Given the forward inputs, the forward's `out` and `lse`, and `dout` (the gradient of the
+/// loss with respect to `out`), writes `dq`, `dk`, `dv` (all `[batch, heads, seq_len,
+/// head_dim]` row-major).
+///
+/// # Panics
+/// If a slice length disagrees with `shape` (the caller validates shapes).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    shape: AttentionShape,
+    layout: &CsrLayout<'_>,
+    scale: f32,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let AttentionShape { heads, seq_len: n, head_dim: d, .. } = shape;
+    for (name, len) in [
+        ("q", q.len()),
+        ("k", k.len()),
+        ("v", v.len()),
+        ("out", out.len()),
+        ("dout", dout.len()),
+        ("dq", dq.len()),
+        ("dk", dk.len()),
+        ("dv", dv.len()),
+    ] {
+        assert_eq!(len, shape.numel(), "backward: `{name}` has the wrong length");
+    }
+    assert_eq!(lse.len(), shape.rows(), "backward: `lse` has the wrong length");
+    assert_eq!(layout.seq_len, n, "backward: layout built for another sequence length");
+    if shape.numel() == 0 {
+        return;
+    }
+    // delta_i = dout_i . out_i, the softmax-backward row correction.
+    let mut delta = vec![0.0f32; shape.rows()];
+    delta
+        .par_chunks_mut(n.max(1))
+        .enumerate()
+        .for_each(|(bh, dl)| {
+            for (i, x) in dl.iter_mut().enumerate() {
+                let at = (bh * n + i) * d;
+                *x = dot(&dout[at..at + d], &out[at..at + d]);
+            }
+        });
+    let b = layout.block;
+    let slices = |bh: usize| {
+        let (base, rows) = (bh * n * d, bh * n);
+        Slices {
+            q: &q[base..base + n * d],
+            k: &k[base..base + n * d],
+            v: &v[base..base + n * d],
+            dout: &dout[base..base + n * d],
+            lse: &lse[rows..rows + n],
+            delta: &delta[rows..rows + n],
+        }
+    };
+    dq.par_chunks_mut(n * d).enumerate().for_each(|(bh, dq_bh)| {
+        let x = slices(bh);
+        dq_bh.par_chunks_mut(b * d).enumerate().for_each(|(r, dq_r)| {
+            dq_block(&x, d, layout, bh % heads, r, scale, dq_r);
+        });
+    });
+    dk.par_chunks_mut(n * d)
+        .zip(dv.par_chunks_mut(n * d))
+        .enumerate()
+        .for_each(|(bh, (dk_bh, dv_bh))| {
+            let x = slices(bh);
+            dk_bh
+                .par_chunks_mut(b * d)
+                .zip(dv_bh.par_chunks_mut(b * d))
+                .enumerate()
+                .for_each(|(c, (dk_c, dv_c))| {
+                    dkv_block(&x, d, layout, bh % heads, c, scale, dk_c, dv_c);
+                });
+        });
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `ds = p * (dp - delta_i)`, in place in `dp`.
+fn softmax_grad(p: &[f32], dp: &mut [f32], delta: &[f32], bk: usize) {
+    for ((dp_row, p_row), &dl) in dp.chunks_mut(bk).zip(p.chunks(bk)).zip(delta) {
+        for (g, &pr) in dp_row.iter_mut().zip(p_row) {
+            *g = pr * (*g - dl);
+        }
+    }
+}
+
+/// `dQ` of query block `r`: sum over its key blocks of `dS K * scale`.
+#[allow(clippy::too_many_arguments)]
+fn dq_block(
+    x: &Slices<'_>,
+    d: usize,
+    layout: &CsrLayout<'_>,
+    head: usize,
+    r: usize,
+    scale: f32,
+    dq: &mut [f32],
+) {
+    let b = layout.block;
+    let (qs, qe) = layout.block_range(r);
+    let bq = qe - qs;
+    let row = layout.layout_head(head) * layout.n_blocks + r;
+    let (e0, e1) = (layout.row_ptr[row] as usize, layout.row_ptr[row + 1] as usize);
+    dq.fill(0.0);
+    let (mut p, mut dp) = (vec![0.0f32; bq * b], vec![0.0f32; bq * b]);
+    for e in e0..e1 {
+        let (ks, ke) = layout.block_range(layout.cols[e] as usize);
+        let bk = ke - ks;
+        let (p, dp) = (&mut p[..bq * bk], &mut dp[..bq * bk]);
+        let (q, k, v) = (&x.q[qs * d..qe * d], &x.k[ks * d..ke * d], &x.v[ks * d..ke * d]);
+        scores(q, k, bq, bk, d, scale, layout.mask_of(e), b, p);
+        probabilities(p, &x.lse[qs..qe], bk);
+        gemm(bq, d, bk, 1.0, (&x.dout[qs * d..qe * d], d, 1), (v, 1, d), 0.0, dp, bk);
+        softmax_grad(p, dp, &x.delta[qs..qe], bk);
+        gemm(bq, bk, d, scale, (dp, bk, 1), (k, d, 1), 1.0, dq, d);
+    }
+}
+
+/// `dK` and `dV` of key block `c`: sums over the query blocks that attend it.
+#[allow(clippy::too_many_arguments)]
+fn dkv_block(
+    x: &Slices<'_>,
+    d: usize,
+    layout: &CsrLayout<'_>,
+    head: usize,
+    c: usize,
+    scale: f32,
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let b = layout.block;
+    let (ks, ke) = layout.block_range(c);
+    let bk = ke - ks;
+    let col = layout.layout_head(head) * layout.n_blocks + c;
+    let (t0, t1) = (layout.col_ptr[col] as usize, layout.col_ptr[col + 1] as usize);
+    dk.fill(0.0);
+    dv.fill(0.0);
+    let (mut p, mut dp) = (vec![0.0f32; b * bk], vec![0.0f32; b * bk]);
+    let (k, v) = (&x.k[ks * d..ke * d], &x.v[ks * d..ke * d]);
+    for t in t0..t1 {
+        let (qs, qe) = layout.block_range(layout.t_rows[t] as usize);
+        let bq = qe - qs;
+        let (p, dp) = (&mut p[..bq * bk], &mut dp[..bq * bk]);
+        let (q, dout) = (&x.q[qs * d..qe * d], &x.dout[qs * d..qe * d]);
+        let entry = layout.t_entries[t] as usize;
+        scores(q, k, bq, bk, d, scale, layout.mask_of(entry), b, p);
+        probabilities(p, &x.lse[qs..qe], bk);
+        // dV += Pᵀ dO
+        gemm(bk, bq, d, 1.0, (p, 1, bk), (dout, d, 1), 1.0, dv, d);
+        // dP = dO Vᵀ, dS = P (dP - delta)
+        gemm(bq, d, bk, 1.0, (dout, d, 1), (v, 1, d), 0.0, dp, bk);
+        softmax_grad(p, dp, &x.delta[qs..qe], bk);
+        // dK += dSᵀ Q * scale
+        gemm(bk, bq, d, scale, (dp, 1, bk), (q, d, 1), 1.0, dk, d);
+    }
+}

@@ -1,0 +1,97 @@
+//! The plain-data view of a block layout and of a problem's shape that the kernels read.
+
+/// Marker stored in [`CsrLayout::masks`] for a block whose every element is allowed.
+pub const FULL_BLOCK: u32 = u32::MAX;
+
+/// Shape of one attention problem: `q`, `k`, `v` and the output are `[batch, heads, seq_len,
+/// head_dim]` row-major, the log-sum-exp is `[batch, heads, seq_len]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Batch size.
+    pub batch: usize,
+    /// Number of heads.
+    pub heads: usize,
+    /// Sequence length `n` (tokens), the same for queries and keys.
+    pub seq_len: usize,
+    /// Head dimension `d`.
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    /// Number of elements of a `[batch, heads, seq_len, head_dim]` tensor.
+    pub fn numel(&self) -> usize {
+        self.batch * self.heads * self.seq_len * self.head_dim
+    }
+
+    /// Number of rows (`batch * heads * seq_len`), the length of the log-sum-exp.
+    pub fn rows(&self) -> usize {
+        self.batch * self.heads * self.seq_len
+    }
+}
+
+/// A borrowed view of a block layout in compressed sparse row form.
+///
+/// Tokens are grouped in blocks of `block` tokens; the last block holds
+/// `seq_len - (n_blocks - 1) * block` tokens. For each *layout head* (one when all heads share
+/// the layout, else one per head) and each query block `r`, the active key blocks are
+/// `cols[row_ptr[lh * n_blocks + r] .. row_ptr[lh * n_blocks + r + 1]]`, sorted ascending.
+///
+/// # Invariants
+/// The owner (`sparse_attn_core::BlockLayout`) checks them all when it builds the layout:
+/// - `row_ptr` and `col_ptr` have `layout_heads * n_blocks + 1` non-decreasing entries,
+///   starting at 0 and ending at `cols.len()`;
+/// - `cols`, `masks` have one entry per active block; `t_rows`, `t_entries` are the
+///   transpose: for key block `c`, `t_rows[col_ptr[..c]..]` are the query blocks (ascending)
+///   and `t_entries` the index of the same block in `cols`;
+/// - `masks[e]` is [`FULL_BLOCK`] or the index of a mask in `mask_bits`: mask `m` occupies
+///   `mask_bits[m * mask_words .. (m + 1) * mask_words]`, bit `i * block + j` (word
+///   `bit / 64`, bit `bit % 64`) is set when local query `i` may attend local key `j`.
+#[derive(Debug, Clone, Copy)]
+pub struct CsrLayout<'a> {
+    /// Sequence length in tokens.
+    pub seq_len: usize,
+    /// Block size in tokens.
+    pub block: usize,
+    /// Number of blocks, `seq_len.div_ceil(block)`.
+    pub n_blocks: usize,
+    /// 1 when every head shares the layout, else the number of heads.
+    pub layout_heads: usize,
+    /// CSR row pointers, `layout_heads * n_blocks + 1` entries.
+    pub row_ptr: &'a [u32],
+    /// Key block of each active block.
+    pub cols: &'a [u32],
+    /// Mask index of each active block, or [`FULL_BLOCK`].
+    pub masks: &'a [u32],
+    /// Transposed pointers, `layout_heads * n_blocks + 1` entries.
+    pub col_ptr: &'a [u32],
+    /// Query block of each transposed entry.
+    pub t_rows: &'a [u32],
+    /// Index into `cols`/`masks` of each transposed entry.
+    pub t_entries: &'a [u32],
+    /// Mask bitmaps, `mask_words` words each.
+    pub mask_bits: &'a [u64],
+    /// Words per mask, `(block * block).div_ceil(64)`.
+    pub mask_words: usize,
+}
+
+impl CsrLayout<'_> {
+    /// Layout head used by attention head `head`.
+    pub(crate) fn layout_head(&self, head: usize) -> usize {
+        if self.layout_heads == 1 { 0 } else { head }
+    }
+
+    /// Token range `[start, end)` of block `blk`.
+    pub(crate) fn block_range(&self, blk: usize) -> (usize, usize) {
+        let start = blk * self.block;
+        (start, (start + self.block).min(self.seq_len))
+    }
+
+    /// The bitmap of entry `e`, or `None` for a full block.
+    pub(crate) fn mask_of(&self, entry: usize) -> Option<&[u64]> {
+        let m = self.masks[entry];
+        (m != FULL_BLOCK).then(|| {
+            let m = m as usize;
+            &self.mask_bits[m * self.mask_words..(m + 1) * self.mask_words]
+        })
+    }
+}

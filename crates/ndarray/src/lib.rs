@@ -1,0 +1,28 @@
+//! Fused, multi-threaded CPU kernels for block-sparse attention.
+//!
+//! The kernels work on plain row-major `f32` slices shaped `[batch, heads, seq_len, head_dim]`
+//! and on a [`CsrLayout`], a borrowed, plain-data view of a block layout. They know nothing of
+//! Burn: `sparse-attn-core` owns the layout type, validates every input and calls these
+//! functions from its `NdArray` and `Flex` backend impls.
+//!
+//! The algorithm is the flash-attention one (DESIGN.md §5):
+//! - [`forward`]: for each `(batch, head, query block)`, walk the active key blocks, keep a
+//!   running max and sum per row (online softmax), accumulate `P V`, write the output and the
+//!   natural-log log-sum-exp of every row;
+//! - [`backward`]: recompute `P` from the saved log-sum-exp; `dQ` in a pass over the CSR rows,
+//!   `dK`/`dV` in a pass over the transposed (key-block-major) lists. Every output element is
+//!   written by exactly one task in a fixed order, so results are bit-identical run to run.
+//!
+//! Tiles go through `matrixmultiply`'s SIMD GEMM; element masks are applied to partial
+//! blocks only; work is spread over rayon's pool.
+//!
+//! Rows with no allowed key produce zeros and a log-sum-exp of `-inf`, never NaN.
+
+mod backward;
+mod forward;
+mod layout;
+mod tile;
+
+pub use backward::backward;
+pub use forward::forward;
+pub use layout::{AttentionShape, CsrLayout, FULL_BLOCK};

@@ -1,0 +1,86 @@
+//! Block × block tiles: scaled scores through SIMD GEMM, masks, and the GEMM wrapper.
+
+/// `c[m x n] = alpha * a[m x k] * b[k x n] + beta * c`, all row-major views given by
+/// (row stride, column stride) pairs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (a, rsa, csa) = a;
+    let (b, rsb, csb) = b;
+    // The views must cover the last element they address.
+    debug_assert!(k == 0 || a.len() > (m - 1) * rsa + (k - 1) * csa);
+    debug_assert!(k == 0 || b.len() > (k - 1) * rsb + (n - 1) * csb);
+    debug_assert!(c.len() >= (m - 1) * ldc + n);
+    // SAFETY: the asserts above (checked by the callers' construction of the views) keep
+    // every address matrixmultiply reads or writes inside the given slices.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            rsb as isize,
+            csb as isize,
+            beta,
+            c.as_mut_ptr(),
+            ldc as isize,
+            1,
+        );
+    }
+}
+
+/// Scores `s[bq x bk] = scale * q kᵀ` for `bq` query rows and `bk` key rows of width `d`,
+/// with disallowed elements (per `mask`, bit `i * block + j`) set to `-inf`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn scores(
+    q: &[f32],
+    k: &[f32],
+    bq: usize,
+    bk: usize,
+    d: usize,
+    scale: f32,
+    mask: Option<&[u64]>,
+    block: usize,
+    s: &mut [f32],
+) {
+    gemm(bq, d, bk, scale, (q, d, 1), (k, 1, d), 0.0, s, bk);
+    if let Some(bits) = mask {
+        for i in 0..bq {
+            let row = &mut s[i * bk..(i + 1) * bk];
+            for (j, x) in row.iter_mut().enumerate() {
+                let bit = i * block + j;
+                if bits[bit / 64] >> (bit % 64) & 1 == 0 {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+}
+
+/// Probabilities `p = exp(s - lse_i)` in place; rows whose log-sum-exp is `-inf` (no allowed
+/// key) become zero.
+pub(crate) fn probabilities(s: &mut [f32], lse: &[f32], bk: usize) {
+    for (row, &l) in s.chunks_mut(bk).zip(lse) {
+        if l == f32::NEG_INFINITY {
+            row.fill(0.0);
+        } else {
+            row.iter_mut().for_each(|x| *x = (*x - l).exp());
+        }
+    }
+}
