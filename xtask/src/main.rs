@@ -1,1 +1,44 @@
-fn main() {}
+//! Maintainer tasks (matklad's xtask pattern): `cargo xtask ci`, `cargo xtask bench-layout`.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "sparse-attn maintainer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// fmt check, clippy with warnings denied, and the test feature matrix.
+    Ci,
+    /// Time building a one-million-token causal-window layout (release build).
+    BenchLayout,
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    println!("$ cargo {}", args.join(" "));
+    let status = Command::new(env!("CARGO")).args(args).status().context("running cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed with {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+const ALL: &str = "sparse-attn-core/flex,sparse-attn-core/wgpu,sparse-attn-core/fusion";
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Ci => {
+            cargo(&["fmt", "--all", "--", "--check"])?;
+            cargo(&["clippy", "--workspace", "--all-targets", "--features", ALL, "--", "-D", "warnings"])?;
+            cargo(&["test", "--workspace"])?;
+            cargo(&["test", "--workspace", "--features", ALL])
+        }
+        Task::BenchLayout => cargo(&["run", "--release", "-p", "sparse-attn", "--example", "layout_bench"]),
+    }
+}

@@ -25,7 +25,7 @@ mod strided;
 pub use band::{Band, Dilated};
 pub use combine::{DynPattern, FnPattern, Intersection, PerHead, Union};
 pub use fixed::Fixed;
-pub use global::{BigBird, Longformer, Streaming, VariableWindows};
+pub use global::{BigBird, BigBirdConfig, Longformer, Streaming, VariableWindows};
 pub use matrix::BlockMatrix;
 pub use strided::Strided;
 

@@ -14,6 +14,7 @@ pub fn devices() -> Vec<(&'static str, Device)> {
     #[cfg(feature = "wgpu")]
     out.push(("wgpu", Device::wgpu(burn::tensor::DeviceKind::Cpu).autodiff()));
     assert!(!out.is_empty(), "no backend feature enabled: enable ndarray, flex or wgpu");
+    eprintln!("backends under test: {:?}", out.iter().map(|(name, _)| *name).collect::<Vec<_>>());
     out
 }
 
