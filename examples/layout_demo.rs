@@ -4,8 +4,12 @@
 //! `cargo run --release --example layout_demo`
 
 use burn::tensor::{Device, Distribution, Tensor};
-use sparse_attn::{AttnMode, ModeParams, SparseAttention, attention_impl, blocksparse_attention_impl};
+use sparse_attn::{
+    AttnMode, ModeParams, SparseAttention, attention_impl, blocksparse_attention_impl,
+};
 
+// burn-ndarray is deprecated upstream (0.22) but is our default backend.
+#[allow(deprecated)]
 fn main() -> Result<(), sparse_attn::SparseAttentionError> {
     let (n, heads, n_embd, block) = (1024, 4, 256, 32);
     let device = Device::ndarray();
@@ -18,10 +22,25 @@ fn main() -> Result<(), sparse_attn::SparseAttentionError> {
         (AttnMode::Fixed, Some(128), 4, 1),
     ];
     for (mode, ctx, num_verts, vertsize) in modes {
-        let params = ModeParams { local_attn_ctx: ctx, blocksize: block, num_verts, vertsize };
+        let params = ModeParams {
+            local_attn_ctx: ctx,
+            blocksize: block,
+            num_verts,
+            vertsize,
+        };
         let layout = SparseAttention::new(heads, mode, params)?.layout(n)?;
         println!("{}", layout.picture(heads - 1, 32));
-        let sparse = blocksparse_attention_impl(q.clone(), k.clone(), v.clone(), heads, mode, ctx, block, num_verts, vertsize)?;
+        let sparse = blocksparse_attention_impl(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            heads,
+            mode,
+            ctx,
+            block,
+            num_verts,
+            vertsize,
+        )?;
         if mode == AttnMode::Fixed {
             println!("fixed: the original dense attention_impl has no fixed mode\n");
             continue;

@@ -22,7 +22,10 @@ enum Task {
 
 fn cargo(args: &[&str]) -> Result<()> {
     println!("$ cargo {}", args.join(" "));
-    let status = Command::new(env!("CARGO")).args(args).status().context("running cargo")?;
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .status()
+        .context("running cargo")?;
     if !status.success() {
         bail!("cargo {} failed with {status}", args.join(" "));
     }
@@ -35,10 +38,26 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Ci => {
             cargo(&["fmt", "--all", "--", "--check"])?;
-            cargo(&["clippy", "--workspace", "--all-targets", "--features", ALL, "--", "-D", "warnings"])?;
+            cargo(&[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--features",
+                ALL,
+                "--",
+                "-D",
+                "warnings",
+            ])?;
             cargo(&["test", "--workspace"])?;
             cargo(&["test", "--workspace", "--features", ALL])
         }
-        Task::BenchLayout => cargo(&["run", "--release", "-p", "sparse-attn", "--example", "layout_bench"]),
+        Task::BenchLayout => cargo(&[
+            "run",
+            "--release",
+            "-p",
+            "sparse-attn",
+            "--example",
+            "layout_bench",
+        ]),
     }
 }

@@ -55,7 +55,11 @@ pub fn sparse_attention(
 ) -> Result<Tensor<4>> {
     let dims = q.dims();
     let [_, heads, n, d] = dims;
-    if let Some(name) = ["batch", "heads", "seq_len", "head_dim"].iter().zip(dims).find_map(|(name, x)| (x == 0).then_some(*name)) {
+    if let Some(name) = ["batch", "heads", "seq_len", "head_dim"]
+        .iter()
+        .zip(dims)
+        .find_map(|(name, x)| (x == 0).then_some(*name))
+    {
         return Err(SparseAttentionError::Zero { name });
     }
     for (name, t) in [("k", &k), ("v", &v)] {
@@ -97,16 +101,30 @@ pub fn sparse_attention(
 /// Checks that `layout` was built for `n` tokens and `heads` heads.
 pub(crate) fn check_layout(layout: &BlockLayout, n: usize, heads: usize) -> Result<()> {
     if layout.seq_len() != n {
-        return Err(SparseAttentionError::LayoutMismatch { what: "seq_len", layout: layout.seq_len(), input: n });
+        return Err(SparseAttentionError::LayoutMismatch {
+            what: "seq_len",
+            layout: layout.seq_len(),
+            input: n,
+        });
     }
     if layout.heads() != heads {
-        return Err(SparseAttentionError::LayoutMismatch { what: "heads", layout: layout.heads(), input: heads });
+        return Err(SparseAttentionError::LayoutMismatch {
+            what: "heads",
+            layout: layout.heads(),
+            input: heads,
+        });
     }
     Ok(())
 }
 
 /// The backend op on already validated tensors in layout positions.
-fn raw_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, layout: &BlockLayout, scale: f32) -> Tensor<4> {
+fn raw_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    layout: &BlockLayout,
+    scale: f32,
+) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as SparseAttentionBackend>::sparse_attention(
         q.into_dispatch(),
         k.into_dispatch(),

@@ -31,7 +31,12 @@ impl std::fmt::Debug for LayoutCache {
 impl LayoutCache {
     /// A cache for `pattern` with blocks of `block` tokens and `heads` heads.
     pub fn new(pattern: Arc<dyn Pattern>, block: usize, heads: usize) -> Self {
-        Self { pattern, block, heads, built: Arc::default() }
+        Self {
+            pattern,
+            block,
+            heads,
+            built: Arc::default(),
+        }
     }
 
     /// The layout for `seq_len` tokens, built on first use.
@@ -39,7 +44,10 @@ impl LayoutCache {
     /// # Errors
     /// As [`BlockLayout::build`].
     pub fn get(&self, seq_len: usize) -> Result<BlockLayout> {
-        let mut built = self.built.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut built = self
+            .built
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(layout) = built.get(&seq_len) {
             return Ok(layout.clone());
         }

@@ -37,7 +37,9 @@ pub enum SparseAttentionError {
         expected: String,
     },
     /// The number of heads does not divide the embedding width.
-    #[error("n_embd = {n_embd} is not divisible by heads = {heads}: expected heads to divide n_embd")]
+    #[error(
+        "n_embd = {n_embd} is not divisible by heads = {heads}: expected heads to divide n_embd"
+    )]
     HeadsDivide {
         /// Embedding width.
         n_embd: usize,
@@ -98,5 +100,8 @@ pub enum SparseAttentionError {
 pub type Result<T, E = SparseAttentionError> = std::result::Result<T, E>;
 
 pub(crate) fn invalid(pattern: &'static str, reason: impl Into<String>) -> SparseAttentionError {
-    SparseAttentionError::InvalidPattern { pattern, reason: reason.into() }
+    SparseAttentionError::InvalidPattern {
+        pattern,
+        reason: reason.into(),
+    }
 }

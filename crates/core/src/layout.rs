@@ -70,7 +70,10 @@ impl std::fmt::Debug for BlockLayout {
             .field("heads", &self.0.heads)
             .field("layout_heads", &self.0.layout_heads)
             .field("active_blocks", &self.0.cols.len())
-            .field("masks", &(self.0.mask_bits.len() / self.0.mask_words.max(1)))
+            .field(
+                "masks",
+                &(self.0.mask_bits.len() / self.0.mask_words.max(1)),
+            )
             .field("permuted", &self.0.order.is_some())
             .finish()
     }
@@ -144,9 +147,18 @@ impl BlockLayout {
     /// Block size outside `1..=128`, `seq_len` or `heads` zero, pattern parameters that do
     /// not fit the problem ([`Pattern::validate`]), a token order that is not a permutation,
     /// or more active blocks than `u32` can index.
-    pub fn build(pattern: &dyn Pattern, seq_len: usize, block: usize, heads: usize) -> Result<Self> {
+    pub fn build(
+        pattern: &dyn Pattern,
+        seq_len: usize,
+        block: usize,
+        heads: usize,
+    ) -> Result<Self> {
         if !(MIN_BLOCK..=MAX_BLOCK).contains(&block) {
-            return Err(SparseAttentionError::BlockSize { got: block, min: MIN_BLOCK, max: MAX_BLOCK });
+            return Err(SparseAttentionError::BlockSize {
+                got: block,
+                min: MIN_BLOCK,
+                max: MAX_BLOCK,
+            });
         }
         if seq_len == 0 {
             return Err(SparseAttentionError::Zero { name: "seq_len" });
@@ -155,7 +167,10 @@ impl BlockLayout {
             return Err(SparseAttentionError::Zero { name: "heads" });
         }
         pattern.validate(seq_len, heads)?;
-        let order = pattern.order(seq_len).map(|o| checked_order(&pattern.name(), o, seq_len)).transpose()?;
+        let order = pattern
+            .order(seq_len)
+            .map(|o| checked_order(&pattern.name(), o, seq_len))
+            .transpose()?;
         let geom = Geometry { seq_len, block };
         let n_blocks = geom.n_blocks();
         let layout_heads = if pattern.head_dependent() { heads } else { 1 };
@@ -189,10 +204,11 @@ impl BlockLayout {
                         masks.push(m);
                     }
                 }
-                let len = u32::try_from(cols.len()).map_err(|_| SparseAttentionError::TooManyBlocks {
-                    blocks: cols.len(),
-                    max: u32::MAX as usize,
-                })?;
+                let len =
+                    u32::try_from(cols.len()).map_err(|_| SparseAttentionError::TooManyBlocks {
+                        blocks: cols.len(),
+                        max: u32::MAX as usize,
+                    })?;
                 row_ptr.push(len);
             }
         }
@@ -242,7 +258,10 @@ impl BlockLayout {
     }
     /// Token order (position `p` holds token `order[p]`) and its inverse, if permuted.
     pub fn order(&self) -> Option<(&[usize], &[usize])> {
-        self.0.order.as_ref().map(|(o, inv)| (o.as_slice(), inv.as_slice()))
+        self.0
+            .order
+            .as_ref()
+            .map(|(o, inv)| (o.as_slice(), inv.as_slice()))
     }
     /// Active blocks of `head` (all layout heads are the same when shared).
     pub fn active_blocks(&self, head: usize) -> usize {
@@ -268,14 +287,14 @@ impl BlockLayout {
     /// Query blocks attending key block `k_block` of `head` (the transposed list).
     pub fn column(&self, head: usize, k_block: usize) -> impl Iterator<Item = usize> + '_ {
         let col = self.layout_head(head) * self.0.n_blocks + k_block;
-        (self.0.col_ptr[col] as usize..self.0.col_ptr[col + 1] as usize).map(|t| self.0.t_rows[t] as usize)
+        (self.0.col_ptr[col] as usize..self.0.col_ptr[col + 1] as usize)
+            .map(|t| self.0.t_rows[t] as usize)
     }
     /// Whether the layout allows layout positions `(p, q)` in `head`.
     pub fn allows_position(&self, head: usize, p: usize, q: usize) -> bool {
         let b = self.0.block;
-        self.row(head, p / b).any(|(c, m)| {
-            c == q / b && (m == FULL || self.mask_bit(m, p % b, q % b))
-        })
+        self.row(head, p / b)
+            .any(|(c, m)| c == q / b && (m == FULL || self.mask_bit(m, p % b, q % b)))
     }
     /// Whether the layout allows query token `i` to attend key token `j` in `head`.
     pub fn allows(&self, head: usize, i: usize, j: usize) -> bool {
@@ -294,9 +313,29 @@ impl BlockLayout {
     /// Raw CSR arrays for kernels: `(row_ptr, cols, masks, col_ptr, t_rows, t_entries,
     /// mask_bits, mask_words)`.
     #[allow(clippy::type_complexity)]
-    pub fn raw(&self) -> (&[u32], &[u32], &[u32], &[u32], &[u32], &[u32], &[u64], usize) {
+    pub fn raw(
+        &self,
+    ) -> (
+        &[u32],
+        &[u32],
+        &[u32],
+        &[u32],
+        &[u32],
+        &[u32],
+        &[u64],
+        usize,
+    ) {
         let i = &self.0;
-        (&i.row_ptr, &i.cols, &i.masks, &i.col_ptr, &i.t_rows, &i.t_entries, &i.mask_bits, i.mask_words)
+        (
+            &i.row_ptr,
+            &i.cols,
+            &i.masks,
+            &i.col_ptr,
+            &i.t_rows,
+            &i.t_entries,
+            &i.mask_bits,
+            i.mask_words,
+        )
     }
 
     /// Whether two handles share the same built layout.
@@ -305,10 +344,16 @@ impl BlockLayout {
     }
 }
 
-fn checked_order(name: &str, order: Vec<usize>, seq_len: usize) -> Result<(Vec<usize>, Vec<usize>)> {
+fn checked_order(
+    name: &str,
+    order: Vec<usize>,
+    seq_len: usize,
+) -> Result<(Vec<usize>, Vec<usize>)> {
     let bad = || SparseAttentionError::InvalidPattern {
         pattern: "order",
-        reason: format!("pattern `{name}` returned a token order that is not a permutation of 0..{seq_len}"),
+        reason: format!(
+            "pattern `{name}` returned a token order that is not a permutation of 0..{seq_len}"
+        ),
     };
     if order.len() != seq_len {
         return Err(bad());
@@ -344,7 +389,9 @@ fn resolve(
             } else if hi < -(bk - 1) || lo > bq - 1 {
                 Resolved::Skip
             } else {
-                Resolved::Mask(table.band(lo.max(-(table.block as i64)), hi.min(table.block as i64)))
+                Resolved::Mask(
+                    table.band(lo.max(-(table.block as i64)), hi.min(table.block as i64)),
+                )
             }
         }
         BlockCover::Scan => {
@@ -370,7 +417,12 @@ fn resolve(
 }
 
 /// Key-block-major lists: `(col_ptr, t_rows, t_entries)`, rows ascending within a column.
-fn transpose(row_ptr: &[u32], cols: &[u32], n_blocks: usize, layout_heads: usize) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+fn transpose(
+    row_ptr: &[u32],
+    cols: &[u32],
+    n_blocks: usize,
+    layout_heads: usize,
+) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
     let mut col_ptr = vec![0u32; layout_heads * n_blocks + 1];
     for h in 0..layout_heads {
         let entries = row_ptr[h * n_blocks] as usize..row_ptr[(h + 1) * n_blocks] as usize;

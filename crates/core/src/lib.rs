@@ -46,6 +46,8 @@ pub use backend::SparseAttentionBackend;
 pub use cache::LayoutCache;
 pub use error::{Result, SparseAttentionError};
 pub use layout::{BlockLayout, FULL, MAX_BLOCK, MIN_BLOCK};
-pub use modes::{AttnMode, ModeParams, SparseAttention, attention_impl, blocksparse_attention_impl};
+pub use modes::{
+    AttnMode, ModeParams, SparseAttention, attention_impl, blocksparse_attention_impl,
+};
 pub use pattern::{BlockCover, Geometry, Pattern};
 pub use picture::LayoutStats;

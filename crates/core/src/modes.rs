@@ -58,13 +58,19 @@ impl AttnMode {
     /// parameters.
     pub fn pattern(self, p: ModeParams) -> Result<Arc<dyn Pattern>> {
         let ctx = |mode: &'static str| {
-            p.local_attn_ctx.ok_or_else(|| invalid(mode, "local_attn_ctx is required for this mode"))
+            p.local_attn_ctx
+                .ok_or_else(|| invalid(mode, "local_attn_ctx is required for this mode"))
         };
         Ok(match self {
             Self::All => Arc::new(Band::causal()),
             Self::Local => Arc::new(Band::local(ctx("local")?)?),
             Self::Strided => Arc::new(Strided::new(ctx("strided")?)?),
-            Self::Fixed => Arc::new(Fixed::sparse_transformer(ctx("fixed")?, p.num_verts, p.vertsize, p.blocksize)?),
+            Self::Fixed => Arc::new(Fixed::sparse_transformer(
+                ctx("fixed")?,
+                p.num_verts,
+                p.vertsize,
+                p.blocksize,
+            )?),
         })
     }
 }
@@ -82,7 +88,12 @@ fn merge_heads(x: Tensor<4>) -> Tensor<3> {
 }
 
 /// Validates `[B, n, E]` inputs and the head count; returns `(n, E)`.
-fn check_inputs(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, heads: usize) -> Result<(usize, usize)> {
+fn check_inputs(
+    q: &Tensor<3>,
+    k: &Tensor<3>,
+    v: &Tensor<3>,
+    heads: usize,
+) -> Result<(usize, usize)> {
     let dims = q.dims();
     for (name, t) in [("k", k), ("v", v)] {
         if t.dims() != dims {
@@ -97,7 +108,10 @@ fn check_inputs(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, heads: usize) -> Re
         return Err(SparseAttentionError::Zero { name: "heads" });
     }
     if dims[2] % heads != 0 {
-        return Err(SparseAttentionError::HeadsDivide { n_embd: dims[2], heads });
+        return Err(SparseAttentionError::HeadsDivide {
+            n_embd: dims[2],
+            heads,
+        });
     }
     Ok((dims[1], dims[2]))
 }
@@ -128,12 +142,23 @@ pub fn attention_impl(
              or strided; use blocksparse_attention_impl for fixed",
         ));
     }
-    let params = ModeParams { local_attn_ctx, blocksize: 1, num_verts: 1, vertsize: 1 };
+    let params = ModeParams {
+        local_attn_ctx,
+        blocksize: 1,
+        num_verts: 1,
+        vertsize: 1,
+    };
     let pattern = attn_mode.pattern(params)?;
-    let mask: Vec<f32> = (0..n * n).map(|x| f32::from(u8::from(pattern.allows(0, x / n, x % n)))).collect();
+    let mask: Vec<f32> = (0..n * n)
+        .map(|x| f32::from(u8::from(pattern.allows(0, x / n, x % n))))
+        .collect();
     let device = q.device();
     let mask = Tensor::<2>::from_data(TensorData::new(mask, [n, n]), &device).reshape([1, 1, n, n]);
-    let (q, k, v) = (split_heads(q, heads), split_heads(k, heads), split_heads(v, heads));
+    let (q, k, v) = (
+        split_heads(q, heads),
+        split_heads(k, heads),
+        split_heads(v, heads),
+    );
     let scale = 1.0 / ((e / heads) as f64).sqrt();
     let w = q.matmul(k.swap_dims(2, 3)) * scale;
     let w = w * mask.clone() + (mask.neg() + 1.0) * -1e9;
@@ -175,7 +200,17 @@ pub fn blocksparse_attention_impl(
     num_verts: usize,
     vertsize: usize,
 ) -> Result<Tensor<3>> {
-    SparseAttention::new(heads, attn_mode, ModeParams { local_attn_ctx, blocksize, num_verts, vertsize })?.forward(q, k, v)
+    SparseAttention::new(
+        heads,
+        attn_mode,
+        ModeParams {
+            local_attn_ctx,
+            blocksize,
+            num_verts,
+            vertsize,
+        },
+    )?
+    .forward(q, k, v)
 }
 
 /// A block-sparse attention callable on `[batch, n_ctx, n_embd]` tensors, as in the
@@ -205,7 +240,11 @@ impl SparseAttention {
         }
         let pattern = mode.pattern(params)?;
         pattern.validate(1, heads)?;
-        Ok(Self { heads, mode, layouts: LayoutCache::new(pattern, params.blocksize, heads) })
+        Ok(Self {
+            heads,
+            mode,
+            layouts: LayoutCache::new(pattern, params.blocksize, heads),
+        })
     }
 
     /// The mode.
@@ -229,7 +268,13 @@ impl SparseAttention {
         let (n, _) = check_inputs(&q, &k, &v, self.heads)?;
         let layout = self.layouts.get(n)?;
         let split = |x| split_heads(x, self.heads);
-        let out = sparse_attention(split(q), split(k), split(v), &layout, AttentionOptions::default())?;
+        let out = sparse_attention(
+            split(q),
+            split(k),
+            split(v),
+            &layout,
+            AttentionOptions::default(),
+        )?;
         Ok(merge_heads(out))
     }
 }

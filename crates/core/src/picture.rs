@@ -83,7 +83,10 @@ impl BlockLayout {
             out.push_str("(tokens regrouped: rows and columns are layout positions)\n");
         }
         for row in cells.chunks(side) {
-            let line: String = row.iter().map(|&x| [b'.', b'+', b'#'][x as usize] as char).collect();
+            let line: String = row
+                .iter()
+                .map(|&x| [b'.', b'+', b'#'][x as usize] as char)
+                .collect();
             let _ = writeln!(out, "{line}");
         }
         out

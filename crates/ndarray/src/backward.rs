@@ -41,7 +41,12 @@ pub fn backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
-    let AttentionShape { heads, seq_len: n, head_dim: d, .. } = shape;
+    let AttentionShape {
+        heads,
+        seq_len: n,
+        head_dim: d,
+        ..
+    } = shape;
     for (name, len) in [
         ("q", q.len()),
         ("k", k.len()),
@@ -52,10 +57,21 @@ pub fn backward(
         ("dk", dk.len()),
         ("dv", dv.len()),
     ] {
-        assert_eq!(len, shape.numel(), "backward: `{name}` has the wrong length");
+        assert_eq!(
+            len,
+            shape.numel(),
+            "backward: `{name}` has the wrong length"
+        );
     }
-    assert_eq!(lse.len(), shape.rows(), "backward: `lse` has the wrong length");
-    assert_eq!(layout.seq_len, n, "backward: layout built for another sequence length");
+    assert_eq!(
+        lse.len(),
+        shape.rows(),
+        "backward: `lse` has the wrong length"
+    );
+    assert_eq!(
+        layout.seq_len, n,
+        "backward: layout built for another sequence length"
+    );
     if shape.numel() == 0 {
         return;
     }
@@ -82,12 +98,17 @@ pub fn backward(
             delta: &delta[rows..rows + n],
         }
     };
-    dq.par_chunks_mut(n * d).enumerate().for_each(|(bh, dq_bh)| {
-        let x = slices(bh);
-        dq_bh.par_chunks_mut(b * d).enumerate().for_each(|(r, dq_r)| {
-            dq_block(&x, d, layout, bh % heads, r, scale, dq_r);
+    dq.par_chunks_mut(n * d)
+        .enumerate()
+        .for_each(|(bh, dq_bh)| {
+            let x = slices(bh);
+            dq_bh
+                .par_chunks_mut(b * d)
+                .enumerate()
+                .for_each(|(r, dq_r)| {
+                    dq_block(&x, d, layout, bh % heads, r, scale, dq_r);
+                });
         });
-    });
     dk.par_chunks_mut(n * d)
         .zip(dv.par_chunks_mut(n * d))
         .enumerate()
@@ -131,17 +152,34 @@ fn dq_block(
     let (qs, qe) = layout.block_range(r);
     let bq = qe - qs;
     let row = layout.layout_head(head) * layout.n_blocks + r;
-    let (e0, e1) = (layout.row_ptr[row] as usize, layout.row_ptr[row + 1] as usize);
+    let (e0, e1) = (
+        layout.row_ptr[row] as usize,
+        layout.row_ptr[row + 1] as usize,
+    );
     dq.fill(0.0);
     let (mut p, mut dp) = (vec![0.0f32; bq * b], vec![0.0f32; bq * b]);
     for e in e0..e1 {
         let (ks, ke) = layout.block_range(layout.cols[e] as usize);
         let bk = ke - ks;
         let (p, dp) = (&mut p[..bq * bk], &mut dp[..bq * bk]);
-        let (q, k, v) = (&x.q[qs * d..qe * d], &x.k[ks * d..ke * d], &x.v[ks * d..ke * d]);
+        let (q, k, v) = (
+            &x.q[qs * d..qe * d],
+            &x.k[ks * d..ke * d],
+            &x.v[ks * d..ke * d],
+        );
         scores(q, k, bq, bk, d, scale, layout.mask_of(e), b, p);
         probabilities(p, &x.lse[qs..qe], bk);
-        gemm(bq, d, bk, 1.0, (&x.dout[qs * d..qe * d], d, 1), (v, 1, d), 0.0, dp, bk);
+        gemm(
+            bq,
+            d,
+            bk,
+            1.0,
+            (&x.dout[qs * d..qe * d], d, 1),
+            (v, 1, d),
+            0.0,
+            dp,
+            bk,
+        );
         softmax_grad(p, dp, &x.delta[qs..qe], bk);
         gemm(bq, bk, d, scale, (dp, bk, 1), (k, d, 1), 1.0, dq, d);
     }
@@ -163,7 +201,10 @@ fn dkv_block(
     let (ks, ke) = layout.block_range(c);
     let bk = ke - ks;
     let col = layout.layout_head(head) * layout.n_blocks + c;
-    let (t0, t1) = (layout.col_ptr[col] as usize, layout.col_ptr[col + 1] as usize);
+    let (t0, t1) = (
+        layout.col_ptr[col] as usize,
+        layout.col_ptr[col + 1] as usize,
+    );
     dk.fill(0.0);
     dv.fill(0.0);
     let (mut p, mut dp) = (vec![0.0f32; b * bk], vec![0.0f32; b * bk]);

@@ -26,12 +26,29 @@ pub fn forward(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    let AttentionShape { heads, seq_len: n, head_dim: d, .. } = shape;
-    for (name, len) in [("q", q.len()), ("k", k.len()), ("v", v.len()), ("out", out.len())] {
+    let AttentionShape {
+        heads,
+        seq_len: n,
+        head_dim: d,
+        ..
+    } = shape;
+    for (name, len) in [
+        ("q", q.len()),
+        ("k", k.len()),
+        ("v", v.len()),
+        ("out", out.len()),
+    ] {
         assert_eq!(len, shape.numel(), "forward: `{name}` has the wrong length");
     }
-    assert_eq!(lse.len(), shape.rows(), "forward: `lse` has the wrong length");
-    assert_eq!(layout.seq_len, n, "forward: layout built for another sequence length");
+    assert_eq!(
+        lse.len(),
+        shape.rows(),
+        "forward: `lse` has the wrong length"
+    );
+    assert_eq!(
+        layout.seq_len, n,
+        "forward: layout built for another sequence length"
+    );
     if shape.numel() == 0 {
         lse.fill(f32::NEG_INFINITY);
         return;
@@ -43,8 +60,11 @@ pub fn forward(
         .for_each(|(bh, (out_bh, lse_bh))| {
             let head = bh % heads;
             let base = bh * n * d;
-            let (q_bh, k_bh, v_bh) =
-                (&q[base..base + n * d], &k[base..base + n * d], &v[base..base + n * d]);
+            let (q_bh, k_bh, v_bh) = (
+                &q[base..base + n * d],
+                &k[base..base + n * d],
+                &v[base..base + n * d],
+            );
             out_bh
                 .par_chunks_mut(b * d)
                 .zip(lse_bh.par_chunks_mut(b))
@@ -74,7 +94,10 @@ fn query_block(
     let (qs, qe) = layout.block_range(r);
     let bq = qe - qs;
     let row = layout.layout_head(head) * layout.n_blocks + r;
-    let (e0, e1) = (layout.row_ptr[row] as usize, layout.row_ptr[row + 1] as usize);
+    let (e0, e1) = (
+        layout.row_ptr[row] as usize,
+        layout.row_ptr[row + 1] as usize,
+    );
 
     let mut max = vec![f32::NEG_INFINITY; bq];
     let mut sum = vec![0.0f32; bq];
@@ -85,7 +108,17 @@ fn query_block(
         let (ks, ke) = layout.block_range(layout.cols[e] as usize);
         let bk = ke - ks;
         let s = &mut s[..bq * bk];
-        scores(q_tile, &k[ks * d..ke * d], bq, bk, d, scale, layout.mask_of(e), b, s);
+        scores(
+            q_tile,
+            &k[ks * d..ke * d],
+            bq,
+            bk,
+            d,
+            scale,
+            layout.mask_of(e),
+            b,
+            s,
+        );
         for i in 0..bq {
             let srow = &mut s[i * bk..(i + 1) * bk];
             let tile_max = srow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -102,11 +135,23 @@ fn query_block(
             }
             sum[i] = sum[i] * correction + row_sum;
             if correction != 1.0 {
-                o[i * d..(i + 1) * d].iter_mut().for_each(|x| *x *= correction);
+                o[i * d..(i + 1) * d]
+                    .iter_mut()
+                    .for_each(|x| *x *= correction);
             }
             max[i] = new_max;
         }
-        gemm(bq, bk, d, 1.0, (s, bk, 1), (&v[ks * d..ke * d], d, 1), 1.0, o, d);
+        gemm(
+            bq,
+            bk,
+            d,
+            1.0,
+            (s, bk, 1),
+            (&v[ks * d..ke * d], d, 1),
+            1.0,
+            o,
+            d,
+        );
     }
     for i in 0..bq {
         if sum[i] > 0.0 {

@@ -1,10 +1,10 @@
 //! `Autodiff<B>`: wires the backward op into Burn's graph. All math stays in `B`'s ops.
 
+use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::FloatTensor;
 
 use super::SparseAttentionBackend;
@@ -28,11 +28,17 @@ struct SparseAttentionBackward;
 impl<B: SparseAttentionBackend> Backward<B, 3> for SparseAttentionBackward {
     type State = Saved<B>;
 
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
         let [node_q, node_k, node_v] = ops.parents;
         let dout = grads.consume::<B>(&ops.node);
         let s = ops.state;
-        let (dq, dk, dv) = B::sparse_attention_backward(s.q, s.k, s.v, s.out, s.lse, dout, s.layout, s.scale);
+        let (dq, dk, dv) =
+            B::sparse_attention_backward(s.q, s.k, s.v, s.out, s.lse, dout, s.layout, s.scale);
         for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, grad);
@@ -50,15 +56,39 @@ impl<B: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
         scale: f32,
     ) -> FloatTensor<Self> {
         let guards = [q.node(), k.node(), v.node()];
-        match SparseAttentionBackward.prepare::<C>(guards).compute_bound().stateful() {
+        match SparseAttentionBackward
+            .prepare::<C>(guards)
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-                let (out, lse) = B::sparse_attention_forward(q.clone(), k.clone(), v.clone(), layout.clone(), scale);
-                let saved = Saved { q, k, v, out: out.clone(), lse, layout, scale };
+                let (out, lse) = B::sparse_attention_forward(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    layout.clone(),
+                    scale,
+                );
+                let saved = Saved {
+                    q,
+                    k,
+                    v,
+                    out: out.clone(),
+                    lse,
+                    layout,
+                    scale,
+                };
                 prep.finish(saved, out)
             }
             OpsKind::UnTracked(prep) => {
-                let out = B::sparse_attention(q.into_primitive(), k.into_primitive(), v.into_primitive(), layout, scale);
+                let out = B::sparse_attention(
+                    q.into_primitive(),
+                    k.into_primitive(),
+                    v.into_primitive(),
+                    layout,
+                    scale,
+                );
                 prep.finish(out)
             }
         }
@@ -73,7 +103,13 @@ impl<B: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
         layout: BlockLayout,
         scale: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (out, lse) = B::sparse_attention_forward(q.into_primitive(), k.into_primitive(), v.into_primitive(), layout, scale);
+        let (out, lse) = B::sparse_attention_forward(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            layout,
+            scale,
+        );
         (FloatTensor::<Self>::new(out), FloatTensor::<Self>::new(lse))
     }
 
@@ -98,6 +134,10 @@ impl<B: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
             layout,
             scale,
         );
-        (FloatTensor::<Self>::new(dq), FloatTensor::<Self>::new(dk), FloatTensor::<Self>::new(dv))
+        (
+            FloatTensor::<Self>::new(dq),
+            FloatTensor::<Self>::new(dk),
+            FloatTensor::<Self>::new(dv),
+        )
     }
 }

@@ -13,16 +13,28 @@ use crate::layout::BlockLayout;
 
 fn read<B: Backend>(t: FloatTensor<B>) -> Vec<f32> {
     let data = read_sync(B::float_into_data(t)).expect("reading a CPU tensor cannot fail");
-    data.convert::<f32>().try_into_vec::<f32>().expect("converted to f32 above")
+    data.convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("converted to f32 above")
 }
 
-fn write<B: Backend>(values: Vec<f32>, shape: Vec<usize>, dtype: DType, device: &B::Device) -> FloatTensor<B> {
+fn write<B: Backend>(
+    values: Vec<f32>,
+    shape: Vec<usize>,
+    dtype: DType,
+    device: &B::Device,
+) -> FloatTensor<B> {
     B::float_from_data(TensorData::new(values, shape).convert_dtype(dtype), device)
 }
 
 fn shape_of<B: Backend>(q: &FloatTensor<B>) -> AttentionShape {
     let [batch, heads, seq_len, head_dim] = q.shape().dims::<4>();
-    AttentionShape { batch, heads, seq_len, head_dim }
+    AttentionShape {
+        batch,
+        heads,
+        seq_len,
+        head_dim,
+    }
 }
 
 /// The kernels' view of a layout.
@@ -57,7 +69,12 @@ pub(crate) fn forward<B: Backend>(
     let mut out = vec![0.0f32; shape.numel()];
     let mut lse = vec![0.0f32; shape.rows()];
     sparse_attn_ndarray::forward(&q, &k, &v, shape, &csr(layout), scale, &mut out, &mut lse);
-    let AttentionShape { batch, heads, seq_len, head_dim } = shape;
+    let AttentionShape {
+        batch,
+        heads,
+        seq_len,
+        head_dim,
+    } = shape;
     (
         write::<B>(out, vec![batch, heads, seq_len, head_dim], dtype, &device),
         write::<B>(lse, vec![batch, heads, seq_len], dtype, &device),
@@ -78,11 +95,31 @@ pub(crate) fn backward<B: Backend>(
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let (shape, dtype, device) = (shape_of::<B>(&q), q.dtype(), q.device());
     let [q, k, v, out, lse, dout] = [q, k, v, out, lse, dout].map(read::<B>);
-    let (mut dq, mut dk, mut dv) = (vec![0.0f32; shape.numel()], vec![0.0f32; shape.numel()], vec![0.0f32; shape.numel()]);
-    sparse_attn_ndarray::backward(
-        &q, &k, &v, &out, &lse, &dout, shape, &csr(layout), scale, &mut dq, &mut dk, &mut dv,
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0f32; shape.numel()],
+        vec![0.0f32; shape.numel()],
+        vec![0.0f32; shape.numel()],
     );
-    let AttentionShape { batch, heads, seq_len, head_dim } = shape;
+    sparse_attn_ndarray::backward(
+        &q,
+        &k,
+        &v,
+        &out,
+        &lse,
+        &dout,
+        shape,
+        &csr(layout),
+        scale,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+    );
+    let AttentionShape {
+        batch,
+        heads,
+        seq_len,
+        head_dim,
+    } = shape;
     let dims = vec![batch, heads, seq_len, head_dim];
     (
         write::<B>(dq, dims.clone(), dtype, &device),

@@ -30,7 +30,10 @@ use crate::layout::BlockLayout;
 #[cfg(feature = "fusion")]
 fn lse_spec(q: &TensorSpec) -> TensorSpec {
     let dims = q.shape.as_slice();
-    TensorSpec::new(burn::tensor::Shape::from(dims[..dims.len() - 1].to_vec()), q.dtype)
+    TensorSpec::new(
+        burn::tensor::Shape::from(dims[..dims.len() - 1].to_vec()),
+        q.dtype,
+    )
 }
 
 /// Block-sparse attention ops, provided by every backend.

@@ -29,7 +29,11 @@ struct Plan {
 
 fn plan(layout: &BlockLayout, lh: usize) -> Plan {
     let (n, b, nb) = (layout.seq_len(), layout.block(), layout.n_blocks());
-    let degree = (0..nb).map(|r| layout.row(lh, r).count()).max().unwrap_or(0).max(1);
+    let degree = (0..nb)
+        .map(|r| layout.row(lh, r).count())
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let (_, _, _, _, _, _, bits, words) = layout.raw();
     let mut index = vec![0i64; nb * degree];
     let mut masked = vec![true; nb * b * degree * b];
@@ -42,13 +46,18 @@ fn plan(layout: &BlockLayout, lh: usize) -> Plan {
                 let row = ((r * b) + i) * degree * b + slot * b;
                 for j in 0..bk {
                     let bit = i * b + j;
-                    let allowed = m == FULL || bits[m as usize * words + bit / 64] >> (bit % 64) & 1 == 1;
+                    let allowed =
+                        m == FULL || bits[m as usize * words + bit / 64] >> (bit % 64) & 1 == 1;
                     masked[row + j] = !allowed;
                 }
             }
         }
     }
-    Plan { degree, index, masked }
+    Plan {
+        degree,
+        index,
+        masked,
+    }
 }
 
 fn dims<B: Backend>(t: &FloatTensor<B>) -> Vec<usize> {
@@ -65,13 +74,29 @@ fn pad_rows<B: Backend>(t: FloatTensor<B>, padded: usize) -> FloatTensor<B> {
     if s[2] == padded {
         return t;
     }
-    let zeros = B::float_zeros(Shape::from(vec![s[0], s[1], padded - s[2], s[3]]), &t.device(), t.dtype().into());
+    let zeros = B::float_zeros(
+        Shape::from(vec![s[0], s[1], padded - s[2], s[3]]),
+        &t.device(),
+        t.dtype().into(),
+    );
     B::float_cat(vec![t, zeros], 2)
 }
 
-fn slice_dim<B: Backend>(t: FloatTensor<B>, dim: usize, range: std::ops::Range<usize>) -> FloatTensor<B> {
+fn slice_dim<B: Backend>(
+    t: FloatTensor<B>,
+    dim: usize,
+    range: std::ops::Range<usize>,
+) -> FloatTensor<B> {
     let rank = dims::<B>(&t).len();
-    let slices: Vec<Slice> = (0..rank).map(|d| if d == dim { Slice::from(range.clone()) } else { Slice::from(..) }).collect();
+    let slices: Vec<Slice> = (0..rank)
+        .map(|d| {
+            if d == dim {
+                Slice::from(range.clone())
+            } else {
+                Slice::from(..)
+            }
+        })
+        .collect();
     B::float_slice(t, &slices)
 }
 
@@ -92,16 +117,32 @@ struct Gathered<B: Backend> {
 fn int_tensor<B: Backend>(values: Vec<i64>, device: &B::Device) -> IntTensor<B> {
     let dtype = get_or_init_device_settings::<B>(device).int_dtype;
     let len = values.len();
-    B::int_from_data(TensorData::new(values, [len]).convert_dtype(dtype.into()), device)
+    B::int_from_data(
+        TensorData::new(values, [len]).convert_dtype(dtype.into()),
+        device,
+    )
 }
 
-fn bool_tensor<B: Backend>(values: Vec<bool>, shape: Vec<usize>, device: &B::Device) -> BoolTensor<B> {
+fn bool_tensor<B: Backend>(
+    values: Vec<bool>,
+    shape: Vec<usize>,
+    device: &B::Device,
+) -> BoolTensor<B> {
     let dtype = get_or_init_device_settings::<B>(device).bool_dtype;
-    B::bool_from_data(TensorData::new(values, shape).convert_dtype(dtype.into()), device)
+    B::bool_from_data(
+        TensorData::new(values, shape).convert_dtype(dtype.into()),
+        device,
+    )
 }
 
 /// `[B, Hg, np, d]` -> gathered blocks `[B, Hg, nb, degree * b, d]`.
-fn gather_blocks<B: Backend>(t: FloatTensor<B>, index: IntTensor<B>, nb: usize, b: usize, degree: usize) -> FloatTensor<B> {
+fn gather_blocks<B: Backend>(
+    t: FloatTensor<B>,
+    index: IntTensor<B>,
+    nb: usize,
+    b: usize,
+    degree: usize,
+) -> FloatTensor<B> {
     let s = dims::<B>(&t);
     let blocks = reshape::<B>(t, &[s[0], s[1], nb, b * s[3]]);
     let picked = B::float_select(blocks, 2, index);
@@ -132,7 +173,14 @@ fn gather<B: Backend>(
     let mask = bool_tensor::<B>(p.masked, mask_shape, &device);
     let mask = B::bool_expand(mask, Shape::from(vec![batch, hg, nb, b, p.degree * b]));
     let s = B::float_mask_fill(scores, mask, f32::NEG_INFINITY.into());
-    Gathered { q, k, v, s, index, degree: p.degree }
+    Gathered {
+        q,
+        k,
+        v,
+        s,
+        index,
+        degree: p.degree,
+    }
 }
 
 /// Replaces `-inf` entries (rows with no allowed key) by 0.
@@ -154,7 +202,11 @@ pub fn forward<B: Backend>(
     let (batch, heads, n, d) = (s[0], s[1], s[2], s[3]);
     let (b, nb) = (layout.block(), layout.n_blocks());
     let np = nb * b;
-    let (q, k, v) = (pad_rows::<B>(q, np), pad_rows::<B>(k, np), pad_rows::<B>(v, np));
+    let (q, k, v) = (
+        pad_rows::<B>(q, np),
+        pad_rows::<B>(k, np),
+        pad_rows::<B>(v, np),
+    );
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for (h0, h1, lh) in head_groups(layout, heads) {
         let part = |t: &FloatTensor<B>| slice_dim::<B>(t.clone(), 1, h0..h1);
@@ -212,8 +264,13 @@ pub fn backward<B: Backend>(
         let dk_g = B::float_matmul(B::float_swap_dims(ds, 3, 4), g.q);
         let scatter = |grad: FloatTensor<B>| {
             let src = reshape::<B>(grad, &[batch, hg, nb * g.degree, b * d]);
-            let zeros = B::float_zeros(Shape::from(vec![batch, hg, nb, b * d]), &src.device(), src.dtype().into());
-            let summed = B::float_select_assign(zeros, 2, g.index.clone(), src, IndexingUpdateOp::Add);
+            let zeros = B::float_zeros(
+                Shape::from(vec![batch, hg, nb, b * d]),
+                &src.device(),
+                src.dtype().into(),
+            );
+            let summed =
+                B::float_select_assign(zeros, 2, g.index.clone(), src, IndexingUpdateOp::Add);
             reshape::<B>(summed, &[batch, hg, np, d])
         };
         dqs.push(reshape::<B>(dq, &[batch, hg, np, d]));

@@ -19,12 +19,20 @@ pub struct Band {
 impl Band {
     /// `j <= i`: mode `all` of the Sparse Transformer.
     pub fn causal() -> Self {
-        Self { lo: 0, hi: i64::MAX, name: "all" }
+        Self {
+            lo: 0,
+            hi: i64::MAX,
+            name: "all",
+        }
     }
 
     /// Every pair: dense bidirectional attention (the bidirectional `all`).
     pub fn dense() -> Self {
-        Self { lo: i64::MIN, hi: i64::MAX, name: "dense" }
+        Self {
+            lo: i64::MIN,
+            hi: i64::MAX,
+            name: "dense",
+        }
     }
 
     /// `0 <= i - j <= ctx - 1`: mode `local` (`ctx` keys including the query itself).
@@ -35,7 +43,11 @@ impl Band {
         if ctx == 0 {
             return Err(invalid("local", "local_attn_ctx must be at least 1, got 0"));
         }
-        Ok(Self { lo: 0, hi: ctx as i64 - 1, name: "local" })
+        Ok(Self {
+            lo: 0,
+            hi: ctx as i64 - 1,
+            name: "local",
+        })
     }
 
     /// Causal sliding window of `window` keys (the query and `window - 1` before it).
@@ -44,14 +56,25 @@ impl Band {
     /// If `window` is 0.
     pub fn sliding_window(window: usize) -> Result<Self> {
         if window == 0 {
-            return Err(invalid("sliding_window", "window must be at least 1, got 0"));
+            return Err(invalid(
+                "sliding_window",
+                "window must be at least 1, got 0",
+            ));
         }
-        Ok(Self { lo: 0, hi: window as i64 - 1, name: "sliding_window" })
+        Ok(Self {
+            lo: 0,
+            hi: window as i64 - 1,
+            name: "sliding_window",
+        })
     }
 
     /// Bidirectional window: `|i - j| <= radius` (the bidirectional `local`).
     pub fn bidirectional_window(radius: usize) -> Self {
-        Self { lo: -(radius as i64), hi: radius as i64, name: "bidirectional_window" }
+        Self {
+            lo: -(radius as i64),
+            hi: radius as i64,
+            name: "bidirectional_window",
+        }
     }
 
     /// The bidirectional variant of `local(ctx)`: `|i - j| <= ctx - 1`.
@@ -62,7 +85,11 @@ impl Band {
         if ctx == 0 {
             return Err(invalid("local", "local_attn_ctx must be at least 1, got 0"));
         }
-        Ok(Self { lo: -(ctx as i64 - 1), hi: ctx as i64 - 1, name: "local_bidirectional" })
+        Ok(Self {
+            lo: -(ctx as i64 - 1),
+            hi: ctx as i64 - 1,
+            name: "local_bidirectional",
+        })
     }
 
     /// Smallest and largest allowed `i - j`.
@@ -80,7 +107,12 @@ impl Pattern for Band {
         self.lo <= off && off <= self.hi
     }
     fn candidate_blocks(&self, _head: usize, q_block: usize, geom: Geometry, out: &mut Vec<usize>) {
-        out.extend(band_blocks(geom.block_range(q_block), self.lo, self.hi, geom));
+        out.extend(band_blocks(
+            geom.block_range(q_block),
+            self.lo,
+            self.hi,
+            geom,
+        ));
     }
     fn cover(&self, _head: usize, q: Range<usize>, k: Range<usize>, _geom: Geometry) -> BlockCover {
         band_cover(self.lo, self.hi, &q, &k)
@@ -108,7 +140,11 @@ impl Dilated {
                 format!("window and dilation must be at least 1, got {window} and {dilation}"),
             ));
         }
-        Ok(Self { window, dilation, causal })
+        Ok(Self {
+            window,
+            dilation,
+            causal,
+        })
     }
 
     fn reach(&self) -> i64 {
@@ -127,7 +163,12 @@ impl Pattern for Dilated {
     }
     fn candidate_blocks(&self, _head: usize, q_block: usize, geom: Geometry, out: &mut Vec<usize>) {
         let lo = if self.causal { 0 } else { -self.reach() };
-        out.extend(band_blocks(geom.block_range(q_block), lo, self.reach(), geom));
+        out.extend(band_blocks(
+            geom.block_range(q_block),
+            lo,
+            self.reach(),
+            geom,
+        ));
     }
     fn cover(&self, _head: usize, q: Range<usize>, k: Range<usize>, _geom: Geometry) -> BlockCover {
         let lo = if self.causal { 0 } else { -self.reach() };

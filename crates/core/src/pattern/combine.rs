@@ -21,7 +21,13 @@ fn part_candidates(p: &dyn Pattern, head: usize, qb: usize, geom: Geometry, out:
     }
 }
 
-fn part_cover(p: &dyn Pattern, head: usize, q: &Range<usize>, k: &Range<usize>, geom: Geometry) -> BlockCover {
+fn part_cover(
+    p: &dyn Pattern,
+    head: usize,
+    q: &Range<usize>,
+    k: &Range<usize>,
+    geom: Geometry,
+) -> BlockCover {
     if p.order(geom.seq_len).is_some() {
         BlockCover::Scan
     } else {
@@ -190,13 +196,19 @@ pub struct FnPattern<F> {
 impl<F: Fn(usize, usize, usize) -> bool + Send + Sync> FnPattern<F> {
     /// A pattern named `name`; `head_dependent` says whether `f` looks at the head.
     pub fn new(name: impl Into<String>, head_dependent: bool, f: F) -> Self {
-        Self { name: name.into(), head_dependent, f }
+        Self {
+            name: name.into(),
+            head_dependent,
+            f,
+        }
     }
 }
 
 impl<F> fmt::Debug for FnPattern<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FnPattern").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("FnPattern")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 

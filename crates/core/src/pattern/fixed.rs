@@ -52,7 +52,12 @@ impl Fixed {
         Self::new(local_attn_ctx, num_verts, vertsize * blocksize)
     }
 
-    fn with_causality(local_ctx: usize, num_verts: usize, summary: usize, causal: bool) -> Result<Self> {
+    fn with_causality(
+        local_ctx: usize,
+        num_verts: usize,
+        summary: usize,
+        causal: bool,
+    ) -> Result<Self> {
         if local_ctx == 0 || num_verts == 0 || summary == 0 {
             return Err(invalid(
                 "fixed",
@@ -72,13 +77,21 @@ impl Fixed {
                 ),
             ));
         }
-        Ok(Self { local_ctx, num_verts, summary, causal })
+        Ok(Self {
+            local_ctx,
+            num_verts,
+            summary,
+            causal,
+        })
     }
 
     /// Summary offsets `[lo, hi)` (within a chunk) of `head`.
     fn summary_range(&self, head: usize) -> (usize, usize) {
         let g = head % self.num_verts;
-        (self.local_ctx - (g + 1) * self.summary, self.local_ctx - g * self.summary)
+        (
+            self.local_ctx - (g + 1) * self.summary,
+            self.local_ctx - g * self.summary,
+        )
     }
 
     fn chunk(&self, p: usize) -> usize {
@@ -89,7 +102,10 @@ impl Fixed {
 impl Pattern for Fixed {
     fn name(&self) -> String {
         let dir = if self.causal { "" } else { "_bidirectional" };
-        format!("fixed{dir}(l={}, verts={}, c={})", self.local_ctx, self.num_verts, self.summary)
+        format!(
+            "fixed{dir}(l={}, verts={}, c={})",
+            self.local_ctx, self.num_verts, self.summary
+        )
     }
     fn allows(&self, head: usize, i: usize, j: usize) -> bool {
         let (lo, hi) = self.summary_range(head);
@@ -130,7 +146,11 @@ impl Pattern for Fixed {
     }
     fn cover(&self, head: usize, q: Range<usize>, k: Range<usize>, _geom: Geometry) -> BlockCover {
         let causal = |q: &Range<usize>, k: &Range<usize>| {
-            if self.causal { band_cover(0, i64::MAX, q, k) } else { BlockCover::Full }
+            if self.causal {
+                band_cover(0, i64::MAX, q, k)
+            } else {
+                BlockCover::Full
+            }
         };
         if self.causal && k.start > q.end - 1 {
             return BlockCover::Empty;

@@ -39,7 +39,9 @@ impl Globals {
         match self.0.last() {
             Some(&t) if t >= seq_len => Err(invalid(
                 pattern,
-                format!("global token {t} is out of range: expected tokens below seq_len = {seq_len}"),
+                format!(
+                    "global token {t} is out of range: expected tokens below seq_len = {seq_len}"
+                ),
             )),
             _ => Ok(()),
         }
@@ -50,7 +52,12 @@ impl Globals {
         if self.any_in(q) {
             out.extend(geom.blocks_of(0..limit));
         } else {
-            out.extend(self.0.iter().take_while(|&&t| t < limit).map(|&t| t / geom.block));
+            out.extend(
+                self.0
+                    .iter()
+                    .take_while(|&&t| t < limit)
+                    .map(|&t| t / geom.block),
+            );
         }
     }
 }
@@ -73,13 +80,21 @@ impl Longformer {
         if window == 0 {
             return Err(invalid("longformer", "window must be at least 1, got 0"));
         }
-        Ok(Self { window, globals: Globals::new(global_tokens), causal })
+        Ok(Self {
+            window,
+            globals: Globals::new(global_tokens),
+            causal,
+        })
     }
 }
 
 impl Pattern for Longformer {
     fn name(&self) -> String {
-        format!("longformer(w={}, globals={})", self.window, self.globals.0.len())
+        format!(
+            "longformer(w={}, globals={})",
+            self.window,
+            self.globals.0.len()
+        )
     }
     fn allows(&self, _head: usize, i: usize, j: usize) -> bool {
         (!self.causal || j <= i)
@@ -167,21 +182,30 @@ impl BigBird {
 
     /// Random key blocks (of `random_block` tokens) of query block `qb`.
     fn random_of(&self, qb: usize) -> Vec<usize> {
-        let limit = if self.causal { qb + 1 } else { self.seq_len.div_ceil(self.random_block) };
+        let limit = if self.causal {
+            qb + 1
+        } else {
+            self.seq_len.div_ceil(self.random_block)
+        };
         choose(self.seed, qb, self.random, limit)
     }
 }
 
 impl Pattern for BigBird {
     fn name(&self) -> String {
-        format!("bigbird(w={}, r={}, seed={})", self.window, self.random, self.seed)
+        format!(
+            "bigbird(w={}, r={}, seed={})",
+            self.window, self.random, self.seed
+        )
     }
     fn allows(&self, _head: usize, i: usize, j: usize) -> bool {
         (!self.causal || j <= i)
             && (in_band(window_band(self.window, self.causal), i, j)
                 || self.globals.contains(i)
                 || self.globals.contains(j)
-                || self.random_of(i / self.random_block).contains(&(j / self.random_block)))
+                || self
+                    .random_of(i / self.random_block)
+                    .contains(&(j / self.random_block)))
     }
     fn validate(&self, seq_len: usize, _heads: usize) -> Result<()> {
         if seq_len != self.seq_len {
@@ -291,7 +315,10 @@ impl VariableWindows {
             }
             start += s;
         }
-        let last = *self.sizes.last().expect("sizes is non-empty (checked in new)");
+        let last = *self
+            .sizes
+            .last()
+            .expect("sizes is non-empty (checked in new)");
         let k = (t - start) / last;
         start + k * last..start + (k + 1) * last
     }
@@ -307,7 +334,11 @@ impl Pattern for VariableWindows {
     fn candidate_blocks(&self, _head: usize, q_block: usize, geom: Geometry, out: &mut Vec<usize>) {
         let q = geom.block_range(q_block);
         let first = self.window_of(q.start).start;
-        let end = if self.causal { q.end } else { self.window_of(q.end - 1).end };
+        let end = if self.causal {
+            q.end
+        } else {
+            self.window_of(q.end - 1).end
+        };
         out.extend(geom.blocks_of(first..end));
     }
     fn cover(&self, _head: usize, q: Range<usize>, k: Range<usize>, _geom: Geometry) -> BlockCover {
@@ -316,7 +347,11 @@ impl Pattern for VariableWindows {
         if wq1.end <= wk0.start || wk1.end <= wq0.start {
             BlockCover::Empty
         } else if wq0 == wq1 && wk0 == wk1 && wq0 == wk0 {
-            if self.causal { band_cover(0, i64::MAX, &q, &k) } else { BlockCover::Full }
+            if self.causal {
+                band_cover(0, i64::MAX, &q, &k)
+            } else {
+                BlockCover::Full
+            }
         } else {
             BlockCover::Scan
         }

@@ -35,7 +35,10 @@ impl BlockMatrix {
         }
         let n_blocks = heads.first().map_or(0, Vec::len);
         if n_blocks == 0 {
-            return Err(invalid("block_matrix", "expected at least one non-empty matrix"));
+            return Err(invalid(
+                "block_matrix",
+                "expected at least one non-empty matrix",
+            ));
         }
         let mut cells = Vec::with_capacity(heads.len() * n_blocks * n_blocks);
         for (h, m) in heads.iter().enumerate() {
@@ -53,7 +56,12 @@ impl BlockMatrix {
                 cells.extend_from_slice(row);
             }
         }
-        Ok(Self { block, n_blocks, cells, heads: heads.len() })
+        Ok(Self {
+            block,
+            n_blocks,
+            cells,
+            heads: heads.len(),
+        })
     }
 
     fn cell(&self, head: usize, q: usize, k: usize) -> bool {
@@ -64,7 +72,10 @@ impl BlockMatrix {
 
 impl Pattern for BlockMatrix {
     fn name(&self) -> String {
-        format!("block_matrix({}x{}, b={})", self.n_blocks, self.n_blocks, self.block)
+        format!(
+            "block_matrix({}x{}, b={})",
+            self.n_blocks, self.n_blocks, self.block
+        )
     }
     fn allows(&self, head: usize, i: usize, j: usize) -> bool {
         self.cell(head, i / self.block, j / self.block)
@@ -101,7 +112,11 @@ impl Pattern for BlockMatrix {
     fn cover(&self, head: usize, q: Range<usize>, k: Range<usize>, geom: Geometry) -> BlockCover {
         if geom.block == self.block {
             let on = self.cell(head, q.start / self.block, k.start / self.block);
-            if on { BlockCover::Full } else { BlockCover::Empty }
+            if on {
+                BlockCover::Full
+            } else {
+                BlockCover::Empty
+            }
         } else {
             BlockCover::Scan
         }

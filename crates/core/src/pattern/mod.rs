@@ -85,7 +85,10 @@ pub enum BlockCover {
 
 impl BlockCover {
     /// The causal cover (`key <= query`).
-    pub const CAUSAL: BlockCover = BlockCover::Band { lo: 0, hi: i64::MAX };
+    pub const CAUSAL: BlockCover = BlockCover::Band {
+        lo: 0,
+        hi: i64::MAX,
+    };
 }
 
 /// A sparsity pattern. Implement [`name`](Pattern::name) and [`allows`](Pattern::allows) to

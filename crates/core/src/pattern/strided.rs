@@ -37,7 +37,10 @@ impl Strided {
 
     fn with_causality(stride: usize, causal: bool) -> Result<Self> {
         if stride == 0 {
-            return Err(invalid("strided", "local_attn_ctx (stride) must be at least 1, got 0"));
+            return Err(invalid(
+                "strided",
+                "local_attn_ctx (stride) must be at least 1, got 0",
+            ));
         }
         Ok(Self { stride, causal })
     }
@@ -58,11 +61,18 @@ impl Strided {
     fn group_of(&self, seq_len: usize, p: usize) -> usize {
         let (quot, rem) = self.split(seq_len);
         let big = rem * (quot + 1);
-        if p < big { p / (quot + 1) } else { rem + (p - big) / quot.max(1) }
+        if p < big {
+            p / (quot + 1)
+        } else {
+            rem + (p - big) / quot.max(1)
+        }
     }
 
     fn groups(&self, seq_len: usize, r: &Range<usize>) -> (usize, usize) {
-        (self.group_of(seq_len, r.start), self.group_of(seq_len, r.end - 1))
+        (
+            self.group_of(seq_len, r.start),
+            self.group_of(seq_len, r.end - 1),
+        )
     }
 }
 
@@ -76,13 +86,21 @@ impl Pattern for Strided {
     }
     fn order(&self, seq_len: usize) -> Option<Vec<usize>> {
         let groups = self.stride.min(seq_len);
-        Some((0..groups).flat_map(|g| (g..seq_len).step_by(self.stride)).collect())
+        Some(
+            (0..groups)
+                .flat_map(|g| (g..seq_len).step_by(self.stride))
+                .collect(),
+        )
     }
     fn candidate_blocks(&self, _head: usize, q_block: usize, geom: Geometry, out: &mut Vec<usize>) {
         let n = geom.seq_len;
         let q = geom.block_range(q_block);
         let (g0, g1) = self.groups(n, &q);
-        let end = if self.causal { q.end } else { self.group_start(n, g1 + 1).min(n) };
+        let end = if self.causal {
+            q.end
+        } else {
+            self.group_start(n, g1 + 1).min(n)
+        };
         out.extend(geom.blocks_of(self.group_start(n, g0)..end));
     }
     fn cover(&self, _head: usize, q: Range<usize>, k: Range<usize>, geom: Geometry) -> BlockCover {
@@ -92,7 +110,11 @@ impl Pattern for Strided {
         if qg1 < kg0 || kg1 < qg0 {
             BlockCover::Empty
         } else if qg0 == qg1 && kg0 == kg1 {
-            if self.causal { band_cover(0, i64::MAX, &q, &k) } else { BlockCover::Full }
+            if self.causal {
+                band_cover(0, i64::MAX, &q, &k)
+            } else {
+                BlockCover::Full
+            }
         } else {
             BlockCover::Scan
         }

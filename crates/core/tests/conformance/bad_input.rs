@@ -3,8 +3,8 @@
 use burn::tensor::{Device, Tensor};
 use sparse_attn_core::pattern::{Band, Fixed, Strided};
 use sparse_attn_core::{
-    AttentionOptions, AttnMode, BlockLayout, SparseAttentionError as E, attention_impl, blocksparse_attention_impl,
-    sparse_attention,
+    AttentionOptions, AttnMode, BlockLayout, SparseAttentionError as E, attention_impl,
+    blocksparse_attention_impl, sparse_attention,
 };
 
 fn zeros4(dims: [usize; 4]) -> Tensor<4> {
@@ -19,46 +19,134 @@ fn zeros3(dims: [usize; 3]) -> Tensor<3> {
 fn block_size_out_of_range() {
     for b in [0, 129] {
         let err = BlockLayout::build(&Band::causal(), 64, b, 1).unwrap_err();
-        assert_eq!(err, E::BlockSize { got: b, min: 1, max: 128 });
+        assert_eq!(
+            err,
+            E::BlockSize {
+                got: b,
+                min: 1,
+                max: 128
+            }
+        );
         assert!(err.to_string().contains("between 1 and 128"));
     }
     let x = zeros3([1, 64, 16]);
-    let err = blocksparse_attention_impl(x.clone(), x.clone(), x, 2, AttnMode::All, None, 0, 1, 1).unwrap_err();
+    let err = blocksparse_attention_impl(x.clone(), x.clone(), x, 2, AttnMode::All, None, 0, 1, 1)
+        .unwrap_err();
     assert!(matches!(err, E::BlockSize { got: 0, .. }));
 }
 
 #[test]
 fn pattern_parameters() {
-    assert!(matches!(Band::local(0), Err(E::InvalidPattern { pattern: "local", .. })));
-    assert!(matches!(Band::sliding_window(0), Err(E::InvalidPattern { .. })));
-    assert!(matches!(Strided::new(0), Err(E::InvalidPattern { pattern: "strided", .. })));
+    assert!(matches!(
+        Band::local(0),
+        Err(E::InvalidPattern {
+            pattern: "local",
+            ..
+        })
+    ));
+    assert!(matches!(
+        Band::sliding_window(0),
+        Err(E::InvalidPattern { .. })
+    ));
+    assert!(matches!(
+        Strided::new(0),
+        Err(E::InvalidPattern {
+            pattern: "strided",
+            ..
+        })
+    ));
     // num_verts * vertsize beyond the window (in blocks): 4 * 2 > 128 / 32.
     let err = Fixed::sparse_transformer(128, 4, 2, 32).unwrap_err();
-    assert!(err.to_string().contains("exceeds local_attn_ctx = 128"), "{err}");
+    assert!(
+        err.to_string().contains("exceeds local_attn_ctx = 128"),
+        "{err}"
+    );
     // heads not a multiple of num_verts.
     let fixed = Fixed::sparse_transformer(128, 4, 1, 32).unwrap();
     let err = BlockLayout::build(&fixed, 256, 32, 6).unwrap_err();
-    assert!(err.to_string().contains("not a multiple of num_verts = 4"), "{err}");
+    assert!(
+        err.to_string().contains("not a multiple of num_verts = 4"),
+        "{err}"
+    );
     let x = zeros3([1, 64, 16]);
-    let err = blocksparse_attention_impl(x.clone(), x.clone(), x, 2, AttnMode::Local, None, 8, 1, 1).unwrap_err();
-    assert!(err.to_string().contains("local_attn_ctx is required"), "{err}");
-    assert!(matches!("banded".parse::<AttnMode>(), Err(E::UnknownMode(_))));
+    let err =
+        blocksparse_attention_impl(x.clone(), x.clone(), x, 2, AttnMode::Local, None, 8, 1, 1)
+            .unwrap_err();
+    assert!(
+        err.to_string().contains("local_attn_ctx is required"),
+        "{err}"
+    );
+    assert!(matches!(
+        "banded".parse::<AttnMode>(),
+        Err(E::UnknownMode(_))
+    ));
 }
 
 #[test]
 fn shapes_and_heads() {
     let layout = BlockLayout::build(&Band::causal(), 16, 8, 2).unwrap();
     let q = zeros4([1, 2, 16, 4]);
-    let err = sparse_attention(q.clone(), zeros4([1, 2, 16, 5]), q.clone(), &layout, AttentionOptions::default()).unwrap_err();
-    assert_eq!(err, E::Shape { name: "k", got: vec![1, 2, 16, 5], expected: "[1, 2, 16, 4], the shape of `q`".into() });
-    let err = sparse_attention(zeros4([0, 2, 16, 4]), zeros4([0, 2, 16, 4]), zeros4([0, 2, 16, 4]), &layout, AttentionOptions::default()).unwrap_err();
+    let err = sparse_attention(
+        q.clone(),
+        zeros4([1, 2, 16, 5]),
+        q.clone(),
+        &layout,
+        AttentionOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        E::Shape {
+            name: "k",
+            got: vec![1, 2, 16, 5],
+            expected: "[1, 2, 16, 4], the shape of `q`".into()
+        }
+    );
+    let err = sparse_attention(
+        zeros4([0, 2, 16, 4]),
+        zeros4([0, 2, 16, 4]),
+        zeros4([0, 2, 16, 4]),
+        &layout,
+        AttentionOptions::default(),
+    )
+    .unwrap_err();
     assert_eq!(err, E::Zero { name: "batch" });
     let x = zeros3([1, 16, 10]);
-    let err = blocksparse_attention_impl(x.clone(), x.clone(), x.clone(), 3, AttnMode::All, None, 8, 1, 1).unwrap_err();
-    assert_eq!(err, E::HeadsDivide { n_embd: 10, heads: 3 });
+    let err = blocksparse_attention_impl(
+        x.clone(),
+        x.clone(),
+        x.clone(),
+        3,
+        AttnMode::All,
+        None,
+        8,
+        1,
+        1,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        E::HeadsDivide {
+            n_embd: 10,
+            heads: 3
+        }
+    );
     let err = attention_impl(x.clone(), x.clone(), x, 3, AttnMode::All, None).unwrap_err();
-    assert_eq!(err, E::HeadsDivide { n_embd: 10, heads: 3 });
-    let err = sparse_attention(q.clone(), q.clone(), q, &layout, AttentionOptions::with_scale(f32::NAN)).unwrap_err();
+    assert_eq!(
+        err,
+        E::HeadsDivide {
+            n_embd: 10,
+            heads: 3
+        }
+    );
+    let err = sparse_attention(
+        q.clone(),
+        q.clone(),
+        q,
+        &layout,
+        AttentionOptions::with_scale(f32::NAN),
+    )
+    .unwrap_err();
     assert!(matches!(err, E::Scale(_)));
 }
 
@@ -66,11 +154,39 @@ fn shapes_and_heads() {
 fn layout_for_another_problem() {
     let layout = BlockLayout::build(&Band::causal(), 16, 8, 2).unwrap();
     let q = zeros4([1, 2, 24, 4]);
-    let err = sparse_attention(q.clone(), q.clone(), q, &layout, AttentionOptions::default()).unwrap_err();
-    assert_eq!(err, E::LayoutMismatch { what: "seq_len", layout: 16, input: 24 });
+    let err = sparse_attention(
+        q.clone(),
+        q.clone(),
+        q,
+        &layout,
+        AttentionOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        E::LayoutMismatch {
+            what: "seq_len",
+            layout: 16,
+            input: 24
+        }
+    );
     let q = zeros4([1, 3, 16, 4]);
-    let err = sparse_attention(q.clone(), q.clone(), q, &layout, AttentionOptions::default()).unwrap_err();
-    assert_eq!(err, E::LayoutMismatch { what: "heads", layout: 2, input: 3 });
+    let err = sparse_attention(
+        q.clone(),
+        q.clone(),
+        q,
+        &layout,
+        AttentionOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        E::LayoutMismatch {
+            what: "heads",
+            layout: 2,
+            input: 3
+        }
+    );
 }
 
 #[test]
@@ -85,7 +201,8 @@ fn device_mismatch() {
     {
         let k = Tensor::<4>::zeros([1, 1, 16, 4], &Device::flex());
         let q = zeros4([1, 1, 16, 4]);
-        let err = sparse_attention(q.clone(), k, q, &layout, AttentionOptions::default()).unwrap_err();
+        let err =
+            sparse_attention(q.clone(), k, q, &layout, AttentionOptions::default()).unwrap_err();
         assert!(matches!(err, E::DeviceMismatch { name: "k", .. }), "{err}");
     }
     drop(result);
@@ -94,11 +211,20 @@ fn device_mismatch() {
 /// A row with no allowed key gives zeros, never NaN, forward and backward.
 #[test]
 fn empty_rows_are_zero() {
-    let p = sparse_attn_core::pattern::FnPattern::new("none_for_even", false, |_, i, j| i % 2 == 1 && j <= i);
+    let p = sparse_attn_core::pattern::FnPattern::new("none_for_even", false, |_, i, j| {
+        i % 2 == 1 && j <= i
+    });
     let layout = BlockLayout::build(&p, 8, 4, 1).unwrap();
     let device = Device::ndarray().autodiff();
     let q = Tensor::<4>::ones([1, 1, 8, 2], &device).require_grad();
-    let out = sparse_attention(q.clone(), q.clone(), q.clone(), &layout, AttentionOptions::default()).unwrap();
+    let out = sparse_attention(
+        q.clone(),
+        q.clone(),
+        q.clone(),
+        &layout,
+        AttentionOptions::default(),
+    )
+    .unwrap();
     let values: Vec<f32> = out.clone().into_data().try_to_vec().unwrap();
     assert!(values.iter().all(|x| x.is_finite()));
     assert_eq!(&values[0..2], &[0.0, 0.0]);

@@ -12,9 +12,18 @@ pub fn devices() -> Vec<(&'static str, Device)> {
     #[cfg(feature = "flex")]
     out.push(("flex", Device::flex().autodiff()));
     #[cfg(feature = "wgpu")]
-    out.push(("wgpu", Device::wgpu(burn::tensor::DeviceKind::Cpu).autodiff()));
-    assert!(!out.is_empty(), "no backend feature enabled: enable ndarray, flex or wgpu");
-    eprintln!("backends under test: {:?}", out.iter().map(|(name, _)| *name).collect::<Vec<_>>());
+    out.push((
+        "wgpu",
+        Device::wgpu(burn::tensor::DeviceKind::Cpu).autodiff(),
+    ));
+    assert!(
+        !out.is_empty(),
+        "no backend feature enabled: enable ndarray, flex or wgpu"
+    );
+    eprintln!(
+        "backends under test: {:?}",
+        out.iter().map(|(name, _)| *name).collect::<Vec<_>>()
+    );
     out
 }
 
@@ -59,5 +68,12 @@ pub fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
             worst = (if err.is_nan() { f64::INFINITY } else { err }, i);
         }
     }
-    assert!(worst.0 <= tol, "{what}: element {} is {} but expected {} (relative error {:e} > {tol:e})", worst.1, got[worst.1], want[worst.1], worst.0);
+    assert!(
+        worst.0 <= tol,
+        "{what}: element {} is {} but expected {} (relative error {:e} > {tol:e})",
+        worst.1,
+        got[worst.1],
+        want[worst.1],
+        worst.0
+    );
 }

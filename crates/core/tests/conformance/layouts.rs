@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use sparse_attn_core::pattern::{
-    Band, BigBird, BigBirdConfig, BlockMatrix, Dilated, Fixed, Intersection, Longformer, PerHead, Strided,
-    Streaming, Union, VariableWindows,
+    Band, BigBird, BigBirdConfig, BlockMatrix, Dilated, Fixed, Intersection, Longformer, PerHead,
+    Streaming, Strided, Union, VariableWindows,
 };
 use sparse_attn_core::{BlockLayout, Pattern};
 
@@ -28,17 +28,26 @@ fn check_exact(pattern: &dyn Pattern, n: usize, block: usize, heads: usize) {
         let mut from_rows = vec![];
         for r in 0..nb {
             let cols: Vec<usize> = layout.row(h, r).map(|(c, _)| c).collect();
-            assert!(cols.windows(2).all(|w| w[0] < w[1]), "row {r} not strictly increasing");
+            assert!(
+                cols.windows(2).all(|w| w[0] < w[1]),
+                "row {r} not strictly increasing"
+            );
             from_rows.extend(cols.into_iter().map(|c| (c, r)));
         }
         let mut from_cols = vec![];
         for c in 0..nb {
             let rows: Vec<usize> = layout.column(h, c).collect();
-            assert!(rows.windows(2).all(|w| w[0] < w[1]), "column {c} not strictly increasing");
+            assert!(
+                rows.windows(2).all(|w| w[0] < w[1]),
+                "column {c} not strictly increasing"
+            );
             from_cols.extend(rows.into_iter().map(|r| (c, r)));
         }
         from_rows.sort_unstable();
-        assert_eq!(from_rows, from_cols, "transposed lists are not the transpose");
+        assert_eq!(
+            from_rows, from_cols,
+            "transposed lists are not the transpose"
+        );
     }
 }
 
@@ -113,7 +122,10 @@ fn sparse_transformer_block_counts() {
     assert_eq!(count(&Band::local(32).unwrap(), 4).active_blocks(0), 63);
     assert_eq!(count(&Strided::new(32).unwrap(), 4).active_blocks(0), 32);
     let fixed = count(&Fixed::sparse_transformer(128, 4, 1, 32).unwrap(), 4);
-    assert_eq!((0..4).map(|h| fixed.active_blocks(h)).collect::<Vec<_>>(), vec![192; 4]);
+    assert_eq!(
+        (0..4).map(|h| fixed.active_blocks(h)).collect::<Vec<_>>(),
+        vec![192; 4]
+    );
 }
 
 /// A one-million-token window layout builds in O(active blocks): the time budget lives in
@@ -123,7 +135,10 @@ fn million_token_window_layout() {
     let layout = BlockLayout::build(&Band::sliding_window(1024).unwrap(), 1 << 20, 64, 1).unwrap();
     assert_eq!(layout.n_blocks(), 16384);
     // 17 blocks per row (16 behind plus the diagonal), fewer in the first 16 rows.
-    assert_eq!(layout.total_active_blocks(), 17 * 16384 - (1..=16).sum::<usize>());
+    assert_eq!(
+        layout.total_active_blocks(),
+        17 * 16384 - (1..=16).sum::<usize>()
+    );
     // Partial: the diagonal block of every row, and the window's far edge from row 16 on.
     let stats = layout.stats(0);
     assert_eq!(stats.partial_blocks, 2 * 16384 - 16);

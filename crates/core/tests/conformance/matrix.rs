@@ -6,8 +6,8 @@ use std::sync::Arc;
 use burn::tensor::Tensor;
 use rstest::rstest;
 use sparse_attn_core::pattern::{
-    Band, BigBird, BigBirdConfig, Dilated, Fixed, FnPattern, Longformer, PerHead, Strided, Streaming, Union,
-    VariableWindows,
+    Band, BigBird, BigBirdConfig, Dilated, Fixed, FnPattern, Longformer, PerHead, Streaming,
+    Strided, Union, VariableWindows,
 };
 use sparse_attn_core::reference::{RefShape, reference_backward, reference_forward};
 use sparse_attn_core::{AttentionOptions, BlockLayout, Pattern, sparse_attention};
@@ -17,7 +17,12 @@ use crate::common::{Rng, assert_close, devices, to_tensor};
 /// Runs forward and backward of `pattern` on every backend and compares with the reference.
 fn check(pattern: &dyn Pattern, n: usize, block: usize, heads: usize, d: usize) {
     let layout = BlockLayout::build(pattern, n, block, heads).unwrap();
-    let shape = RefShape { batch: 2, heads, seq_len: n, head_dim: d };
+    let shape = RefShape {
+        batch: 2,
+        heads,
+        seq_len: n,
+        head_dim: d,
+    };
     let len = 2 * heads * n * d;
     let mut rng = Rng::new((n * 131 + block * 7 + heads * 3 + d) as u64);
     let [q, k, v, dout] = [(); 4].map(|_| rng.normals(len));
@@ -26,12 +31,31 @@ fn check(pattern: &dyn Pattern, n: usize, block: usize, heads: usize, d: usize) 
     let grads = reference_backward(pattern, shape, &q, &k, &v, &dout, scale);
     let dims = [2, heads, n, d];
     for (backend, device) in devices() {
-        let what = format!("{backend} {} n={n} b={block} h={heads} d={d}", pattern.name());
+        let what = format!(
+            "{backend} {} n={n} b={block} h={heads} d={d}",
+            pattern.name()
+        );
         let [tq, tk, tv] = [&q, &k, &v].map(|x| to_tensor(x, dims, &device).require_grad());
-        let out = sparse_attention(tq.clone(), tk.clone(), tv.clone(), &layout, AttentionOptions::default()).unwrap();
-        assert_close(&out.clone().into_data().try_to_vec::<f32>().unwrap(), &expected.out, 2e-5, &format!("{what}: out"));
+        let out = sparse_attention(
+            tq.clone(),
+            tk.clone(),
+            tv.clone(),
+            &layout,
+            AttentionOptions::default(),
+        )
+        .unwrap();
+        assert_close(
+            &out.clone().into_data().try_to_vec::<f32>().unwrap(),
+            &expected.out,
+            2e-5,
+            &format!("{what}: out"),
+        );
         let g = (out * to_tensor(&dout, dims, &device)).sum().backward();
-        for (name, t, want) in [("dq", &tq, &grads.dq), ("dk", &tk, &grads.dk), ("dv", &tv, &grads.dv)] {
+        for (name, t, want) in [
+            ("dq", &tq, &grads.dq),
+            ("dk", &tk, &grads.dk),
+            ("dv", &tv, &grads.dv),
+        ] {
             let got: Vec<f32> = t.grad(&g).unwrap().into_data().try_to_vec().unwrap();
             assert_close(&got, want, 5e-5, &format!("{what}: {name}"));
         }
@@ -50,35 +74,37 @@ fn pattern(name: &str, n: usize) -> Arc<dyn Pattern> {
         "bidirectional_window" => arc(Band::bidirectional_window(3)),
         "strided" => arc(Strided::new(3).unwrap()),
         "strided_bidirectional" => arc(Strided::bidirectional(4).unwrap()),
-        "paper_strided" => arc(Union::new(vec![arc(Band::local(4).unwrap()), arc(Strided::new(4).unwrap())]).unwrap()),
+        "paper_strided" => arc(Union::new(vec![
+            arc(Band::local(4).unwrap()),
+            arc(Strided::new(4).unwrap()),
+        ])
+        .unwrap()),
         "fixed" => arc(Fixed::new(8, 2, 2).unwrap()),
         "fixed_bidirectional" => arc(Fixed::bidirectional(6, 1, 3).unwrap()),
         "dilated" => arc(Dilated::new(3, 2, true).unwrap()),
         "longformer" => arc(Longformer::new(2, vec![0, n / 2], false).unwrap()),
-        "bigbird" => arc(
-            BigBird::new(
-                BigBirdConfig {
-                    window: 2,
-                    global_tokens: vec![n / 2],
-                    random_blocks: 1,
-                    random_block: 4,
-                    seed: 3,
-                    causal: true,
-                },
-                n,
-            )
-            .unwrap(),
-        ),
+        "bigbird" => arc(BigBird::new(
+            BigBirdConfig {
+                window: 2,
+                global_tokens: vec![n / 2],
+                random_blocks: 1,
+                random_block: 4,
+                seed: 3,
+                causal: true,
+            },
+            n,
+        )
+        .unwrap()),
         "streaming" => arc(Streaming::new(2, 3).unwrap()),
         "variable" => arc(VariableWindows::new(vec![3, 5], true).unwrap()),
         // Per-head patterns, one of which leaves rows without any key (exercises empty rows).
-        "per_head" => arc(
-            PerHead::new(vec![
-                arc(Band::local(2).unwrap()),
-                arc(FnPattern::new("odd_rows_only", false, |_, i, j| i % 2 == 1 && j < i)),
-            ])
-            .unwrap(),
-        ),
+        "per_head" => arc(PerHead::new(vec![
+            arc(Band::local(2).unwrap()),
+            arc(FnPattern::new("odd_rows_only", false, |_, i, j| {
+                i % 2 == 1 && j < i
+            })),
+        ])
+        .unwrap()),
         other => panic!("unknown test pattern {other}"),
     }
 }
@@ -106,7 +132,11 @@ fn matrix(
     #[values((1, 4), (13, 4), (16, 8), (21, 8))] nb: (usize, usize),
 ) {
     let (n, block) = nb;
-    let heads = if matches!(name, "per_head" | "fixed") { 2 } else { 1 + n % 3 };
+    let heads = if matches!(name, "per_head" | "fixed") {
+        2
+    } else {
+        1 + n % 3
+    };
     let p = pattern(name, n);
     check(p.as_ref(), n, block, heads, if n % 2 == 0 { 3 } else { 8 });
 }
@@ -130,10 +160,30 @@ fn non_contiguous_inputs() {
         let t = to_tensor(&x, [2, 12, 2, 4], &device);
         let swapped = t.clone().swap_dims(1, 2);
         let contiguous = Tensor::<4>::from_data(swapped.clone().into_data(), &device);
-        let a = sparse_attention(swapped.clone(), swapped.clone(), swapped, &layout, AttentionOptions::default()).unwrap();
-        let b = sparse_attention(contiguous.clone(), contiguous.clone(), contiguous, &layout, AttentionOptions::default()).unwrap();
+        let a = sparse_attention(
+            swapped.clone(),
+            swapped.clone(),
+            swapped,
+            &layout,
+            AttentionOptions::default(),
+        )
+        .unwrap();
+        let b = sparse_attention(
+            contiguous.clone(),
+            contiguous.clone(),
+            contiguous,
+            &layout,
+            AttentionOptions::default(),
+        )
+        .unwrap();
         let a: Vec<f32> = a.into_data().try_to_vec().unwrap();
-        let b: Vec<f64> = b.into_data().try_to_vec::<f32>().unwrap().into_iter().map(f64::from).collect();
+        let b: Vec<f64> = b
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
         assert_close(&a, &b, 1e-6, &format!("{backend}: swapped vs contiguous"));
     }
 }
@@ -147,7 +197,14 @@ fn deterministic() {
     for (backend, device) in devices() {
         let run = || {
             let t = to_tensor(&x, [2, 2, 40, 5], &device).require_grad();
-            let out = sparse_attention(t.clone(), t.clone(), t.clone(), &layout, AttentionOptions::default()).unwrap();
+            let out = sparse_attention(
+                t.clone(),
+                t.clone(),
+                t.clone(),
+                &layout,
+                AttentionOptions::default(),
+            )
+            .unwrap();
             let g = out.clone().sum().backward();
             let grad: Vec<f32> = t.grad(&g).unwrap().into_data().try_to_vec().unwrap();
             (out.into_data().try_to_vec::<f32>().unwrap(), grad)

@@ -36,19 +36,75 @@ fn original_modes_match_reference() {
     ];
     let tensor = |x: &[f64]| -> Tensor<3> { to_tensor(x, [1, n, e], &device) };
     for (mode, ctx, num_verts, vertsize) in cases {
-        let sparse = blocksparse_attention_impl(tensor(&q), tensor(&k), tensor(&v), heads, mode, ctx, 32, num_verts, vertsize).unwrap();
+        let sparse = blocksparse_attention_impl(
+            tensor(&q),
+            tensor(&k),
+            tensor(&v),
+            heads,
+            mode,
+            ctx,
+            32,
+            num_verts,
+            vertsize,
+        )
+        .unwrap();
         let sparse: Vec<f32> = sparse.into_data().try_to_vec().unwrap();
-        let pattern = mode.pattern(ModeParams { local_attn_ctx: ctx, blocksize: 32, num_verts, vertsize }).unwrap();
-        let shape = RefShape { batch: 1, heads, seq_len: n, head_dim: d };
-        let (qh, kh, vh) = (split(&q, n, heads, d), split(&k, n, heads, d), split(&v, n, heads, d));
-        let reference = reference_forward(pattern.as_ref(), shape, &qh, &kh, &vh, 1.0 / (d as f64).sqrt());
-        let sparse_heads = split(&sparse.iter().map(|&x| f64::from(x)).collect::<Vec<_>>(), n, heads, d);
+        let pattern = mode
+            .pattern(ModeParams {
+                local_attn_ctx: ctx,
+                blocksize: 32,
+                num_verts,
+                vertsize,
+            })
+            .unwrap();
+        let shape = RefShape {
+            batch: 1,
+            heads,
+            seq_len: n,
+            head_dim: d,
+        };
+        let (qh, kh, vh) = (
+            split(&q, n, heads, d),
+            split(&k, n, heads, d),
+            split(&v, n, heads, d),
+        );
+        let reference = reference_forward(
+            pattern.as_ref(),
+            shape,
+            &qh,
+            &kh,
+            &vh,
+            1.0 / (d as f64).sqrt(),
+        );
+        let sparse_heads = split(
+            &sparse.iter().map(|&x| f64::from(x)).collect::<Vec<_>>(),
+            n,
+            heads,
+            d,
+        );
         let sparse_heads: Vec<f32> = sparse_heads.iter().map(|&x| x as f32).collect();
-        assert_close(&sparse_heads, &reference.out, 1e-5, &format!("{mode:?} vs f64 reference"));
+        assert_close(
+            &sparse_heads,
+            &reference.out,
+            1e-5,
+            &format!("{mode:?} vs f64 reference"),
+        );
         if mode != AttnMode::Fixed {
-            let dense = attention_impl(tensor(&q), tensor(&k), tensor(&v), heads, mode, ctx).unwrap();
-            let dense: Vec<f64> = dense.into_data().try_to_vec::<f32>().unwrap().into_iter().map(f64::from).collect();
-            assert_close(&sparse, &dense, 1e-5, &format!("{mode:?} vs attention_impl"));
+            let dense =
+                attention_impl(tensor(&q), tensor(&k), tensor(&v), heads, mode, ctx).unwrap();
+            let dense: Vec<f64> = dense
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            assert_close(
+                &sparse,
+                &dense,
+                1e-5,
+                &format!("{mode:?} vs attention_impl"),
+            );
         }
     }
 }

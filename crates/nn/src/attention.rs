@@ -1,0 +1,304 @@
+//! Multi-head self-attention with a block-sparse pattern.
+
+use burn::config::Config;
+use burn::module::{Initializer, Module};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{Device, Tensor};
+use sparse_attn_core::{AttentionOptions, Result, SparseAttentionError, sparse_attention};
+
+use crate::pattern_config::PatternConfig;
+
+/// Configuration of a [`MultiHeadSparseAttention`] layer.
+#[derive(Config, Debug)]
+pub struct MultiHeadSparseAttentionConfig {
+    /// Model width (input and output features).
+    pub d_model: usize,
+    /// Number of heads; must divide `d_model`.
+    pub n_heads: usize,
+    /// The sparsity pattern.
+    pub pattern: PatternConfig,
+    /// Block size of the layout, 1..=128. Default: 32.
+    #[config(default = 32)]
+    pub block_size: usize,
+    /// Biases on the four projections. Default: true.
+    #[config(default = true)]
+    pub bias: bool,
+    /// Softmax scale; `None` (default) means `1 / sqrt(d_model / n_heads)`.
+    #[config(default = "None")]
+    pub scale: Option<f64>,
+    /// Longest sequence accepted by `forward`; `None` (default) means no limit.
+    #[config(default = "None")]
+    pub max_seq_len: Option<usize>,
+    /// Initializer of the projections. Default: Kaiming uniform, as Burn's attention.
+    #[config(default = "Initializer::KaimingUniform{gain:1.0/3.0f64.sqrt(), fan_out_only:false}")]
+    pub initializer: Initializer,
+}
+
+/// Multi-head self-attention whose attention is block-sparse.
+///
+/// `query`, `key`, `value`, `output` are `d_model x d_model` projections; the attention
+/// itself runs through [`sparse_attention`] with the layout of the configured pattern,
+/// built once per sequence length.
+#[derive(Module, Debug)]
+pub struct MultiHeadSparseAttention {
+    /// Query projection.
+    pub query: Linear,
+    /// Key projection.
+    pub key: Linear,
+    /// Value projection.
+    pub value: Linear,
+    /// Output projection.
+    pub output: Linear,
+    /// Number of heads.
+    pub n_heads: usize,
+    /// Layout block size.
+    pub block_size: usize,
+    /// Longest accepted sequence (0 = unlimited).
+    pub max_seq_len: usize,
+    /// The pattern (not a parameter).
+    #[module(skip)]
+    pub pattern: PatternConfig,
+    /// Softmax scale (not a parameter; `None` = `1 / sqrt(head_dim)`).
+    #[module(skip)]
+    pub scale: Option<f64>,
+}
+
+impl MultiHeadSparseAttentionConfig {
+    /// Builds the layer on `device`.
+    ///
+    /// # Errors
+    /// `n_heads` zero or not dividing `d_model`, a block size outside `1..=128`, or
+    /// pattern parameters that are invalid for every sequence length.
+    pub fn init(&self, device: &Device) -> Result<MultiHeadSparseAttention> {
+        if self.n_heads == 0 {
+            return Err(SparseAttentionError::Zero { name: "n_heads" });
+        }
+        if self.d_model % self.n_heads != 0 {
+            return Err(SparseAttentionError::HeadsDivide {
+                n_embd: self.d_model,
+                heads: self.n_heads,
+            });
+        }
+        if !(sparse_attn_core::MIN_BLOCK..=sparse_attn_core::MAX_BLOCK).contains(&self.block_size) {
+            return Err(SparseAttentionError::BlockSize {
+                got: self.block_size,
+                min: sparse_attn_core::MIN_BLOCK,
+                max: sparse_attn_core::MAX_BLOCK,
+            });
+        }
+        // Fail early on parameters that no sequence length can fix.
+        self.pattern
+            .build(self.block_size.max(1), self.block_size)?;
+        let linear = |bias| {
+            LinearConfig::new(self.d_model, self.d_model)
+                .with_bias(bias)
+                .with_initializer(self.initializer.clone())
+                .init(device)
+        };
+        Ok(MultiHeadSparseAttention {
+            query: linear(self.bias),
+            key: linear(self.bias),
+            value: linear(self.bias),
+            output: linear(self.bias),
+            n_heads: self.n_heads,
+            block_size: self.block_size,
+            max_seq_len: self.max_seq_len.unwrap_or(0),
+            pattern: self.pattern.clone(),
+            scale: self.scale,
+        })
+    }
+}
+
+impl MultiHeadSparseAttention {
+    /// Self-attention of `x`.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, n, d_model]` -> `[batch, n, d_model]`.
+    ///
+    /// # Errors
+    /// A sequence longer than `max_seq_len`, a width other than `d_model`, or a pattern
+    /// that does not fit this sequence length.
+    pub fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
+        let [batch, n, width] = x.dims();
+        let d_model = self.query.weight.dims()[0];
+        if width != d_model {
+            return Err(SparseAttentionError::Shape {
+                name: "x",
+                got: vec![batch, n, width],
+                expected: format!("[batch, n, {d_model}]"),
+            });
+        }
+        if self.max_seq_len > 0 && n > self.max_seq_len {
+            return Err(SparseAttentionError::LayoutMismatch {
+                what: "max_seq_len (sequence longer than configured)",
+                layout: self.max_seq_len,
+                input: n,
+            });
+        }
+        let layout = self.pattern.layout(n, self.block_size, self.n_heads)?;
+        let d = d_model / self.n_heads;
+        let heads = |t: Tensor<3>| t.reshape([batch, n, self.n_heads, d]).swap_dims(1, 2);
+        let (q, k, v) = (
+            heads(self.query.forward(x.clone())),
+            heads(self.key.forward(x.clone())),
+            heads(self.value.forward(x)),
+        );
+        let options = AttentionOptions {
+            scale: self.scale.map(|s| s as f32),
+        };
+        let attended = sparse_attention(q, k, v, &layout, options)?;
+        Ok(self
+            .output
+            .forward(attended.swap_dims(1, 2).reshape([batch, n, d_model])))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // burn-ndarray is deprecated upstream (0.22) but is our default backend.
+    #![allow(deprecated)]
+
+    use burn::tensor::{Distribution, TensorData};
+    use sparse_attn_core::reference::{RefShape, reference_forward};
+
+    use super::*;
+
+    fn layer(pattern: PatternConfig, device: &Device) -> MultiHeadSparseAttention {
+        MultiHeadSparseAttentionConfig::new(16, 4, pattern)
+            .with_block_size(4)
+            .init(device)
+            .unwrap()
+    }
+
+    fn host(t: Tensor<3>) -> Vec<f64> {
+        t.into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    }
+
+    /// `[B, n, H*d]` <-> `[B, H, n, d]` on host buffers.
+    fn split(x: &[f64], batch: usize, n: usize, heads: usize, d: usize, back: bool) -> Vec<f64> {
+        let mut out = vec![0.0; x.len()];
+        for b in 0..batch {
+            for i in 0..n {
+                for h in 0..heads {
+                    for t in 0..d {
+                        let flat = ((b * n + i) * heads + h) * d + t;
+                        let split = ((b * heads + h) * n + i) * d + t;
+                        if back {
+                            out[flat] = x[split]
+                        } else {
+                            out[split] = x[flat]
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_dense_masked_attention_from_the_same_weights() {
+        let device = Device::ndarray();
+        let pattern = PatternConfig::Fixed {
+            local_ctx: 8,
+            num_verts: 2,
+            vertsize: 1,
+        };
+        let layer = layer(pattern.clone(), &device);
+        let (batch, n) = (2, 19);
+        let x = Tensor::<3>::random([batch, n, 16], Distribution::Normal(0.0, 1.0), &device);
+        let got = host(layer.forward(x.clone()).unwrap());
+        let [q, k, v] = [&layer.query, &layer.key, &layer.value]
+            .map(|l| split(&host(l.forward(x.clone())), batch, n, 4, 4, false));
+        let shape = RefShape {
+            batch,
+            heads: 4,
+            seq_len: n,
+            head_dim: 4,
+        };
+        let reference = reference_forward(
+            pattern.build(n, 4).unwrap().as_ref(),
+            shape,
+            &q,
+            &k,
+            &v,
+            0.5,
+        );
+        let merged = split(&reference.out, batch, n, 4, 4, true);
+        let merged: Vec<f32> = merged.iter().map(|&x| x as f32).collect();
+        let want = host(layer.output.forward(Tensor::from_data(
+            TensorData::new(merged, [batch, n, 16]),
+            &device,
+        )));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst < 1e-5,
+            "layer differs from the dense masked reference by {worst}"
+        );
+    }
+
+    #[test]
+    fn gradients_reach_every_parameter() {
+        let device = Device::ndarray().autodiff();
+        let layer = layer(PatternConfig::Strided { stride: 3 }, &device);
+        let x = Tensor::<3>::random([1, 10, 16], Distribution::Normal(0.0, 1.0), &device);
+        let grads = layer.forward(x).unwrap().powi_scalar(2).sum().backward();
+        for (name, linear) in [
+            ("query", &layer.query),
+            ("key", &layer.key),
+            ("value", &layer.value),
+            ("output", &layer.output),
+        ] {
+            let weight = linear.weight.val().grad(&grads).expect(name);
+            assert!(
+                weight.abs().sum().into_scalar::<f32>() > 0.0,
+                "{name} weight gradient is zero"
+            );
+            let bias = linear
+                .bias
+                .as_ref()
+                .unwrap()
+                .val()
+                .grad(&grads)
+                .expect(name);
+            assert!(
+                bias.abs().sum().into_scalar::<f32>() > 0.0,
+                "{name} bias gradient is zero"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_configs_and_inputs_are_typed_errors() {
+        let device = Device::ndarray();
+        let err = MultiHeadSparseAttentionConfig::new(10, 3, PatternConfig::All)
+            .init(&device)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            SparseAttentionError::HeadsDivide {
+                n_embd: 10,
+                heads: 3
+            }
+        );
+        let err = MultiHeadSparseAttentionConfig::new(8, 2, PatternConfig::Local { ctx: 0 })
+            .init(&device)
+            .unwrap_err();
+        assert!(matches!(err, SparseAttentionError::InvalidPattern { .. }));
+        let layer = MultiHeadSparseAttentionConfig::new(8, 2, PatternConfig::All)
+            .with_max_seq_len(Some(6))
+            .init(&device)
+            .unwrap();
+        assert!(layer.forward(Tensor::zeros([1, 7, 8], &device)).is_err());
+        assert!(layer.forward(Tensor::zeros([1, 6, 9], &device)).is_err());
+        assert!(layer.forward(Tensor::zeros([1, 6, 8], &device)).is_ok());
+    }
+}
