@@ -107,7 +107,7 @@ fn check_inputs(
     if heads == 0 {
         return Err(SparseAttentionError::Zero { name: "heads" });
     }
-    if dims[2] % heads != 0 {
+    if !dims[2].is_multiple_of(heads) {
         return Err(SparseAttentionError::HeadsDivide {
             n_embd: dims[2],
             heads,

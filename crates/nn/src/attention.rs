@@ -73,7 +73,7 @@ impl MultiHeadSparseAttentionConfig {
         if self.n_heads == 0 {
             return Err(SparseAttentionError::Zero { name: "n_heads" });
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(SparseAttentionError::HeadsDivide {
                 n_embd: self.d_model,
                 heads: self.n_heads,

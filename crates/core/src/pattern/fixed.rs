@@ -116,7 +116,7 @@ impl Pattern for Fixed {
         self.num_verts > 1
     }
     fn validate(&self, _seq_len: usize, heads: usize) -> Result<()> {
-        if heads % self.num_verts != 0 {
+        if !heads.is_multiple_of(self.num_verts) {
             return Err(SparseAttentionError::InvalidPattern {
                 pattern: "fixed",
                 reason: format!(

@@ -82,7 +82,7 @@ impl Pattern for Strided {
         format!("strided{dir}({})", self.stride)
     }
     fn allows(&self, _head: usize, i: usize, j: usize) -> bool {
-        (!self.causal || j <= i) && i.abs_diff(j) % self.stride == 0
+        (!self.causal || j <= i) && i.abs_diff(j).is_multiple_of(self.stride)
     }
     fn order(&self, seq_len: usize) -> Option<Vec<usize>> {
         let groups = self.stride.min(seq_len);

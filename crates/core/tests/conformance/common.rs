@@ -5,6 +5,7 @@
 use burn::tensor::{Device, Tensor, TensorData};
 
 /// Every backend compiled in, as autodiff devices.
+#[allow(clippy::vec_init_then_push)] // pushes are feature-gated
 pub fn devices() -> Vec<(&'static str, Device)> {
     let mut out = Vec::new();
     #[cfg(feature = "ndarray")]
