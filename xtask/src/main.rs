@@ -18,6 +18,14 @@ enum Task {
     Ci,
     /// Time building a one-million-token causal-window layout (release build).
     BenchLayout,
+    /// Benchmarks (release build); extra arguments go to the benchmark binary.
+    Bench {
+        /// Which benchmark: `cpu`.
+        target: String,
+        /// Arguments for the benchmark binary (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
@@ -59,5 +67,24 @@ fn main() -> Result<()> {
             "--example",
             "layout_bench",
         ]),
+        Task::Bench { target, args } => {
+            let (example, features) = match target.as_str() {
+                "cpu" => ("bench_cpu", "flex"),
+                other => bail!("unknown benchmark `{other}`: expected cpu"),
+            };
+            let mut cmd = vec![
+                "run",
+                "--release",
+                "-p",
+                "sparse-attn",
+                "--features",
+                features,
+                "--example",
+                example,
+                "--",
+            ];
+            cmd.extend(args.iter().map(String::as_str));
+            cargo(&cmd)
+        }
     }
 }

@@ -127,12 +127,10 @@ fn query_block(
                 srow.fill(0.0);
                 continue;
             }
-            let correction = (max[i] - new_max).exp();
-            let mut row_sum = 0.0f32;
-            for x in srow.iter_mut() {
-                *x = (*x - new_max).exp();
-                row_sum += *x;
-            }
+            let correction = crate::exp::exp(max[i] - new_max);
+            srow.iter_mut()
+                .for_each(|x| *x = crate::exp::exp(*x - new_max));
+            let row_sum: f32 = srow.iter().sum();
             sum[i] = sum[i] * correction + row_sum;
             if correction != 1.0 {
                 o[i * d..(i + 1) * d]

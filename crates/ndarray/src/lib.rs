@@ -19,6 +19,7 @@
 //! Rows with no allowed key produce zeros and a log-sum-exp of `-inf`, never NaN.
 
 mod backward;
+mod exp;
 mod forward;
 mod layout;
 mod tile;

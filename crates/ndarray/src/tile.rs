@@ -80,7 +80,7 @@ pub(crate) fn probabilities(s: &mut [f32], lse: &[f32], bk: usize) {
         if l == f32::NEG_INFINITY {
             row.fill(0.0);
         } else {
-            row.iter_mut().for_each(|x| *x = (*x - l).exp());
+            row.iter_mut().for_each(|x| *x = crate::exp::exp(*x - l));
         }
     }
 }

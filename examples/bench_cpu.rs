@@ -1,0 +1,242 @@
+//! CPU benchmark of the fused kernels: forward and forward+backward time, useful GFLOP/s
+//! (FLOPs of allowed query-key pairs only), Burn's dense causal attention and the
+//! machine's f32 GEMM rate, all measured in the same run on the same backend.
+//!
+//! `cargo xtask bench cpu` (release build) prints a markdown table and writes
+//! `target/bench/cpu.json`. Every timing is the median of several runs after a warm-up;
+//! CPU backends execute eagerly and each timed region ends by reading a result back.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, Distribution, Tensor};
+use clap::Parser;
+use serde::Serialize;
+use sparse_attn::pattern::{Band, BigBird, BigBirdConfig, Fixed, Strided};
+use sparse_attn::{AttentionOptions, BlockLayout, Pattern, sparse_attention};
+
+#[derive(Parser)]
+struct Args {
+    /// Backend: ndarray or flex.
+    #[arg(long, default_value = "ndarray")]
+    backend: String,
+    /// Sequence lengths.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1024,2048,4096,8192,16384,32768,65536"
+    )]
+    n: Vec<usize>,
+    /// Block sizes.
+    #[arg(long, value_delimiter = ',', default_value = "64,32")]
+    block: Vec<usize>,
+    /// Patterns: local, strided, fixed, bigbird.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "local,strided,fixed,bigbird"
+    )]
+    patterns: Vec<String>,
+    /// Heads.
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    /// Head dimension.
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    /// Skip the backward pass.
+    #[arg(long)]
+    forward_only: bool,
+    /// Largest n for Burn's dense attention (it allocates n x n per head).
+    #[arg(long, default_value_t = 8192)]
+    dense_max_n: usize,
+    /// JSON output.
+    #[arg(long, default_value = "target/bench/cpu.json")]
+    out: PathBuf,
+}
+
+#[derive(Serialize)]
+struct Row {
+    backend: String,
+    pattern: String,
+    n: usize,
+    heads: usize,
+    head_dim: usize,
+    block: usize,
+    threads: usize,
+    density: f64,
+    fwd_ms: f64,
+    fwd_bwd_ms: Option<f64>,
+    useful_gflops: f64,
+    dense_fwd_ms: Option<f64>,
+    gemm_gflops: f64,
+}
+
+/// Median wall time in ms of `f` over `reps` runs after one warm-up.
+fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[reps / 2]
+}
+
+fn sync(t: Tensor<4>) {
+    let _ = t.slice([0..1, 0..1, 0..1, 0..1]).into_data();
+}
+
+fn pattern(name: &str, n: usize) -> Box<dyn Pattern> {
+    match name {
+        "local" => Box::new(Band::sliding_window(256).expect("valid")),
+        "strided" => Box::new(Strided::new((n as f64).sqrt() as usize).expect("valid")),
+        "fixed" => Box::new(Fixed::new(256, 4, 32).expect("valid")),
+        "bigbird" => Box::new(
+            BigBird::new(
+                BigBirdConfig {
+                    window: 128,
+                    global_tokens: vec![0, 1],
+                    random_blocks: 2,
+                    random_block: 64,
+                    seed: 0,
+                    causal: true,
+                },
+                n,
+            )
+            .expect("valid"),
+        ),
+        other => panic!("unknown pattern {other}: expected local, strided, fixed or bigbird"),
+    }
+}
+
+/// f32 GEMM rate of the backend: [2048 x 2048] x [2048 x 2048].
+fn gemm_gflops(device: &Device) -> f64 {
+    let m = 2048;
+    let a = Tensor::<3>::random([1, m, m], Distribution::Normal(0.0, 1.0), device);
+    let b = Tensor::<3>::random([1, m, m], Distribution::Normal(0.0, 1.0), device);
+    let ms = median_ms(5, || {
+        let _ = a
+            .clone()
+            .matmul(b.clone())
+            .slice([0..1, 0..1, 0..1])
+            .into_data();
+    });
+    2.0 * (m as f64).powi(3) / (ms * 1e6)
+}
+
+#[allow(deprecated)] // burn-ndarray is deprecated upstream (0.22) but is our default backend.
+fn device(name: &str) -> Device {
+    match name {
+        "ndarray" => Device::ndarray(),
+        #[cfg(feature = "flex")]
+        "flex" => Device::flex(),
+        other => {
+            panic!("unknown backend {other}: expected ndarray or flex (with the `flex` feature)")
+        }
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let device = device(&args.backend);
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let gemm = gemm_gflops(&device);
+    println!(
+        "backend {} threads {threads}: f32 GEMM {gemm:.1} GFLOP/s\n",
+        args.backend
+    );
+    println!(
+        "| pattern | n | b | density | fwd ms | fwd+bwd ms | bwd/fwd | useful GFLOP/s | % GEMM | dense fwd ms | speedup | 0.7/density |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let (h, d) = (args.heads, args.head_dim);
+    let mut rows = Vec::new();
+    for name in &args.patterns {
+        for &block in &args.block {
+            for &n in &args.n {
+                let p = pattern(name, n);
+                let layout = BlockLayout::build(p.as_ref(), n, block, h)?;
+                let pairs: u64 = (0..h).map(|head| layout.stats(head).allowed_pairs).sum();
+                let density = pairs as f64 / (h as f64 * n as f64 * n as f64);
+                let reps = if n >= 32768 { 3 } else { 5 };
+                let x =
+                    || Tensor::<4>::random([1, h, n, d], Distribution::Normal(0.0, 1.0), &device);
+                let (q, k, v) = (x(), x(), x());
+                let opts = AttentionOptions::default();
+                let fwd_ms = median_ms(reps, || {
+                    sync(
+                        sparse_attention(q.clone(), k.clone(), v.clone(), &layout, opts)
+                            .expect("valid inputs"),
+                    )
+                });
+                let fwd_bwd_ms = (!args.forward_only).then(|| {
+                    let ad = device.clone().autodiff();
+                    let g = Tensor::<4>::random([1, h, n, d], Distribution::Normal(0.0, 1.0), &ad);
+                    let [qa, ka, va] = [&q, &k, &v]
+                        .map(|t| Tensor::<4>::from_data(t.to_data(), &ad).require_grad());
+                    median_ms(reps, || {
+                        let out =
+                            sparse_attention(qa.clone(), ka.clone(), va.clone(), &layout, opts)
+                                .expect("valid inputs");
+                        let grads = (out * g.clone()).sum().backward();
+                        sync(qa.grad(&grads).expect("tracked"));
+                    })
+                });
+                let dense_fwd_ms = (n <= args.dense_max_n).then(|| {
+                    let options = AttentionModuleOptions {
+                        scale: None,
+                        softcap: None,
+                        is_causal: true,
+                    };
+                    median_ms(reps, || {
+                        sync(attention(
+                            q.clone(),
+                            k.clone(),
+                            v.clone(),
+                            None,
+                            None,
+                            options,
+                        ))
+                    })
+                });
+                let useful = 4.0 * pairs as f64 * d as f64 / (fwd_ms * 1e6);
+                let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
+                println!(
+                    "| {name} | {n} | {block} | {density:.4} | {fwd_ms:.2} | {} | {} | {useful:.1} | {:.0}% | {} | {} | {:.1} |",
+                    fmt(fwd_bwd_ms),
+                    fmt(fwd_bwd_ms.map(|t| (t - fwd_ms) / fwd_ms)),
+                    100.0 * useful / gemm,
+                    fmt(dense_fwd_ms),
+                    fmt(dense_fwd_ms.map(|t| t / fwd_ms)),
+                    0.7 / density,
+                );
+                rows.push(Row {
+                    backend: args.backend.clone(),
+                    pattern: p.name(),
+                    n,
+                    heads: h,
+                    head_dim: d,
+                    block,
+                    threads,
+                    density,
+                    fwd_ms,
+                    fwd_bwd_ms,
+                    useful_gflops: useful,
+                    dense_fwd_ms,
+                    gemm_gflops: gemm,
+                });
+            }
+        }
+    }
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&rows)?)?;
+    println!("\nwrote {}", args.out.display());
+    Ok(())
+}
