@@ -11,12 +11,12 @@ use crate::layout::BlockLayout;
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct AttentionOptions {
     /// Softmax scale; `None` (default) means `1 / sqrt(head_dim)`.
-    pub scale: Option<f32>,
+    pub scale: Option<f64>,
 }
 
 impl AttentionOptions {
     /// Options with an explicit scale.
-    pub fn with_scale(scale: f32) -> Self {
+    pub fn with_scale(scale: f64) -> Self {
         Self { scale: Some(scale) }
     }
 }
@@ -79,7 +79,7 @@ pub fn sparse_attention(
         }
     }
     check_layout(layout, n, heads)?;
-    let scale = options.scale.unwrap_or(1.0 / (d as f32).sqrt());
+    let scale = options.scale.unwrap_or(1.0 / (d as f64).sqrt());
     if !(scale.is_finite() && scale > 0.0) {
         return Err(SparseAttentionError::Scale(scale));
     }
@@ -123,7 +123,7 @@ fn raw_attention(
     k: Tensor<4>,
     v: Tensor<4>,
     layout: &BlockLayout,
-    scale: f32,
+    scale: f64,
 ) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as SparseAttentionBackend>::sparse_attention(
         q.into_dispatch(),

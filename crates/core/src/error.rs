@@ -82,7 +82,7 @@ pub enum SparseAttentionError {
     },
     /// The attention scale is not a finite positive number.
     #[error("scale must be finite and positive, got {0}")]
-    Scale(f32),
+    Scale(f64),
     /// An unknown mode name.
     #[error("unknown attention mode `{0}`: expected one of all, local, strided, fixed")]
     UnknownMode(String),

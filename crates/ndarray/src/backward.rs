@@ -6,16 +6,17 @@
 use rayon::prelude::*;
 
 use crate::layout::{AttentionShape, CsrLayout};
+use crate::real::Real;
 use crate::tile::{gemm, probabilities, scores};
 
 /// Inputs shared by every task of the backward pass, for one `(batch, head)` slice.
-struct Slices<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    dout: &'a [f32],
-    lse: &'a [f32],
-    delta: &'a [f32],
+struct Slices<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    dout: &'a [T],
+    lse: &'a [T],
+    delta: &'a [T],
 }
 
 /// Block-sparse attention backward.
@@ -27,19 +28,19 @@ struct Slices<'a> {
 /// # Panics
 /// If a slice length disagrees with `shape` (the caller validates shapes).
 #[allow(clippy::too_many_arguments)]
-pub fn backward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    dout: &[f32],
+pub fn backward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    lse: &[T],
+    dout: &[T],
     shape: AttentionShape,
     layout: &CsrLayout<'_>,
-    scale: f32,
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    scale: T,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
 ) {
     let AttentionShape {
         heads,
@@ -76,7 +77,7 @@ pub fn backward(
         return;
     }
     // delta_i = dout_i . out_i, the softmax-backward row correction.
-    let mut delta = vec![0.0f32; shape.rows()];
+    let mut delta = vec![T::ZERO; shape.rows()];
     delta
         .par_chunks_mut(n.max(1))
         .enumerate()
@@ -124,12 +125,12 @@ pub fn backward(
         });
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    a.iter().zip(b).map(|(&x, &y)| x * y).sum()
 }
 
 /// `ds = p * (dp - delta_i)`, in place in `dp`.
-fn softmax_grad(p: &[f32], dp: &mut [f32], delta: &[f32], bk: usize) {
+fn softmax_grad<T: Real>(p: &[T], dp: &mut [T], delta: &[T], bk: usize) {
     for ((dp_row, p_row), &dl) in dp.chunks_mut(bk).zip(p.chunks(bk)).zip(delta) {
         for (g, &pr) in dp_row.iter_mut().zip(p_row) {
             *g = pr * (*g - dl);
@@ -139,14 +140,14 @@ fn softmax_grad(p: &[f32], dp: &mut [f32], delta: &[f32], bk: usize) {
 
 /// `dQ` of query block `r`: sum over its key blocks of `dS K * scale`.
 #[allow(clippy::too_many_arguments)]
-fn dq_block(
-    x: &Slices<'_>,
+fn dq_block<T: Real>(
+    x: &Slices<'_, T>,
     d: usize,
     layout: &CsrLayout<'_>,
     head: usize,
     r: usize,
-    scale: f32,
-    dq: &mut [f32],
+    scale: T,
+    dq: &mut [T],
 ) {
     let b = layout.block;
     let (qs, qe) = layout.block_range(r);
@@ -156,8 +157,8 @@ fn dq_block(
         layout.row_ptr[row] as usize,
         layout.row_ptr[row + 1] as usize,
     );
-    dq.fill(0.0);
-    let (mut p, mut dp) = (vec![0.0f32; bq * b], vec![0.0f32; bq * b]);
+    dq.fill(T::ZERO);
+    let (mut p, mut dp) = (vec![T::ZERO; bq * b], vec![T::ZERO; bq * b]);
     for e in e0..e1 {
         let (ks, ke) = layout.block_range(layout.cols[e] as usize);
         let bk = ke - ks;
@@ -173,29 +174,29 @@ fn dq_block(
             bq,
             d,
             bk,
-            1.0,
+            T::ONE,
             (&x.dout[qs * d..qe * d], d, 1),
             (v, 1, d),
-            0.0,
+            T::ZERO,
             dp,
             bk,
         );
         softmax_grad(p, dp, &x.delta[qs..qe], bk);
-        gemm(bq, bk, d, scale, (dp, bk, 1), (k, d, 1), 1.0, dq, d);
+        gemm(bq, bk, d, scale, (dp, bk, 1), (k, d, 1), T::ONE, dq, d);
     }
 }
 
 /// `dK` and `dV` of key block `c`: sums over the query blocks that attend it.
 #[allow(clippy::too_many_arguments)]
-fn dkv_block(
-    x: &Slices<'_>,
+fn dkv_block<T: Real>(
+    x: &Slices<'_, T>,
     d: usize,
     layout: &CsrLayout<'_>,
     head: usize,
     c: usize,
-    scale: f32,
-    dk: &mut [f32],
-    dv: &mut [f32],
+    scale: T,
+    dk: &mut [T],
+    dv: &mut [T],
 ) {
     let b = layout.block;
     let (ks, ke) = layout.block_range(c);
@@ -205,9 +206,9 @@ fn dkv_block(
         layout.col_ptr[col] as usize,
         layout.col_ptr[col + 1] as usize,
     );
-    dk.fill(0.0);
-    dv.fill(0.0);
-    let (mut p, mut dp) = (vec![0.0f32; b * bk], vec![0.0f32; b * bk]);
+    dk.fill(T::ZERO);
+    dv.fill(T::ZERO);
+    let (mut p, mut dp) = (vec![T::ZERO; b * bk], vec![T::ZERO; b * bk]);
     let (k, v) = (&x.k[ks * d..ke * d], &x.v[ks * d..ke * d]);
     for t in t0..t1 {
         let (qs, qe) = layout.block_range(layout.t_rows[t] as usize);
@@ -218,11 +219,11 @@ fn dkv_block(
         scores(q, k, bq, bk, d, scale, layout.mask_of(entry), b, p);
         probabilities(p, &x.lse[qs..qe], bk);
         // dV += Pᵀ dO
-        gemm(bk, bq, d, 1.0, (p, 1, bk), (dout, d, 1), 1.0, dv, d);
+        gemm(bk, bq, d, T::ONE, (p, 1, bk), (dout, d, 1), T::ONE, dv, d);
         // dP = dO Vᵀ, dS = P (dP - delta)
-        gemm(bq, d, bk, 1.0, (dout, d, 1), (v, 1, d), 0.0, dp, bk);
+        gemm(bq, d, bk, T::ONE, (dout, d, 1), (v, 1, d), T::ZERO, dp, bk);
         softmax_grad(p, dp, &x.delta[qs..qe], bk);
         // dK += dSᵀ Q * scale
-        gemm(bk, bq, d, scale, (dp, 1, bk), (q, d, 1), 1.0, dk, d);
+        gemm(bk, bq, d, scale, (dp, 1, bk), (q, d, 1), T::ONE, dk, d);
     }
 }

@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use crate::layout::{AttentionShape, CsrLayout};
+use crate::real::Real;
 use crate::tile::{gemm, scores};
 
 /// Block-sparse attention forward.
@@ -16,15 +17,15 @@ use crate::tile::{gemm, scores};
 /// If a slice length disagrees with `shape` or the layout's sequence length differs
 /// from `shape.seq_len` (the caller validates both).
 #[allow(clippy::too_many_arguments)]
-pub fn forward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+pub fn forward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
     shape: AttentionShape,
     layout: &CsrLayout<'_>,
-    scale: f32,
-    out: &mut [f32],
-    lse: &mut [f32],
+    scale: T,
+    out: &mut [T],
+    lse: &mut [T],
 ) {
     let AttentionShape {
         heads,
@@ -50,7 +51,7 @@ pub fn forward(
         "forward: layout built for another sequence length"
     );
     if shape.numel() == 0 {
-        lse.fill(f32::NEG_INFINITY);
+        lse.fill(T::NEG_INFINITY);
         return;
     }
     let b = layout.block;
@@ -78,17 +79,17 @@ pub fn forward(
 /// One query block `r` of one `(batch, head)`: `o` is its `[bq, d]` output, `l` its `bq`
 /// log-sum-exps.
 #[allow(clippy::too_many_arguments)]
-fn query_block(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+fn query_block<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
     d: usize,
     layout: &CsrLayout<'_>,
     head: usize,
     r: usize,
-    scale: f32,
-    o: &mut [f32],
-    l: &mut [f32],
+    scale: T,
+    o: &mut [T],
+    l: &mut [T],
 ) {
     let b = layout.block;
     let (qs, qe) = layout.block_range(r);
@@ -99,10 +100,10 @@ fn query_block(
         layout.row_ptr[row + 1] as usize,
     );
 
-    let mut max = vec![f32::NEG_INFINITY; bq];
-    let mut sum = vec![0.0f32; bq];
-    o.fill(0.0);
-    let mut s = vec![0.0f32; bq * b];
+    let mut max = vec![T::NEG_INFINITY; bq];
+    let mut sum = vec![T::ZERO; bq];
+    o.fill(T::ZERO);
+    let mut s = vec![T::ZERO; bq * b];
     let q_tile = &q[qs * d..qe * d];
     for e in e0..e1 {
         let (ks, ke) = layout.block_range(layout.cols[e] as usize);
@@ -121,18 +122,17 @@ fn query_block(
         );
         for i in 0..bq {
             let srow = &mut s[i * bk..(i + 1) * bk];
-            let tile_max = srow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let tile_max = srow.iter().copied().fold(T::NEG_INFINITY, T::max);
             let new_max = max[i].max(tile_max);
-            if new_max == f32::NEG_INFINITY {
-                srow.fill(0.0);
+            if new_max == T::NEG_INFINITY {
+                srow.fill(T::ZERO);
                 continue;
             }
-            let correction = crate::exp::exp(max[i] - new_max);
-            srow.iter_mut()
-                .for_each(|x| *x = crate::exp::exp(*x - new_max));
-            let row_sum: f32 = srow.iter().sum();
+            let correction = (max[i] - new_max).exp();
+            srow.iter_mut().for_each(|x| *x = (*x - new_max).exp());
+            let row_sum: T = srow.iter().copied().sum();
             sum[i] = sum[i] * correction + row_sum;
-            if correction != 1.0 {
+            if correction != T::ONE {
                 o[i * d..(i + 1) * d]
                     .iter_mut()
                     .for_each(|x| *x *= correction);
@@ -143,22 +143,22 @@ fn query_block(
             bq,
             bk,
             d,
-            1.0,
+            T::ONE,
             (s, bk, 1),
             (&v[ks * d..ke * d], d, 1),
-            1.0,
+            T::ONE,
             o,
             d,
         );
     }
     for i in 0..bq {
-        if sum[i] > 0.0 {
-            let inv = 1.0 / sum[i];
+        if sum[i] > T::ZERO {
+            let inv = sum[i].recip();
             o[i * d..(i + 1) * d].iter_mut().for_each(|x| *x *= inv);
             l[i] = max[i] + sum[i].ln();
         } else {
-            o[i * d..(i + 1) * d].fill(0.0);
-            l[i] = f32::NEG_INFINITY;
+            o[i * d..(i + 1) * d].fill(T::ZERO);
+            l[i] = T::NEG_INFINITY;
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Fused, multi-threaded CPU kernels for block-sparse attention.
 //!
-//! The kernels work on plain row-major `f32` slices shaped `[batch, heads, seq_len, head_dim]`
+//! The kernels work on plain row-major `f32` or `f64` slices ([`Real`]) shaped `[batch, heads, seq_len, head_dim]`
 //! and on a [`CsrLayout`], a borrowed, plain-data view of a block layout. They know nothing of
 //! Burn: `sparse-attn-core` owns the layout type, validates every input and calls these
 //! functions from its `NdArray` and `Flex` backend impls.
@@ -22,8 +22,10 @@ mod backward;
 mod exp;
 mod forward;
 mod layout;
+mod real;
 mod tile;
 
 pub use backward::backward;
 pub use forward::forward;
 pub use layout::{AttentionShape, CsrLayout, FULL_BLOCK};
+pub use real::Real;

@@ -1,17 +1,19 @@
 //! Block × block tiles: scaled scores through SIMD GEMM, masks, and the GEMM wrapper.
 
+use crate::real::Real;
+
 /// `c[m x n] = alpha * a[m x k] * b[k x n] + beta * c`, all row-major views given by
 /// (row stride, column stride) pairs.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm(
+pub(crate) fn gemm<T: Real>(
     m: usize,
     k: usize,
     n: usize,
-    alpha: f32,
-    a: (&[f32], usize, usize),
-    b: (&[f32], usize, usize),
-    beta: f32,
-    c: &mut [f32],
+    alpha: T,
+    a: (&[T], usize, usize),
+    b: (&[T], usize, usize),
+    beta: T,
+    c: &mut [T],
     ldc: usize,
 ) {
     if m == 0 || n == 0 {
@@ -26,7 +28,7 @@ pub(crate) fn gemm(
     // SAFETY: the asserts above (checked by the callers' construction of the views) keep
     // every address matrixmultiply reads or writes inside the given slices.
     unsafe {
-        matrixmultiply::sgemm(
+        T::gemm_raw(
             m,
             k,
             n,
@@ -48,25 +50,25 @@ pub(crate) fn gemm(
 /// Scores `s[bq x bk] = scale * q kᵀ` for `bq` query rows and `bk` key rows of width `d`,
 /// with disallowed elements (per `mask`, bit `i * block + j`) set to `-inf`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn scores(
-    q: &[f32],
-    k: &[f32],
+pub(crate) fn scores<T: Real>(
+    q: &[T],
+    k: &[T],
     bq: usize,
     bk: usize,
     d: usize,
-    scale: f32,
+    scale: T,
     mask: Option<&[u64]>,
     block: usize,
-    s: &mut [f32],
+    s: &mut [T],
 ) {
-    gemm(bq, d, bk, scale, (q, d, 1), (k, 1, d), 0.0, s, bk);
+    gemm(bq, d, bk, scale, (q, d, 1), (k, 1, d), T::ZERO, s, bk);
     if let Some(bits) = mask {
         for i in 0..bq {
             let row = &mut s[i * bk..(i + 1) * bk];
             for (j, x) in row.iter_mut().enumerate() {
                 let bit = i * block + j;
                 if bits[bit / 64] >> (bit % 64) & 1 == 0 {
-                    *x = f32::NEG_INFINITY;
+                    *x = T::NEG_INFINITY;
                 }
             }
         }
@@ -75,12 +77,12 @@ pub(crate) fn scores(
 
 /// Probabilities `p = exp(s - lse_i)` in place; rows whose log-sum-exp is `-inf` (no allowed
 /// key) become zero.
-pub(crate) fn probabilities(s: &mut [f32], lse: &[f32], bk: usize) {
+pub(crate) fn probabilities<T: Real>(s: &mut [T], lse: &[T], bk: usize) {
     for (row, &l) in s.chunks_mut(bk).zip(lse) {
-        if l == f32::NEG_INFINITY {
-            row.fill(0.0);
+        if l == T::NEG_INFINITY {
+            row.fill(T::ZERO);
         } else {
-            row.iter_mut().for_each(|x| *x = crate::exp::exp(*x - l));
+            row.iter_mut().for_each(|x| *x = (*x - l).exp());
         }
     }
 }

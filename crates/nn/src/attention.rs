@@ -143,9 +143,7 @@ impl MultiHeadSparseAttention {
             heads(self.key.forward(x.clone())),
             heads(self.value.forward(x)),
         );
-        let options = AttentionOptions {
-            scale: self.scale.map(|s| s as f32),
-        };
+        let options = AttentionOptions { scale: self.scale };
         let attended = sparse_attention(q, k, v, &layout, options)?;
         Ok(self
             .output

@@ -19,7 +19,7 @@ struct Saved<B: SparseAttentionBackend> {
     out: FloatTensor<B>,
     lse: FloatTensor<B>,
     layout: BlockLayout,
-    scale: f32,
+    scale: f64,
 }
 
 #[derive(Debug)]
@@ -53,7 +53,7 @@ impl<B: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         layout: BlockLayout,
-        scale: f32,
+        scale: f64,
     ) -> FloatTensor<Self> {
         let guards = [q.node(), k.node(), v.node()];
         match SparseAttentionBackward
@@ -101,7 +101,7 @@ impl<B: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         layout: BlockLayout,
-        scale: f32,
+        scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (out, lse) = B::sparse_attention_forward(
             q.into_primitive(),
@@ -122,7 +122,7 @@ impl<B: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
         lse: FloatTensor<Self>,
         dout: FloatTensor<Self>,
         layout: BlockLayout,
-        scale: f32,
+        scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let (dq, dk, dv) = B::sparse_attention_backward(
             q.into_primitive(),

@@ -1,25 +1,25 @@
 //! The `NdArray` and `Flex` impls: thin wrappers over the fused CPU kernels of
 //! `sparse-attn-ndarray`.
 //!
-//! Inputs are read into row-major `f32` buffers (any dtype and any strides: a
-//! non-contiguous tensor reads in logical order), the kernel runs, and results come back in
-//! the input dtype. Accumulation is `f32` for every input dtype.
+//! Inputs are read into row-major buffers (any strides: a non-contiguous tensor reads in
+//! logical order), the kernel runs, and results come back in the input dtype. `f64` tensors
+//! run the `f64` kernels; every other float dtype runs (and accumulates) in `f32`.
 
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, DType, TensorData, TensorMetadata, read_sync};
-use sparse_attn_ndarray::{AttentionShape, CsrLayout};
+use burn::backend::{Backend, DType, Element, TensorData, TensorMetadata, read_sync};
+use sparse_attn_ndarray::{AttentionShape, CsrLayout, Real};
 
 use crate::layout::BlockLayout;
 
-fn read<B: Backend>(t: FloatTensor<B>) -> Vec<f32> {
+fn read<B: Backend, T: Real + Element>(t: FloatTensor<B>) -> Vec<T> {
     let data = read_sync(B::float_into_data(t)).expect("reading a CPU tensor cannot fail");
-    data.convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("converted to f32 above")
+    data.convert::<T>()
+        .try_into_vec::<T>()
+        .expect("converted above")
 }
 
-fn write<B: Backend>(
-    values: Vec<f32>,
+fn write<B: Backend, T: Real + Element>(
+    values: Vec<T>,
     shape: Vec<usize>,
     dtype: DType,
     device: &B::Device,
@@ -56,18 +56,33 @@ pub(crate) fn csr(layout: &BlockLayout) -> CsrLayout<'_> {
     }
 }
 
-/// Fused forward on a CPU backend.
+/// Fused forward on a CPU backend, in `f64` for `f64` tensors, else in `f32`.
 pub(crate) fn forward<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
     layout: &BlockLayout,
-    scale: f32,
+    scale: f64,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    if q.dtype() == DType::F64 {
+        forward_in::<B, f64>(q, k, v, layout, scale)
+    } else {
+        forward_in::<B, f32>(q, k, v, layout, scale)
+    }
+}
+
+fn forward_in<B: Backend, T: Real + Element>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    layout: &BlockLayout,
+    scale: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let (shape, dtype, device) = (shape_of::<B>(&q), q.dtype(), q.device());
-    let (q, k, v) = (read::<B>(q), read::<B>(k), read::<B>(v));
-    let mut out = vec![0.0f32; shape.numel()];
-    let mut lse = vec![0.0f32; shape.rows()];
+    let [q, k, v] = [q, k, v].map(read::<B, T>);
+    let mut out = vec![T::ZERO; shape.numel()];
+    let mut lse = vec![T::ZERO; shape.rows()];
+    let scale = T::from_f64(scale);
     sparse_attn_ndarray::forward(&q, &k, &v, shape, &csr(layout), scale, &mut out, &mut lse);
     let AttentionShape {
         batch,
@@ -76,12 +91,12 @@ pub(crate) fn forward<B: Backend>(
         head_dim,
     } = shape;
     (
-        write::<B>(out, vec![batch, heads, seq_len, head_dim], dtype, &device),
-        write::<B>(lse, vec![batch, heads, seq_len], dtype, &device),
+        write::<B, T>(out, vec![batch, heads, seq_len, head_dim], dtype, &device),
+        write::<B, T>(lse, vec![batch, heads, seq_len], dtype, &device),
     )
 }
 
-/// Fused backward on a CPU backend.
+/// Fused backward on a CPU backend, in `f64` for `f64` tensors, else in `f32`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward<B: Backend>(
     q: FloatTensor<B>,
@@ -91,28 +106,34 @@ pub(crate) fn backward<B: Backend>(
     lse: FloatTensor<B>,
     dout: FloatTensor<B>,
     layout: &BlockLayout,
-    scale: f32,
+    scale: f64,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    if q.dtype() == DType::F64 {
+        backward_in::<B, f64>(q, k, v, out, lse, dout, layout, scale)
+    } else {
+        backward_in::<B, f32>(q, k, v, out, lse, dout, layout, scale)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_in<B: Backend, T: Real + Element>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    dout: FloatTensor<B>,
+    layout: &BlockLayout,
+    scale: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let (shape, dtype, device) = (shape_of::<B>(&q), q.dtype(), q.device());
-    let [q, k, v, out, lse, dout] = [q, k, v, out, lse, dout].map(read::<B>);
-    let (mut dq, mut dk, mut dv) = (
-        vec![0.0f32; shape.numel()],
-        vec![0.0f32; shape.numel()],
-        vec![0.0f32; shape.numel()],
-    );
+    let [q, k, v, out, lse, dout] = [q, k, v, out, lse, dout].map(read::<B, T>);
+    let zeros = || vec![T::ZERO; shape.numel()];
+    let (mut dq, mut dk, mut dv) = (zeros(), zeros(), zeros());
+    let scale = T::from_f64(scale);
+    let (layout, grads) = (&csr(layout), (&mut dq[..], &mut dk[..], &mut dv[..]));
     sparse_attn_ndarray::backward(
-        &q,
-        &k,
-        &v,
-        &out,
-        &lse,
-        &dout,
-        shape,
-        &csr(layout),
-        scale,
-        &mut dq,
-        &mut dk,
-        &mut dv,
+        &q, &k, &v, &out, &lse, &dout, shape, layout, scale, grads.0, grads.1, grads.2,
     );
     let AttentionShape {
         batch,
@@ -122,8 +143,8 @@ pub(crate) fn backward<B: Backend>(
     } = shape;
     let dims = vec![batch, heads, seq_len, head_dim];
     (
-        write::<B>(dq, dims.clone(), dtype, &device),
-        write::<B>(dk, dims.clone(), dtype, &device),
-        write::<B>(dv, dims, dtype, &device),
+        write::<B, T>(dq, dims.clone(), dtype, &device),
+        write::<B, T>(dk, dims.clone(), dtype, &device),
+        write::<B, T>(dv, dims, dtype, &device),
     )
 }

@@ -54,7 +54,7 @@ pub trait SparseAttentionBackend: Backend {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         layout: BlockLayout,
-        scale: f32,
+        scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         portable::forward::<Self>(q, k, v, &layout, scale)
     }
@@ -72,7 +72,7 @@ pub trait SparseAttentionBackend: Backend {
         lse: FloatTensor<Self>,
         dout: FloatTensor<Self>,
         layout: BlockLayout,
-        scale: f32,
+        scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         portable::backward::<Self>(q, k, v, out, lse, dout, &layout, scale)
     }
@@ -85,7 +85,7 @@ pub trait SparseAttentionBackend: Backend {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         layout: BlockLayout,
-        scale: f32,
+        scale: f64,
     ) -> FloatTensor<Self> {
         Self::sparse_attention_forward(q, k, v, layout, scale).0
     }
@@ -101,7 +101,7 @@ macro_rules! cpu_impl {
                 k: FloatTensor<Self>,
                 v: FloatTensor<Self>,
                 layout: BlockLayout,
-                scale: f32,
+                scale: f64,
             ) -> (FloatTensor<Self>, FloatTensor<Self>) {
                 cpu::forward::<Self>(q, k, v, &layout, scale)
             }
@@ -114,7 +114,7 @@ macro_rules! cpu_impl {
                 lse: FloatTensor<Self>,
                 dout: FloatTensor<Self>,
                 layout: BlockLayout,
-                scale: f32,
+                scale: f64,
             ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
                 cpu::backward::<Self>(q, k, v, out, lse, dout, &layout, scale)
             }

@@ -156,7 +156,7 @@ fn gather<B: Backend>(
     v: FloatTensor<B>,
     layout: &BlockLayout,
     lh: usize,
-    scale: f32,
+    scale: f64,
 ) -> Gathered<B> {
     let (b, nb) = (layout.block(), layout.n_blocks());
     let device = q.device();
@@ -196,7 +196,7 @@ pub fn forward<B: Backend>(
     k: FloatTensor<B>,
     v: FloatTensor<B>,
     layout: &BlockLayout,
-    scale: f32,
+    scale: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let s = dims::<B>(&q);
     let (batch, heads, n, d) = (s[0], s[1], s[2], s[3]);
@@ -238,7 +238,7 @@ pub fn backward<B: Backend>(
     lse: FloatTensor<B>,
     dout: FloatTensor<B>,
     layout: &BlockLayout,
-    scale: f32,
+    scale: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let s = dims::<B>(&q);
     let (batch, heads, n, d) = (s[0], s[1], s[2], s[3]);

@@ -144,7 +144,7 @@ fn shapes_and_heads() {
         q.clone(),
         q,
         &layout,
-        AttentionOptions::with_scale(f32::NAN),
+        AttentionOptions::with_scale(f64::NAN),
     )
     .unwrap_err();
     assert!(matches!(err, E::Scale(_)));

@@ -212,3 +212,68 @@ fn deterministic() {
         assert_eq!(run(), run(), "{backend}: two runs differ");
     }
 }
+
+/// `f64` tensors run the `f64` kernels on CPU backends and match the reference tightly.
+#[rstest]
+#[case("strided", 23, 8)]
+#[case("bigbird", 30, 4)]
+fn f64_inputs(#[case] name: &str, #[case] n: usize, #[case] block: usize) {
+    use burn::tensor::{DType, TensorData};
+    let p = pattern(name, n);
+    let (heads, d) = (2, 5);
+    let layout = BlockLayout::build(p.as_ref(), n, block, heads).unwrap();
+    let shape = RefShape {
+        batch: 1,
+        heads,
+        seq_len: n,
+        head_dim: d,
+    };
+    let mut rng = Rng::new(77);
+    let [q, k, v] = [(); 3].map(|_| rng.normals(heads * n * d));
+    let scale = 1.0 / (d as f64).sqrt();
+    let expected = reference_forward(p.as_ref(), shape, &q, &k, &v, scale);
+    let ones = vec![1.0; q.len()];
+    let grads = reference_backward(p.as_ref(), shape, &q, &k, &v, &ones, scale);
+    for (backend, device) in devices().into_iter().filter(|(name, _)| *name != "wgpu") {
+        let t = |x: &[f64]| {
+            Tensor::<4>::from_data(
+                TensorData::new(x.to_vec(), [1, heads, n, d]),
+                (&device, DType::F64),
+            )
+            .require_grad()
+        };
+        let (tq, tk, tv) = (t(&q), t(&k), t(&v));
+        let out = sparse_attention(
+            tq.clone(),
+            tk.clone(),
+            tv.clone(),
+            &layout,
+            AttentionOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(out.dtype(), DType::F64, "{backend}");
+        let got: Vec<f64> = out.clone().into_data().try_to_vec().unwrap();
+        let worst = got
+            .iter()
+            .zip(&expected.out)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst < 1e-12,
+            "{backend} {name}: f64 output differs by {worst}"
+        );
+        let g = out.sum().backward();
+        for (t, want) in [(&tq, &grads.dq), (&tk, &grads.dk), (&tv, &grads.dv)] {
+            let got: Vec<f64> = t.grad(&g).unwrap().into_data().try_to_vec().unwrap();
+            let worst = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                worst < 1e-12,
+                "{backend} {name}: f64 gradient differs by {worst}"
+            );
+        }
+    }
+}
