@@ -152,7 +152,9 @@ fn query_block<T: Real>(
         );
     }
     for i in 0..bq {
-        if sum[i] > T::ZERO {
+        // `max` stays -inf only for rows without any allowed key; a NaN sum (NaN input)
+        // must reach the output, not be mistaken for an empty row.
+        if max[i] != T::NEG_INFINITY {
             let inv = sum[i].recip();
             o[i * d..(i + 1) * d].iter_mut().for_each(|x| *x *= inv);
             l[i] = max[i] + sum[i].ln();
