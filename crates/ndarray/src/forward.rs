@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use crate::layout::{AttentionShape, CsrLayout};
 use crate::real::Real;
-use crate::tile::{gemm, scores};
+use crate::tile::{exp_shifted_sum, gemm, row_max, scores};
 
 /// Block-sparse attention forward.
 ///
@@ -122,15 +122,14 @@ fn query_block<T: Real>(
         );
         for i in 0..bq {
             let srow = &mut s[i * bk..(i + 1) * bk];
-            let tile_max = srow.iter().copied().fold(T::NEG_INFINITY, T::max);
+            let tile_max = row_max(srow);
             let new_max = max[i].max(tile_max);
             if new_max == T::NEG_INFINITY {
                 srow.fill(T::ZERO);
                 continue;
             }
             let correction = (max[i] - new_max).exp();
-            srow.iter_mut().for_each(|x| *x = (*x - new_max).exp());
-            let row_sum: T = srow.iter().copied().sum();
+            let row_sum = exp_shifted_sum(srow, new_max);
             sum[i] = sum[i] * correction + row_sum;
             if correction != T::ONE {
                 o[i * d..(i + 1) * d]

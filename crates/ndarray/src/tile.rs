@@ -86,3 +86,39 @@ pub(crate) fn probabilities<T: Real>(s: &mut [T], lse: &[T], bk: usize) {
         }
     }
 }
+
+/// Lanes of the reductions below: enough independent accumulators for the compiler to
+/// keep them in one SIMD register (a plain `fold` is a serial dependency chain).
+const LANES: usize = 8;
+
+/// Largest element (NaN-ignoring, as `f32::max`); `-inf` for an empty or fully masked row.
+pub(crate) fn row_max<T: Real>(x: &[T]) -> T {
+    let mut acc = [T::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = a.max(v);
+        }
+    }
+    let head = acc.iter().fold(T::NEG_INFINITY, |m, &a| m.max(a));
+    tail.iter().fold(head, |m, &v| m.max(v))
+}
+
+/// `x <- exp(x - shift)` in place; returns the sum of the new values.
+pub(crate) fn exp_shifted_sum<T: Real>(x: &mut [T], shift: T) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            *v = (*v - shift).exp();
+            *a += *v;
+        }
+    }
+    let mut sum = acc.iter().copied().sum::<T>();
+    for v in chunks.into_remainder() {
+        *v = (*v - shift).exp();
+        sum += *v;
+    }
+    sum
+}

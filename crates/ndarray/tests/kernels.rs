@@ -1,0 +1,284 @@
+//! The fused kernels against a simple dense f64 implementation over awkward sizes
+//! (n = 1, b - 1, b, b + 1, non-multiples; d = 1, 3; shared and per-head layouts), with
+//! random block sets and random partial masks from a seeded generator.
+
+use sparse_attn_ndarray::{AttentionShape, CsrLayout, FULL_BLOCK, backward, forward};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn unit(&mut self) -> f64 {
+        self.next() as f64 / (1u64 << 31) as f64 * 2.0 - 1.0
+    }
+}
+
+/// An owned CSR layout with its dense truth table `[layout_heads, n, n]`.
+struct Owned {
+    n: usize,
+    block: usize,
+    heads: usize,
+    row_ptr: Vec<u32>,
+    cols: Vec<u32>,
+    masks: Vec<u32>,
+    col_ptr: Vec<u32>,
+    t_rows: Vec<u32>,
+    t_entries: Vec<u32>,
+    bits: Vec<u64>,
+    words: usize,
+    allowed: Vec<bool>,
+}
+
+impl Owned {
+    fn random(rng: &mut Rng, n: usize, block: usize, heads: usize) -> Self {
+        let nb = n.div_ceil(block);
+        let words = (block * block).div_ceil(64);
+        let mut o = Owned {
+            n,
+            block,
+            heads,
+            row_ptr: vec![0],
+            cols: vec![],
+            masks: vec![],
+            col_ptr: vec![],
+            t_rows: vec![],
+            t_entries: vec![],
+            bits: vec![],
+            words,
+            allowed: vec![false; heads * n * n],
+        };
+        for h in 0..heads {
+            for r in 0..nb {
+                for c in 0..nb {
+                    match rng.next() % 3 {
+                        0 => continue,
+                        1 => o.masks.push(FULL_BLOCK),
+                        _ => {
+                            o.masks.push((o.bits.len() / words) as u32);
+                            o.bits
+                                .extend((0..words).map(|_| rng.next() << 32 | rng.next()));
+                        }
+                    }
+                    o.cols.push(c as u32);
+                    let (m, e) = (*o.masks.last().unwrap(), o.cols.len() - 1);
+                    for i in r * block..((r + 1) * block).min(n) {
+                        for j in c * block..((c + 1) * block).min(n) {
+                            let bit = (i - r * block) * block + (j - c * block);
+                            let on = m == FULL_BLOCK
+                                || o.bits[m as usize * words + bit / 64] >> (bit % 64) & 1 == 1;
+                            o.allowed[(h * n + i) * n + j] = on;
+                        }
+                    }
+                    let _ = e;
+                }
+                o.row_ptr.push(o.cols.len() as u32);
+            }
+        }
+        // Transpose by scanning rows in order (rows ascend within each column).
+        o.col_ptr = vec![0];
+        for h in 0..heads {
+            for c in 0..nb {
+                for r in 0..nb {
+                    let row = h * nb + r;
+                    for e in o.row_ptr[row]..o.row_ptr[row + 1] {
+                        if o.cols[e as usize] == c as u32 {
+                            o.t_rows.push(r as u32);
+                            o.t_entries.push(e);
+                        }
+                    }
+                }
+                o.col_ptr.push(o.t_rows.len() as u32);
+            }
+        }
+        o
+    }
+
+    fn view(&self) -> CsrLayout<'_> {
+        CsrLayout {
+            seq_len: self.n,
+            block: self.block,
+            n_blocks: self.n.div_ceil(self.block),
+            layout_heads: self.heads,
+            row_ptr: &self.row_ptr,
+            cols: &self.cols,
+            masks: &self.masks,
+            col_ptr: &self.col_ptr,
+            t_rows: &self.t_rows,
+            t_entries: &self.t_entries,
+            mask_bits: &self.bits,
+            mask_words: self.words,
+        }
+    }
+}
+
+/// Dense f64 forward and gradients of `sum(out * dout)`.
+#[allow(clippy::type_complexity)]
+fn simple(
+    o: &Owned,
+    shape: AttentionShape,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dout: &[f64],
+    scale: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let AttentionShape {
+        batch,
+        heads,
+        seq_len: n,
+        head_dim: d,
+    } = shape;
+    let len = batch * heads * n * d;
+    let (mut out, mut dq, mut dk, mut dv) = (
+        vec![0.0; len],
+        vec![0.0; len],
+        vec![0.0; len],
+        vec![0.0; len],
+    );
+    for bh in 0..batch * heads {
+        let lh = if o.heads == 1 { 0 } else { bh % heads };
+        let at = |x: &[f64], i: usize, t: usize| x[(bh * n + i) * d + t];
+        for i in 0..n {
+            let s: Vec<Option<f64>> = (0..n)
+                .map(|j| {
+                    o.allowed[(lh * n + i) * n + j]
+                        .then(|| scale * (0..d).map(|t| at(q, i, t) * at(k, j, t)).sum::<f64>())
+                })
+                .collect();
+            let max = s
+                .iter()
+                .flatten()
+                .copied()
+                .fold(f64::NEG_INFINITY, f64::max);
+            if max == f64::NEG_INFINITY {
+                continue;
+            }
+            let e: Vec<f64> = s
+                .iter()
+                .map(|x| x.map_or(0.0, |x| (x - max).exp()))
+                .collect();
+            let z: f64 = e.iter().sum();
+            let p: Vec<f64> = e.iter().map(|x| x / z).collect();
+            for t in 0..d {
+                out[(bh * n + i) * d + t] = (0..n).map(|j| p[j] * at(v, j, t)).sum();
+            }
+            let dp: Vec<f64> = (0..n)
+                .map(|j| (0..d).map(|t| at(dout, i, t) * at(v, j, t)).sum())
+                .collect();
+            let delta: f64 = (0..n).map(|j| p[j] * dp[j]).sum();
+            for j in 0..n {
+                let ds = p[j] * (dp[j] - delta) * scale;
+                for t in 0..d {
+                    dq[(bh * n + i) * d + t] += ds * at(k, j, t);
+                    dk[(bh * n + j) * d + t] += ds * at(q, i, t);
+                    dv[(bh * n + j) * d + t] += p[j] * at(dout, i, t);
+                }
+            }
+        }
+    }
+    (out, dq, dk, dv)
+}
+
+fn close(got: &[f32], want: &[f64], what: &str) {
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (f64::from(g) - w).abs() <= 2e-5 * (1.0 + w.abs()),
+            "{what}[{i}]: {g} vs {w}"
+        );
+    }
+}
+
+#[test]
+fn fused_kernels_match_simple_dense_over_awkward_sizes() {
+    let mut rng = Rng(42);
+    for (n, block) in [
+        (1, 1),
+        (1, 8),
+        (7, 8),
+        (8, 8),
+        (9, 8),
+        (33, 8),
+        (20, 3),
+        (17, 16),
+    ] {
+        for (heads, layout_heads) in [(1, 1), (3, 1), (2, 2)] {
+            for d in [1, 3, 16] {
+                let o = Owned::random(&mut rng, n, block, layout_heads);
+                let shape = AttentionShape {
+                    batch: 2,
+                    heads,
+                    seq_len: n,
+                    head_dim: d,
+                };
+                let mut random = |len| (0..len).map(|_| rng.unit()).collect::<Vec<f64>>();
+                let (q, k, v, g) = (
+                    random(shape.numel()),
+                    random(shape.numel()),
+                    random(shape.numel()),
+                    random(shape.numel()),
+                );
+                let f = |x: &[f64]| x.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+                let scale = 0.7;
+                let (want_out, want_dq, want_dk, want_dv) =
+                    simple(&o, shape, &q, &k, &v, &g, scale);
+                let (mut out, mut lse) = (vec![0.0f32; shape.numel()], vec![0.0f32; shape.rows()]);
+                forward(
+                    &f(&q),
+                    &f(&k),
+                    &f(&v),
+                    shape,
+                    &o.view(),
+                    scale as f32,
+                    &mut out,
+                    &mut lse,
+                );
+                let what = format!("n={n} b={block} h={heads}/{layout_heads} d={d}");
+                close(&out, &want_out, &format!("{what} out"));
+                let zeros = || vec![0.0f32; shape.numel()];
+                let (mut dq, mut dk, mut dv) = (zeros(), zeros(), zeros());
+                let view = o.view();
+                backward(
+                    &f(&q),
+                    &f(&k),
+                    &f(&v),
+                    &out,
+                    &lse,
+                    &f(&g),
+                    shape,
+                    &view,
+                    scale as f32,
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                );
+                close(&dq, &want_dq, &format!("{what} dq"));
+                close(&dk, &want_dk, &format!("{what} dk"));
+                close(&dv, &want_dv, &format!("{what} dv"));
+                // Bit-identical on a second run.
+                let (mut out2, mut lse2) =
+                    (vec![0.0f32; shape.numel()], vec![0.0f32; shape.rows()]);
+                forward(
+                    &f(&q),
+                    &f(&k),
+                    &f(&v),
+                    shape,
+                    &o.view(),
+                    scale as f32,
+                    &mut out2,
+                    &mut lse2,
+                );
+                assert!(
+                    out.iter()
+                        .zip(&out2)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{what}: not deterministic"
+                );
+            }
+        }
+    }
+}
