@@ -1,5 +1,9 @@
-//! Maintainer tasks (matklad's xtask pattern): `cargo xtask ci`, `cargo xtask bench-layout`.
+//! Maintainer tasks (matklad's xtask pattern): `cargo xtask ci`, `cargo xtask bench cpu`,
+//! `cargo xtask bench-layout`.
 
+mod plot;
+
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -84,7 +88,12 @@ fn main() -> Result<()> {
                 "--",
             ];
             cmd.extend(args.iter().map(String::as_str));
-            cargo(&cmd)
+            cargo(&cmd)?;
+            let json = Path::new("target/bench/cpu.json");
+            let png = Path::new("target/bench/cpu.png");
+            plot::cpu(json, png)?;
+            println!("wrote {}", png.display());
+            Ok(())
         }
     }
 }
