@@ -5,17 +5,81 @@
 //! logical order), the kernel runs, and results come back in the input dtype. `f64` tensors
 //! run the `f64` kernels; every other float dtype runs (and accumulates) in `f32`.
 
+use std::borrow::Cow;
+
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, DType, Element, TensorData, TensorMetadata, read_sync};
 use sparse_attn_ndarray::{AttentionShape, CsrLayout, Real};
 
 use crate::layout::BlockLayout;
 
-fn read<B: Backend, T: Real + Element>(t: FloatTensor<B>) -> Vec<T> {
-    let data = read_sync(B::float_into_data(t)).expect("reading a CPU tensor cannot fail");
-    data.convert::<T>()
-        .try_into_vec::<T>()
-        .expect("converted above")
+/// Zero-copy access to the float buffers of a CPU backend.
+pub(crate) trait HostBuffers: Backend {
+    /// The elements of `t` as a row-major `f32` slice, if it is stored as one.
+    fn f32_slice(t: &FloatTensor<Self>) -> Option<&[f32]>;
+    /// The elements of `t` as a row-major `f64` slice, if it is stored as one.
+    fn f64_slice(t: &FloatTensor<Self>) -> Option<&[f64]>;
+}
+
+#[cfg(feature = "ndarray")]
+impl HostBuffers for burn::backend::NdArray {
+    fn f32_slice(t: &FloatTensor<Self>) -> Option<&[f32]> {
+        match t {
+            burn::backend::ndarray::NdArrayTensor::F32(s) => s.view().to_slice(),
+            _ => None,
+        }
+    }
+    fn f64_slice(t: &FloatTensor<Self>) -> Option<&[f64]> {
+        match t {
+            burn::backend::ndarray::NdArrayTensor::F64(s) => s.view().to_slice(),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(feature = "flex")]
+impl HostBuffers for burn::backend::Flex {
+    fn f32_slice(t: &FloatTensor<Self>) -> Option<&[f32]> {
+        t.as_slice::<f32>()
+    }
+    fn f64_slice(t: &FloatTensor<Self>) -> Option<&[f64]> {
+        t.as_slice::<f64>()
+    }
+}
+
+/// A kernel element type that can be borrowed from a CPU backend's buffer.
+pub(crate) trait HostElement: Real + Element {
+    /// Borrowed when the tensor already is a row-major buffer of `Self`.
+    fn borrow<B: HostBuffers>(t: &FloatTensor<B>) -> Option<&[Self]>;
+}
+
+impl HostElement for f32 {
+    fn borrow<B: HostBuffers>(t: &FloatTensor<B>) -> Option<&[Self]> {
+        B::f32_slice(t)
+    }
+}
+
+impl HostElement for f64 {
+    fn borrow<B: HostBuffers>(t: &FloatTensor<B>) -> Option<&[Self]> {
+        B::f64_slice(t)
+    }
+}
+
+/// The elements of `t` in `T`: borrowed without a copy when possible, else read through
+/// `TensorData` (other dtypes, non-contiguous views).
+fn host<B: HostBuffers, T: HostElement>(t: &FloatTensor<B>) -> Cow<'_, [T]> {
+    match T::borrow::<B>(t) {
+        Some(slice) => Cow::Borrowed(slice),
+        None => {
+            let data =
+                read_sync(B::float_into_data(t.clone())).expect("reading a CPU tensor cannot fail");
+            Cow::Owned(
+                data.convert::<T>()
+                    .try_into_vec::<T>()
+                    .expect("converted above"),
+            )
+        }
+    }
 }
 
 fn write<B: Backend, T: Real + Element>(
@@ -57,7 +121,7 @@ pub(crate) fn csr(layout: &BlockLayout) -> CsrLayout<'_> {
 }
 
 /// Fused forward on a CPU backend, in `f64` for `f64` tensors, else in `f32`.
-pub(crate) fn forward<B: Backend>(
+pub(crate) fn forward<B: HostBuffers>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -71,7 +135,7 @@ pub(crate) fn forward<B: Backend>(
     }
 }
 
-fn forward_in<B: Backend, T: Real + Element>(
+fn forward_in<B: HostBuffers, T: HostElement>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -79,7 +143,7 @@ fn forward_in<B: Backend, T: Real + Element>(
     scale: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let (shape, dtype, device) = (shape_of::<B>(&q), q.dtype(), q.device());
-    let [q, k, v] = [q, k, v].map(read::<B, T>);
+    let (q, k, v) = (host::<B, T>(&q), host::<B, T>(&k), host::<B, T>(&v));
     let mut out = vec![T::ZERO; shape.numel()];
     let mut lse = vec![T::ZERO; shape.rows()];
     let scale = T::from_f64(scale);
@@ -98,7 +162,7 @@ fn forward_in<B: Backend, T: Real + Element>(
 
 /// Fused backward on a CPU backend, in `f64` for `f64` tensors, else in `f32`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward<B: Backend>(
+pub(crate) fn backward<B: HostBuffers>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -116,7 +180,7 @@ pub(crate) fn backward<B: Backend>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn backward_in<B: Backend, T: Real + Element>(
+fn backward_in<B: HostBuffers, T: HostElement>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -127,7 +191,8 @@ fn backward_in<B: Backend, T: Real + Element>(
     scale: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let (shape, dtype, device) = (shape_of::<B>(&q), q.dtype(), q.device());
-    let [q, k, v, out, lse, dout] = [q, k, v, out, lse, dout].map(read::<B, T>);
+    let (q, k, v) = (host::<B, T>(&q), host::<B, T>(&k), host::<B, T>(&v));
+    let (out, lse, dout) = (host::<B, T>(&out), host::<B, T>(&lse), host::<B, T>(&dout));
     let zeros = || vec![T::ZERO; shape.numel()];
     let (mut dq, mut dk, mut dv) = (zeros(), zeros(), zeros());
     let scale = T::from_f64(scale);
