@@ -2,12 +2,20 @@
 //!
 //! `P` is recomputed from the saved log-sum-exp, so nothing of size `n x n` is stored, and
 //! every gradient element is owned by one task: no atomics, deterministic results.
+//!
+//! When the `P` and `dS` tiles of one head's active blocks fit in [`TILE_CACHE_BYTES`]
+//! (sparse layouts), the `dQ` pass keeps them and the `dK`/`dV` pass reads them back:
+//! 5 tile GEMMs per active block. Otherwise both passes recompute them: 7 GEMMs.
 
 use rayon::prelude::*;
 
 use crate::layout::{AttentionShape, CsrLayout};
 use crate::real::Real;
 use crate::tile::{gemm, probabilities, scores};
+
+/// Largest `P`/`dS` tile cache (bytes) the backward pass allocates for one head; above
+/// it (dense-like layouts at large `n`) both passes recompute the tiles instead.
+pub const TILE_CACHE_BYTES: usize = 256 << 20;
 
 /// Inputs shared by every task of the backward pass, for one `(batch, head)` slice.
 struct Slices<'a, T> {
@@ -41,6 +49,47 @@ pub fn backward<T: Real>(
     dq: &mut [T],
     dk: &mut [T],
     dv: &mut [T],
+) {
+    backward_with_tile_cache(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dout,
+        shape,
+        layout,
+        scale,
+        dq,
+        dk,
+        dv,
+        TILE_CACHE_BYTES,
+    )
+}
+
+/// [`backward`] with an explicit tile-cache budget in bytes (0: always recompute).
+///
+/// Given the forward inputs, the forward's `out` and `lse`, and `dout` (the gradient of the
+/// loss with respect to `out`), writes `dq`, `dk`, `dv` (all `[batch, heads, seq_len,
+/// head_dim]` row-major).
+///
+/// # Panics
+/// If a slice length disagrees with `shape` (the caller validates shapes).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_with_tile_cache<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    lse: &[T],
+    dout: &[T],
+    shape: AttentionShape,
+    layout: &CsrLayout<'_>,
+    scale: T,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+    tile_cache_bytes: usize,
 ) {
     let AttentionShape {
         heads,
@@ -99,6 +148,57 @@ pub fn backward<T: Real>(
             delta: &delta[rows..rows + n],
         }
     };
+    let nb = layout.n_blocks;
+    let entries = |lh: usize| (layout.row_ptr[(lh + 1) * nb] - layout.row_ptr[lh * nb]) as usize;
+    let most = (0..layout.layout_heads).map(entries).max().unwrap_or(0);
+    let tile_elems = most * 2 * b * b;
+    if tile_elems * std::mem::size_of::<T>() <= tile_cache_bytes && tile_elems > 0 {
+        // One (batch, head) at a time: the dQ pass caches P and dS per active block, the
+        // dK/dV pass reuses them (5 tile GEMMs per block instead of 7).
+        let mut cache = vec![T::ZERO; tile_elems];
+        for bh in 0..shape.batch * heads {
+            let x = slices(bh);
+            let (head, lh) = (bh % heads, layout.layout_head(bh % heads));
+            let first_entry = layout.row_ptr[lh * nb] as usize;
+            let mut rows = Vec::with_capacity(nb);
+            let mut rest = &mut cache[..];
+            for r in 0..nb {
+                let count =
+                    (layout.row_ptr[lh * nb + r + 1] - layout.row_ptr[lh * nb + r]) as usize;
+                let (mine, tail) = rest.split_at_mut(count * 2 * b * b);
+                rows.push(mine);
+                rest = tail;
+            }
+            let range = bh * n * d..(bh + 1) * n * d;
+            dq[range.clone()]
+                .par_chunks_mut(b * d)
+                .zip(rows.into_par_iter())
+                .enumerate()
+                .for_each(|(r, (dq_r, tiles))| {
+                    dq_block(&x, d, layout, head, r, scale, dq_r, Some(tiles))
+                });
+            let cache = &cache[..];
+            dk[range.clone()]
+                .par_chunks_mut(b * d)
+                .zip(dv[range].par_chunks_mut(b * d))
+                .enumerate()
+                .for_each(|(c, (dk_c, dv_c))| {
+                    dkv_block_cached(
+                        &x,
+                        d,
+                        layout,
+                        head,
+                        c,
+                        scale,
+                        cache,
+                        first_entry,
+                        dk_c,
+                        dv_c,
+                    )
+                });
+        }
+        return;
+    }
     dq.par_chunks_mut(n * d)
         .enumerate()
         .for_each(|(bh, dq_bh)| {
@@ -107,7 +207,7 @@ pub fn backward<T: Real>(
                 .par_chunks_mut(b * d)
                 .enumerate()
                 .for_each(|(r, dq_r)| {
-                    dq_block(&x, d, layout, bh % heads, r, scale, dq_r);
+                    dq_block(&x, d, layout, bh % heads, r, scale, dq_r, None);
                 });
         });
     dk.par_chunks_mut(n * d)
@@ -148,6 +248,7 @@ fn dq_block<T: Real>(
     r: usize,
     scale: T,
     dq: &mut [T],
+    mut cache: Option<&mut [T]>,
 ) {
     let b = layout.block;
     let (qs, qe) = layout.block_range(r);
@@ -183,6 +284,66 @@ fn dq_block<T: Real>(
         );
         softmax_grad(p, dp, &x.delta[qs..qe], bk);
         gemm(bq, bk, d, scale, (dp, bk, 1), (k, d, 1), T::ONE, dq, d);
+        if let Some(cache) = cache.as_deref_mut() {
+            let slot = &mut cache[(e - e0) * 2 * b * b..];
+            slot[..bq * bk].copy_from_slice(p);
+            slot[b * b..b * b + bq * bk].copy_from_slice(dp);
+        }
+    }
+}
+
+/// `dK` and `dV` of key block `c` from the `P` and `dS` tiles the `dQ` pass cached
+/// (`cache` holds the tiles of this layout head's entries, from entry `first_entry` on).
+#[allow(clippy::too_many_arguments)]
+fn dkv_block_cached<T: Real>(
+    x: &Slices<'_, T>,
+    d: usize,
+    layout: &CsrLayout<'_>,
+    head: usize,
+    c: usize,
+    scale: T,
+    cache: &[T],
+    first_entry: usize,
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    let b = layout.block;
+    let (ks, ke) = layout.block_range(c);
+    let bk = ke - ks;
+    let col = layout.layout_head(head) * layout.n_blocks + c;
+    let (t0, t1) = (
+        layout.col_ptr[col] as usize,
+        layout.col_ptr[col + 1] as usize,
+    );
+    dk.fill(T::ZERO);
+    dv.fill(T::ZERO);
+    for t in t0..t1 {
+        let (qs, qe) = layout.block_range(layout.t_rows[t] as usize);
+        let bq = qe - qs;
+        let slot = &cache[(layout.t_entries[t] as usize - first_entry) * 2 * b * b..];
+        let (p, ds) = (&slot[..bq * bk], &slot[b * b..b * b + bq * bk]);
+        gemm(
+            bk,
+            bq,
+            d,
+            T::ONE,
+            (p, 1, bk),
+            (&x.dout[qs * d..qe * d], d, 1),
+            T::ONE,
+            dv,
+            d,
+        );
+        gemm(
+            bk,
+            bq,
+            d,
+            scale,
+            (ds, 1, bk),
+            (&x.q[qs * d..qe * d], d, 1),
+            T::ONE,
+            dk,
+            d,
+        );
     }
 }
 

@@ -25,7 +25,7 @@ mod layout;
 mod real;
 mod tile;
 
-pub use backward::backward;
+pub use backward::{TILE_CACHE_BYTES, backward, backward_with_tile_cache};
 pub use forward::forward;
 pub use layout::{AttentionShape, CsrLayout, FULL_BLOCK};
 pub use real::Real;

@@ -2,7 +2,9 @@
 //! (n = 1, b - 1, b, b + 1, non-multiples; d = 1, 3; shared and per-head layouts), with
 //! random block sets and random partial masks from a seeded generator.
 
-use sparse_attn_ndarray::{AttentionShape, CsrLayout, FULL_BLOCK, backward, forward};
+use sparse_attn_ndarray::{
+    AttentionShape, CsrLayout, FULL_BLOCK, TILE_CACHE_BYTES, backward_with_tile_cache, forward,
+};
 
 struct Rng(u64);
 impl Rng {
@@ -239,26 +241,31 @@ fn fused_kernels_match_simple_dense_over_awkward_sizes() {
                 );
                 let what = format!("n={n} b={block} h={heads}/{layout_heads} d={d}");
                 close(&out, &want_out, &format!("{what} out"));
-                let zeros = || vec![0.0f32; shape.numel()];
-                let (mut dq, mut dk, mut dv) = (zeros(), zeros(), zeros());
-                let view = o.view();
-                backward(
-                    &f(&q),
-                    &f(&k),
-                    &f(&v),
-                    &out,
-                    &lse,
-                    &f(&g),
-                    shape,
-                    &view,
-                    scale as f32,
-                    &mut dq,
-                    &mut dk,
-                    &mut dv,
-                );
-                close(&dq, &want_dq, &format!("{what} dq"));
-                close(&dk, &want_dk, &format!("{what} dk"));
-                close(&dv, &want_dv, &format!("{what} dv"));
+                // Both backward strategies: cached P/dS tiles, and recompute (budget 0).
+                for budget in [TILE_CACHE_BYTES, 0] {
+                    let zeros = || vec![0.0f32; shape.numel()];
+                    let (mut dq, mut dk, mut dv) = (zeros(), zeros(), zeros());
+                    let view = o.view();
+                    backward_with_tile_cache(
+                        &f(&q),
+                        &f(&k),
+                        &f(&v),
+                        &out,
+                        &lse,
+                        &f(&g),
+                        shape,
+                        &view,
+                        scale as f32,
+                        &mut dq,
+                        &mut dk,
+                        &mut dv,
+                        budget,
+                    );
+                    let what = format!("{what} cache={budget}");
+                    close(&dq, &want_dq, &format!("{what} dq"));
+                    close(&dk, &want_dk, &format!("{what} dk"));
+                    close(&dv, &want_dv, &format!("{what} dv"));
+                }
                 // Bit-identical on a second run.
                 let (mut out2, mut lse2) =
                     (vec![0.0f32; shape.numel()], vec![0.0f32; shape.rows()]);
