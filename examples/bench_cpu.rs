@@ -190,20 +190,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     })
                 });
                 let dense_fwd_ms = (n <= args.dense_max_n).then(|| {
-                    let options = AttentionModuleOptions {
-                        scale: None,
-                        softcap: None,
-                        is_causal: true,
-                    };
-                    median_ms(reps, || {
-                        sync(attention(
-                            q.clone(),
-                            k.clone(),
-                            v.clone(),
-                            None,
-                            None,
-                            options,
-                        ))
+                    *dense_cache.entry(n).or_insert_with(|| {
+                        let options = AttentionModuleOptions {
+                            scale: None,
+                            softcap: None,
+                            is_causal: true,
+                        };
+                        median_ms(3, || {
+                            sync(attention(
+                                q.clone(),
+                                k.clone(),
+                                v.clone(),
+                                None,
+                                None,
+                                options,
+                            ))
+                        })
                     })
                 });
                 let useful = 4.0 * pairs as f64 * d as f64 / (fwd_ms * 1e6);
