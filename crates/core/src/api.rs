@@ -1,7 +1,7 @@
 //! The tensor-level entry point: validated block-sparse attention on `[batch, heads, n, d]`.
 
 use burn::backend::Dispatch;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::Tensor;
 
 use crate::backend::SparseAttentionBackend;
 use crate::error::{Result, SparseAttentionError};
@@ -83,19 +83,7 @@ pub fn sparse_attention(
     if !(scale.is_finite() && scale > 0.0) {
         return Err(SparseAttentionError::Scale(scale));
     }
-    Ok(match layout.order() {
-        None => raw_attention(q, k, v, layout, scale),
-        Some((order, inverse)) => {
-            let device = q.device();
-            let index = |p: &[usize]| {
-                let values: Vec<i64> = p.iter().map(|&x| x as i64).collect();
-                Tensor::<1, Int>::from_data(TensorData::new(values, [p.len()]), &device)
-            };
-            let (to_layout, to_tokens) = (index(order), index(inverse));
-            let permute = |t: Tensor<4>| t.select(2, to_layout.clone());
-            raw_attention(permute(q), permute(k), permute(v), layout, scale).select(2, to_tokens)
-        }
-    })
+    Ok(raw_attention(q, k, v, layout, scale))
 }
 
 /// Checks that `layout` was built for `n` tokens and `heads` heads.
@@ -117,7 +105,7 @@ pub(crate) fn check_layout(layout: &BlockLayout, n: usize, heads: usize) -> Resu
     Ok(())
 }
 
-/// The backend op on already validated tensors in layout positions.
+/// The backend op on validated tensors (token order; the backend applies the layout's order).
 fn raw_attention(
     q: Tensor<4>,
     k: Tensor<4>,

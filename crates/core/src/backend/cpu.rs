@@ -65,6 +65,40 @@ impl HostElement for f64 {
     }
 }
 
+/// Rows of every `(batch, head)` slice reordered: row `p` of the result is row `index[p]`
+/// of `src` (`width` elements per row, `rows` rows per slice).
+fn reorder_rows<T: Copy>(src: &[T], rows: usize, width: usize, index: &[usize]) -> Vec<T> {
+    let mut out = Vec::with_capacity(src.len());
+    for slice in src.chunks(rows * width) {
+        for &i in index {
+            out.extend_from_slice(&slice[i * width..(i + 1) * width]);
+        }
+    }
+    out
+}
+
+/// Kernel inputs in layout positions: `t` read as [`host`] does, then reordered by the
+/// layout's token order, if it has one.
+fn positions<'a, B: HostBuffers, T: HostElement>(
+    t: &'a FloatTensor<B>,
+    layout: &BlockLayout,
+    width: usize,
+) -> Cow<'a, [T]> {
+    let buffer = host::<B, T>(t);
+    match layout.order() {
+        None => buffer,
+        Some((order, _)) => Cow::Owned(reorder_rows(&buffer, layout.seq_len(), width, order)),
+    }
+}
+
+/// Kernel outputs back in token order.
+fn tokens<T: Copy>(values: Vec<T>, layout: &BlockLayout, width: usize) -> Vec<T> {
+    match layout.order() {
+        None => values,
+        Some((_, inverse)) => reorder_rows(&values, layout.seq_len(), width, inverse),
+    }
+}
+
 /// The elements of `t` in `T`: borrowed without a copy when possible, else read through
 /// `TensorData` (other dtypes, non-contiguous views).
 fn host<B: HostBuffers, T: HostElement>(t: &FloatTensor<B>) -> Cow<'_, [T]> {
@@ -143,7 +177,12 @@ fn forward_in<B: HostBuffers, T: HostElement>(
     scale: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let (shape, dtype, device) = (shape_of::<B>(&q), q.dtype(), q.device());
-    let (q, k, v) = (host::<B, T>(&q), host::<B, T>(&k), host::<B, T>(&v));
+    let d = shape.head_dim;
+    let (q, k, v) = (
+        positions::<B, T>(&q, layout, d),
+        positions::<B, T>(&k, layout, d),
+        positions::<B, T>(&v, layout, d),
+    );
     let mut out = vec![T::ZERO; shape.numel()];
     let mut lse = vec![T::ZERO; shape.rows()];
     let scale = T::from_f64(scale);
@@ -154,6 +193,7 @@ fn forward_in<B: HostBuffers, T: HostElement>(
         seq_len,
         head_dim,
     } = shape;
+    let (out, lse) = (tokens(out, layout, head_dim), tokens(lse, layout, 1));
     (
         write::<B, T>(out, vec![batch, heads, seq_len, head_dim], dtype, &device),
         write::<B, T>(lse, vec![batch, heads, seq_len], dtype, &device),
@@ -191,14 +231,23 @@ fn backward_in<B: HostBuffers, T: HostElement>(
     scale: f64,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let (shape, dtype, device) = (shape_of::<B>(&q), q.dtype(), q.device());
-    let (q, k, v) = (host::<B, T>(&q), host::<B, T>(&k), host::<B, T>(&v));
-    let (out, lse, dout) = (host::<B, T>(&out), host::<B, T>(&lse), host::<B, T>(&dout));
+    let d = shape.head_dim;
+    let (q, k, v) = (
+        positions::<B, T>(&q, layout, d),
+        positions::<B, T>(&k, layout, d),
+        positions::<B, T>(&v, layout, d),
+    );
+    let (out, dout) = (
+        positions::<B, T>(&out, layout, d),
+        positions::<B, T>(&dout, layout, d),
+    );
+    let lse = positions::<B, T>(&lse, layout, 1);
     let zeros = || vec![T::ZERO; shape.numel()];
     let (mut dq, mut dk, mut dv) = (zeros(), zeros(), zeros());
     let scale = T::from_f64(scale);
-    let (layout, grads) = (&csr(layout), (&mut dq[..], &mut dk[..], &mut dv[..]));
+    let (view, grads) = (&csr(layout), (&mut dq[..], &mut dk[..], &mut dv[..]));
     sparse_attn_ndarray::backward(
-        &q, &k, &v, &out, &lse, &dout, shape, layout, scale, grads.0, grads.1, grads.2,
+        &q, &k, &v, &out, &lse, &dout, shape, view, scale, grads.0, grads.1, grads.2,
     );
     let AttentionShape {
         batch,
@@ -207,6 +256,7 @@ fn backward_in<B: HostBuffers, T: HostElement>(
         head_dim,
     } = shape;
     let dims = vec![batch, heads, seq_len, head_dim];
+    let [dq, dk, dv] = [dq, dk, dv].map(|g| tokens(g, layout, head_dim));
     (
         write::<B, T>(dq, dims.clone(), dtype, &device),
         write::<B, T>(dk, dims.clone(), dtype, &device),

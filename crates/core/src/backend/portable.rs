@@ -190,8 +190,37 @@ fn finite_or_zero<B: Backend>(t: FloatTensor<B>) -> FloatTensor<B> {
     B::float_mask_fill(t, inf, 0.0f32.into())
 }
 
-/// Forward on `[B, H, n, d]` inputs (layout positions): `(out [B, H, n, d], lse [B, H, n])`.
+/// Selects rows (dim 2) of `t` by `index`: the layout's token order or its inverse.
+fn reorder<B: Backend>(t: FloatTensor<B>, index: &[usize]) -> FloatTensor<B> {
+    let device = t.device();
+    let index = int_tensor::<B>(index.iter().map(|&x| x as i64).collect(), &device);
+    B::float_select(t, 2, index)
+}
+
+/// Forward on `[B, H, n, d]` inputs in token order: `(out [B, H, n, d], lse [B, H, n])`.
 pub fn forward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    layout: &BlockLayout,
+    scale: f64,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    match layout.order() {
+        None => forward_positions::<B>(q, k, v, layout, scale),
+        Some((order, inverse)) => {
+            let (q, k, v) = (
+                reorder::<B>(q, order),
+                reorder::<B>(k, order),
+                reorder::<B>(v, order),
+            );
+            let (out, lse) = forward_positions::<B>(q, k, v, layout, scale);
+            (reorder::<B>(out, inverse), reorder::<B>(lse, inverse))
+        }
+    }
+}
+
+/// Forward on inputs already in layout positions.
+fn forward_positions<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -228,9 +257,34 @@ pub fn forward<B: Backend>(
     (out, lse)
 }
 
-/// Backward: `(dq, dk, dv)` of `sum(out * dout)`, recomputing probabilities from `lse`.
+/// Backward: `(dq, dk, dv)` of `sum(out * dout)`, recomputing probabilities from `lse`;
+/// everything in token order.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    dout: FloatTensor<B>,
+    layout: &BlockLayout,
+    scale: f64,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let Some((order, inverse)) = layout.order() else {
+        return backward_positions::<B>(q, k, v, out, lse, dout, layout, scale);
+    };
+    let [q, k, v, out, lse, dout] = [q, k, v, out, lse, dout].map(|t| reorder::<B>(t, order));
+    let (dq, dk, dv) = backward_positions::<B>(q, k, v, out, lse, dout, layout, scale);
+    (
+        reorder::<B>(dq, inverse),
+        reorder::<B>(dk, inverse),
+        reorder::<B>(dv, inverse),
+    )
+}
+
+/// Backward on tensors already in layout positions.
+#[allow(clippy::too_many_arguments)]
+fn backward_positions<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
