@@ -104,12 +104,10 @@ impl MaskTable {
         if let Some(&id) = self.by_band.get(&(lo, hi)) {
             return id;
         }
-        let b = self.block;
         let bits = self.bitmap(|i, j| {
             let off = i as i64 - j as i64;
             lo <= off && off <= hi
         });
-        let _ = b;
         let id = self.intern(bits);
         self.by_band.insert((lo, hi), id);
         id

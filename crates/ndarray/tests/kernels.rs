@@ -67,7 +67,7 @@ impl Owned {
                         }
                     }
                     o.cols.push(c as u32);
-                    let (m, e) = (*o.masks.last().unwrap(), o.cols.len() - 1);
+                    let m = *o.masks.last().unwrap();
                     for i in r * block..((r + 1) * block).min(n) {
                         for j in c * block..((c + 1) * block).min(n) {
                             let bit = (i - r * block) * block + (j - c * block);
@@ -76,7 +76,6 @@ impl Owned {
                             o.allowed[(h * n + i) * n + j] = on;
                         }
                     }
-                    let _ = e;
                 }
                 o.row_ptr.push(o.cols.len() as u32);
             }
