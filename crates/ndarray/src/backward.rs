@@ -163,8 +163,7 @@ pub fn backward_with_tile_cache<T: Real>(
             let mut rows = Vec::with_capacity(nb);
             let mut rest = &mut cache[..];
             for r in 0..nb {
-                let count =
-                    (layout.row_ptr[lh * nb + r + 1] - layout.row_ptr[lh * nb + r]) as usize;
+                let count = layout.row_entries(head, r).len();
                 let (mine, tail) = rest.split_at_mut(count * 2 * b * b);
                 rows.push(mine);
                 rest = tail;
@@ -253,14 +252,11 @@ fn dq_block<T: Real>(
     let b = layout.block;
     let (qs, qe) = layout.block_range(r);
     let bq = qe - qs;
-    let row = layout.layout_head(head) * layout.n_blocks + r;
-    let (e0, e1) = (
-        layout.row_ptr[row] as usize,
-        layout.row_ptr[row + 1] as usize,
-    );
+    let entries = layout.row_entries(head, r);
+    let e0 = entries.start;
     dq.fill(T::ZERO);
     let (mut p, mut dp) = (vec![T::ZERO; bq * b], vec![T::ZERO; bq * b]);
-    for e in e0..e1 {
+    for e in entries {
         let (ks, ke) = layout.block_range(layout.cols[e] as usize);
         let bk = ke - ks;
         let (p, dp) = (&mut p[..bq * bk], &mut dp[..bq * bk]);
@@ -310,14 +306,10 @@ fn dkv_block_cached<T: Real>(
     let b = layout.block;
     let (ks, ke) = layout.block_range(c);
     let bk = ke - ks;
-    let col = layout.layout_head(head) * layout.n_blocks + c;
-    let (t0, t1) = (
-        layout.col_ptr[col] as usize,
-        layout.col_ptr[col + 1] as usize,
-    );
+    let column = layout.column_entries(head, c);
     dk.fill(T::ZERO);
     dv.fill(T::ZERO);
-    for t in t0..t1 {
+    for t in column {
         let (qs, qe) = layout.block_range(layout.t_rows[t] as usize);
         let bq = qe - qs;
         let slot = &cache[(layout.t_entries[t] as usize - first_entry) * 2 * b * b..];
@@ -362,16 +354,12 @@ fn dkv_block<T: Real>(
     let b = layout.block;
     let (ks, ke) = layout.block_range(c);
     let bk = ke - ks;
-    let col = layout.layout_head(head) * layout.n_blocks + c;
-    let (t0, t1) = (
-        layout.col_ptr[col] as usize,
-        layout.col_ptr[col + 1] as usize,
-    );
+    let column = layout.column_entries(head, c);
     dk.fill(T::ZERO);
     dv.fill(T::ZERO);
     let (mut p, mut dp) = (vec![T::ZERO; b * bk], vec![T::ZERO; b * bk]);
     let (k, v) = (&x.k[ks * d..ke * d], &x.v[ks * d..ke * d]);
-    for t in t0..t1 {
+    for t in column {
         let (qs, qe) = layout.block_range(layout.t_rows[t] as usize);
         let bq = qe - qs;
         let (p, dp) = (&mut p[..bq * bk], &mut dp[..bq * bk]);

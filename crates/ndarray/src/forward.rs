@@ -94,18 +94,14 @@ fn query_block<T: Real>(
     let b = layout.block;
     let (qs, qe) = layout.block_range(r);
     let bq = qe - qs;
-    let row = layout.layout_head(head) * layout.n_blocks + r;
-    let (e0, e1) = (
-        layout.row_ptr[row] as usize,
-        layout.row_ptr[row + 1] as usize,
-    );
+    let entries = layout.row_entries(head, r);
 
     let mut max = vec![T::NEG_INFINITY; bq];
     let mut sum = vec![T::ZERO; bq];
     o.fill(T::ZERO);
     let mut s = vec![T::ZERO; bq * b];
     let q_tile = &q[qs * d..qe * d];
-    for e in e0..e1 {
+    for e in entries {
         let (ks, ke) = layout.block_range(layout.cols[e] as usize);
         let bk = ke - ks;
         let s = &mut s[..bq * bk];

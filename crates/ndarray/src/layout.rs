@@ -80,6 +80,19 @@ impl CsrLayout<'_> {
         if self.layout_heads == 1 { 0 } else { head }
     }
 
+    /// Indices into `cols`/`masks` of the active blocks of query block `r` of `head`.
+    pub(crate) fn row_entries(&self, head: usize, r: usize) -> std::ops::Range<usize> {
+        let row = self.layout_head(head) * self.n_blocks + r;
+        self.row_ptr[row] as usize..self.row_ptr[row + 1] as usize
+    }
+
+    /// Indices into `t_rows`/`t_entries` of the query blocks attending key block `c` of
+    /// `head`.
+    pub(crate) fn column_entries(&self, head: usize, c: usize) -> std::ops::Range<usize> {
+        let col = self.layout_head(head) * self.n_blocks + c;
+        self.col_ptr[col] as usize..self.col_ptr[col + 1] as usize
+    }
+
     /// Token range `[start, end)` of block `blk`.
     pub(crate) fn block_range(&self, blk: usize) -> (usize, usize) {
         let start = blk * self.block;
