@@ -83,6 +83,14 @@ pub enum SparseAttentionError {
     /// The attention scale is not a finite positive number.
     #[error("scale must be finite and positive, got {0}")]
     Scale(f64),
+    /// A probability (dropout) outside `[0, 1)`.
+    #[error("{name} must be a probability in [0, 1), got {got}")]
+    Probability {
+        /// Which parameter.
+        name: &'static str,
+        /// The value given.
+        got: f64,
+    },
     /// An unknown mode name.
     #[error("unknown attention mode `{0}`: expected one of all, local, strided, fixed")]
     UnknownMode(String),

@@ -2,8 +2,8 @@
 
 use burn::config::Config;
 use burn::module::{Initializer, Module};
-use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{Device, Tensor};
+use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
+use burn::tensor::{Bool, Device, Tensor};
 use sparse_attn_core::{AttentionOptions, Result, SparseAttentionError, sparse_attention};
 
 use crate::pattern_config::PatternConfig;
@@ -23,6 +23,10 @@ pub struct MultiHeadSparseAttentionConfig {
     /// Biases on the four projections. Default: true.
     #[config(default = true)]
     pub bias: bool,
+    /// Dropout probability on the attended values (after the softmax-weighted sum, before
+    /// the output projection), active only on an autodiff device in training. Default: 0.
+    #[config(default = 0.0)]
+    pub dropout: f64,
     /// Softmax scale; `None` (default) means `1 / sqrt(d_model / n_heads)`.
     #[config(default = "None")]
     pub scale: Option<f64>,
@@ -49,6 +53,8 @@ pub struct MultiHeadSparseAttention {
     pub value: Linear,
     /// Output projection.
     pub output: Linear,
+    /// Dropout on the attended values.
+    pub dropout: Dropout,
     /// Number of heads.
     pub n_heads: usize,
     /// Layout block size.
@@ -67,8 +73,8 @@ impl MultiHeadSparseAttentionConfig {
     /// Builds the layer on `device`.
     ///
     /// # Errors
-    /// `n_heads` zero or not dividing `d_model`, a block size outside `1..=128`, or
-    /// pattern parameters that are invalid for every sequence length.
+    /// `n_heads` zero or not dividing `d_model`, a block size outside `1..=128`, a dropout
+    /// outside `[0, 1)`, or pattern parameters that are invalid for every sequence length.
     pub fn init(&self, device: &Device) -> Result<MultiHeadSparseAttention> {
         if self.n_heads == 0 {
             return Err(SparseAttentionError::Zero { name: "n_heads" });
@@ -86,6 +92,12 @@ impl MultiHeadSparseAttentionConfig {
                 max: sparse_attn_core::MAX_BLOCK,
             });
         }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(SparseAttentionError::Probability {
+                name: "dropout",
+                got: self.dropout,
+            });
+        }
         // Fail early on parameters that no sequence length can fix.
         self.pattern
             .build(self.block_size.max(1), self.block_size)?;
@@ -100,6 +112,7 @@ impl MultiHeadSparseAttentionConfig {
             key: linear(self.bias),
             value: linear(self.bias),
             output: linear(self.bias),
+            dropout: DropoutConfig::new(self.dropout).init(),
             n_heads: self.n_heads,
             block_size: self.block_size,
             max_seq_len: self.max_seq_len.unwrap_or(0),
@@ -108,6 +121,9 @@ impl MultiHeadSparseAttentionConfig {
         })
     }
 }
+
+/// Logit added to padded keys: `exp(-PAD_LOGIT)` is zero in `f32`.
+const PAD_LOGIT: f64 = 1.0e4;
 
 impl MultiHeadSparseAttention {
     /// Self-attention of `x`.
@@ -118,7 +134,45 @@ impl MultiHeadSparseAttention {
     /// # Errors
     /// A sequence longer than `max_seq_len`, a width other than `d_model`, or a pattern
     /// that does not fit this sequence length.
+    ///
+    /// # Example
+    /// ```
+    /// use burn::tensor::{Device, Distribution, Tensor};
+    /// use sparse_attn_nn::{MultiHeadSparseAttentionConfig, PatternConfig};
+    ///
+    /// let device = Device::ndarray();
+    /// let layer = MultiHeadSparseAttentionConfig::new(32, 4, PatternConfig::Local { ctx: 16 })
+    ///     .with_block_size(16)
+    ///     .init(&device)?;
+    /// let x = Tensor::<3>::random([2, 50, 32], Distribution::Normal(0.0, 1.0), &device);
+    /// assert_eq!(layer.forward(x)?.dims(), [2, 50, 32]);
+    /// # Ok::<(), sparse_attn_core::SparseAttentionError>(())
+    /// ```
     pub fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
+        self.forward_padded(x, None)
+    }
+
+    /// Self-attention of `x` whose keys marked in `key_padding_mask` are ignored.
+    ///
+    /// `key_padding_mask[b, j] == true` marks token `j` of sequence `b` as padding (Burn's
+    /// `mask_pad` convention): no query attends to it, and its own output row is zero. A
+    /// right-padded batch gives, on its valid rows, what each sequence gives unpadded
+    /// (for patterns whose allowed keys of a valid query do not depend on `n`).
+    ///
+    /// The mask is applied without an `n x n` tensor: queries gain a column of ones and
+    /// keys a column holding `-1e4 / scale` on padded tokens, so the padded scores are
+    /// `-1e4` below the others and their softmax weight is exactly zero in `f32`.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, n, d_model]`, `key_padding_mask`: `[batch, n]` -> `[batch, n, d_model]`.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), and a mask of another shape.
+    pub fn forward_padded(
+        &self,
+        x: Tensor<3>,
+        key_padding_mask: Option<Tensor<2, Bool>>,
+    ) -> Result<Tensor<3>> {
         let [batch, n, width] = x.dims();
         let d_model = self.query.weight.dims()[0];
         if width != d_model {
@@ -126,6 +180,15 @@ impl MultiHeadSparseAttention {
                 name: "x",
                 got: vec![batch, n, width],
                 expected: format!("[batch, n, {d_model}]"),
+            });
+        }
+        if let Some(mask) = &key_padding_mask
+            && mask.dims() != [batch, n]
+        {
+            return Err(SparseAttentionError::Shape {
+                name: "key_padding_mask",
+                got: mask.dims().to_vec(),
+                expected: format!("[{batch}, {n}], the batch and length of `x`"),
             });
         }
         if self.max_seq_len > 0 && n > self.max_seq_len {
@@ -136,18 +199,34 @@ impl MultiHeadSparseAttention {
             });
         }
         let layout = self.pattern.layout(n, self.block_size, self.n_heads)?;
-        let d = d_model / self.n_heads;
-        let heads = |t: Tensor<3>| t.reshape([batch, n, self.n_heads, d]).swap_dims(1, 2);
+        let heads = self.n_heads;
+        let d = d_model / heads;
+        let scale = self.scale.unwrap_or(1.0 / (d as f64).sqrt());
+        let split = |t: Tensor<3>| t.reshape([batch, n, heads, d]).swap_dims(1, 2);
         let (q, k, v) = (
-            heads(self.query.forward(x.clone())),
-            heads(self.key.forward(x.clone())),
-            heads(self.value.forward(x)),
+            split(self.query.forward(x.clone())),
+            split(self.key.forward(x.clone())),
+            split(self.value.forward(x)),
         );
-        let options = AttentionOptions { scale: self.scale };
-        let attended = sparse_attention(q, k, v, &layout, options)?;
-        Ok(self
-            .output
-            .forward(attended.swap_dims(1, 2).reshape([batch, n, d_model])))
+        let options = AttentionOptions::with_scale(scale);
+        let attended = match key_padding_mask {
+            None => sparse_attention(q, k, v, &layout, options)?,
+            Some(mask) => {
+                let device = q.device();
+                let pad = mask.float().reshape([batch, 1, n, 1]);
+                let column = [batch, heads, n, 1];
+                let ones = Tensor::<4>::ones(column, &device);
+                let key_bias = pad.clone().mul_scalar(-PAD_LOGIT / scale).expand(column);
+                let q = Tensor::cat(vec![q, ones], 3);
+                let k = Tensor::cat(vec![k, key_bias], 3);
+                let v = Tensor::cat(vec![v, Tensor::zeros(column, &device)], 3);
+                let out = sparse_attention(q, k, v, &layout, options)?;
+                let keep = pad.neg().add_scalar(1.0);
+                out.slice([0..batch, 0..heads, 0..n, 0..d]) * keep
+            }
+        };
+        let merged = attended.swap_dims(1, 2).reshape([batch, n, d_model]);
+        Ok(self.output.forward(self.dropout.forward(merged)))
     }
 }
 
@@ -156,6 +235,7 @@ mod tests {
     // burn-ndarray is deprecated upstream (0.22) but is our default backend.
     #![allow(deprecated)]
 
+    use burn::store::ModuleRecord;
     use burn::tensor::{Distribution, TensorData};
     use sparse_attn_core::reference::{RefShape, reference_forward};
 
@@ -274,6 +354,93 @@ mod tests {
         }
     }
 
+    /// Rows of `t` (`[batch, n, w]`) for sequence `b`, tokens `0..len`, as host values.
+    fn rows(t: Tensor<3>, b: usize, len: usize) -> Vec<f64> {
+        let [_, _, w] = t.dims();
+        host(t.slice([b..b + 1, 0..len, 0..w]))
+    }
+
+    fn worst(a: &[f64], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn padded_batch_equals_each_sequence_unpadded() {
+        let device = Device::ndarray().autodiff();
+        // Bidirectional, so padded keys would be seen without the mask.
+        let layer = layer(PatternConfig::BidirectionalWindow { radius: 3 }, &device);
+        let (n, lengths) = (12, [12, 7]);
+        let x = Tensor::<3>::random([2, n, 16], Distribution::Normal(0.0, 1.0), &device)
+            .require_grad();
+        let mask = Tensor::<2, Bool>::from_data(
+            TensorData::new(
+                lengths
+                    .iter()
+                    .flat_map(|&len| (0..n).map(move |j| j >= len))
+                    .collect::<Vec<_>>(),
+                [2, n],
+            ),
+            &device,
+        );
+        let weights = Tensor::<3>::random([2, n, 16], Distribution::Normal(0.0, 1.0), &device);
+        let out = layer.forward_padded(x.clone(), Some(mask)).unwrap();
+        let grads = (out.clone() * weights.clone()).sum().backward();
+        let dx = x.grad(&grads).unwrap();
+        for (b, &len) in lengths.iter().enumerate() {
+            let xb = x.clone().slice([b..b + 1, 0..len, 0..16]).into_data();
+            let xb = Tensor::<3>::from_data(xb, &device).require_grad();
+            let wb = weights.clone().slice([b..b + 1, 0..len, 0..16]);
+            let alone = layer.forward(xb.clone()).unwrap();
+            let grads_alone = (alone.clone() * wb).sum().backward();
+            let fwd = worst(&rows(out.clone(), b, len), &host(alone));
+            let grad = worst(&rows(dx.clone(), b, len), &host(xb.grad(&grads_alone).unwrap()));
+            assert!(fwd < 1e-5 && grad < 1e-5, "sequence {b}: fwd {fwd}, grad {grad}");
+            let pad = rows(out.clone(), b, n)[len * 16..].iter().fold(0.0, |m, v| v.abs().max(m));
+            let pad_grad = rows(dx.clone(), b, n)[len * 16..].iter().fold(0.0, |m, v| v.abs().max(m));
+            // Padded rows: zero attention output (the output bias remains), no gradient.
+            let bias = host(layer.output.bias.as_ref().unwrap().val().reshape([1, 1, 16]));
+            let bias_max = bias.iter().fold(0.0, |m: f64, v| v.abs().max(m));
+            assert!(pad <= bias_max + 1e-6, "padded rows of sequence {b}");
+            assert_eq!(pad_grad, 0.0, "gradient reached padding of sequence {b}");
+        }
+    }
+
+    #[test]
+    fn bad_padding_mask_is_a_typed_error() {
+        let device = Device::ndarray();
+        let layer = layer(PatternConfig::All, &device);
+        let mask = Tensor::<2, Bool>::empty([1, 5], &device);
+        let err = layer
+            .forward_padded(Tensor::zeros([1, 6, 16], &device), Some(mask))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            SparseAttentionError::Shape {
+                name: "key_padding_mask",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn record_round_trip_gives_identical_outputs() {
+        let device = Device::ndarray();
+        let saved = layer(PatternConfig::Local { ctx: 8 }, &device);
+        let bytes = saved.clone().into_record().into_bytes().unwrap();
+        let fresh = layer(PatternConfig::Local { ctx: 8 }, &device);
+        let x = Tensor::<3>::random([1, 9, 16], Distribution::Normal(0.0, 1.0), &device);
+        assert_ne!(
+            host(fresh.forward(x.clone()).unwrap()),
+            host(saved.forward(x.clone()).unwrap())
+        );
+        let loaded = fresh.load_record(ModuleRecord::from_bytes(bytes).unwrap());
+        assert_eq!(
+            host(loaded.forward(x.clone()).unwrap()),
+            host(saved.forward(x).unwrap())
+        );
+    }
+
     #[test]
     fn bad_configs_and_inputs_are_typed_errors() {
         let device = Device::ndarray();
@@ -298,5 +465,10 @@ mod tests {
         assert!(layer.forward(Tensor::zeros([1, 7, 8], &device)).is_err());
         assert!(layer.forward(Tensor::zeros([1, 6, 9], &device)).is_err());
         assert!(layer.forward(Tensor::zeros([1, 6, 8], &device)).is_ok());
+        let err = MultiHeadSparseAttentionConfig::new(8, 2, PatternConfig::All)
+            .with_dropout(1.0)
+            .init(&device)
+            .unwrap_err();
+        assert!(matches!(err, SparseAttentionError::Probability { .. }));
     }
 }

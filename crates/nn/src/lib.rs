@@ -1,15 +1,26 @@
-//! Trainable sparse-attention layers for Burn.
+//! Trainable sparse-attention layers and models for Burn.
 //!
 //! - [`PatternConfig`]: a serializable choice among the built-in patterns (and per-head
 //!   lists of them), what a model config stores;
 //! - [`MultiHeadSparseAttention`]: multi-head self-attention whose attention runs through
-//!   `sparse_attn_core::sparse_attention` (fused kernels, real backward); layouts are built
-//!   once per `(pattern, sequence length, block, heads)` and shared process-wide.
+//!   `sparse_attn_core::sparse_attention` (fused kernels, real backward), with an optional
+//!   key padding mask; layouts are built once per `(pattern, sequence length, block,
+//!   heads)` and shared process-wide;
+//! - [`SparseTransformerBlock`]: pre-norm attention + MLP block (or Burn's dense attention
+//!   in the same block, for comparison);
+//! - [`SparseTransformer`]: a decoder-only language model of such blocks.
+//!
+//! Every config is a Burn `Config` (saved as JSON with the model) and every layer a Burn
+//! `Module` (saved and loaded with Burn's records).
 
 #![warn(missing_docs)]
 
 mod attention;
+mod block;
 mod pattern_config;
+mod transformer;
 
 pub use attention::{MultiHeadSparseAttention, MultiHeadSparseAttentionConfig};
+pub use block::{SelfAttention, SparseTransformerBlock, SparseTransformerBlockConfig};
 pub use pattern_config::PatternConfig;
+pub use transformer::{PositionEncoding, Positions, SparseTransformer, SparseTransformerConfig};

@@ -1,0 +1,153 @@
+//! A pre-norm transformer block around a sparse (or, for comparison, dense) self-attention.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::attention::{MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
+use burn::nn::attention::generate_autoregressive_mask;
+use burn::nn::{Dropout, DropoutConfig, Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::{Bool, Device, Tensor};
+use sparse_attn_core::{Result, SparseAttentionError};
+
+use crate::attention::{MultiHeadSparseAttention, MultiHeadSparseAttentionConfig};
+
+/// Configuration of a [`SparseTransformerBlock`].
+#[derive(Config, Debug)]
+pub struct SparseTransformerBlockConfig {
+    /// The attention (width, heads, pattern, block size, dropout, scale, ...).
+    pub attention: MultiHeadSparseAttentionConfig,
+    /// Hidden width of the MLP as a multiple of `d_model`. Default: 4.
+    #[config(default = 4)]
+    pub mlp_ratio: usize,
+    /// Dropout on the two residual branches. Default: 0.
+    #[config(default = 0.0)]
+    pub dropout: f64,
+    /// Use Burn's dense `MultiHeadAttention` with a causal mask instead of the sparse
+    /// attention (same width, heads and initializer): the baseline the examples compare
+    /// against. Default: false.
+    #[config(default = false)]
+    pub dense: bool,
+}
+
+/// The self-attention of a block: ours, or Burn's dense one for comparison.
+#[derive(Module, Debug)]
+pub enum SelfAttention {
+    /// Block-sparse attention with the configured pattern.
+    Sparse(MultiHeadSparseAttention),
+    /// Burn's dense multi-head attention with a causal mask.
+    Dense(MultiHeadAttention),
+}
+
+/// `x + attn(norm(x))`, then `x + mlp(norm(x))` (pre-norm, GELU MLP).
+#[derive(Module, Debug)]
+pub struct SparseTransformerBlock {
+    /// Norm before the attention.
+    pub norm_attention: LayerNorm,
+    /// The self-attention.
+    pub attention: SelfAttention,
+    /// Norm before the MLP.
+    pub norm_mlp: LayerNorm,
+    /// MLP input projection, `d_model -> mlp_ratio * d_model`.
+    pub mlp_in: Linear,
+    /// MLP output projection, `mlp_ratio * d_model -> d_model`.
+    pub mlp_out: Linear,
+    /// MLP activation.
+    pub activation: Gelu,
+    /// Residual dropout.
+    pub dropout: Dropout,
+}
+
+impl SparseTransformerBlockConfig {
+    /// Builds the block on `device`.
+    ///
+    /// # Errors
+    /// As [`MultiHeadSparseAttentionConfig::init`]; a zero `mlp_ratio`; a dropout outside
+    /// `[0, 1)`.
+    pub fn init(&self, device: &Device) -> Result<SparseTransformerBlock> {
+        if self.mlp_ratio == 0 {
+            return Err(SparseAttentionError::Zero { name: "mlp_ratio" });
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(SparseAttentionError::Probability {
+                name: "dropout",
+                got: self.dropout,
+            });
+        }
+        // Validates heads, block size, pattern and attention dropout for both variants.
+        let sparse = self.attention.init(device)?;
+        let a = &self.attention;
+        let attention = if self.dense {
+            SelfAttention::Dense(
+                MultiHeadAttentionConfig::new(a.d_model, a.n_heads)
+                    .with_dropout(a.dropout)
+                    .with_initializer(a.initializer.clone())
+                    .with_query_bias(a.bias)
+                    .with_key_bias(a.bias)
+                    .with_value_bias(a.bias)
+                    .with_output_bias(a.bias)
+                    .init(device),
+            )
+        } else {
+            SelfAttention::Sparse(sparse)
+        };
+        let hidden = self.mlp_ratio * a.d_model;
+        Ok(SparseTransformerBlock {
+            norm_attention: LayerNormConfig::new(a.d_model).init(device),
+            attention,
+            norm_mlp: LayerNormConfig::new(a.d_model).init(device),
+            mlp_in: LinearConfig::new(a.d_model, hidden).init(device),
+            mlp_out: LinearConfig::new(hidden, a.d_model).init(device),
+            activation: Gelu::new(),
+            dropout: DropoutConfig::new(self.dropout).init(),
+        })
+    }
+}
+
+impl SelfAttention {
+    /// Self-attention of `x` (`[batch, n, d_model]`), keys marked in `key_padding_mask`
+    /// (`[batch, n]`, true = padding) ignored.
+    ///
+    /// # Errors
+    /// As [`MultiHeadSparseAttention::forward_padded`] (the dense variant checks the mask
+    /// shape the same way).
+    pub fn forward(&self, x: Tensor<3>, key_padding_mask: Option<Tensor<2, Bool>>) -> Result<Tensor<3>> {
+        match self {
+            Self::Sparse(attention) => attention.forward_padded(x, key_padding_mask),
+            Self::Dense(attention) => {
+                let [batch, n, _] = x.dims();
+                let causal = generate_autoregressive_mask(batch, n, &x.device());
+                let mut input = MhaInput::self_attn(x).mask_attn(causal);
+                if let Some(mask) = key_padding_mask {
+                    if mask.dims() != [batch, n] {
+                        return Err(SparseAttentionError::Shape {
+                            name: "key_padding_mask",
+                            got: mask.dims().to_vec(),
+                            expected: format!("[{batch}, {n}], the batch and length of `x`"),
+                        });
+                    }
+                    input = input.mask_pad(mask);
+                }
+                Ok(attention.forward(input).context)
+            }
+        }
+    }
+}
+
+impl SparseTransformerBlock {
+    /// The block applied to `x`.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, n, d_model]`, `key_padding_mask`: `[batch, n]` -> `[batch, n, d_model]`.
+    ///
+    /// # Errors
+    /// As [`SelfAttention::forward`].
+    pub fn forward(&self, x: Tensor<3>, key_padding_mask: Option<Tensor<2, Bool>>) -> Result<Tensor<3>> {
+        let attended = self
+            .attention
+            .forward(self.norm_attention.forward(x.clone()), key_padding_mask)?;
+        let x = x + self.dropout.forward(attended);
+        let hidden = self
+            .activation
+            .forward(self.mlp_in.forward(self.norm_mlp.forward(x.clone())));
+        Ok(x.clone() + self.dropout.forward(self.mlp_out.forward(hidden)))
+    }
+}
