@@ -2,6 +2,7 @@
 
 use burn::config::Config;
 use burn::module::{Initializer, Module};
+use burn::nn::attention::MultiHeadAttention;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Tensor};
 use sparse_attn_core::{AttentionOptions, Result, SparseAttentionError, sparse_attention};
@@ -126,6 +127,39 @@ impl MultiHeadSparseAttentionConfig {
 const PAD_LOGIT: f64 = 1.0e4;
 
 impl MultiHeadSparseAttention {
+    /// A sparse layer carrying the projections of Burn's dense `MultiHeadAttention`, for
+    /// example to run a trained dense model with a sparse pattern. Everything but the
+    /// weights comes from `config`.
+    ///
+    /// # Errors
+    /// As [`MultiHeadSparseAttentionConfig::init`]; `config`'s width or head count differ
+    /// from `dense`'s.
+    pub fn from_dense(
+        dense: MultiHeadAttention,
+        config: &MultiHeadSparseAttentionConfig,
+    ) -> Result<Self> {
+        for (what, layout, input) in [
+            ("d_model", config.d_model, dense.d_model),
+            ("n_heads", config.n_heads, dense.n_heads),
+        ] {
+            if layout != input {
+                return Err(SparseAttentionError::LayoutMismatch {
+                    what,
+                    layout,
+                    input,
+                });
+            }
+        }
+        let device = dense.query.weight.device();
+        Ok(Self {
+            query: dense.query,
+            key: dense.key,
+            value: dense.value,
+            output: dense.output,
+            ..config.init(&device)?
+        })
+    }
+
     /// Self-attention of `x`.
     ///
     /// # Shapes
@@ -362,7 +396,10 @@ mod tests {
 
     fn worst(a: &[f64], b: &[f64]) -> f64 {
         assert_eq!(a.len(), b.len());
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
     }
 
     #[test]
@@ -371,8 +408,8 @@ mod tests {
         // Bidirectional, so padded keys would be seen without the mask.
         let layer = layer(PatternConfig::BidirectionalWindow { radius: 3 }, &device);
         let (n, lengths) = (12, [12, 7]);
-        let x = Tensor::<3>::random([2, n, 16], Distribution::Normal(0.0, 1.0), &device)
-            .require_grad();
+        let x =
+            Tensor::<3>::random([2, n, 16], Distribution::Normal(0.0, 1.0), &device).require_grad();
         let mask = Tensor::<2, Bool>::from_data(
             TensorData::new(
                 lengths
@@ -394,12 +431,30 @@ mod tests {
             let alone = layer.forward(xb.clone()).unwrap();
             let grads_alone = (alone.clone() * wb).sum().backward();
             let fwd = worst(&rows(out.clone(), b, len), &host(alone));
-            let grad = worst(&rows(dx.clone(), b, len), &host(xb.grad(&grads_alone).unwrap()));
-            assert!(fwd < 1e-5 && grad < 1e-5, "sequence {b}: fwd {fwd}, grad {grad}");
-            let pad = rows(out.clone(), b, n)[len * 16..].iter().fold(0.0, |m, v| v.abs().max(m));
-            let pad_grad = rows(dx.clone(), b, n)[len * 16..].iter().fold(0.0, |m, v| v.abs().max(m));
+            let grad = worst(
+                &rows(dx.clone(), b, len),
+                &host(xb.grad(&grads_alone).unwrap()),
+            );
+            assert!(
+                fwd < 1e-5 && grad < 1e-5,
+                "sequence {b}: fwd {fwd}, grad {grad}"
+            );
+            let pad = rows(out.clone(), b, n)[len * 16..]
+                .iter()
+                .fold(0.0, |m, v| v.abs().max(m));
+            let pad_grad = rows(dx.clone(), b, n)[len * 16..]
+                .iter()
+                .fold(0.0, |m, v| v.abs().max(m));
             // Padded rows: zero attention output (the output bias remains), no gradient.
-            let bias = host(layer.output.bias.as_ref().unwrap().val().reshape([1, 1, 16]));
+            let bias = host(
+                layer
+                    .output
+                    .bias
+                    .as_ref()
+                    .unwrap()
+                    .val()
+                    .reshape([1, 1, 16]),
+            );
             let bias_max = bias.iter().fold(0.0, |m: f64, v| v.abs().max(m));
             assert!(pad <= bias_max + 1e-6, "padded rows of sequence {b}");
             assert_eq!(pad_grad, 0.0, "gradient reached padding of sequence {b}");

@@ -2,8 +2,8 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::attention::{MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
 use burn::nn::attention::generate_autoregressive_mask;
+use burn::nn::attention::{MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
 use burn::nn::{Dropout, DropoutConfig, Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Tensor};
 use sparse_attn_core::{Result, SparseAttentionError};
@@ -109,7 +109,11 @@ impl SelfAttention {
     /// # Errors
     /// As [`MultiHeadSparseAttention::forward_padded`] (the dense variant checks the mask
     /// shape the same way).
-    pub fn forward(&self, x: Tensor<3>, key_padding_mask: Option<Tensor<2, Bool>>) -> Result<Tensor<3>> {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        key_padding_mask: Option<Tensor<2, Bool>>,
+    ) -> Result<Tensor<3>> {
         match self {
             Self::Sparse(attention) => attention.forward_padded(x, key_padding_mask),
             Self::Dense(attention) => {
@@ -140,7 +144,11 @@ impl SparseTransformerBlock {
     ///
     /// # Errors
     /// As [`SelfAttention::forward`].
-    pub fn forward(&self, x: Tensor<3>, key_padding_mask: Option<Tensor<2, Bool>>) -> Result<Tensor<3>> {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        key_padding_mask: Option<Tensor<2, Bool>>,
+    ) -> Result<Tensor<3>> {
         let attended = self
             .attention
             .forward(self.norm_attention.forward(x.clone()), key_padding_mask)?;

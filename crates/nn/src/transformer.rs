@@ -99,14 +99,11 @@ impl SparseTransformerConfig {
                 return Err(SparseAttentionError::Zero { name });
             }
         }
-        let attention = MultiHeadSparseAttentionConfig::new(
-            self.d_model,
-            self.n_heads,
-            self.pattern.clone(),
-        )
-        .with_block_size(self.block_size)
-        .with_dropout(self.dropout)
-        .with_max_seq_len(Some(self.max_seq_len));
+        let attention =
+            MultiHeadSparseAttentionConfig::new(self.d_model, self.n_heads, self.pattern.clone())
+                .with_block_size(self.block_size)
+                .with_dropout(self.dropout)
+                .with_max_seq_len(Some(self.max_seq_len));
         let block = SparseTransformerBlockConfig::new(attention)
             .with_mlp_ratio(self.mlp_ratio)
             .with_dropout(self.dropout)
@@ -207,5 +204,151 @@ impl SparseTransformer {
             .init(&logits.device())
             .forward(logits.reshape([batch * (n - 1), vocab]), targets);
         Ok(loss)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // burn-ndarray is deprecated upstream (0.22) but is our default backend.
+    #![allow(deprecated)]
+
+    use burn::module::{ModuleVisitor, Param};
+    use burn::store::ModuleRecord;
+    use burn::tensor::{Distribution, TensorData};
+
+    use super::*;
+    use crate::{MultiHeadSparseAttention, SelfAttention};
+
+    fn config(dense: bool, positions: PositionEncoding) -> SparseTransformerConfig {
+        SparseTransformerConfig::new(256, 16, 2, 2, 24, PatternConfig::Local { ctx: 8 })
+            .with_block_size(4)
+            .with_positions(positions)
+            .with_dense(dense)
+    }
+
+    fn tokens(batch: usize, n: usize, device: &Device) -> Tensor<2, Int> {
+        Tensor::<2>::random([batch, n], Distribution::Uniform(0.0, 255.0), device).int()
+    }
+
+    /// Collects, for every float parameter, whether its gradient is present and nonzero.
+    struct GradientsSeen<'a> {
+        grads: &'a burn::tensor::Gradients,
+        missing: Vec<String>,
+        path: Vec<String>,
+    }
+
+    impl ModuleVisitor for GradientsSeen<'_> {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let nonzero = param
+                .val()
+                .grad(self.grads)
+                .is_some_and(|g| g.abs().sum().into_scalar::<f32>() > 0.0);
+            if !nonzero {
+                self.missing.push(self.path.join("."));
+            }
+        }
+    }
+
+    #[test]
+    fn logits_have_the_vocabulary_shape_for_every_variant() {
+        let device = Device::ndarray();
+        for dense in [false, true] {
+            for positions in [PositionEncoding::Learned, PositionEncoding::Sinusoidal] {
+                let model = config(dense, positions).init(&device).unwrap();
+                let logits = model.forward(tokens(2, 13, &device)).unwrap();
+                assert_eq!(logits.dims(), [2, 13, 256]);
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_reach_every_parameter() {
+        let device = Device::ndarray().autodiff();
+        for dense in [false, true] {
+            let model = config(dense, PositionEncoding::Learned)
+                .init(&device)
+                .unwrap();
+            let grads = model.loss(tokens(2, 24, &device)).unwrap().backward();
+            let mut seen = GradientsSeen {
+                grads: &grads,
+                missing: Vec::new(),
+                path: Vec::new(),
+            };
+            model.visit(&mut seen);
+            assert!(seen.missing.is_empty(), "no gradient: {:?}", seen.missing);
+        }
+    }
+
+    #[test]
+    fn sparse_all_equals_dense_causal_with_the_same_weights() {
+        let device = Device::ndarray();
+        let all = |dense| {
+            SparseTransformerConfig::new(256, 16, 2, 2, 24, PatternConfig::All)
+                .with_block_size(4)
+                .with_dense(dense)
+        };
+        let dense = all(true).init(&device).unwrap();
+        let mut sparse = dense.clone();
+        let attention =
+            MultiHeadSparseAttentionConfig::new(16, 2, PatternConfig::All).with_block_size(4);
+        for block in &mut sparse.blocks {
+            let SelfAttention::Dense(mha) = block.attention.clone() else {
+                panic!("built dense")
+            };
+            block.attention = SelfAttention::Sparse(
+                MultiHeadSparseAttention::from_dense(mha, &attention).unwrap(),
+            );
+        }
+        let x = tokens(2, 21, &device);
+        let a = dense.forward(x.clone()).unwrap().into_data();
+        let b = sparse.forward(x).unwrap().into_data();
+        a.assert_approx_eq::<f32>(&b, burn::tensor::Tolerance::absolute(1e-4));
+    }
+
+    #[test]
+    fn record_and_config_round_trip() {
+        let device = Device::ndarray();
+        let config = config(false, PositionEncoding::Sinusoidal);
+        let json = serde_json::to_string(&config).unwrap();
+        let config: SparseTransformerConfig = serde_json::from_str(&json).unwrap();
+        let saved = config.init(&device).unwrap();
+        let bytes = saved.clone().into_record().into_bytes().unwrap();
+        let loaded = config
+            .init(&device)
+            .unwrap()
+            .load_record(ModuleRecord::from_bytes(bytes).unwrap());
+        let x = tokens(1, 10, &device);
+        assert_eq!(
+            saved.forward(x.clone()).unwrap().into_data(),
+            loaded.forward(x).unwrap().into_data()
+        );
+    }
+
+    #[test]
+    fn bad_inputs_are_typed_errors() {
+        let device = Device::ndarray();
+        let model = config(false, PositionEncoding::Learned)
+            .init(&device)
+            .unwrap();
+        assert!(matches!(
+            model.forward(tokens(1, 25, &device)),
+            Err(SparseAttentionError::LayoutMismatch { .. })
+        ));
+        let one = Tensor::<2, Int>::from_data(TensorData::new(vec![7i64], [1, 1]), &device);
+        assert!(matches!(
+            model.loss(one),
+            Err(SparseAttentionError::Shape { .. })
+        ));
+        let zero_layers = SparseTransformerConfig::new(256, 16, 2, 0, 24, PatternConfig::All);
+        assert!(matches!(
+            zero_layers.init(&device),
+            Err(SparseAttentionError::Zero { name: "n_layers" })
+        ));
     }
 }
