@@ -8,6 +8,9 @@ use anyhow::{Context, Result};
 use plotters::prelude::*;
 use serde::Deserialize;
 
+#[path = "../../examples/common/fonts.rs"]
+mod fonts;
+
 #[derive(Deserialize)]
 struct Row {
     pattern: String,
@@ -15,23 +18,6 @@ struct Row {
     block: usize,
     fwd_ms: f64,
     dense_fwd_ms: Option<f64>,
-}
-
-/// A font for the labels: plotters' `ab_glyph` backend needs one registered by hand.
-fn register_font() -> bool {
-    let candidates = [
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "/usr/share/fonts/TTF/DejaVuSans.ttf",
-        "/Library/Fonts/Arial.ttf",
-    ];
-    candidates.iter().any(|path| {
-        std::fs::read(path)
-            .ok()
-            .map(|bytes| Box::leak(bytes.into_boxed_slice()))
-            .is_some_and(|bytes| {
-                plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok()
-            })
-    })
 }
 
 /// Reads the benchmark JSON and writes the plot next to it.
@@ -61,7 +47,7 @@ pub fn cpu(json: &Path, png: &Path) -> Result<()> {
         .clone()
         .fold((f64::MAX, 0.0f64), |(lo, hi), p| (lo.min(p.0), hi.max(p.0)));
     let (y0, y1) = all.fold((f64::MAX, 0.0f64), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
-    let labels = register_font();
+    let labels = fonts::register_sans_serif();
     let root = BitMapBackend::new(png, (1000, 700)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut builder = ChartBuilder::on(&root);

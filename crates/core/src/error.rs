@@ -83,6 +83,14 @@ pub enum SparseAttentionError {
     /// The attention scale is not a finite positive number.
     #[error("scale must be finite and positive, got {0}")]
     Scale(f64),
+    /// A sequence longer than a layer or model was configured for.
+    #[error("sequence of {len} tokens is longer than the configured maximum of {max}")]
+    SequenceTooLong {
+        /// Tokens in the input.
+        len: usize,
+        /// The configured `max_seq_len`.
+        max: usize,
+    },
     /// A probability (dropout) outside `[0, 1)`.
     #[error("{name} must be a probability in [0, 1), got {got}")]
     Probability {

@@ -226,10 +226,9 @@ impl MultiHeadSparseAttention {
             });
         }
         if self.max_seq_len > 0 && n > self.max_seq_len {
-            return Err(SparseAttentionError::LayoutMismatch {
-                what: "max_seq_len (sequence longer than configured)",
-                layout: self.max_seq_len,
-                input: n,
+            return Err(SparseAttentionError::SequenceTooLong {
+                len: n,
+                max: self.max_seq_len,
             });
         }
         let layout = self.pattern.layout(n, self.block_size, self.n_heads)?;

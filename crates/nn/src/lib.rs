@@ -22,5 +22,5 @@ mod transformer;
 
 pub use attention::{MultiHeadSparseAttention, MultiHeadSparseAttentionConfig};
 pub use block::{SelfAttention, SparseTransformerBlock, SparseTransformerBlockConfig};
-pub use pattern_config::PatternConfig;
+pub use pattern_config::{PatternConfig, PatternFactory, register_pattern};
 pub use transformer::{PositionEncoding, Positions, SparseTransformer, SparseTransformerConfig};

@@ -1,14 +1,14 @@
 //! A serializable description of a built-in pattern.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use burn::config::Config;
 use sparse_attn_core::pattern::{
     Band, BigBird, BigBirdConfig, Dilated, DynPattern, Fixed, Longformer, PerHead, Streaming,
     Strided, Union, VariableWindows,
 };
-use sparse_attn_core::{BlockLayout, Result};
+use sparse_attn_core::{BlockLayout, Result, SparseAttentionError};
 
 /// Which sparsity pattern a layer uses; every built-in pattern, serializable with the
 /// model's config.
@@ -101,6 +101,60 @@ pub enum PatternConfig {
     },
     /// One pattern per head.
     PerHead(Vec<PatternConfig>),
+    /// A pattern defined outside this crate and registered under `name` with
+    /// [`register_pattern`] (the config stores the name; register it again before
+    /// building a model from a saved config).
+    Custom {
+        /// The registered name.
+        name: String,
+    },
+}
+
+/// Builds a custom pattern for `(seq_len, block)`; see [`register_pattern`].
+pub type PatternFactory = Arc<dyn Fn(usize, usize) -> Result<DynPattern> + Send + Sync>;
+
+fn registry() -> &'static RwLock<HashMap<String, PatternFactory>> {
+    static REGISTRY: OnceLock<RwLock<HashMap<String, PatternFactory>>> = OnceLock::new();
+    REGISTRY.get_or_init(RwLock::default)
+}
+
+type LayoutKey = (PatternConfig, usize, usize, usize);
+
+fn layouts() -> &'static Mutex<HashMap<LayoutKey, BlockLayout>> {
+    static CACHE: OnceLock<Mutex<HashMap<LayoutKey, BlockLayout>>> = OnceLock::new();
+    CACHE.get_or_init(Mutex::default)
+}
+
+/// Makes a pattern of your own usable as [`PatternConfig::Custom`] `{ name }` in every
+/// layer, model and config of this crate. `factory(seq_len, block)` builds it; registering
+/// a name again replaces the factory (and forgets layouts built by the old one).
+///
+/// # Example
+/// ```
+/// use std::sync::Arc;
+/// use sparse_attn_core::pattern::FnPattern;
+/// use sparse_attn_nn::{PatternConfig, register_pattern};
+///
+/// // Each query sees itself and every key an even distance before it.
+/// register_pattern("even", |_seq_len, _block| {
+///     Ok(Arc::new(FnPattern::new("even", false, |_h, i, j| j <= i && (i - j) % 2 == 0)))
+/// });
+/// let layout = PatternConfig::Custom { name: "even".into() }.layout(64, 16, 1).unwrap();
+/// assert!(layout.allows(0, 10, 4) && !layout.allows(0, 10, 3));
+/// ```
+pub fn register_pattern(
+    name: impl Into<String>,
+    factory: impl Fn(usize, usize) -> Result<DynPattern> + Send + Sync + 'static,
+) {
+    let name = name.into();
+    layouts()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|(pattern, ..), _| !pattern.mentions_custom(&name));
+    registry()
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name, Arc::new(factory));
 }
 
 fn arc(p: impl sparse_attn_core::Pattern + 'static) -> DynPattern {
@@ -170,7 +224,31 @@ impl PatternConfig {
                     .collect::<Result<Vec<_>>>()?;
                 arc(PerHead::new(parts)?)
             }
+            Self::Custom { name } => {
+                let factory = registry()
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| SparseAttentionError::InvalidPattern {
+                        pattern: "custom",
+                        reason: format!(
+                            "no pattern is registered under `{name}`: call \
+                             sparse_attn_nn::register_pattern(\"{name}\", ...) first"
+                        ),
+                    })?;
+                factory(seq_len, block)?
+            }
         })
+    }
+
+    /// Whether this config is, or contains, the custom pattern `name`.
+    fn mentions_custom(&self, name: &str) -> bool {
+        match self {
+            Self::Custom { name: own } => own == name,
+            Self::PerHead(parts) => parts.iter().any(|p| p.mentions_custom(name)),
+            _ => false,
+        }
     }
 
     /// The layout for `(seq_len, block, heads)`, built once per process and shared.
@@ -178,16 +256,17 @@ impl PatternConfig {
     /// # Errors
     /// As [`PatternConfig::build`] and [`BlockLayout::build`].
     pub fn layout(&self, seq_len: usize, block: usize, heads: usize) -> Result<BlockLayout> {
-        type Key = (PatternConfig, usize, usize, usize);
-        static CACHE: OnceLock<Mutex<HashMap<Key, BlockLayout>>> = OnceLock::new();
         let key = (self.clone(), seq_len, block, heads);
-        let cache = CACHE.get_or_init(Mutex::default);
-        if let Some(layout) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if let Some(layout) = layouts()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
             return Ok(layout.clone());
         }
         let layout =
             BlockLayout::build(self.build(seq_len, block)?.as_ref(), seq_len, block, heads)?;
-        cache
+        layouts()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(key, layout.clone());

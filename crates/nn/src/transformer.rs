@@ -157,10 +157,9 @@ impl SparseTransformer {
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Result<Tensor<3>> {
         let [batch, n] = tokens.dims();
         if n > self.max_seq_len {
-            return Err(SparseAttentionError::LayoutMismatch {
-                what: "max_seq_len (sequence longer than configured)",
-                layout: self.max_seq_len,
-                input: n,
+            return Err(SparseAttentionError::SequenceTooLong {
+                len: n,
+                max: self.max_seq_len,
             });
         }
         let device = tokens.device();
@@ -338,7 +337,7 @@ mod tests {
             .unwrap();
         assert!(matches!(
             model.forward(tokens(1, 25, &device)),
-            Err(SparseAttentionError::LayoutMismatch { .. })
+            Err(SparseAttentionError::SequenceTooLong { len: 25, max: 24 })
         ));
         let one = Tensor::<2, Int>::from_data(TensorData::new(vec![7i64], [1, 1]), &device);
         assert!(matches!(

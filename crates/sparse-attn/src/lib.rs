@@ -20,5 +20,7 @@
 
 #![warn(missing_docs)]
 
+pub mod backends;
+
 pub use sparse_attn_core::*;
 pub use sparse_attn_nn as nn;

@@ -15,23 +15,69 @@ use crate::layout::BlockLayout;
 
 /// Zero-copy access to the float buffers of a CPU backend.
 pub(crate) trait HostBuffers: Backend {
-    /// The elements of `t` as a row-major `f32` slice, if it is stored as one.
-    fn f32_slice(t: &FloatTensor<Self>) -> Option<&[f32]>;
-    /// The elements of `t` as a row-major `f64` slice, if it is stored as one.
-    fn f64_slice(t: &FloatTensor<Self>) -> Option<&[f64]>;
+    /// The elements of `t` as a strided view of an `f32` buffer, if it is stored as one.
+    fn f32_view(t: &FloatTensor<Self>) -> Option<HostView<'_, f32>>;
+    /// The elements of `t` as a strided view of an `f64` buffer, if it is stored as one.
+    fn f64_view(t: &FloatTensor<Self>) -> Option<HostView<'_, f64>>;
+}
+
+/// A backend's buffer seen as a 4-d tensor: element `[a, b, c, e]` is
+/// `data[offset + a*s0 + b*s1 + c*s2 + e*s3]` (strides in elements, non-negative).
+pub(crate) struct HostView<'a, T> {
+    data: &'a [T],
+    offset: usize,
+    strides: [usize; 4],
+}
+
+impl<'a, T> HostView<'a, T> {
+    /// `None` unless `strides` are 3 or 4 non-negative values (a rank-3 view is read as
+    /// rank 4 with a last axis of one element).
+    fn new(data: &'a [T], offset: usize, strides: &[isize]) -> Option<Self> {
+        let strides: [isize; 4] = match *strides {
+            [a, b, c] => [a, b, c, 1],
+            [a, b, c, d] => [a, b, c, d],
+            _ => return None,
+        };
+        if strides.iter().any(|&s| s < 0) {
+            return None;
+        }
+        Some(Self {
+            data,
+            offset,
+            strides: strides.map(|s| s as usize),
+        })
+    }
+
+    /// The whole buffer when it already is row-major `shape` starting at offset 0.
+    fn row_major(&self, shape: [usize; 4]) -> Option<&'a [T]> {
+        let [_, d1, d2, d3] = shape;
+        let dense = [d1 * d2 * d3, d2 * d3, d3, 1];
+        let len = shape.iter().product::<usize>();
+        let same = shape
+            .iter()
+            .zip(self.strides.iter().zip(dense))
+            .all(|(&extent, (&s, want))| extent == 1 || s == want);
+        (same && self.offset == 0 && self.data.len() >= len).then(|| &self.data[..len])
+    }
 }
 
 #[cfg(feature = "ndarray")]
 impl HostBuffers for burn::backend::NdArray {
-    fn f32_slice(t: &FloatTensor<Self>) -> Option<&[f32]> {
+    fn f32_view(t: &FloatTensor<Self>) -> Option<HostView<'_, f32>> {
         match t {
-            burn::backend::ndarray::NdArrayTensor::F32(s) => s.view().to_slice(),
+            burn::backend::ndarray::NdArrayTensor::F32(s) => {
+                let view = s.view();
+                HostView::new(view.to_slice_memory_order()?, 0, view.strides())
+            }
             _ => None,
         }
     }
-    fn f64_slice(t: &FloatTensor<Self>) -> Option<&[f64]> {
+    fn f64_view(t: &FloatTensor<Self>) -> Option<HostView<'_, f64>> {
         match t {
-            burn::backend::ndarray::NdArrayTensor::F64(s) => s.view().to_slice(),
+            burn::backend::ndarray::NdArrayTensor::F64(s) => {
+                let view = s.view();
+                HostView::new(view.to_slice_memory_order()?, 0, view.strides())
+            }
             _ => None,
         }
     }
@@ -39,30 +85,61 @@ impl HostBuffers for burn::backend::NdArray {
 
 #[cfg(feature = "flex")]
 impl HostBuffers for burn::backend::Flex {
-    fn f32_slice(t: &FloatTensor<Self>) -> Option<&[f32]> {
-        t.as_slice::<f32>()
+    fn f32_view(t: &FloatTensor<Self>) -> Option<HostView<'_, f32>> {
+        let layout = t.layout();
+        (t.dtype() == DType::F32).then_some(())?;
+        HostView::new(t.storage::<f32>(), layout.start_offset(), layout.strides())
     }
-    fn f64_slice(t: &FloatTensor<Self>) -> Option<&[f64]> {
-        t.as_slice::<f64>()
+    fn f64_view(t: &FloatTensor<Self>) -> Option<HostView<'_, f64>> {
+        let layout = t.layout();
+        (t.dtype() == DType::F64).then_some(())?;
+        HostView::new(t.storage::<f64>(), layout.start_offset(), layout.strides())
     }
 }
 
-/// A kernel element type that can be borrowed from a CPU backend's buffer.
+/// A kernel element type that can be read from a CPU backend's buffer.
 pub(crate) trait HostElement: Real + Element {
-    /// Borrowed when the tensor already is a row-major buffer of `Self`.
-    fn borrow<B: HostBuffers>(t: &FloatTensor<B>) -> Option<&[Self]>;
+    /// The tensor's buffer, when it holds `Self`.
+    fn view<B: HostBuffers>(t: &FloatTensor<B>) -> Option<HostView<'_, Self>>;
 }
 
 impl HostElement for f32 {
-    fn borrow<B: HostBuffers>(t: &FloatTensor<B>) -> Option<&[Self]> {
-        B::f32_slice(t)
+    fn view<B: HostBuffers>(t: &FloatTensor<B>) -> Option<HostView<'_, Self>> {
+        B::f32_view(t)
     }
 }
 
 impl HostElement for f64 {
-    fn borrow<B: HostBuffers>(t: &FloatTensor<B>) -> Option<&[Self]> {
-        B::f64_slice(t)
+    fn view<B: HostBuffers>(t: &FloatTensor<B>) -> Option<HostView<'_, Self>> {
+        B::f64_view(t)
     }
+}
+
+/// Rows of every `(batch, head)` slice gathered into a row-major buffer: row `p` of slice
+/// `(a, b)` is row `index[p]` (or `p` without an index) of `view`; `width` elements per
+/// row, copied as one run when the row is contiguous.
+fn gather_rows<T: Copy>(
+    view: &HostView<'_, T>,
+    shape: [usize; 4],
+    index: Option<&[usize]>,
+) -> Vec<T> {
+    let [d0, d1, rows, width] = shape;
+    let [s0, s1, s2, s3] = view.strides;
+    let mut out = Vec::with_capacity(d0 * d1 * rows * width);
+    for a in 0..d0 {
+        for b in 0..d1 {
+            for p in 0..rows {
+                let row = index.map_or(p, |index| index[p]);
+                let start = view.offset + a * s0 + b * s1 + row * s2;
+                if s3 == 1 || width == 1 {
+                    out.extend_from_slice(&view.data[start..start + width]);
+                } else {
+                    out.extend((0..width).map(|e| view.data[start + e * s3]));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Rows of every `(batch, head)` slice reordered: row `p` of the result is row `index[p]`
@@ -77,17 +154,36 @@ fn reorder_rows<T: Copy>(src: &[T], rows: usize, width: usize, index: &[usize]) 
     out
 }
 
-/// Kernel inputs in layout positions: `t` read as [`host`] does, then reordered by the
-/// layout's token order, if it has one.
+/// Kernel inputs in layout positions, row-major `[batch, heads, n, width]`: borrowed when
+/// the backend's buffer already is that, else gathered in one pass from its strided
+/// buffer (transposed views, the layout's token order), else read through `TensorData`
+/// (other dtypes, broadcast views).
 fn positions<'a, B: HostBuffers, T: HostElement>(
     t: &'a FloatTensor<B>,
     layout: &BlockLayout,
     width: usize,
 ) -> Cow<'a, [T]> {
-    let buffer = host::<B, T>(t);
-    match layout.order() {
-        None => buffer,
-        Some((order, _)) => Cow::Owned(reorder_rows(&buffer, layout.seq_len(), width, order)),
+    let dims = t.shape();
+    let shape = match *dims.as_slice() {
+        [a, b, c] => [a, b, c, 1],
+        [a, b, c, e] => [a, b, c, e],
+        _ => unreachable!("attention tensors are rank 3 or 4, got {dims:?}"),
+    };
+    let order = layout.order().map(|(order, _)| order);
+    if let Some(view) = T::view::<B>(t) {
+        return match (order, view.row_major(shape)) {
+            (None, Some(slice)) => Cow::Borrowed(slice),
+            _ => Cow::Owned(gather_rows(&view, shape, order)),
+        };
+    }
+    let data = read_sync(B::float_into_data(t.clone())).expect("reading a CPU tensor cannot fail");
+    let buffer = data
+        .convert::<T>()
+        .try_into_vec::<T>()
+        .expect("converted above");
+    match order {
+        None => Cow::Owned(buffer),
+        Some(order) => Cow::Owned(reorder_rows(&buffer, layout.seq_len(), width, order)),
     }
 }
 
@@ -96,23 +192,6 @@ fn tokens<T: Copy>(values: Vec<T>, layout: &BlockLayout, width: usize) -> Vec<T>
     match layout.order() {
         None => values,
         Some((_, inverse)) => reorder_rows(&values, layout.seq_len(), width, inverse),
-    }
-}
-
-/// The elements of `t` in `T`: borrowed without a copy when possible, else read through
-/// `TensorData` (other dtypes, non-contiguous views).
-fn host<B: HostBuffers, T: HostElement>(t: &FloatTensor<B>) -> Cow<'_, [T]> {
-    match T::borrow::<B>(t) {
-        Some(slice) => Cow::Borrowed(slice),
-        None => {
-            let data =
-                read_sync(B::float_into_data(t.clone())).expect("reading a CPU tensor cannot fail");
-            Cow::Owned(
-                data.convert::<T>()
-                    .try_into_vec::<T>()
-                    .expect("converted above"),
-            )
-        }
     }
 }
 

@@ -1,0 +1,76 @@
+//! Checkpoints: the model (Burn record), the optimizer state (Burn record) and the run's
+//! progress (JSON), all in one directory, so a run can be resumed where it stopped.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+/// Progress of a run: what it trains and where it is.
+#[derive(Serialize, Deserialize)]
+pub struct TrainState {
+    /// Model configuration (JSON of `SparseTransformerConfig`).
+    pub model: serde_json::Value,
+    /// Pattern name as given on the command line (`dense` for the baseline).
+    pub pattern: String,
+    /// Steps done.
+    pub step: usize,
+    /// `(step, bits per byte)` of training batches.
+    pub train_curve: Vec<(usize, f64)>,
+    /// `(step, bits per byte)` of the validation set.
+    pub valid_curve: Vec<(usize, f64)>,
+    /// Training seconds so far (evaluation excluded).
+    pub train_seconds: f64,
+    /// Training tokens so far.
+    pub train_tokens: u64,
+}
+
+/// The files of a checkpoint directory.
+pub struct Checkpoint {
+    dir: PathBuf,
+}
+
+impl Checkpoint {
+    /// The checkpoint in `dir`, created if missing.
+    pub fn new(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The model record.
+    pub fn model(&self) -> PathBuf {
+        self.dir.join("model.bpk")
+    }
+
+    /// The optimizer record.
+    pub fn optimizer(&self) -> PathBuf {
+        self.dir.join("optimizer.bpk")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.join("train.json")
+    }
+
+    /// Writes the progress file (records are written by the caller with Burn).
+    pub fn save_state(&self, state: &TrainState) -> anyhow::Result<()> {
+        std::fs::write(self.state(), serde_json::to_string_pretty(state)?)
+            .with_context(|| format!("writing {}", self.state().display()))
+    }
+
+    /// Reads the progress file of an existing checkpoint.
+    pub fn load_state(&self) -> anyhow::Result<TrainState> {
+        for file in [self.state(), self.model(), self.optimizer()] {
+            if !file.is_file() {
+                bail!(
+                    "no checkpoint to resume in {}: {} is missing (run once without --resume)",
+                    self.dir.display(),
+                    file.display()
+                );
+            }
+        }
+        let text = std::fs::read_to_string(self.state())?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", self.state().display()))
+    }
+}

@@ -1,0 +1,418 @@
+//! Train a byte-level sparse transformer language model — the project's main command.
+//!
+//! ```text
+//! cargo run --release --example train                      # built-in text, local pattern
+//! cargo run --release --example train -- --pattern fixed   # any built-in pattern
+//! cargo run --release --example train -- --dense           # Burn's dense attention
+//! cargo run --release --example train -- --data enwik8 --seq-len 1024 --steps 5000
+//! cargo run --release --example train -- --resume          # continue the last run
+//! ```
+//!
+//! Default data is this repository's own docs and sources (gathered at build time), the
+//! last 10% held out. Writes `target/train/{model.bpk, optimizer.bpk, train.json,
+//! loss.png}` and prints validation bits per byte, tokens/s and a generated sample.
+
+mod checkpoint;
+mod data;
+mod plot;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Int, Tensor, TensorData, activation::softmax};
+use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sparse_attn::backends;
+use sparse_attn::nn::{
+    PatternConfig, PositionEncoding, SparseTransformer, SparseTransformerConfig,
+};
+
+use checkpoint::{Checkpoint, TrainState};
+use data::{Corpus, random_batch, sequential_batches};
+
+/// The causal built-in patterns (a language model must not see the next byte).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Pattern {
+    /// Causal dense, as a sparse layout.
+    All,
+    /// The query and the `ctx - 1` bytes before it.
+    Local,
+    /// Every `stride`-th earlier byte.
+    Strided,
+    /// The paper's strided pattern: local ∪ strided.
+    PaperStrided,
+    /// The paper's fixed pattern (local chunks + summary columns per head group).
+    Fixed,
+    /// Dilated causal window.
+    Dilated,
+    /// Causal window and a global first token.
+    Longformer,
+    /// Causal window, a global first token and seeded random blocks.
+    Bigbird,
+    /// Attention sinks and a causal window.
+    Streaming,
+    /// Consecutive causal windows of two sizes.
+    VariableWindows,
+    /// Heads alternating local and strided.
+    Mixed,
+}
+
+#[derive(Parser)]
+#[command(about = "Train a byte-level sparse transformer language model")]
+struct Args {
+    /// Text file to train on (any bytes; enwik8 works as is). Default: built-in corpus.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Attention pattern.
+    #[arg(long, value_enum, default_value = "local")]
+    pattern: Pattern,
+    /// Train with Burn's dense `MultiHeadAttention` (causal mask) instead.
+    #[arg(long)]
+    dense: bool,
+    /// Backend (those compiled in: ndarray by default; flex, wgpu with their features).
+    #[arg(long, default_value = "ndarray")]
+    backend: String,
+    /// Tokens per training sequence.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Total optimizer steps (a resumed run continues up to this count).
+    #[arg(long, default_value_t = 400)]
+    steps: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 128)]
+    d_model: usize,
+    /// Heads.
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// Blocks.
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    /// Layout block size.
+    #[arg(long, default_value_t = 32)]
+    block: usize,
+    /// Window / local context of the pattern.
+    #[arg(long, default_value_t = 64)]
+    ctx: usize,
+    /// Stride of the strided patterns.
+    #[arg(long, default_value_t = 16)]
+    stride: usize,
+    /// Peak learning rate (AdamW; linear warm-up, cosine decay).
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    /// Dropout.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f64,
+    /// Sinusoidal instead of learned positions.
+    #[arg(long)]
+    sinusoidal: bool,
+    /// Steps between validations (and checkpoints).
+    #[arg(long, default_value_t = 50)]
+    eval_every: usize,
+    /// Validation windows (consecutive, from the held-out tail).
+    #[arg(long, default_value_t = 48)]
+    eval_windows: usize,
+    /// Checkpoint and plot directory.
+    #[arg(long, default_value = "target/train")]
+    out: PathBuf,
+    /// Resume from the checkpoint in `--out`.
+    #[arg(long)]
+    resume: bool,
+    /// Bytes to generate at the end (0: none).
+    #[arg(long, default_value_t = 300)]
+    sample_len: usize,
+    /// Prompt of the generated sample.
+    #[arg(long, default_value = "/// Block-sparse attention")]
+    prompt: String,
+    /// Seed of initialisation, batches and sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+impl Args {
+    fn pattern_config(&self) -> PatternConfig {
+        let (ctx, stride) = (self.ctx, self.stride);
+        match self.pattern {
+            Pattern::All => PatternConfig::All,
+            Pattern::Local => PatternConfig::Local { ctx },
+            Pattern::Strided => PatternConfig::Strided { stride },
+            Pattern::PaperStrided => PatternConfig::PaperStrided { ctx: stride },
+            Pattern::Fixed => PatternConfig::Fixed {
+                local_ctx: ctx,
+                num_verts: 2,
+                vertsize: 1,
+            },
+            Pattern::Dilated => PatternConfig::Dilated {
+                window: ctx / 2,
+                dilation: 2,
+                causal: true,
+            },
+            Pattern::Longformer => PatternConfig::Longformer {
+                window: ctx,
+                globals: vec![0],
+                causal: true,
+            },
+            Pattern::Bigbird => PatternConfig::BigBird {
+                window: ctx,
+                globals: vec![0],
+                random_blocks: 1,
+                random_block: self.block,
+                seed: self.seed,
+                causal: true,
+            },
+            Pattern::Streaming => PatternConfig::Streaming {
+                sinks: 4,
+                window: ctx,
+            },
+            Pattern::VariableWindows => PatternConfig::VariableWindows {
+                sizes: vec![ctx / 2, ctx],
+                causal: true,
+            },
+            Pattern::Mixed => PatternConfig::PerHead(
+                (0..self.heads)
+                    .map(|h| match h % 2 {
+                        0 => PatternConfig::Local { ctx },
+                        _ => PatternConfig::Strided { stride },
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn model_config(&self) -> SparseTransformerConfig {
+        let positions = match self.sinusoidal {
+            true => PositionEncoding::Sinusoidal,
+            false => PositionEncoding::Learned,
+        };
+        SparseTransformerConfig::new(
+            256,
+            self.d_model,
+            self.heads,
+            self.layers,
+            self.seq_len,
+            self.pattern_config(),
+        )
+        .with_block_size(self.block)
+        .with_dropout(self.dropout)
+        .with_positions(positions)
+        .with_dense(self.dense)
+    }
+
+    /// Warm-up over the first 10% of the steps, then cosine decay to 10% of the peak.
+    fn learning_rate(&self, step: usize) -> f64 {
+        let warmup = (self.steps / 10).max(1);
+        if step < warmup {
+            return self.lr * (step + 1) as f64 / warmup as f64;
+        }
+        let progress = (step - warmup) as f64 / (self.steps - warmup).max(1) as f64;
+        self.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos()))
+    }
+}
+
+/// Mean validation loss in bits per byte (no autodiff, dropout off).
+fn validate(model: &SparseTransformer, batches: &[Tensor<2, Int>]) -> anyhow::Result<f64> {
+    let model = model.valid();
+    let (mut sum, mut rows) = (0.0, 0);
+    for batch in batches {
+        let n = batch.dims()[0];
+        let loss: f32 = model.loss(batch.clone())?.into_scalar();
+        sum += f64::from(loss) * n as f64;
+        rows += n;
+    }
+    Ok(sum / rows as f64 / std::f64::consts::LN_2)
+}
+
+/// Samples `len` bytes after `prompt` (temperature 0.8), the context cut to `seq_len`.
+fn generate(
+    model: &SparseTransformer,
+    prompt: &str,
+    len: usize,
+    seq_len: usize,
+    rng: &mut StdRng,
+    device: &Device,
+) -> anyhow::Result<String> {
+    let model = model.valid();
+    let mut bytes = prompt.as_bytes().to_vec();
+    if bytes.is_empty() {
+        bytes.push(b'\n');
+    }
+    for _ in 0..len {
+        let context = &bytes[bytes.len().saturating_sub(seq_len)..];
+        let ids: Vec<i64> = context.iter().map(|&b| b as i64).collect();
+        let n = ids.len();
+        let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), device);
+        let logits = model
+            .forward(tokens)?
+            .slice([0..1, n - 1..n, 0..256])
+            .reshape([256]);
+        let probs: Vec<f32> = softmax(logits.div_scalar(0.8), 0)
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let mut u: f32 = rng.random();
+        let next = probs
+            .iter()
+            .position(|&p| {
+                u -= p;
+                u <= 0.0
+            })
+            .unwrap_or(255);
+        bytes.push(next as u8);
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let device = backends::device(&args.backend)?;
+    let train_device = device.clone().autodiff();
+    let corpus = Corpus::load(args.data.as_deref(), 0.1, args.seq_len + 1)?;
+    let checkpoint = Checkpoint::new(&args.out)?;
+    let pattern = if args.dense {
+        "dense".to_string()
+    } else {
+        format!("{:?}", args.pattern).to_lowercase()
+    };
+
+    let (config, mut state) = if args.resume {
+        let state = checkpoint.load_state()?;
+        let config: SparseTransformerConfig = serde_json::from_value(state.model.clone())
+            .context("the checkpoint's model configuration")?;
+        (config, state)
+    } else {
+        let config = args.model_config();
+        let state = TrainState {
+            model: serde_json::to_value(&config)?,
+            pattern: pattern.clone(),
+            step: 0,
+            train_curve: Vec::new(),
+            valid_curve: Vec::new(),
+            train_seconds: 0.0,
+            train_tokens: 0,
+        };
+        (config, state)
+    };
+    let seq_len = config.max_seq_len;
+    let mut model = config.init(&train_device)?;
+    let mut optimizer = AdamWConfig::new().with_weight_decay(0.01).init();
+    if args.resume {
+        model = model
+            .try_load_file(checkpoint.model())
+            .with_context(|| format!("loading {}", checkpoint.model().display()))?;
+        optimizer = optimizer
+            .load(checkpoint.optimizer())
+            .with_context(|| format!("loading {}", checkpoint.optimizer().display()))?;
+    }
+    println!(
+        "data: {} ({} training / {} validation bytes)\nmodel: {} parameters, pattern {}, seq_len {seq_len}, backend {}{}",
+        corpus.source,
+        corpus.train.len(),
+        corpus.valid.len(),
+        model.num_params(),
+        state.pattern,
+        args.backend,
+        if args.resume {
+            format!(", resumed at step {}", state.step)
+        } else {
+            String::new()
+        },
+    );
+
+    let valid = sequential_batches(
+        &corpus.valid,
+        args.batch,
+        seq_len + 1,
+        args.eval_windows,
+        &device,
+    );
+    let mut rng = StdRng::seed_from_u64(args.seed.wrapping_add(state.step as u64));
+    if state.valid_curve.is_empty() {
+        state.valid_curve.push((0, validate(&model, &valid)?));
+    }
+    let bar = ProgressBar::new(args.steps as u64).with_position(state.step as u64);
+    bar.set_style(ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+    )?);
+    let mut last_valid = state.valid_curve.last().map_or(f64::NAN, |p| p.1);
+    while state.step < args.steps {
+        let tick = Instant::now();
+        let batch = random_batch(
+            &corpus.train,
+            args.batch,
+            seq_len + 1,
+            &mut rng,
+            &train_device,
+        );
+        let loss = model.loss(batch)?;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(args.learning_rate(state.step), model, grads);
+        let loss: f32 = loss.into_scalar();
+        state.train_seconds += tick.elapsed().as_secs_f64();
+        state.train_tokens += (args.batch * seq_len) as u64;
+        state.step += 1;
+        let bits = f64::from(loss) / std::f64::consts::LN_2;
+        state.train_curve.push((state.step, bits));
+        if state.step % args.eval_every == 0 || state.step == args.steps {
+            last_valid = validate(&model, &valid)?;
+            state.valid_curve.push((state.step, last_valid));
+            model.clone().save_file(checkpoint.model())?;
+            optimizer.save(checkpoint.optimizer())?;
+            checkpoint.save_state(&state)?;
+        }
+        bar.set_position(state.step as u64);
+        bar.set_message(format!(
+            "train {bits:.3} bpb | valid {last_valid:.3} bpb | {:.0} tok/s",
+            state.train_tokens as f64 / state.train_seconds
+        ));
+    }
+    bar.finish();
+    if state.train_curve.is_empty() {
+        checkpoint.save_state(&state)?;
+    }
+
+    let plot = args.out.join("loss.png");
+    let title = format!("byte LM, {} attention, n = {seq_len}", state.pattern);
+    plot::loss_curves(&plot, &title, &state.train_curve, &state.valid_curve)?;
+    let first = state.valid_curve.first().map_or(f64::NAN, |p| p.1);
+    println!(
+        "validation bits/byte: {first:.3} (step 0) -> {last_valid:.3} (step {}); {:.0} training tokens/s; wall time {:.1} s",
+        state.step,
+        state.train_tokens as f64 / state.train_seconds.max(1e-9),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "wrote {}, {}, {}",
+        checkpoint.model().display(),
+        checkpoint.optimizer().display(),
+        plot.display()
+    );
+    if args.sample_len > 0 {
+        let sample = generate(
+            &model,
+            &args.prompt,
+            args.sample_len,
+            seq_len,
+            &mut rng,
+            &device,
+        )?;
+        println!("--- sample ---\n{sample}\n--------------");
+    }
+    Ok(())
+}
