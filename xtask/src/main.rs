@@ -1,5 +1,5 @@
 //! Maintainer tasks (matklad's xtask pattern): `cargo xtask ci`, `cargo xtask bench cpu`,
-//! `cargo xtask bench-layout`.
+//! `cargo xtask bench train`, `cargo xtask bench-layout`.
 
 mod plot;
 
@@ -24,7 +24,7 @@ enum Task {
     BenchLayout,
     /// Benchmarks (release build); extra arguments go to the benchmark binary.
     Bench {
-        /// Which benchmark: `cpu`.
+        /// Which benchmark: `cpu` (attention kernels) or `train` (end-to-end training).
         target: String,
         /// Arguments for the benchmark binary (after `--`).
         #[arg(last = true)]
@@ -74,7 +74,8 @@ fn main() -> Result<()> {
         Task::Bench { target, args } => {
             let (example, features) = match target.as_str() {
                 "cpu" => ("bench_cpu", "flex"),
-                other => bail!("unknown benchmark `{other}`: expected cpu"),
+                "train" => ("bench_train", "flex"),
+                other => bail!("unknown benchmark `{other}`: expected cpu or train"),
             };
             let mut cmd = vec![
                 "run",
@@ -89,6 +90,9 @@ fn main() -> Result<()> {
             ];
             cmd.extend(args.iter().map(String::as_str));
             cargo(&cmd)?;
+            if target != "cpu" {
+                return Ok(());
+            }
             let json = Path::new("target/bench/cpu.json");
             let png = Path::new("target/bench/cpu.png");
             plot::cpu(json, png)?;
