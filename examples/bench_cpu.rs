@@ -1,6 +1,7 @@
 //! CPU benchmark of the fused kernels: forward and forward+backward time, useful GFLOP/s
-//! (FLOPs of allowed query-key pairs only), Burn's dense causal attention and the
-//! machine's f32 GEMM rate, all measured in the same run on the same backend.
+//! (FLOPs of allowed query-key pairs only), Burn's dense causal attention, the portable
+//! path (Burn tensor ops over gathered blocks, Burn autodiff) and the machine's f32 GEMM
+//! rate, all measured in the same run on the same backend.
 //!
 //! `cargo xtask bench cpu` (release build) prints a markdown table and writes
 //! `target/bench/cpu.json`. Every timing is the median of several runs after a warm-up;
@@ -15,11 +16,13 @@ use burn::tensor::{Device, Distribution, Tensor};
 use clap::Parser;
 use serde::Serialize;
 use sparse_attn::pattern::{Band, BigBird, BigBirdConfig, Fixed, Strided};
-use sparse_attn::{AttentionOptions, BlockLayout, Pattern, sparse_attention};
+use sparse_attn::{
+    AttentionOptions, BlockLayout, Pattern, sparse_attention, sparse_attention_portable,
+};
 
 #[derive(Parser)]
 struct Args {
-    /// Backend: ndarray or flex.
+    /// Backend: ndarray, or flex with the `flex` feature.
     #[arg(long, default_value = "ndarray")]
     backend: String,
     /// Sequence lengths.
@@ -51,6 +54,9 @@ struct Args {
     /// Largest n for Burn's dense attention (it allocates n x n per head).
     #[arg(long, default_value_t = 8192)]
     dense_max_n: usize,
+    /// Largest n for the portable path (Burn tensor ops over gathered blocks).
+    #[arg(long, default_value_t = 8192)]
+    portable_max_n: usize,
     /// JSON output.
     #[arg(long, default_value = "target/bench/cpu.json")]
     out: PathBuf,
@@ -70,7 +76,45 @@ struct Row {
     fwd_bwd_ms: Option<f64>,
     useful_gflops: f64,
     dense_fwd_ms: Option<f64>,
+    portable_fwd_ms: Option<f64>,
+    portable_fwd_bwd_ms: Option<f64>,
     gemm_gflops: f64,
+}
+
+/// An attention entry point: the fused path or the portable one.
+type Attend = fn(
+    Tensor<4>,
+    Tensor<4>,
+    Tensor<4>,
+    &BlockLayout,
+    AttentionOptions,
+) -> sparse_attn::Result<Tensor<4>>;
+
+/// Median forward and (unless `forward_only`) forward+backward times in ms of `attend`.
+fn time_attention(
+    attend: Attend,
+    qkv: [&Tensor<4>; 3],
+    layout: &BlockLayout,
+    reps: usize,
+    forward_only: bool,
+) -> (f64, Option<f64>) {
+    let [q, k, v] = qkv;
+    let opts = AttentionOptions::default();
+    let fwd_ms = median_ms(reps, || {
+        sync(attend(q.clone(), k.clone(), v.clone(), layout, opts).expect("valid inputs"))
+    });
+    let fwd_bwd_ms = (!forward_only).then(|| {
+        let ad = q.device().autodiff();
+        let g = Tensor::<4>::random(q.dims(), Distribution::Normal(0.0, 1.0), &ad);
+        let [qa, ka, va] = qkv.map(|t| Tensor::<4>::from_data(t.to_data(), &ad).require_grad());
+        median_ms(reps, || {
+            let out =
+                attend(qa.clone(), ka.clone(), va.clone(), layout, opts).expect("valid inputs");
+            let grads = (out * g.clone()).sum().backward();
+            sync(qa.grad(&grads).expect("tracked"));
+        })
+    });
+    (fwd_ms, fwd_bwd_ms)
 }
 
 /// Median wall time in ms of `f` over `reps` runs after one warm-up.
@@ -129,21 +173,9 @@ fn gemm_gflops(device: &Device) -> f64 {
     2.0 * (m as f64).powi(3) / (ms * 1e6)
 }
 
-#[allow(deprecated)] // burn-ndarray is deprecated upstream (0.22) but is our default backend.
-fn device(name: &str) -> Device {
-    match name {
-        "ndarray" => Device::ndarray(),
-        #[cfg(feature = "flex")]
-        "flex" => Device::flex(),
-        other => {
-            panic!("unknown backend {other}: expected ndarray or flex (with the `flex` feature)")
-        }
-    }
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let device = device(&args.backend);
+    let device = sparse_attn::backends::device(&args.backend)?;
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
     let gemm = gemm_gflops(&device);
     println!(
@@ -151,9 +183,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.backend
     );
     println!(
-        "| pattern | n | b | density | fwd ms | fwd+bwd ms | bwd/fwd | useful GFLOP/s | % GEMM | dense fwd ms | speedup | 0.7/density |"
+        "| pattern | n | b | density | fwd ms | fwd+bwd ms | bwd/fwd | useful GFLOP/s | % GEMM | dense fwd ms | speedup | 0.7/density | portable fwd ms | portable fwd+bwd ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let (h, d) = (args.heads, args.head_dim);
     let mut rows = Vec::new();
     // Burn's dense attention does not depend on the pattern: time it once per n.
@@ -169,26 +201,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let x =
                     || Tensor::<4>::random([1, h, n, d], Distribution::Normal(0.0, 1.0), &device);
                 let (q, k, v) = (x(), x(), x());
-                let opts = AttentionOptions::default();
-                let fwd_ms = median_ms(reps, || {
-                    sync(
-                        sparse_attention(q.clone(), k.clone(), v.clone(), &layout, opts)
-                            .expect("valid inputs"),
-                    )
-                });
-                let fwd_bwd_ms = (!args.forward_only).then(|| {
-                    let ad = device.clone().autodiff();
-                    let g = Tensor::<4>::random([1, h, n, d], Distribution::Normal(0.0, 1.0), &ad);
-                    let [qa, ka, va] = [&q, &k, &v]
-                        .map(|t| Tensor::<4>::from_data(t.to_data(), &ad).require_grad());
-                    median_ms(reps, || {
-                        let out =
-                            sparse_attention(qa.clone(), ka.clone(), va.clone(), &layout, opts)
-                                .expect("valid inputs");
-                        let grads = (out * g.clone()).sum().backward();
-                        sync(qa.grad(&grads).expect("tracked"));
-                    })
-                });
+                let (fwd_ms, fwd_bwd_ms) = time_attention(
+                    sparse_attention,
+                    [&q, &k, &v],
+                    &layout,
+                    reps,
+                    args.forward_only,
+                );
+                let (portable_fwd_ms, portable_fwd_bwd_ms) = if n <= args.portable_max_n {
+                    let (f, fb) = time_attention(
+                        sparse_attention_portable,
+                        [&q, &k, &v],
+                        &layout,
+                        reps,
+                        args.forward_only,
+                    );
+                    (Some(f), fb)
+                } else {
+                    (None, None)
+                };
                 let dense_fwd_ms = (n <= args.dense_max_n).then(|| {
                     *dense_cache.entry(n).or_insert_with(|| {
                         let options = AttentionModuleOptions {
@@ -211,13 +242,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let useful = 4.0 * pairs as f64 * d as f64 / (fwd_ms * 1e6);
                 let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
                 println!(
-                    "| {name} | {n} | {block} | {density:.4} | {fwd_ms:.2} | {} | {} | {useful:.1} | {:.0}% | {} | {} | {:.1} |",
+                    "| {name} | {n} | {block} | {density:.4} | {fwd_ms:.2} | {} | {} | {useful:.1} | {:.0}% | {} | {} | {:.1} | {} | {} |",
                     fmt(fwd_bwd_ms),
                     fmt(fwd_bwd_ms.map(|t| (t - fwd_ms) / fwd_ms)),
                     100.0 * useful / gemm,
                     fmt(dense_fwd_ms),
                     fmt(dense_fwd_ms.map(|t| t / fwd_ms)),
                     0.7 / density,
+                    fmt(portable_fwd_ms),
+                    fmt(portable_fwd_bwd_ms),
                 );
                 rows.push(Row {
                     backend: args.backend.clone(),
@@ -232,6 +265,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     fwd_bwd_ms,
                     useful_gflops: useful,
                     dense_fwd_ms,
+                    portable_fwd_ms,
+                    portable_fwd_bwd_ms,
                     gemm_gflops: gemm,
                 });
             }

@@ -53,6 +53,46 @@ pub fn sparse_attention(
     layout: &BlockLayout,
     options: AttentionOptions,
 ) -> Result<Tensor<4>> {
+    let scale = validate(&q, &k, &v, layout, options)?;
+    Ok(raw_attention(q, k, v, layout, scale))
+}
+
+/// [`sparse_attention`] through the portable path: Burn tensor operations over the
+/// gathered active key blocks of each query block (padded to the largest row degree), on
+/// any backend, differentiated by Burn's autodiff op by op.
+///
+/// This is what a backend without fused kernels runs; it is exposed to compare against
+/// (`bench_cpu` times it next to the fused kernels) and to debug a backend. Memory grows
+/// with the active blocks, never with `n x n`, but is larger than the fused kernels'.
+///
+/// # Errors
+/// As [`sparse_attention`].
+pub fn sparse_attention_portable(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    layout: &BlockLayout,
+    options: AttentionOptions,
+) -> Result<Tensor<4>> {
+    let scale = validate(&q, &k, &v, layout, options)?;
+    let (out, _lse) = crate::backend::portable::forward::<Dispatch>(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        layout,
+        scale,
+    );
+    Ok(Tensor::from_dispatch(out))
+}
+
+/// Checks shapes, devices, layout and scale; returns the scale to use.
+fn validate(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    layout: &BlockLayout,
+    options: AttentionOptions,
+) -> Result<f64> {
     let dims = q.dims();
     let [_, heads, n, d] = dims;
     if let Some(name) = ["batch", "heads", "seq_len", "head_dim"]
@@ -62,7 +102,7 @@ pub fn sparse_attention(
     {
         return Err(SparseAttentionError::Zero { name });
     }
-    for (name, t) in [("k", &k), ("v", &v)] {
+    for (name, t) in [("k", k), ("v", v)] {
         if t.dims() != dims {
             return Err(SparseAttentionError::Shape {
                 name,
@@ -83,7 +123,7 @@ pub fn sparse_attention(
     if !(scale.is_finite() && scale > 0.0) {
         return Err(SparseAttentionError::Scale(scale));
     }
-    Ok(raw_attention(q, k, v, layout, scale))
+    Ok(scale)
 }
 
 /// Checks that `layout` was built for `n` tokens and `heads` heads.

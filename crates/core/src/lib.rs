@@ -41,7 +41,7 @@ pub mod pattern;
 mod picture;
 pub mod reference;
 
-pub use api::{AttentionOptions, sparse_attention};
+pub use api::{AttentionOptions, sparse_attention, sparse_attention_portable};
 pub use backend::SparseAttentionBackend;
 pub use cache::LayoutCache;
 pub use error::{Result, SparseAttentionError};

@@ -10,12 +10,30 @@ use sparse_attn_core::pattern::{
     Strided, Union, VariableWindows,
 };
 use sparse_attn_core::reference::{RefShape, reference_backward, reference_forward};
-use sparse_attn_core::{AttentionOptions, BlockLayout, Pattern, sparse_attention};
+use sparse_attn_core::{
+    AttentionOptions, BlockLayout, Pattern, Result, sparse_attention, sparse_attention_portable,
+};
 
 use crate::common::{Rng, assert_close, devices, to_tensor};
 
+/// An attention entry point under test.
+type Attend =
+    fn(Tensor<4>, Tensor<4>, Tensor<4>, &BlockLayout, AttentionOptions) -> Result<Tensor<4>>;
+
 /// Runs forward and backward of `pattern` on every backend and compares with the reference.
 fn check(pattern: &dyn Pattern, n: usize, block: usize, heads: usize, d: usize) {
+    check_with(sparse_attention, pattern, n, block, heads, d);
+}
+
+/// [`check`] for a given entry point.
+fn check_with(
+    attend: Attend,
+    pattern: &dyn Pattern,
+    n: usize,
+    block: usize,
+    heads: usize,
+    d: usize,
+) {
     let layout = BlockLayout::build(pattern, n, block, heads).unwrap();
     let shape = RefShape {
         batch: 2,
@@ -36,7 +54,7 @@ fn check(pattern: &dyn Pattern, n: usize, block: usize, heads: usize, d: usize) 
             pattern.name()
         );
         let [tq, tk, tv] = [&q, &k, &v].map(|x| to_tensor(x, dims, &device).require_grad());
-        let out = sparse_attention(
+        let out = attend(
             tq.clone(),
             tk.clone(),
             tv.clone(),
@@ -150,10 +168,31 @@ fn head_counts_and_dims(#[case] heads: usize, #[case] d: usize) {
     check(&Band::sliding_window(6).unwrap(), 19, 4, heads, d);
 }
 
-/// Non-contiguous inputs (after `swap_dims`) give the same result as contiguous ones.
-#[test]
-fn non_contiguous_inputs() {
-    let layout = BlockLayout::build(&Band::causal(), 12, 4, 2).unwrap();
+/// The portable path (Burn tensor ops, Burn's autodiff for the backward) against the
+/// reference: natural order, token order (strided), per-head layouts, masks, empty rows.
+#[rstest]
+fn portable_path(#[values("local", "strided", "fixed", "per_head")] name: &str) {
+    let n = 21;
+    let heads = if matches!(name, "per_head" | "fixed") {
+        2
+    } else {
+        3
+    };
+    check_with(
+        sparse_attention_portable,
+        pattern(name, n).as_ref(),
+        n,
+        8,
+        heads,
+        5,
+    );
+}
+
+/// Non-contiguous inputs (after `swap_dims`) give the same result as contiguous ones, in
+/// natural and in permuted (strided) token order.
+#[rstest]
+fn non_contiguous_inputs(#[values("all", "strided")] name: &str) {
+    let layout = BlockLayout::build(pattern(name, 12).as_ref(), 12, 4, 2).unwrap();
     let mut rng = Rng::new(5);
     let x = rng.normals(2 * 12 * 2 * 4);
     for (backend, device) in devices() {
