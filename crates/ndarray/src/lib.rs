@@ -13,7 +13,7 @@
 //!   `dK`/`dV` in a pass over the transposed (key-block-major) lists. Every output element is
 //!   written by exactly one task in a fixed order, so results are bit-identical run to run.
 //!
-//! Tiles go through `matrixmultiply`'s SIMD GEMM; element masks are applied to partial
+//! Tiles go through the `gemm` crate's SIMD GEMM; element masks are applied to partial
 //! blocks only; work is spread over rayon's pool.
 //!
 //! Rows with no allowed key produce zeros and a log-sum-exp of `-inf`, never NaN.

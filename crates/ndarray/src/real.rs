@@ -34,7 +34,8 @@ pub trait Real:
     fn recip(self) -> Self;
     /// Conversion from `f64` (the scale).
     fn from_f64(x: f64) -> Self;
-    /// `c = alpha a b + beta c` with matrixmultiply's strided GEMM.
+    /// `c = alpha a b + beta c` with the `gemm` crate's strided GEMM (single-threaded: the
+    /// kernels parallelise over tiles).
     ///
     /// # Safety
     /// The pointers and strides must address valid memory for the given sizes.
@@ -57,9 +58,9 @@ pub trait Real:
     );
 }
 
-/// Implements [`Real`] for a float type with its `exp` and matrixmultiply's GEMM.
+/// Implements [`Real`] for a float type with its `exp` and the `gemm` crate's GEMM.
 macro_rules! real_impl {
-    ($t:ty, $exp:expr, $gemm:path) => {
+    ($t:ty, $exp:expr) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -97,13 +98,37 @@ macro_rules! real_impl {
                 rsc: isize,
                 csc: isize,
             ) {
+                // gemm's convention is `dst = alpha_g dst + beta_g lhs rhs` (column and row
+                // strides in that order); `read_dst = false` ignores `dst` when `beta == 0`.
                 // SAFETY: forwarded from the caller's contract.
-                unsafe { $gemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        c,
+                        csc,
+                        rsc,
+                        beta != 0.0,
+                        a,
+                        csa,
+                        rsa,
+                        b,
+                        csb,
+                        rsb,
+                        beta,
+                        alpha,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
             }
         }
     };
 }
 
 // f32 uses the vectorisable exp; f64 keeps the exactly rounded libm one.
-real_impl!(f32, crate::exp::exp, matrixmultiply::sgemm);
-real_impl!(f64, f64::exp, matrixmultiply::dgemm);
+real_impl!(f32, crate::exp::exp);
+real_impl!(f64, f64::exp);

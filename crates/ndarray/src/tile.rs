@@ -26,7 +26,7 @@ pub(crate) fn gemm<T: Real>(
     debug_assert!(k == 0 || b.len() > (k - 1) * rsb + (n - 1) * csb);
     debug_assert!(c.len() >= (m - 1) * ldc + n);
     // SAFETY: the asserts above (checked by the callers' construction of the views) keep
-    // every address matrixmultiply reads or writes inside the given slices.
+    // every address the GEMM reads or writes inside the given slices.
     unsafe {
         T::gemm_raw(
             m,
