@@ -142,16 +142,16 @@ fn gather_rows<T: Copy>(
     out
 }
 
-/// Rows of every `(batch, head)` slice reordered: row `p` of the result is row `index[p]`
-/// of `src` (`width` elements per row, `rows` rows per slice).
+/// Rows of every `rows`-row slice of the row-major `src` reordered by [`gather_rows`]: row
+/// `p` of the result is row `index[p]` (`width` elements per row).
 fn reorder_rows<T: Copy>(src: &[T], rows: usize, width: usize, index: &[usize]) -> Vec<T> {
-    let mut out = Vec::with_capacity(src.len());
-    for slice in src.chunks(rows * width) {
-        for &i in index {
-            out.extend_from_slice(&slice[i * width..(i + 1) * width]);
-        }
-    }
-    out
+    let shape = [src.len() / (rows * width), 1, rows, width];
+    let view = HostView {
+        data: src,
+        offset: 0,
+        strides: [rows * width, rows * width, width, 1],
+    };
+    gather_rows(&view, shape, Some(index))
 }
 
 /// Kernel inputs in layout positions, row-major `[batch, heads, n, width]`: borrowed when
