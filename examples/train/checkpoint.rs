@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
 use serde::{Deserialize, Serialize};
+use sparse_attn::nn::SparseTransformer;
 
 /// Progress of a run: what it trains and where it is.
 #[derive(Serialize, Deserialize)]
@@ -53,8 +56,15 @@ impl Checkpoint {
         self.dir.join("train.json")
     }
 
-    /// Writes the progress file (records are written by the caller with Burn).
-    pub fn save_state(&self, state: &TrainState) -> anyhow::Result<()> {
+    /// Writes the model and optimizer records (Burn's format) and the progress file.
+    pub fn save(
+        &self,
+        model: &SparseTransformer,
+        optimizer: &ModuleOptimizer,
+        state: &TrainState,
+    ) -> anyhow::Result<()> {
+        model.clone().save_file(self.model())?;
+        optimizer.save(self.optimizer())?;
         std::fs::write(self.state(), serde_json::to_string_pretty(state)?)
             .with_context(|| format!("writing {}", self.state().display()))
     }

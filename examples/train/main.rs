@@ -372,9 +372,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         if state.step % args.eval_every == 0 || state.step == args.steps {
             last_valid = validate(&model, &valid)?;
             state.valid_curve.push((state.step, last_valid));
-            model.clone().save_file(checkpoint.model())?;
-            optimizer.save(checkpoint.optimizer())?;
-            checkpoint.save_state(&state)?;
+            checkpoint.save(&model, &optimizer, &state)?;
         }
         bar.set_position(state.step as u64);
         bar.set_message(format!(
@@ -384,7 +382,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     bar.finish();
     if state.train_curve.is_empty() {
-        checkpoint.save_state(&state)?;
+        // `--steps 0` on a fresh run: still leave a complete, resumable checkpoint.
+        checkpoint.save(&model, &optimizer, &state)?;
     }
 
     let plot = args.out.join("loss.png");
