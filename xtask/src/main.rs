@@ -1,6 +1,8 @@
 //! Maintainer tasks (matklad's xtask pattern): `cargo xtask ci`, `cargo xtask bench cpu`,
-//! `cargo xtask bench train`, `cargo xtask bench-layout`.
+//! `cargo xtask bench train`, `cargo xtask bench gpu`, `cargo xtask bench-layout`,
+//! `cargo xtask gpu-bundle`.
 
+mod bundle;
 mod plot;
 
 use std::path::Path;
@@ -24,12 +26,17 @@ enum Task {
     BenchLayout,
     /// Benchmarks (release build); extra arguments go to the benchmark binary.
     Bench {
-        /// Which benchmark: `cpu` (attention kernels) or `train` (end-to-end training).
+        /// Which benchmark: `cpu` (CPU attention kernels), `gpu` (CubeCL kernels through
+        /// Vulkan, next to Burn's dense attention and, with `--flex FILE`, FlexAttention) or
+        /// `train` (end-to-end training).
         target: String,
         /// Arguments for the benchmark binary (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Build the GPU benchmark and the conformance tests (release, `vulkan`), stripped and
+    /// xz-compressed into `.gpu/`, for a GPU machine without a Rust toolchain.
+    GpuBundle,
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
@@ -63,6 +70,7 @@ fn main() -> Result<()> {
             cargo(&["test", "--workspace"])?;
             cargo(&["test", "--workspace", "--features", ALL])
         }
+        Task::GpuBundle => bundle::gpu_bundle(),
         Task::BenchLayout => cargo(&[
             "run",
             "--release",
@@ -74,8 +82,9 @@ fn main() -> Result<()> {
         Task::Bench { target, args } => {
             let (example, features) = match target.as_str() {
                 "cpu" => ("bench_cpu", "flex"),
+                "gpu" => ("bench_gpu", "vulkan"),
                 "train" => ("bench_train", "flex"),
-                other => bail!("unknown benchmark `{other}`: expected cpu or train"),
+                other => bail!("unknown benchmark `{other}`: expected cpu, gpu or train"),
             };
             let mut cmd = vec![
                 "run",

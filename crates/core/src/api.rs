@@ -33,7 +33,9 @@ impl AttentionOptions {
 ///
 /// # Errors
 /// Shapes that differ or are empty, a layout built for another `n` or head count, inputs on
-/// different devices, a scale that is not finite and positive.
+/// different devices, a scale that is not finite and positive, a head dim beyond the
+/// kernels of the device ([`DeviceLimit`](SparseAttentionError::DeviceLimit): above 256 on
+/// CubeCL devices).
 ///
 /// # Example
 /// ```
@@ -54,6 +56,7 @@ pub fn sparse_attention(
     options: AttentionOptions,
 ) -> Result<Tensor<4>> {
     let scale = validate(&q, &k, &v, layout, options)?;
+    check_device_limits(&q, q.dims()[3])?;
     Ok(raw_attention(q, k, v, layout, scale))
 }
 
@@ -66,7 +69,7 @@ pub fn sparse_attention(
 /// with the active blocks, never with `n x n`, but is larger than the fused kernels'.
 ///
 /// # Errors
-/// As [`sparse_attention`].
+/// As [`sparse_attention`], without the device limits of fused kernels.
 pub fn sparse_attention_portable(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -124,6 +127,28 @@ fn validate(
         return Err(SparseAttentionError::Scale(scale));
     }
     Ok(scale)
+}
+
+/// Checks the limits of the kernels that will run on `q`'s device: CubeCL devices (those
+/// that report an identity) serve head dims up to [`sparse_attn_wgpu::MAX_HEAD_DIM`].
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn check_device_limits(q: &Tensor<4>, head_dim: usize) -> Result<()> {
+    let max = sparse_attn_wgpu::MAX_HEAD_DIM;
+    if head_dim > max && q.device().identity().is_some() {
+        return Err(SparseAttentionError::DeviceLimit {
+            what: "head dim",
+            got: head_dim,
+            max,
+            backend: "CubeCL",
+        });
+    }
+    Ok(())
+}
+
+/// CPU backends have no limit beyond those of the input's validity.
+#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+fn check_device_limits(_q: &Tensor<4>, _head_dim: usize) -> Result<()> {
+    Ok(())
 }
 
 /// Checks that `layout` was built for `n` tokens and `heads` heads.

@@ -110,6 +110,19 @@ pub enum SparseAttentionError {
         /// What is supported.
         expected: &'static str,
     },
+    /// The device's kernels cannot run this problem (a limit of the backend, not of the
+    /// input's validity): e.g. a head dim beyond what the CubeCL kernels hold in registers.
+    #[error("{what} {got} is beyond what the {backend} kernels support: expected at most {max}")]
+    DeviceLimit {
+        /// The quantity over the limit (`"head dim"`).
+        what: &'static str,
+        /// Its value.
+        got: usize,
+        /// The limit.
+        max: usize,
+        /// The backend whose kernels have the limit.
+        backend: &'static str,
+    },
 }
 
 /// Shorthand for results of this crate.

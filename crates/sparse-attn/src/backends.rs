@@ -16,6 +16,8 @@ pub const BACKENDS: &[&str] = &[
     "flex",
     #[cfg(feature = "wgpu")]
     "wgpu",
+    #[cfg(feature = "vulkan")]
+    "vulkan",
 ];
 
 /// A backend name this build does not offer.
@@ -31,11 +33,12 @@ pub struct UnknownBackend {
     pub available: Vec<&'static str>,
 }
 
-/// The device of backend `name` (`"ndarray"`, `"flex"`, `"wgpu"`); call `.autodiff()` on
-/// it to train.
+/// The device of backend `name` (`"ndarray"`, `"flex"`, `"wgpu"`, `"vulkan"`); call
+/// `.autodiff()` on it to train.
 ///
 /// `wgpu` takes wgpu's default adapter (the best GPU; `CUBECL_WGPU_DEFAULT_DEVICE=Cpu`
-/// picks a software rasterizer such as lavapipe).
+/// picks a software rasterizer such as lavapipe) and compiles kernels to WGSL; `vulkan`
+/// takes the default Vulkan adapter and compiles kernels with CubeCL's SPIR-V compiler.
 ///
 /// # Errors
 /// [`UnknownBackend`] when `name` is not in [`BACKENDS`].
@@ -56,6 +59,8 @@ pub fn device(name: &str) -> Result<Device, UnknownBackend> {
         "flex" => Device::flex(),
         #[cfg(feature = "wgpu")]
         "wgpu" => Device::wgpu(DeviceKind::DefaultDevice),
+        #[cfg(feature = "vulkan")]
+        "vulkan" => Device::vulkan(DeviceKind::DefaultDevice),
         _ => {
             return Err(UnknownBackend {
                 name: name.to_string(),

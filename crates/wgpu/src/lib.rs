@@ -1,8 +1,32 @@
-//! CubeCL kernels for block-sparse attention (wgpu: Vulkan, Metal, WebGPU; CUDA).
+//! Fused CubeCL kernels for block-sparse attention, forward and backward, for every CubeCL
+//! runtime (wgpu: Vulkan, Metal, WebGPU; Vulkan through CubeCL's SPIR-V compiler; CUDA).
 //!
-//! This crate is where the fused CubeCL forward and backward kernels live (tracked in the
-//! project's CubeCL issue). Until they land, `sparse-attn-core` serves every CubeCL
-//! runtime through its portable path (Burn tensor primitives over the gathered active
-//! blocks, never a dense `n x n` computation), which the conformance suite checks on
-//! lavapipe in CI. The crate already exists so that the workspace layout, features and
-//! dependency direction (kernels know nothing of Burn's dispatch) are fixed.
+//! The algorithm is the one of DESIGN.md §5, as on the CPU:
+//! - forward: one cube per `(batch x head, query block)` and one unit per query row; the
+//!   cube walks the row's active key blocks tile by tile, staging each `K`/`V` tile in shared
+//!   memory once for all its units; each unit keeps its scaled query and its output in
+//!   registers and runs the online softmax in `f32`, whatever the input dtype;
+//! - backward: a `dQ` pass over the CSR rows (which also writes `delta = rowsum(dO * O)`) and
+//!   a `dK`/`dV` pass over the transposed lists, one unit per key row, with `Q`, `dO`, the
+//!   log-sum-exp and `delta` staged per tile. No atomics: each output row has one writer.
+//!
+//! Element masks are read only for partial blocks; a layout's token order is applied by
+//! index inside the kernels (no gather copies); the last block may be short.
+//!
+//! This crate knows nothing of Burn: it takes a CubeCL [`Client`](cubecl::client::Client),
+//! buffer [`Handle`](cubecl::server::Handle)s of contiguous `[batch, heads, seq_len,
+//! head_dim]` tensors and a plain-data [`CsrView`] of the layout. `sparse-attn-core` calls it
+//! from its `CubeBackend` impl. Tile sizes come from the device's limits read at run time
+//! ([`TilePlan::for_device`]): a device with little shared memory gets smaller tiles, never
+//! a failure; what no tile size can serve is a typed [`KernelError`].
+
+mod backward;
+mod error;
+mod forward;
+mod launch;
+mod plan;
+mod tiles;
+
+pub use error::KernelError;
+pub use launch::{AttentionShape, CsrView, backward, forward};
+pub use plan::{MAX_HEAD_DIM, TilePlan};

@@ -12,11 +12,24 @@ pub fn devices() -> Vec<(&'static str, Device)> {
     out.push(("ndarray", Device::ndarray().autodiff()));
     #[cfg(feature = "flex")]
     out.push(("flex", Device::flex().autodiff()));
+    // CI and development machines have no GPU: wgpu runs on lavapipe (software Vulkan).
+    // On a GPU machine, `SPARSE_ATTN_TEST_GPU=1` takes the default adapter instead and, in a
+    // `vulkan` build, adds the SPIR-V compiler's path (lavapipe crashes on it; see GPU.md).
     #[cfg(feature = "wgpu")]
-    out.push((
-        "wgpu",
-        Device::wgpu(burn::tensor::DeviceKind::Cpu).autodiff(),
-    ));
+    {
+        use burn::tensor::DeviceKind;
+        let on_gpu = std::env::var("SPARSE_ATTN_TEST_GPU").is_ok_and(|v| v == "1");
+        let kind = if on_gpu {
+            DeviceKind::DefaultDevice
+        } else {
+            DeviceKind::Cpu
+        };
+        out.push(("wgpu", Device::wgpu(kind).autodiff()));
+        #[cfg(feature = "vulkan")]
+        if on_gpu {
+            out.push(("vulkan", Device::vulkan(kind).autodiff()));
+        }
+    }
     assert!(
         !out.is_empty(),
         "no backend feature enabled: enable ndarray, flex or wgpu"

@@ -1,0 +1,120 @@
+//! The `CubeBackend` impl: a thin wrapper over the fused CubeCL kernels of
+//! `sparse-attn-wgpu` (every CubeCL runtime: wgpu, Vulkan, CUDA).
+//!
+//! Inputs are made contiguous (a no-op for contiguous tensors), outputs are allocated in the
+//! input dtype on the same device, and the kernels apply the layout's token order by index.
+//! The public API has already validated every input, including the kernels' head-dim limit
+//! ([`sparse_attn_wgpu::MAX_HEAD_DIM`]); the kernels' own checks (dtype, device limits)
+//! can then only fail on a device that cannot hold the tensors at all.
+
+use burn::backend::TensorMetadata;
+use burn::backend::cubecl::dtype_to_elem_type;
+use burn::backend::tensor::FloatTensor;
+use burn_cubecl::CubeBackend;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use sparse_attn_wgpu::{AttentionShape, CsrView};
+
+use crate::layout::BlockLayout;
+
+/// The kernels' view of `layout`.
+fn view(layout: &BlockLayout) -> CsrView<'_> {
+    let (row_ptr, cols, masks, col_ptr, t_rows, t_entries, mask_bits, mask_words) = layout.raw();
+    CsrView {
+        seq_len: layout.seq_len(),
+        block: layout.block(),
+        n_blocks: layout.n_blocks(),
+        layout_heads: layout.layout_heads(),
+        row_ptr,
+        cols,
+        masks,
+        col_ptr,
+        t_rows,
+        t_entries,
+        mask_bits,
+        mask_words,
+        order: layout.order().map(|(order, _)| order),
+    }
+}
+
+fn shape_of(t: &CubeTensor) -> AttentionShape {
+    let [batch, heads, seq_len, head_dim] = t.shape().dims::<4>();
+    AttentionShape {
+        batch,
+        heads,
+        seq_len,
+        head_dim,
+    }
+}
+
+/// An uninitialised contiguous tensor of `dims` shaped like `like` (same device and dtype).
+fn empty_like(like: &CubeTensor, dims: Vec<usize>) -> CubeTensor {
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        burn::tensor::Shape::from(dims),
+        like.dtype,
+    )
+}
+
+/// Fused forward: `(out, lse)`.
+pub(crate) fn forward(
+    q: FloatTensor<CubeBackend>,
+    k: FloatTensor<CubeBackend>,
+    v: FloatTensor<CubeBackend>,
+    layout: &BlockLayout,
+    scale: f64,
+) -> (FloatTensor<CubeBackend>, FloatTensor<CubeBackend>) {
+    let [q, k, v] = [q, k, v].map(into_contiguous);
+    let shape = shape_of(&q);
+    let out = empty_like(&q, q.shape().to_vec());
+    let lse = empty_like(&q, vec![shape.batch, shape.heads, shape.seq_len]);
+    sparse_attn_wgpu::forward(
+        &q.client,
+        dtype_to_elem_type(q.dtype),
+        shape,
+        &view(layout),
+        scale as f32,
+        &q.handle,
+        &k.handle,
+        &v.handle,
+        &out.handle,
+        &lse.handle,
+    )
+    .unwrap_or_else(|e| panic!("sparse attention forward on a CubeCL device: {e}"));
+    (out, lse)
+}
+
+/// Fused backward: `(dq, dk, dv)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    q: FloatTensor<CubeBackend>,
+    k: FloatTensor<CubeBackend>,
+    v: FloatTensor<CubeBackend>,
+    out: FloatTensor<CubeBackend>,
+    lse: FloatTensor<CubeBackend>,
+    dout: FloatTensor<CubeBackend>,
+    layout: &BlockLayout,
+    scale: f64,
+) -> (
+    FloatTensor<CubeBackend>,
+    FloatTensor<CubeBackend>,
+    FloatTensor<CubeBackend>,
+) {
+    let [q, k, v, out, lse, dout] = [q, k, v, out, lse, dout].map(into_contiguous);
+    let shape = shape_of(&q);
+    let dims = q.shape().to_vec();
+    let [dq, dk, dv] = [(); 3].map(|_| empty_like(&q, dims.clone()));
+    sparse_attn_wgpu::backward(
+        &q.client,
+        dtype_to_elem_type(q.dtype),
+        shape,
+        &view(layout),
+        scale as f32,
+        [&q.handle, &k.handle, &v.handle, &out.handle, &lse.handle, &dout.handle],
+        [&dq.handle, &dk.handle, &dv.handle],
+    )
+    .unwrap_or_else(|e| panic!("sparse attention backward on a CubeCL device: {e}"));
+    (dq, dk, dv)
+}

@@ -1,0 +1,260 @@
+//! The fused backward kernels. Probabilities are recomputed from the forward's log-sum-exp;
+//! `dQ` is a pass over the CSR rows (one unit per query row), `dK`/`dV` a pass over the
+//! transposed lists (one unit per key row). Every output row is written by one unit, so
+//! there are no atomics and results are the same from run to run.
+
+use cubecl::prelude::*;
+
+use crate::tiles::{allowed, head_row, token};
+
+/// `dQ` kernel; also writes `delta_i = dO_i . O_i` (by token) for the `dK`/`dV` pass.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dq_kernel<F: Float>(
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    out: &[F],
+    lse: &[F],
+    dout: &[F],
+    dq: &mut [F],
+    delta: &mut [f32],
+    row_ptr: &[u32],
+    cols: &[u32],
+    masks: &[u32],
+    mask_bits: &[u32],
+    order: &[u32],
+    seq_len: usize,
+    n_blocks: usize,
+    heads: usize,
+    shared_layout: u32,
+    tasks: usize,
+    scale: f32,
+    #[comptime] block: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] key_tile: usize,
+    #[comptime] mask_words: usize,
+    #[comptime] permuted: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let task = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if task >= tasks {
+        terminate!();
+    }
+    let n = seq_len;
+    let r = task % n_blocks;
+    let bh = task / n_blocks;
+    let row = head_row(bh, r, heads, n_blocks, shared_layout);
+    let u = UNIT_POS_X as usize;
+    let pos = r * block + u;
+    let valid = pos < n;
+    let base = bh * n * head_dim;
+    let tok = if valid { token(order, pos, permuted) } else { 0usize };
+
+    let mut q_row = Array::<f32>::new(head_dim);
+    let mut do_row = Array::<f32>::new(head_dim);
+    let mut acc = Array::<f32>::new(head_dim);
+    let mut delta_i = 0.0f32;
+    let mut lse_i = 0.0f32;
+    if valid {
+        #[unroll]
+        for c in 0..head_dim {
+            let at = base + tok * head_dim + c;
+            q_row[c] = f32::cast_from(q[at]);
+            do_row[c] = f32::cast_from(dout[at]);
+            delta_i += do_row[c] * f32::cast_from(out[at]);
+        }
+        lse_i = f32::cast_from(lse[bh * n + tok]);
+        delta[bh * n + tok] = delta_i;
+    }
+    #[unroll]
+    for c in 0..head_dim {
+        acc[c] = 0.0;
+    }
+    let mut k_tile = Shared::<[f32]>::new_slice(key_tile * head_dim);
+    let mut v_tile = Shared::<[f32]>::new_slice(key_tile * head_dim);
+
+    let start = row_ptr[row] as usize;
+    let end = row_ptr[row + 1] as usize;
+    for e in start..end {
+        let key_block = cols[e] as usize;
+        let mask = masks[e];
+        let key_start = key_block * block;
+        let key_len = if n - key_start < block {
+            n - key_start
+        } else {
+            block
+        };
+        for t0 in range_stepped(0, key_len, key_tile) {
+            let tile_len = if key_len - t0 < key_tile {
+                key_len - t0
+            } else {
+                key_tile
+            };
+            sync_cube();
+            for idx in range_stepped(u, key_tile * head_dim, block) {
+                let jj = idx / head_dim;
+                if jj < tile_len {
+                    let src = base
+                        + token(order, key_start + t0 + jj, permuted) * head_dim
+                        + idx % head_dim;
+                    k_tile[idx] = f32::cast_from(k[src]);
+                    v_tile[idx] = f32::cast_from(v[src]);
+                }
+            }
+            sync_cube();
+            if valid {
+                for jj in 0..tile_len {
+                    if allowed(mask_bits, mask, u, t0 + jj, block, mask_words) {
+                        let mut s = 0.0f32;
+                        let mut dp = 0.0f32;
+                        #[unroll]
+                        for c in 0..head_dim {
+                            s += q_row[c] * k_tile[jj * head_dim + c];
+                            dp += do_row[c] * v_tile[jj * head_dim + c];
+                        }
+                        let p = f32::exp(s * scale - lse_i);
+                        let ds = p * (dp - delta_i);
+                        #[unroll]
+                        for c in 0..head_dim {
+                            acc[c] += ds * k_tile[jj * head_dim + c];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if valid {
+        #[unroll]
+        for c in 0..head_dim {
+            dq[base + tok * head_dim + c] = F::cast_from(acc[c] * scale);
+        }
+    }
+}
+
+/// `dK`/`dV` kernel: unit `u` of cube `(c, bh)` owns key position `c * block + u` and walks
+/// the query blocks that attend key block `c` (the transposed lists), staging `Q`, `dO`, the
+/// log-sum-exp and `delta` of each query tile in shared memory.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dkdv_kernel<F: Float>(
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    lse: &[F],
+    dout: &[F],
+    delta: &[f32],
+    dk: &mut [F],
+    dv: &mut [F],
+    col_ptr: &[u32],
+    t_rows: &[u32],
+    t_entries: &[u32],
+    masks: &[u32],
+    mask_bits: &[u32],
+    order: &[u32],
+    seq_len: usize,
+    n_blocks: usize,
+    heads: usize,
+    shared_layout: u32,
+    tasks: usize,
+    scale: f32,
+    #[comptime] block: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] query_tile: usize,
+    #[comptime] mask_words: usize,
+    #[comptime] permuted: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let task = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if task >= tasks {
+        terminate!();
+    }
+    let n = seq_len;
+    let c_blk = task % n_blocks;
+    let bh = task / n_blocks;
+    let col = head_row(bh, c_blk, heads, n_blocks, shared_layout);
+    let u = UNIT_POS_X as usize;
+    let pos = c_blk * block + u;
+    let valid = pos < n;
+    let base = bh * n * head_dim;
+    let tok = if valid { token(order, pos, permuted) } else { 0usize };
+
+    let mut k_row = Array::<f32>::new(head_dim);
+    let mut v_row = Array::<f32>::new(head_dim);
+    let mut dk_acc = Array::<f32>::new(head_dim);
+    let mut dv_acc = Array::<f32>::new(head_dim);
+    #[unroll]
+    for c in 0..head_dim {
+        let at = base + tok * head_dim + c;
+        k_row[c] = if valid { f32::cast_from(k[at]) } else { 0.0f32 };
+        v_row[c] = if valid { f32::cast_from(v[at]) } else { 0.0f32 };
+        dk_acc[c] = 0.0;
+        dv_acc[c] = 0.0;
+    }
+    let mut q_tile = Shared::<[f32]>::new_slice(query_tile * head_dim);
+    let mut do_tile = Shared::<[f32]>::new_slice(query_tile * head_dim);
+    let mut lse_tile = Shared::<[f32]>::new_slice(query_tile);
+    let mut delta_tile = Shared::<[f32]>::new_slice(query_tile);
+
+    let start = col_ptr[col] as usize;
+    let end = col_ptr[col + 1] as usize;
+    for te in start..end {
+        let query_block = t_rows[te] as usize;
+        let mask = masks[t_entries[te] as usize];
+        let query_start = query_block * block;
+        let query_len = if n - query_start < block {
+            n - query_start
+        } else {
+            block
+        };
+        for t0 in range_stepped(0, query_len, query_tile) {
+            let tile_len = if query_len - t0 < query_tile {
+                query_len - t0
+            } else {
+                query_tile
+            };
+            sync_cube();
+            for idx in range_stepped(u, query_tile * head_dim, block) {
+                let ii = idx / head_dim;
+                if ii < tile_len {
+                    let qtok = token(order, query_start + t0 + ii, permuted);
+                    let src = base + qtok * head_dim + idx % head_dim;
+                    q_tile[idx] = f32::cast_from(q[src]);
+                    do_tile[idx] = f32::cast_from(dout[src]);
+                    if idx % head_dim == 0 {
+                        lse_tile[ii] = f32::cast_from(lse[bh * n + qtok]);
+                        delta_tile[ii] = delta[bh * n + qtok];
+                    }
+                }
+            }
+            sync_cube();
+            if valid {
+                for ii in 0..tile_len {
+                    if allowed(mask_bits, mask, t0 + ii, u, block, mask_words) {
+                        let mut s = 0.0f32;
+                        let mut dp = 0.0f32;
+                        #[unroll]
+                        for c in 0..head_dim {
+                            s += q_tile[ii * head_dim + c] * k_row[c];
+                            dp += do_tile[ii * head_dim + c] * v_row[c];
+                        }
+                        let p = f32::exp(s * scale - lse_tile[ii]);
+                        let ds = p * (dp - delta_tile[ii]);
+                        #[unroll]
+                        for c in 0..head_dim {
+                            dv_acc[c] += p * do_tile[ii * head_dim + c];
+                            dk_acc[c] += ds * q_tile[ii * head_dim + c];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if valid {
+        #[unroll]
+        for c in 0..head_dim {
+            dk[base + tok * head_dim + c] = F::cast_from(dk_acc[c] * scale);
+            dv[base + tok * head_dim + c] = F::cast_from(dv_acc[c]);
+        }
+    }
+}

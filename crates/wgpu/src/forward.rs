@@ -1,0 +1,156 @@
+//! The fused forward kernel: one cube per `(batch x head, query block)`, one unit per query
+//! row; key tiles staged in shared memory; online softmax in `f32`.
+
+use cubecl::prelude::*;
+
+use crate::tiles::{MASKED, allowed, head_row, token};
+
+/// Forward kernel. Unit `u` of cube `(r, bh)` owns layout position `r * block + u`; it keeps
+/// its scaled query row and its output accumulator in registers, walks the active key blocks
+/// of its query block tile by tile (the cube loads each `K`/`V` tile into shared memory once),
+/// and writes its output row and log-sum-exp at its token's place.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_kernel<F: Float>(
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    out: &mut [F],
+    lse: &mut [F],
+    row_ptr: &[u32],
+    cols: &[u32],
+    masks: &[u32],
+    mask_bits: &[u32],
+    order: &[u32],
+    seq_len: usize,
+    n_blocks: usize,
+    heads: usize,
+    shared_layout: u32,
+    tasks: usize,
+    scale: f32,
+    neg_inf: f32,
+    #[comptime] block: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] key_tile: usize,
+    #[comptime] mask_words: usize,
+    #[comptime] permuted: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let task = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if task >= tasks {
+        terminate!();
+    }
+    let n = seq_len;
+    let r = task % n_blocks;
+    let bh = task / n_blocks;
+    let row = head_row(bh, r, heads, n_blocks, shared_layout);
+    let u = UNIT_POS_X as usize;
+    let pos = r * block + u;
+    let valid = pos < n;
+    let base = bh * n * head_dim;
+    let tok = if valid {
+        token(order, pos, permuted)
+    } else {
+        0usize
+    };
+
+    let mut q_row = Array::<f32>::new(head_dim);
+    let mut acc = Array::<f32>::new(head_dim);
+    #[unroll]
+    for c in 0..head_dim {
+        q_row[c] = if valid {
+            f32::cast_from(q[base + tok * head_dim + c]) * scale
+        } else {
+            0.0f32
+        };
+        acc[c] = 0.0;
+    }
+    let mut m = f32::new(MASKED);
+    let mut l = 0.0f32;
+    let mut scores = Array::<f32>::new(key_tile);
+    let mut k_tile = Shared::<[f32]>::new_slice(key_tile * head_dim);
+    let mut v_tile = Shared::<[f32]>::new_slice(key_tile * head_dim);
+
+    let start = row_ptr[row] as usize;
+    let end = row_ptr[row + 1] as usize;
+    for e in start..end {
+        let key_block = cols[e] as usize;
+        let mask = masks[e];
+        let key_start = key_block * block;
+        let key_len = if n - key_start < block {
+            n - key_start
+        } else {
+            block
+        };
+        for t0 in range_stepped(0, key_len, key_tile) {
+            let tile_len = if key_len - t0 < key_tile {
+                key_len - t0
+            } else {
+                key_tile
+            };
+            sync_cube();
+            for idx in range_stepped(u, key_tile * head_dim, block) {
+                let jj = idx / head_dim;
+                if jj < tile_len {
+                    let src = base
+                        + token(order, key_start + t0 + jj, permuted) * head_dim
+                        + idx % head_dim;
+                    k_tile[idx] = f32::cast_from(k[src]);
+                    v_tile[idx] = f32::cast_from(v[src]);
+                }
+            }
+            sync_cube();
+            if valid {
+                let mut tile_max = f32::new(MASKED);
+                #[unroll]
+                for jj in 0..key_tile {
+                    let mut s = f32::new(MASKED);
+                    if jj < tile_len && allowed(mask_bits, mask, u, t0 + jj, block, mask_words) {
+                        let mut dot = 0.0f32;
+                        #[unroll]
+                        for c in 0..head_dim {
+                            dot += q_row[c] * k_tile[jj * head_dim + c];
+                        }
+                        s = dot;
+                        tile_max = f32::max(tile_max, s);
+                    }
+                    scores[jj] = s;
+                }
+                if tile_max != MASKED {
+                    let m_new = f32::max(m, tile_max);
+                    let alpha = f32::exp(m - m_new);
+                    l *= alpha;
+                    #[unroll]
+                    for c in 0..head_dim {
+                        acc[c] *= alpha;
+                    }
+                    #[unroll]
+                    for jj in 0..key_tile {
+                        if scores[jj] != MASKED {
+                            let p = f32::exp(scores[jj] - m_new);
+                            l += p;
+                            #[unroll]
+                            for c in 0..head_dim {
+                                acc[c] += p * v_tile[jj * head_dim + c];
+                            }
+                        }
+                    }
+                    m = m_new;
+                }
+            }
+        }
+    }
+
+    if valid {
+        let inv = if l > 0.0 { 1.0 / l } else { 0.0f32 };
+        #[unroll]
+        for c in 0..head_dim {
+            out[base + tok * head_dim + c] = F::cast_from(acc[c] * inv);
+        }
+        lse[bh * n + tok] = if l > 0.0 {
+            F::cast_from(m + f32::ln(l))
+        } else {
+            F::cast_from(neg_inf)
+        };
+    }
+}

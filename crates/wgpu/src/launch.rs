@@ -1,0 +1,309 @@
+//! Host side: the plain-data layout view, uploads, grid sizes and kernel launches.
+
+use cubecl::client::Client;
+use cubecl::ir::ElemType;
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::backward::{dkdv_kernel, dq_kernel};
+use crate::error::KernelError;
+use crate::forward::forward_kernel;
+use crate::plan::TilePlan;
+
+/// Shape of one attention problem: `q`, `k`, `v`, the output and the gradients are contiguous
+/// `[batch, heads, seq_len, head_dim]`, the log-sum-exp is `[batch, heads, seq_len]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Batch size.
+    pub batch: usize,
+    /// Number of heads.
+    pub heads: usize,
+    /// Sequence length `n` (tokens).
+    pub seq_len: usize,
+    /// Head dimension `d`.
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    fn numel(&self) -> usize {
+        self.batch * self.heads * self.seq_len * self.head_dim
+    }
+
+    fn rows(&self) -> usize {
+        self.batch * self.heads * self.seq_len
+    }
+}
+
+/// A borrowed view of a block layout in compressed sparse row form.
+///
+/// Blocks hold `block` tokens (the last one may be shorter). For layout head `lh` (0 when
+/// every head shares the layout) and query block `r`, the active key blocks are
+/// `cols[row_ptr[lh * n_blocks + r] .. row_ptr[lh * n_blocks + r + 1]]`; `masks` holds
+/// `u32::MAX` for a full block or the index of its bitmap in `mask_bits` (`mask_words`
+/// 64-bit words each, bit `i * block + j` set when local query `i` may attend local key `j`).
+/// `col_ptr`/`t_rows`/`t_entries` are the transpose (key-block-major, `t_entries` indexing
+/// `cols`). `order[p]`, if present, is the token at layout position `p`.
+///
+/// # Invariants
+/// The owner (`sparse_attn_core::BlockLayout`) checks them when it builds the layout; the
+/// kernels index with these arrays unchecked.
+#[derive(Debug, Clone, Copy)]
+pub struct CsrView<'a> {
+    /// Sequence length in tokens.
+    pub seq_len: usize,
+    /// Block size in tokens.
+    pub block: usize,
+    /// Number of blocks, `seq_len.div_ceil(block)`.
+    pub n_blocks: usize,
+    /// 1 when every head shares the layout, else the number of heads.
+    pub layout_heads: usize,
+    /// CSR row pointers, `layout_heads * n_blocks + 1` entries.
+    pub row_ptr: &'a [u32],
+    /// Key block of each active block.
+    pub cols: &'a [u32],
+    /// Mask index of each active block, or `u32::MAX` for a full block.
+    pub masks: &'a [u32],
+    /// Transposed pointers, `layout_heads * n_blocks + 1` entries.
+    pub col_ptr: &'a [u32],
+    /// Query block of each transposed entry.
+    pub t_rows: &'a [u32],
+    /// Index into `cols`/`masks` of each transposed entry.
+    pub t_entries: &'a [u32],
+    /// Mask bitmaps, `mask_words` words each.
+    pub mask_bits: &'a [u64],
+    /// 64-bit words per mask, `(block * block).div_ceil(64)`.
+    pub mask_words: usize,
+    /// Token at each layout position, when the layout reorders tokens.
+    pub order: Option<&'a [usize]>,
+}
+
+/// The layout's arrays on the device (WGSL has no 64-bit integers: masks go as `u32` words).
+struct DeviceLayout {
+    row_ptr: (Handle, usize),
+    cols: (Handle, usize),
+    masks: (Handle, usize),
+    col_ptr: (Handle, usize),
+    t_rows: (Handle, usize),
+    t_entries: (Handle, usize),
+    mask_bits: (Handle, usize),
+    order: (Handle, usize),
+}
+
+/// Uploads `data` (at least one element, so that no binding is empty).
+fn upload(client: &Client, data: &[u32]) -> (Handle, usize) {
+    let data = if data.is_empty() { &[0u32][..] } else { data };
+    (client.create_from_slice(u32::as_bytes(data)), data.len())
+}
+
+impl DeviceLayout {
+    fn upload(client: &Client, view: &CsrView) -> Self {
+        let bits: Vec<u32> = view
+            .mask_bits
+            .iter()
+            .flat_map(|w| [*w as u32, (*w >> 32) as u32])
+            .collect();
+        let order: Vec<u32> = view
+            .order
+            .map(|o| o.iter().map(|&t| t as u32).collect())
+            .unwrap_or_default();
+        Self {
+            row_ptr: upload(client, view.row_ptr),
+            cols: upload(client, view.cols),
+            masks: upload(client, view.masks),
+            col_ptr: upload(client, view.col_ptr),
+            t_rows: upload(client, view.t_rows),
+            t_entries: upload(client, view.t_entries),
+            mask_bits: upload(client, &bits),
+            order: upload(client, &order),
+        }
+    }
+}
+
+/// A buffer argument over `len` elements of `handle`.
+fn arg((handle, len): &(Handle, usize)) -> BufferArg {
+    // SAFETY: every handle passed here holds at least `len` elements: the layout arrays were
+    // uploaded with exactly that length and the tensors' lengths are checked by the caller.
+    unsafe { BufferArg::from_raw_parts(handle.clone(), *len) }
+}
+
+/// Everything a launch needs besides the tensors.
+struct Grid {
+    count: CubeCount,
+    dim: CubeDim,
+    tasks: usize,
+    plan: TilePlan,
+    mask_words: usize,
+    permuted: bool,
+    shared_layout: u32,
+}
+
+impl Grid {
+    fn new(
+        client: &Client,
+        dtype: ElemType,
+        shape: &AttentionShape,
+        view: &CsrView,
+    ) -> Result<Self, KernelError> {
+        let max = u32::MAX as usize;
+        let elements = shape.numel();
+        if elements > max {
+            return Err(KernelError::TooLarge { elements, max });
+        }
+        let plan = TilePlan::for_device(client, dtype, view.block, shape.head_dim)?;
+        let tasks = shape.batch * shape.heads * view.n_blocks;
+        let max_x = client.properties().hardware.max_cube_count.0.max(1) as usize;
+        let x = tasks.clamp(1, max_x);
+        let y = tasks.div_ceil(x).max(1);
+        Ok(Self {
+            count: CubeCount::Static(x as u32, y as u32, 1),
+            dim: CubeDim::new_1d(view.block as u32),
+            tasks,
+            plan,
+            mask_words: 2 * view.mask_words.max(1),
+            permuted: view.order.is_some(),
+            shared_layout: u32::from(view.layout_heads == 1),
+        })
+    }
+}
+
+/// A tensor buffer of `shape`'s full size.
+fn tensor(handle: &Handle, len: usize) -> BufferArg {
+    arg(&(handle.clone(), len))
+}
+
+/// Forward pass: writes `out` (`[B, H, n, d]`) and `lse` (`[B, H, n]`, natural log, `-inf`
+/// for rows with no allowed key, whose output is zero).
+///
+/// `q`, `k`, `v`, `out`, `lse` are contiguous buffers of `dtype` elements, in token order.
+///
+/// # Errors
+/// What [`TilePlan::for_device`] refuses, or tensors beyond 32-bit indexing.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    client: &Client,
+    dtype: ElemType,
+    shape: AttentionShape,
+    view: &CsrView,
+    scale: f32,
+    q: &Handle,
+    k: &Handle,
+    v: &Handle,
+    out: &Handle,
+    lse: &Handle,
+) -> Result<(), KernelError> {
+    let grid = Grid::new(client, dtype, &shape, view)?;
+    let layout = DeviceLayout::upload(client, view);
+    let (numel, rows) = (shape.numel(), shape.rows());
+    forward_kernel::launch(
+        client,
+        grid.count,
+        grid.dim,
+        tensor(q, numel),
+        tensor(k, numel),
+        tensor(v, numel),
+        tensor(out, numel),
+        tensor(lse, rows),
+        arg(&layout.row_ptr),
+        arg(&layout.cols),
+        arg(&layout.masks),
+        arg(&layout.mask_bits),
+        arg(&layout.order),
+        shape.seq_len,
+        view.n_blocks,
+        shape.heads,
+        grid.shared_layout,
+        grid.tasks,
+        scale,
+        f32::NEG_INFINITY,
+        view.block,
+        shape.head_dim,
+        grid.plan.tile,
+        grid.mask_words,
+        grid.permuted,
+        dtype,
+    );
+    Ok(())
+}
+
+/// Backward pass: writes `dq`, `dk`, `dv` (`[B, H, n, d]`) of `sum(out * dout)` from the
+/// forward's `out` and `lse`. Runs the `dQ` kernel, then the `dK`/`dV` kernel.
+///
+/// # Errors
+/// What [`TilePlan::for_device`] refuses, or tensors beyond 32-bit indexing.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    client: &Client,
+    dtype: ElemType,
+    shape: AttentionShape,
+    view: &CsrView,
+    scale: f32,
+    [q, k, v, out, lse, dout]: [&Handle; 6],
+    [dq, dk, dv]: [&Handle; 3],
+) -> Result<(), KernelError> {
+    let grid = Grid::new(client, dtype, &shape, view)?;
+    let layout = DeviceLayout::upload(client, view);
+    let (numel, rows) = (shape.numel(), shape.rows());
+    let delta = (client.empty(rows * size_of::<f32>()), rows);
+    dq_kernel::launch(
+        client,
+        grid.count.clone(),
+        grid.dim,
+        tensor(q, numel),
+        tensor(k, numel),
+        tensor(v, numel),
+        tensor(out, numel),
+        tensor(lse, rows),
+        tensor(dout, numel),
+        tensor(dq, numel),
+        arg(&delta),
+        arg(&layout.row_ptr),
+        arg(&layout.cols),
+        arg(&layout.masks),
+        arg(&layout.mask_bits),
+        arg(&layout.order),
+        shape.seq_len,
+        view.n_blocks,
+        shape.heads,
+        grid.shared_layout,
+        grid.tasks,
+        scale,
+        view.block,
+        shape.head_dim,
+        grid.plan.tile,
+        grid.mask_words,
+        grid.permuted,
+        dtype,
+    );
+    dkdv_kernel::launch(
+        client,
+        grid.count,
+        grid.dim,
+        tensor(q, numel),
+        tensor(k, numel),
+        tensor(v, numel),
+        tensor(lse, rows),
+        tensor(dout, numel),
+        arg(&delta),
+        tensor(dk, numel),
+        tensor(dv, numel),
+        arg(&layout.col_ptr),
+        arg(&layout.t_rows),
+        arg(&layout.t_entries),
+        arg(&layout.masks),
+        arg(&layout.mask_bits),
+        arg(&layout.order),
+        shape.seq_len,
+        view.n_blocks,
+        shape.heads,
+        grid.shared_layout,
+        grid.tasks,
+        scale,
+        view.block,
+        shape.head_dim,
+        grid.plan.tile,
+        grid.mask_words,
+        grid.permuted,
+        dtype,
+    );
+    Ok(())
+}

@@ -1,0 +1,48 @@
+//! Device-side helpers shared by the kernels, and the host-side choice of tile sizes.
+
+use cubecl::prelude::*;
+
+/// Score of a disallowed pair inside the kernels: finite (WGSL has no infinity literal),
+/// far below any real score.
+pub(crate) const MASKED: f32 = -3.0e38;
+
+/// Marker of a full block in the mask list (same value as the layout's).
+pub(crate) const FULL: u32 = u32::MAX;
+
+/// CSR row index of query (or key) block `r` for the `bh`-th `(batch, head)` pair.
+#[cube]
+pub(crate) fn head_row(
+    bh: usize,
+    r: usize,
+    heads: usize,
+    n_blocks: usize,
+    shared_layout: u32,
+) -> usize {
+    let lh = if shared_layout == 1 { 0usize } else { bh % heads };
+    lh * n_blocks + r
+}
+
+/// Token held by layout position `pos`.
+#[cube]
+pub(crate) fn token(order: &[u32], pos: usize, #[comptime] permuted: bool) -> usize {
+    if permuted { order[pos] as usize } else { pos }
+}
+
+/// Whether local query `i` may attend local key `j` in a block with mask index `mask`.
+#[cube]
+pub(crate) fn allowed(
+    bits: &[u32],
+    mask: u32,
+    i: usize,
+    j: usize,
+    #[comptime] block: usize,
+    #[comptime] mask_words: usize,
+) -> bool {
+    if mask == FULL {
+        true
+    } else {
+        let bit = i * block + j;
+        let word = bits[mask as usize * mask_words + bit / 32];
+        (word >> (bit % 32) as u32) & 1 == 1
+    }
+}
