@@ -85,11 +85,16 @@ struct Row {
     flex_fwd_bwd_ms: Option<f64>,
 }
 
-/// Median wall time in ms of `f` over `reps` runs after two warm-ups; `f` must end with a
-/// device synchronisation.
+/// Median wall time in ms of `f` over `reps` runs after a warm-up of at least three runs
+/// and half a second (kernel compilation, clocks ramping up); `f` must end with a device
+/// synchronisation.
 fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    f();
+    let warm = Instant::now();
+    let mut runs = 0;
+    while runs < 3 || warm.elapsed().as_secs_f64() < 0.5 {
+        f();
+        runs += 1;
+    }
     let mut t: Vec<f64> = (0..reps)
         .map(|_| {
             let start = Instant::now();
@@ -106,7 +111,9 @@ fn float_dtype(name: &str) -> Result<FloatDType, String> {
         "f32" => Ok(FloatDType::F32),
         "f16" => Ok(FloatDType::F16),
         "bf16" => Ok(FloatDType::BF16),
-        other => Err(format!("unknown dtype `{other}`: expected f32, f16 or bf16")),
+        other => Err(format!(
+            "unknown dtype `{other}`: expected f32, f16 or bf16"
+        )),
     }
 }
 
@@ -144,7 +151,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let flex: HashMap<(String, usize), FlexRow> = match &args.flex {
         Some(path) => {
             let rows: Vec<FlexRow> = serde_json::from_str(&std::fs::read_to_string(path)?)?;
-            rows.into_iter().map(|r| ((r.dtype.clone(), r.n), r)).collect()
+            rows.into_iter()
+                .map(|r| ((r.dtype.clone(), r.n), r))
+                .collect()
         }
         None => HashMap::new(),
     };

@@ -5,19 +5,19 @@
 
 use cubecl::prelude::*;
 
-use crate::tiles::{allowed, head_row, token};
+use crate::tiles::{UNROLL_MAX, allowed, head_row, lane_sum, token};
 
 /// `dQ` kernel; also writes `delta_i = dO_i . O_i` (by token) for the `dK`/`dV` pass.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn dq_kernel<F: Float>(
-    q: &[F],
-    k: &[F],
-    v: &[F],
-    out: &[F],
+pub(crate) fn dq_kernel<F: Float, N: Size>(
+    q: &[Vector<F, N>],
+    k: &[Vector<F, N>],
+    v: &[Vector<F, N>],
+    out: &[Vector<F, N>],
     lse: &[F],
-    dout: &[F],
-    dq: &mut [F],
+    dout: &[Vector<F, N>],
+    dq: &mut [Vector<F, N>],
     delta: &mut [f32],
     row_ptr: &[u32],
     cols: &[u32],
@@ -31,7 +31,7 @@ pub(crate) fn dq_kernel<F: Float>(
     tasks: usize,
     scale: f32,
     #[comptime] block: usize,
-    #[comptime] head_dim: usize,
+    #[comptime] vecs: usize,
     #[comptime] key_tile: usize,
     #[comptime] mask_words: usize,
     #[comptime] permuted: bool,
@@ -48,31 +48,38 @@ pub(crate) fn dq_kernel<F: Float>(
     let u = UNIT_POS_X as usize;
     let pos = r * block + u;
     let valid = pos < n;
-    let base = bh * n * head_dim;
-    let tok = if valid { token(order, pos, permuted) } else { 0usize };
+    let base = bh * n * vecs;
+    let tok = if valid {
+        token(order, pos, permuted)
+    } else {
+        0usize
+    };
 
-    let mut q_row = Array::<f32>::new(head_dim);
-    let mut do_row = Array::<f32>::new(head_dim);
-    let mut acc = Array::<f32>::new(head_dim);
+    let mut q_row = Array::<Vector<f32, N>>::new(vecs);
+    let mut do_row = Array::<Vector<f32, N>>::new(vecs);
+    let mut acc = Array::<Vector<f32, N>>::new(vecs);
     let mut delta_i = 0.0f32;
     let mut lse_i = 0.0f32;
-    if valid {
-        #[unroll]
-        for c in 0..head_dim {
-            let at = base + tok * head_dim + c;
-            q_row[c] = f32::cast_from(q[at]);
-            do_row[c] = f32::cast_from(dout[at]);
-            delta_i += do_row[c] * f32::cast_from(out[at]);
+    let mut delta_v = Vector::<f32, N>::new(0.0f32);
+    #[unroll(vecs <= UNROLL_MAX)]
+    for c in 0..vecs {
+        let at = base + tok * vecs + c;
+        q_row[c] = Vector::new(0.0f32);
+        do_row[c] = Vector::new(0.0f32);
+        if valid {
+            q_row[c] = Vector::<f32, N>::cast_from(q[at]);
+            do_row[c] = Vector::<f32, N>::cast_from(dout[at]);
+            delta_v += do_row[c] * Vector::<f32, N>::cast_from(out[at]);
         }
+        acc[c] = Vector::new(0.0f32);
+    }
+    if valid {
+        delta_i = lane_sum(delta_v);
         lse_i = f32::cast_from(lse[bh * n + tok]);
         delta[bh * n + tok] = delta_i;
     }
-    #[unroll]
-    for c in 0..head_dim {
-        acc[c] = 0.0;
-    }
-    let mut k_tile = Shared::<[f32]>::new_slice(key_tile * head_dim);
-    let mut v_tile = Shared::<[f32]>::new_slice(key_tile * head_dim);
+    let mut k_tile = Shared::<[Vector<f32, N>]>::new_slice(key_tile * vecs);
+    let mut v_tile = Shared::<[Vector<f32, N>]>::new_slice(key_tile * vecs);
 
     let start = row_ptr[row] as usize;
     let end = row_ptr[row + 1] as usize;
@@ -92,32 +99,31 @@ pub(crate) fn dq_kernel<F: Float>(
                 key_tile
             };
             sync_cube();
-            for idx in range_stepped(u, key_tile * head_dim, block) {
-                let jj = idx / head_dim;
+            for idx in range_stepped(u, key_tile * vecs, block) {
+                let jj = idx / vecs;
                 if jj < tile_len {
-                    let src = base
-                        + token(order, key_start + t0 + jj, permuted) * head_dim
-                        + idx % head_dim;
-                    k_tile[idx] = f32::cast_from(k[src]);
-                    v_tile[idx] = f32::cast_from(v[src]);
+                    let src =
+                        base + token(order, key_start + t0 + jj, permuted) * vecs + idx % vecs;
+                    k_tile[idx] = Vector::<f32, N>::cast_from(k[src]);
+                    v_tile[idx] = Vector::<f32, N>::cast_from(v[src]);
                 }
             }
             sync_cube();
             if valid {
                 for jj in 0..tile_len {
                     if allowed(mask_bits, mask, u, t0 + jj, block, mask_words) {
-                        let mut s = 0.0f32;
-                        let mut dp = 0.0f32;
-                        #[unroll]
-                        for c in 0..head_dim {
-                            s += q_row[c] * k_tile[jj * head_dim + c];
-                            dp += do_row[c] * v_tile[jj * head_dim + c];
+                        let mut s = Vector::<f32, N>::new(0.0f32);
+                        let mut dp = Vector::<f32, N>::new(0.0f32);
+                        #[unroll(vecs <= UNROLL_MAX)]
+                        for c in 0..vecs {
+                            s += q_row[c] * k_tile[jj * vecs + c];
+                            dp += do_row[c] * v_tile[jj * vecs + c];
                         }
-                        let p = f32::exp(s * scale - lse_i);
-                        let ds = p * (dp - delta_i);
-                        #[unroll]
-                        for c in 0..head_dim {
-                            acc[c] += ds * k_tile[jj * head_dim + c];
+                        let p = f32::exp(lane_sum(s) * scale - lse_i);
+                        let ds = Vector::<f32, N>::new(p * (lane_sum(dp) - delta_i));
+                        #[unroll(vecs <= UNROLL_MAX)]
+                        for c in 0..vecs {
+                            acc[c] += ds * k_tile[jj * vecs + c];
                         }
                     }
                 }
@@ -125,9 +131,10 @@ pub(crate) fn dq_kernel<F: Float>(
         }
     }
     if valid {
-        #[unroll]
-        for c in 0..head_dim {
-            dq[base + tok * head_dim + c] = F::cast_from(acc[c] * scale);
+        let sv = Vector::<f32, N>::new(scale);
+        #[unroll(vecs <= UNROLL_MAX)]
+        for c in 0..vecs {
+            dq[base + tok * vecs + c] = Vector::<F, N>::cast_from(acc[c] * sv);
         }
     }
 }
@@ -137,15 +144,15 @@ pub(crate) fn dq_kernel<F: Float>(
 /// log-sum-exp and `delta` of each query tile in shared memory.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn dkdv_kernel<F: Float>(
-    q: &[F],
-    k: &[F],
-    v: &[F],
+pub(crate) fn dkdv_kernel<F: Float, N: Size>(
+    q: &[Vector<F, N>],
+    k: &[Vector<F, N>],
+    v: &[Vector<F, N>],
     lse: &[F],
-    dout: &[F],
+    dout: &[Vector<F, N>],
     delta: &[f32],
-    dk: &mut [F],
-    dv: &mut [F],
+    dk: &mut [Vector<F, N>],
+    dv: &mut [Vector<F, N>],
     col_ptr: &[u32],
     t_rows: &[u32],
     t_entries: &[u32],
@@ -159,7 +166,7 @@ pub(crate) fn dkdv_kernel<F: Float>(
     tasks: usize,
     scale: f32,
     #[comptime] block: usize,
-    #[comptime] head_dim: usize,
+    #[comptime] vecs: usize,
     #[comptime] query_tile: usize,
     #[comptime] mask_words: usize,
     #[comptime] permuted: bool,
@@ -176,23 +183,31 @@ pub(crate) fn dkdv_kernel<F: Float>(
     let u = UNIT_POS_X as usize;
     let pos = c_blk * block + u;
     let valid = pos < n;
-    let base = bh * n * head_dim;
-    let tok = if valid { token(order, pos, permuted) } else { 0usize };
+    let base = bh * n * vecs;
+    let tok = if valid {
+        token(order, pos, permuted)
+    } else {
+        0usize
+    };
 
-    let mut k_row = Array::<f32>::new(head_dim);
-    let mut v_row = Array::<f32>::new(head_dim);
-    let mut dk_acc = Array::<f32>::new(head_dim);
-    let mut dv_acc = Array::<f32>::new(head_dim);
-    #[unroll]
-    for c in 0..head_dim {
-        let at = base + tok * head_dim + c;
-        k_row[c] = if valid { f32::cast_from(k[at]) } else { 0.0f32 };
-        v_row[c] = if valid { f32::cast_from(v[at]) } else { 0.0f32 };
-        dk_acc[c] = 0.0;
-        dv_acc[c] = 0.0;
+    let mut k_row = Array::<Vector<f32, N>>::new(vecs);
+    let mut v_row = Array::<Vector<f32, N>>::new(vecs);
+    let mut dk_acc = Array::<Vector<f32, N>>::new(vecs);
+    let mut dv_acc = Array::<Vector<f32, N>>::new(vecs);
+    #[unroll(vecs <= UNROLL_MAX)]
+    for c in 0..vecs {
+        let at = base + tok * vecs + c;
+        k_row[c] = Vector::new(0.0f32);
+        v_row[c] = Vector::new(0.0f32);
+        if valid {
+            k_row[c] = Vector::<f32, N>::cast_from(k[at]);
+            v_row[c] = Vector::<f32, N>::cast_from(v[at]);
+        }
+        dk_acc[c] = Vector::new(0.0f32);
+        dv_acc[c] = Vector::new(0.0f32);
     }
-    let mut q_tile = Shared::<[f32]>::new_slice(query_tile * head_dim);
-    let mut do_tile = Shared::<[f32]>::new_slice(query_tile * head_dim);
+    let mut q_tile = Shared::<[Vector<f32, N>]>::new_slice(query_tile * vecs);
+    let mut do_tile = Shared::<[Vector<f32, N>]>::new_slice(query_tile * vecs);
     let mut lse_tile = Shared::<[f32]>::new_slice(query_tile);
     let mut delta_tile = Shared::<[f32]>::new_slice(query_tile);
 
@@ -214,14 +229,14 @@ pub(crate) fn dkdv_kernel<F: Float>(
                 query_tile
             };
             sync_cube();
-            for idx in range_stepped(u, query_tile * head_dim, block) {
-                let ii = idx / head_dim;
+            for idx in range_stepped(u, query_tile * vecs, block) {
+                let ii = idx / vecs;
                 if ii < tile_len {
                     let qtok = token(order, query_start + t0 + ii, permuted);
-                    let src = base + qtok * head_dim + idx % head_dim;
-                    q_tile[idx] = f32::cast_from(q[src]);
-                    do_tile[idx] = f32::cast_from(dout[src]);
-                    if idx % head_dim == 0 {
+                    let src = base + qtok * vecs + idx % vecs;
+                    q_tile[idx] = Vector::<f32, N>::cast_from(q[src]);
+                    do_tile[idx] = Vector::<f32, N>::cast_from(dout[src]);
+                    if idx % vecs == 0 {
                         lse_tile[ii] = f32::cast_from(lse[bh * n + qtok]);
                         delta_tile[ii] = delta[bh * n + qtok];
                     }
@@ -231,19 +246,20 @@ pub(crate) fn dkdv_kernel<F: Float>(
             if valid {
                 for ii in 0..tile_len {
                     if allowed(mask_bits, mask, t0 + ii, u, block, mask_words) {
-                        let mut s = 0.0f32;
-                        let mut dp = 0.0f32;
-                        #[unroll]
-                        for c in 0..head_dim {
-                            s += q_tile[ii * head_dim + c] * k_row[c];
-                            dp += do_tile[ii * head_dim + c] * v_row[c];
+                        let mut s = Vector::<f32, N>::new(0.0f32);
+                        let mut dp = Vector::<f32, N>::new(0.0f32);
+                        #[unroll(vecs <= UNROLL_MAX)]
+                        for c in 0..vecs {
+                            s += q_tile[ii * vecs + c] * k_row[c];
+                            dp += do_tile[ii * vecs + c] * v_row[c];
                         }
-                        let p = f32::exp(s * scale - lse_tile[ii]);
-                        let ds = p * (dp - delta_tile[ii]);
-                        #[unroll]
-                        for c in 0..head_dim {
-                            dv_acc[c] += p * do_tile[ii * head_dim + c];
-                            dk_acc[c] += ds * q_tile[ii * head_dim + c];
+                        let p = f32::exp(lane_sum(s) * scale - lse_tile[ii]);
+                        let ds = Vector::<f32, N>::new(p * (lane_sum(dp) - delta_tile[ii]));
+                        let pv = Vector::<f32, N>::new(p);
+                        #[unroll(vecs <= UNROLL_MAX)]
+                        for c in 0..vecs {
+                            dv_acc[c] += pv * do_tile[ii * vecs + c];
+                            dk_acc[c] += ds * q_tile[ii * vecs + c];
                         }
                     }
                 }
@@ -251,10 +267,11 @@ pub(crate) fn dkdv_kernel<F: Float>(
         }
     }
     if valid {
-        #[unroll]
-        for c in 0..head_dim {
-            dk[base + tok * head_dim + c] = F::cast_from(dk_acc[c] * scale);
-            dv[base + tok * head_dim + c] = F::cast_from(dv_acc[c]);
+        let sv = Vector::<f32, N>::new(scale);
+        #[unroll(vecs <= UNROLL_MAX)]
+        for c in 0..vecs {
+            dk[base + tok * vecs + c] = Vector::<F, N>::cast_from(dk_acc[c] * sv);
+            dv[base + tok * vecs + c] = Vector::<F, N>::cast_from(dv_acc[c]);
         }
     }
 }

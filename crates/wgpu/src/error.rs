@@ -14,9 +14,7 @@ pub enum KernelError {
         max: usize,
     },
     /// The block size needs more units per cube than the device allows.
-    #[error(
-        "block size {block} needs {block} units per cube, but the device allows at most {max}"
-    )]
+    #[error("block size {block} needs {block} units per cube, but the device allows at most {max}")]
     Block {
         /// The layout's block size.
         block: usize,
@@ -36,13 +34,17 @@ pub enum KernelError {
         available: usize,
     },
     /// The input dtype is not a float the device supports (f32, f16, bf16).
-    #[error("dtype {dtype:?} is not supported on this device: expected f32, or f16/bf16 where the device has them")]
+    #[error(
+        "dtype {dtype:?} is not supported on this device: expected f32, or f16/bf16 where the device has them"
+    )]
     Dtype {
         /// The element type asked for.
         dtype: ElemType,
     },
     /// A tensor has more elements than the kernels' 32-bit indexing reaches.
-    #[error("a tensor of {elements} elements is beyond the kernels' 32-bit indexing (at most {max})")]
+    #[error(
+        "a tensor of {elements} elements is beyond the kernels' 32-bit indexing (at most {max})"
+    )]
     TooLarge {
         /// Elements of the largest tensor.
         elements: usize,

@@ -1,9 +1,10 @@
 //! The fused forward kernel: one cube per `(batch x head, query block)`, one unit per query
-//! row; key tiles staged in shared memory; online softmax in `f32`.
+//! row; key tiles staged in shared memory; online softmax in `f32`. Rows are read as vectors
+//! of `N` lanes (`vecs = head_dim / N` per row).
 
 use cubecl::prelude::*;
 
-use crate::tiles::{MASKED, allowed, head_row, token};
+use crate::tiles::{MASKED, UNROLL_MAX, allowed, head_row, lane_sum, token};
 
 /// Forward kernel. Unit `u` of cube `(r, bh)` owns layout position `r * block + u`; it keeps
 /// its scaled query row and its output accumulator in registers, walks the active key blocks
@@ -11,11 +12,11 @@ use crate::tiles::{MASKED, allowed, head_row, token};
 /// and writes its output row and log-sum-exp at its token's place.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward_kernel<F: Float>(
-    q: &[F],
-    k: &[F],
-    v: &[F],
-    out: &mut [F],
+pub(crate) fn forward_kernel<F: Float, N: Size>(
+    q: &[Vector<F, N>],
+    k: &[Vector<F, N>],
+    v: &[Vector<F, N>],
+    out: &mut [Vector<F, N>],
     lse: &mut [F],
     row_ptr: &[u32],
     cols: &[u32],
@@ -30,7 +31,7 @@ pub(crate) fn forward_kernel<F: Float>(
     scale: f32,
     neg_inf: f32,
     #[comptime] block: usize,
-    #[comptime] head_dim: usize,
+    #[comptime] vecs: usize,
     #[comptime] key_tile: usize,
     #[comptime] mask_words: usize,
     #[comptime] permuted: bool,
@@ -47,29 +48,29 @@ pub(crate) fn forward_kernel<F: Float>(
     let u = UNIT_POS_X as usize;
     let pos = r * block + u;
     let valid = pos < n;
-    let base = bh * n * head_dim;
+    let base = bh * n * vecs;
     let tok = if valid {
         token(order, pos, permuted)
     } else {
         0usize
     };
 
-    let mut q_row = Array::<f32>::new(head_dim);
-    let mut acc = Array::<f32>::new(head_dim);
-    #[unroll]
-    for c in 0..head_dim {
+    let mut q_row = Array::<Vector<f32, N>>::new(vecs);
+    let mut acc = Array::<Vector<f32, N>>::new(vecs);
+    #[unroll(vecs <= UNROLL_MAX)]
+    for c in 0..vecs {
         q_row[c] = if valid {
-            f32::cast_from(q[base + tok * head_dim + c]) * scale
+            Vector::<f32, N>::cast_from(q[base + tok * vecs + c]) * Vector::new(scale)
         } else {
-            0.0f32
+            Vector::new(0.0f32)
         };
-        acc[c] = 0.0;
+        acc[c] = Vector::new(0.0f32);
     }
     let mut m = f32::new(MASKED);
     let mut l = 0.0f32;
     let mut scores = Array::<f32>::new(key_tile);
-    let mut k_tile = Shared::<[f32]>::new_slice(key_tile * head_dim);
-    let mut v_tile = Shared::<[f32]>::new_slice(key_tile * head_dim);
+    let mut k_tile = Shared::<[Vector<f32, N>]>::new_slice(key_tile * vecs);
+    let mut v_tile = Shared::<[Vector<f32, N>]>::new_slice(key_tile * vecs);
 
     let start = row_ptr[row] as usize;
     let end = row_ptr[row + 1] as usize;
@@ -89,14 +90,13 @@ pub(crate) fn forward_kernel<F: Float>(
                 key_tile
             };
             sync_cube();
-            for idx in range_stepped(u, key_tile * head_dim, block) {
-                let jj = idx / head_dim;
+            for idx in range_stepped(u, key_tile * vecs, block) {
+                let jj = idx / vecs;
                 if jj < tile_len {
-                    let src = base
-                        + token(order, key_start + t0 + jj, permuted) * head_dim
-                        + idx % head_dim;
-                    k_tile[idx] = f32::cast_from(k[src]);
-                    v_tile[idx] = f32::cast_from(v[src]);
+                    let src =
+                        base + token(order, key_start + t0 + jj, permuted) * vecs + idx % vecs;
+                    k_tile[idx] = Vector::<f32, N>::cast_from(k[src]);
+                    v_tile[idx] = Vector::<f32, N>::cast_from(v[src]);
                 }
             }
             sync_cube();
@@ -106,12 +106,12 @@ pub(crate) fn forward_kernel<F: Float>(
                 for jj in 0..key_tile {
                     let mut s = f32::new(MASKED);
                     if jj < tile_len && allowed(mask_bits, mask, u, t0 + jj, block, mask_words) {
-                        let mut dot = 0.0f32;
-                        #[unroll]
-                        for c in 0..head_dim {
-                            dot += q_row[c] * k_tile[jj * head_dim + c];
+                        let mut dot = Vector::<f32, N>::new(0.0f32);
+                        #[unroll(vecs <= UNROLL_MAX)]
+                        for c in 0..vecs {
+                            dot += q_row[c] * k_tile[jj * vecs + c];
                         }
-                        s = dot;
+                        s = lane_sum(dot);
                         tile_max = f32::max(tile_max, s);
                     }
                     scores[jj] = s;
@@ -120,18 +120,19 @@ pub(crate) fn forward_kernel<F: Float>(
                     let m_new = f32::max(m, tile_max);
                     let alpha = f32::exp(m - m_new);
                     l *= alpha;
-                    #[unroll]
-                    for c in 0..head_dim {
-                        acc[c] *= alpha;
+                    #[unroll(vecs <= UNROLL_MAX)]
+                    for c in 0..vecs {
+                        acc[c] = acc[c] * Vector::new(alpha);
                     }
                     #[unroll]
                     for jj in 0..key_tile {
                         if scores[jj] != MASKED {
                             let p = f32::exp(scores[jj] - m_new);
                             l += p;
-                            #[unroll]
-                            for c in 0..head_dim {
-                                acc[c] += p * v_tile[jj * head_dim + c];
+                            let pv = Vector::<f32, N>::new(p);
+                            #[unroll(vecs <= UNROLL_MAX)]
+                            for c in 0..vecs {
+                                acc[c] += pv * v_tile[jj * vecs + c];
                             }
                         }
                     }
@@ -142,10 +143,10 @@ pub(crate) fn forward_kernel<F: Float>(
     }
 
     if valid {
-        let inv = if l > 0.0 { 1.0 / l } else { 0.0f32 };
-        #[unroll]
-        for c in 0..head_dim {
-            out[base + tok * head_dim + c] = F::cast_from(acc[c] * inv);
+        let inv = Vector::<f32, N>::new(if l > 0.0 { 1.0 / l } else { 0.0f32 });
+        #[unroll(vecs <= UNROLL_MAX)]
+        for c in 0..vecs {
+            out[base + tok * vecs + c] = Vector::<F, N>::cast_from(acc[c] * inv);
         }
         lse[bh * n + tok] = if l > 0.0 {
             F::cast_from(m + f32::ln(l))

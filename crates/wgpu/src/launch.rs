@@ -135,6 +135,10 @@ struct Grid {
     mask_words: usize,
     permuted: bool,
     shared_layout: u32,
+    /// Lanes per vector read (4, 2 or 1: the widest dividing the head dim).
+    lanes: usize,
+    /// Vectors per row, `head_dim / lanes`.
+    vecs: usize,
 }
 
 impl Grid {
@@ -154,7 +158,13 @@ impl Grid {
         let max_x = client.properties().hardware.max_cube_count.0.max(1) as usize;
         let x = tasks.clamp(1, max_x);
         let y = tasks.div_ceil(x).max(1);
+        let lanes = [4, 2, 1]
+            .into_iter()
+            .find(|l| shape.head_dim % l == 0)
+            .unwrap_or(1);
         Ok(Self {
+            lanes,
+            vecs: shape.head_dim / lanes,
             count: CubeCount::Static(x as u32, y as u32, 1),
             dim: CubeDim::new_1d(view.block as u32),
             tasks,
@@ -166,7 +176,7 @@ impl Grid {
     }
 }
 
-/// A tensor buffer of `shape`'s full size.
+/// A tensor buffer of `len` elements (vectors for the `[B, H, n, d]` tensors).
 fn tensor(handle: &Handle, len: usize) -> BufferArg {
     arg(&(handle.clone(), len))
 }
@@ -193,11 +203,12 @@ pub fn forward(
 ) -> Result<(), KernelError> {
     let grid = Grid::new(client, dtype, &shape, view)?;
     let layout = DeviceLayout::upload(client, view);
-    let (numel, rows) = (shape.numel(), shape.rows());
+    let (numel, rows) = (shape.numel() / grid.lanes, shape.rows());
     forward_kernel::launch(
         client,
         grid.count,
         grid.dim,
+        grid.lanes,
         tensor(q, numel),
         tensor(k, numel),
         tensor(v, numel),
@@ -216,7 +227,7 @@ pub fn forward(
         scale,
         f32::NEG_INFINITY,
         view.block,
-        shape.head_dim,
+        grid.vecs,
         grid.plan.tile,
         grid.mask_words,
         grid.permuted,
@@ -242,12 +253,13 @@ pub fn backward(
 ) -> Result<(), KernelError> {
     let grid = Grid::new(client, dtype, &shape, view)?;
     let layout = DeviceLayout::upload(client, view);
-    let (numel, rows) = (shape.numel(), shape.rows());
+    let (numel, rows) = (shape.numel() / grid.lanes, shape.rows());
     let delta = (client.empty(rows * size_of::<f32>()), rows);
     dq_kernel::launch(
         client,
         grid.count.clone(),
         grid.dim,
+        grid.lanes,
         tensor(q, numel),
         tensor(k, numel),
         tensor(v, numel),
@@ -268,7 +280,7 @@ pub fn backward(
         grid.tasks,
         scale,
         view.block,
-        shape.head_dim,
+        grid.vecs,
         grid.plan.tile,
         grid.mask_words,
         grid.permuted,
@@ -278,6 +290,7 @@ pub fn backward(
         client,
         grid.count,
         grid.dim,
+        grid.lanes,
         tensor(q, numel),
         tensor(k, numel),
         tensor(v, numel),
@@ -299,7 +312,7 @@ pub fn backward(
         grid.tasks,
         scale,
         view.block,
-        shape.head_dim,
+        grid.vecs,
         grid.plan.tile,
         grid.mask_words,
         grid.permuted,

@@ -6,6 +6,21 @@ use cubecl::prelude::*;
 /// far below any real score.
 pub(crate) const MASKED: f32 = -3.0e38;
 
+/// Loops over the vectors of a row are unrolled (rows kept in registers) up to this many
+/// vectors; longer rows loop (and compile in reasonable time on software Vulkan).
+pub(crate) const UNROLL_MAX: usize = 32;
+
+/// Sum of the lanes of `x`.
+#[cube]
+pub(crate) fn lane_sum<N: Size>(x: Vector<f32, N>) -> f32 {
+    let mut sum = 0.0f32;
+    #[unroll]
+    for l in 0..N::value() {
+        sum += x.extract(l);
+    }
+    sum
+}
+
 /// Marker of a full block in the mask list (same value as the layout's).
 pub(crate) const FULL: u32 = u32::MAX;
 
@@ -18,7 +33,11 @@ pub(crate) fn head_row(
     n_blocks: usize,
     shared_layout: u32,
 ) -> usize {
-    let lh = if shared_layout == 1 { 0usize } else { bh % heads };
+    let lh = if shared_layout == 1 {
+        0usize
+    } else {
+        bh % heads
+    };
     lh * n_blocks + r
 }
 

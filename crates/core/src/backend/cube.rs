@@ -112,7 +112,14 @@ pub(crate) fn backward(
         shape,
         &view(layout),
         scale as f32,
-        [&q.handle, &k.handle, &v.handle, &out.handle, &lse.handle, &dout.handle],
+        [
+            &q.handle,
+            &k.handle,
+            &v.handle,
+            &out.handle,
+            &lse.handle,
+            &dout.handle,
+        ],
         [&dq.handle, &dk.handle, &dv.handle],
     )
     .unwrap_or_else(|e| panic!("sparse attention backward on a CubeCL device: {e}"));

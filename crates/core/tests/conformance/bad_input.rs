@@ -208,27 +208,64 @@ fn device_mismatch() {
     drop(result);
 }
 
-/// A row with no allowed key gives zeros, never NaN, forward and backward.
+/// A row with no allowed key gives zeros, never NaN, forward and backward, on every backend.
 #[test]
 fn empty_rows_are_zero() {
     let p = sparse_attn_core::pattern::FnPattern::new("none_for_even", false, |_, i, j| {
         i % 2 == 1 && j <= i
     });
     let layout = BlockLayout::build(&p, 8, 4, 1).unwrap();
-    let device = Device::ndarray().autodiff();
-    let q = Tensor::<4>::ones([1, 1, 8, 2], &device).require_grad();
-    let out = sparse_attention(
-        q.clone(),
-        q.clone(),
-        q.clone(),
-        &layout,
-        AttentionOptions::default(),
-    )
-    .unwrap();
-    let values: Vec<f32> = out.clone().into_data().try_to_vec().unwrap();
-    assert!(values.iter().all(|x| x.is_finite()));
-    assert_eq!(&values[0..2], &[0.0, 0.0]);
-    let g = out.sum().backward();
-    let grad: Vec<f32> = q.grad(&g).unwrap().into_data().try_to_vec().unwrap();
-    assert!(grad.iter().all(|x| x.is_finite()));
+    for (backend, device) in crate::common::devices() {
+        let q = Tensor::<4>::ones([1, 1, 8, 2], &device).require_grad();
+        let out = sparse_attention(
+            q.clone(),
+            q.clone(),
+            q.clone(),
+            &layout,
+            AttentionOptions::default(),
+        )
+        .unwrap();
+        let values: Vec<f32> = out.clone().into_data().try_to_vec().unwrap();
+        assert!(values.iter().all(|x| x.is_finite()), "{backend}");
+        assert_eq!(&values[0..2], &[0.0, 0.0], "{backend}");
+        let g = out.sum().backward();
+        let grad: Vec<f32> = q.grad(&g).unwrap().into_data().try_to_vec().unwrap();
+        assert!(grad.iter().all(|x| x.is_finite()), "{backend}");
+    }
+}
+
+/// A head dim beyond the CubeCL kernels' register rows is a typed error naming the limit on
+/// a CubeCL device, and runs on the CPU backends and through the portable path.
+#[cfg(feature = "wgpu")]
+#[test]
+fn head_dim_beyond_cubecl_kernels() {
+    let layout = BlockLayout::build(&Band::causal(), 4, 4, 1).unwrap();
+    for (backend, device) in crate::common::devices() {
+        let q = Tensor::<4>::zeros([1, 1, 4, 257], &device);
+        let (a, b, c) = (q.clone(), q.clone(), q.clone());
+        let result = sparse_attention(a, b, c, &layout, AttentionOptions::default());
+        if backend == "wgpu" || backend == "vulkan" {
+            let err = result.unwrap_err();
+            assert_eq!(
+                err,
+                E::DeviceLimit {
+                    what: "head dim",
+                    got: 257,
+                    max: 256,
+                    backend: "CubeCL"
+                }
+            );
+            assert!(err.to_string().contains("at most 256"), "{err}");
+            let portable = sparse_attn_core::sparse_attention_portable(
+                q.clone(),
+                q.clone(),
+                q,
+                &layout,
+                AttentionOptions::default(),
+            );
+            assert!(portable.is_ok(), "{backend}: portable path");
+        } else {
+            assert!(result.is_ok(), "{backend}");
+        }
+    }
 }

@@ -168,6 +168,116 @@ fn head_counts_and_dims(#[case] heads: usize, #[case] d: usize) {
     check(&Band::sliding_window(6).unwrap(), 19, 4, heads, d);
 }
 
+/// The block sizes and head dims the GPU kernels tile (blocks 16..128, head dims up to 256;
+/// tiles smaller than a block when shared memory is short), with lengths that are not a
+/// multiple of the block and windows that give full and partial blocks, in natural and in
+/// permuted (strided) token order.
+#[rstest]
+#[case(16, 37, 64, 2)]
+#[case(32, 70, 16, 1)]
+#[case(64, 131, 8, 2)]
+#[case(128, 259, 4, 1)]
+#[case(16, 21, 256, 1)]
+#[case(8, 19, 100, 2)]
+fn kernel_tile_sizes(
+    #[case] block: usize,
+    #[case] n: usize,
+    #[case] d: usize,
+    #[case] heads: usize,
+) {
+    check(&Band::local(block + 5).unwrap(), n, block, heads, d);
+    check(&Strided::new(5).unwrap(), n, block, heads, d);
+}
+
+/// f16 and bf16 inputs: every backend accumulates in f32 and returns the input dtype. The
+/// reference sees the same rounded inputs; the tolerance covers the output's rounding and
+/// the log-sum-exp kept in the input dtype for the backward (stated: 1e-2 for f16, 5e-2 for
+/// bf16, relative). A device without the dtype is reported and skipped.
+#[rstest]
+#[case(burn::tensor::FloatDType::F16, 1e-2)]
+#[case(burn::tensor::FloatDType::BF16, 5e-2)]
+fn half_precision_inputs(#[case] dtype: burn::tensor::FloatDType, #[case] tol: f64) {
+    let (n, block, heads, d) = (37, 16, 2, 16);
+    let pattern = Band::local(21).unwrap();
+    let layout = BlockLayout::build(&pattern, n, block, heads).unwrap();
+    let len = heads * n * d;
+    let mut rng = Rng::new(17);
+    let dims = [1, heads, n, d];
+    // Round the inputs to the half type once, so both sides see the same values: keep the
+    // top `mantissa` bits of the f32 mantissa, to nearest even (exact for f16's normal range,
+    // which is where these inputs lie, up to 6e-8 absolute below it).
+    let mantissa = if dtype == burn::tensor::FloatDType::F16 {
+        10
+    } else {
+        7
+    };
+    let drop = 23 - mantissa;
+    let round = |x: Vec<f64>| -> Vec<f64> {
+        x.into_iter()
+            .map(|x| {
+                let bits = (x as f32).to_bits();
+                let half = (1u32 << (drop - 1)) - 1 + ((bits >> drop) & 1);
+                f64::from(f32::from_bits((bits + half) & !((1u32 << drop) - 1)))
+            })
+            .collect()
+    };
+    let [q, k, v, dout] = [(); 4].map(|_| round(rng.normals(len)));
+    let shape = RefShape {
+        batch: 1,
+        heads,
+        seq_len: n,
+        head_dim: d,
+    };
+    let scale = 1.0 / (d as f64).sqrt();
+    let expected = reference_forward(&pattern, shape, &q, &k, &v, scale);
+    let grads = reference_backward(&pattern, shape, &q, &k, &v, &dout, scale);
+    let f32s = |t: Tensor<4>| -> Vec<f32> {
+        t.cast(burn::tensor::FloatDType::F32)
+            .into_data()
+            .try_to_vec()
+            .unwrap()
+    };
+    for (backend, device) in devices() {
+        if !device.supports_dtype(burn::tensor::DType::from(dtype)) {
+            eprintln!("{backend}: no {dtype:?} on this device, skipped");
+            continue;
+        }
+        let what = format!("{backend} {dtype:?}");
+        let [tq, tk, tv] =
+            [&q, &k, &v].map(|x| to_tensor(x, dims, &device).cast(dtype).require_grad());
+        let out = sparse_attention(
+            tq.clone(),
+            tk.clone(),
+            tv.clone(),
+            &layout,
+            AttentionOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(out.dtype(), burn::tensor::DType::from(dtype), "{what}");
+        assert_close(
+            &f32s(out.clone()),
+            &expected.out,
+            tol,
+            &format!("{what}: out"),
+        );
+        let g = (out * to_tensor(&dout, dims, &device).cast(dtype))
+            .sum()
+            .backward();
+        for (name, t, want) in [
+            ("dq", &tq, &grads.dq),
+            ("dk", &tk, &grads.dk),
+            ("dv", &tv, &grads.dv),
+        ] {
+            assert_close(
+                &f32s(t.grad(&g).unwrap()),
+                want,
+                tol,
+                &format!("{what}: {name}"),
+            );
+        }
+    }
+}
+
 /// The portable path (Burn tensor ops, Burn's autodiff for the backward) against the
 /// reference: natural order, token order (strided), per-head layouts, masks, empty rows.
 #[rstest]
