@@ -35,7 +35,7 @@ impl AttentionOptions {
 /// Shapes that differ or are empty, a layout built for another `n` or head count, inputs on
 /// different devices, a scale that is not finite and positive, a head dim beyond the
 /// kernels of the device ([`DeviceLimit`](SparseAttentionError::DeviceLimit): above 256 on
-/// CubeCL devices).
+/// CubeCL devices), a dtype the device's kernels do not run (f64 on CubeCL devices).
 ///
 /// # Example
 /// ```
@@ -130,16 +130,27 @@ fn validate(
 }
 
 /// Checks the limits of the kernels that will run on `q`'s device: CubeCL devices (those
-/// that report an identity) serve head dims up to [`sparse_attn_wgpu::MAX_HEAD_DIM`].
+/// that report an identity) serve f32, f16 and bf16 inputs and head dims up to
+/// [`sparse_attn_wgpu::MAX_HEAD_DIM`].
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn check_device_limits(q: &Tensor<4>, head_dim: usize) -> Result<()> {
+    use burn::tensor::DType;
+    if q.device().identity().is_none() {
+        return Ok(());
+    }
     let max = sparse_attn_wgpu::MAX_HEAD_DIM;
-    if head_dim > max && q.device().identity().is_some() {
+    if head_dim > max {
         return Err(SparseAttentionError::DeviceLimit {
             what: "head dim",
             got: head_dim,
             max,
             backend: "CubeCL",
+        });
+    }
+    if !matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        return Err(SparseAttentionError::DType {
+            got: format!("{:?}", q.dtype()),
+            expected: "f32, f16 or bf16 on CubeCL devices",
         });
     }
     Ok(())

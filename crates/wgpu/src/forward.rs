@@ -143,15 +143,17 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
     }
 
     if valid {
-        let inv = Vector::<f32, N>::new(if l > 0.0 { 1.0 / l } else { 0.0f32 });
+        // `l == 0` only for a row with no allowed key (the row's largest term is exp(0) = 1);
+        // a NaN sum (a NaN input this row attends) must propagate, so no `l > 0` test.
+        let inv = Vector::<f32, N>::new(if l == 0.0 { 0.0f32 } else { 1.0 / l });
         #[unroll(vecs <= UNROLL_MAX)]
         for c in 0..vecs {
             out[base + tok * vecs + c] = Vector::<F, N>::cast_from(acc[c] * inv);
         }
-        lse[bh * n + tok] = if l > 0.0 {
-            F::cast_from(m + f32::ln(l))
-        } else {
+        lse[bh * n + tok] = if l == 0.0 {
             F::cast_from(neg_inf)
+        } else {
+            F::cast_from(m + f32::ln(l))
         };
     }
 }

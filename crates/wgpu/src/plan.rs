@@ -67,21 +67,53 @@ impl TilePlan {
             });
         }
         let available = props.hardware.max_shared_memory_size;
-        let mut tile = block.min(MAX_TILE).next_power_of_two();
-        if tile > block {
+        let tile =
+            Self::largest_tile(block, head_dim, available).ok_or(KernelError::SharedMemory {
+                head_dim,
+                needed: Self::shared_bytes(1, head_dim),
+                available,
+            })?;
+        Ok(Self { tile, units: block })
+    }
+
+    /// The largest power of two `<= min(block, 32)` whose tiles fit in `available` bytes.
+    fn largest_tile(block: usize, head_dim: usize, available: usize) -> Option<usize> {
+        let mut tile = block.clamp(1, MAX_TILE).next_power_of_two();
+        if tile > block.max(1) {
             tile /= 2;
         }
         while tile > 1 && Self::shared_bytes(tile, head_dim) > available {
             tile /= 2;
         }
-        let needed = Self::shared_bytes(tile, head_dim);
-        if needed > available {
-            return Err(KernelError::SharedMemory {
-                head_dim,
-                needed,
-                available,
-            });
+        (Self::shared_bytes(tile, head_dim) <= available).then_some(tile)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_shrink_to_fit_small_shared_memories() {
+        // 48 KiB (NVIDIA under Vulkan), 32 KiB (lavapipe), 16 KiB (WebGPU's default).
+        assert_eq!(TilePlan::largest_tile(64, 64, 48 * 1024), Some(32));
+        assert_eq!(TilePlan::largest_tile(64, 64, 16 * 1024), Some(16));
+        assert_eq!(TilePlan::largest_tile(128, 256, 32 * 1024), Some(8));
+        assert_eq!(TilePlan::largest_tile(128, 256, 16 * 1024), Some(4));
+        // Never more rows than a block holds; any block size, not only powers of two.
+        assert_eq!(TilePlan::largest_tile(5, 8, 16 * 1024), Some(4));
+        assert_eq!(TilePlan::largest_tile(1, 8, 16 * 1024), Some(1));
+        // Every tile fits what it was chosen for.
+        for block in 1..=128 {
+            for head_dim in [1, 3, 64, 100, 256] {
+                for kib in [16, 32, 48] {
+                    let tile = TilePlan::largest_tile(block, head_dim, kib * 1024).unwrap();
+                    assert!(tile <= block.min(MAX_TILE));
+                    assert!(TilePlan::shared_bytes(tile, head_dim) <= kib * 1024);
+                }
+            }
         }
-        Ok(Self { tile, units: block })
+        // A device with almost no shared memory is refused, not crashed.
+        assert_eq!(TilePlan::largest_tile(64, 256, 1024), None);
     }
 }

@@ -24,7 +24,7 @@ pub fn devices() -> Vec<(&'static str, Device)> {
         } else {
             DeviceKind::Cpu
         };
-        out.push(("wgpu", Device::wgpu(kind).autodiff()));
+        out.push(("wgpu", Device::wgpu(kind.clone()).autodiff()));
         #[cfg(feature = "vulkan")]
         if on_gpu {
             out.push(("vulkan", Device::vulkan(kind).autodiff()));
