@@ -142,6 +142,10 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
 /// `dK`/`dV` kernel: unit `u` of cube `(c, bh)` owns key position `c * block + u` and walks
 /// the query blocks that attend key block `c` (the transposed lists), staging `Q`, `dO`, the
 /// log-sum-exp and `delta` of each query tile in shared memory.
+///
+/// `with_dk` / `with_dv` choose the gradients of this launch: both at once for short rows;
+/// for long rows one launch each, so that a unit keeps two or three rows in registers
+/// instead of four (which would spill) at the price of recomputing the scores.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dkdv_kernel<F: Float, N: Size>(
@@ -170,6 +174,8 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
     #[comptime] query_tile: usize,
     #[comptime] mask_words: usize,
     #[comptime] permuted: bool,
+    #[comptime] with_dk: bool,
+    #[comptime] with_dv: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let task = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
@@ -201,7 +207,9 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
         v_row[c] = Vector::new(0.0f32);
         if valid {
             k_row[c] = Vector::<f32, N>::cast_from(k[at]);
-            v_row[c] = Vector::<f32, N>::cast_from(v[at]);
+            if with_dk {
+                v_row[c] = Vector::<f32, N>::cast_from(v[at]);
+            }
         }
         dk_acc[c] = Vector::new(0.0f32);
         dv_acc[c] = Vector::new(0.0f32);
@@ -251,15 +259,24 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
                         #[unroll(vecs <= UNROLL_MAX)]
                         for c in 0..vecs {
                             s += q_tile[ii * vecs + c] * k_row[c];
-                            dp += do_tile[ii * vecs + c] * v_row[c];
+                            if with_dk {
+                                dp += do_tile[ii * vecs + c] * v_row[c];
+                            }
                         }
                         let p = f32::exp(lane_sum(s) * scale - lse_tile[ii]);
-                        let ds = Vector::<f32, N>::new(p * (lane_sum(dp) - delta_tile[ii]));
-                        let pv = Vector::<f32, N>::new(p);
-                        #[unroll(vecs <= UNROLL_MAX)]
-                        for c in 0..vecs {
-                            dv_acc[c] += pv * do_tile[ii * vecs + c];
-                            dk_acc[c] += ds * q_tile[ii * vecs + c];
+                        if with_dv {
+                            let pv = Vector::<f32, N>::new(p);
+                            #[unroll(vecs <= UNROLL_MAX)]
+                            for c in 0..vecs {
+                                dv_acc[c] += pv * do_tile[ii * vecs + c];
+                            }
+                        }
+                        if with_dk {
+                            let ds = Vector::<f32, N>::new(p * (lane_sum(dp) - delta_tile[ii]));
+                            #[unroll(vecs <= UNROLL_MAX)]
+                            for c in 0..vecs {
+                                dk_acc[c] += ds * q_tile[ii * vecs + c];
+                            }
                         }
                     }
                 }
@@ -270,8 +287,12 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
         let sv = Vector::<f32, N>::new(scale);
         #[unroll(vecs <= UNROLL_MAX)]
         for c in 0..vecs {
-            dk[base + tok * vecs + c] = Vector::<F, N>::cast_from(dk_acc[c] * sv);
-            dv[base + tok * vecs + c] = Vector::<F, N>::cast_from(dv_acc[c]);
+            if with_dk {
+                dk[base + tok * vecs + c] = Vector::<F, N>::cast_from(dk_acc[c] * sv);
+            }
+            if with_dv {
+                dv[base + tok * vecs + c] = Vector::<F, N>::cast_from(dv_acc[c]);
+            }
         }
     }
 }

@@ -176,6 +176,9 @@ impl Grid {
     }
 }
 
+/// Largest head dim whose `dK` and `dV` are computed in one pass.
+const FUSED_DKDV_MAX_HEAD_DIM: usize = 32;
+
 /// A tensor buffer of `len` elements (vectors for the `[B, H, n, d]` tensors).
 fn tensor(handle: &Handle, len: usize) -> BufferArg {
     arg(&(handle.clone(), len))
@@ -237,7 +240,8 @@ pub fn forward(
 }
 
 /// Backward pass: writes `dq`, `dk`, `dv` (`[B, H, n, d]`) of `sum(out * dout)` from the
-/// forward's `out` and `lse`. Runs the `dQ` kernel, then the `dK`/`dV` kernel.
+/// forward's `out` and `lse`. Runs the `dQ` kernel, then the `dK`/`dV` kernel (as one pass, or
+/// a `dV` pass and a `dK` pass for head dims above 32).
 ///
 /// # Errors
 /// What [`TilePlan::for_device`] refuses, or tensors beyond 32-bit indexing.
@@ -286,37 +290,48 @@ pub fn backward(
         grid.permuted,
         dtype,
     );
-    dkdv_kernel::launch(
-        client,
-        grid.count,
-        grid.dim,
-        grid.lanes,
-        tensor(q, numel),
-        tensor(k, numel),
-        tensor(v, numel),
-        tensor(lse, rows),
-        tensor(dout, numel),
-        arg(&delta),
-        tensor(dk, numel),
-        tensor(dv, numel),
-        arg(&layout.col_ptr),
-        arg(&layout.t_rows),
-        arg(&layout.t_entries),
-        arg(&layout.masks),
-        arg(&layout.mask_bits),
-        arg(&layout.order),
-        shape.seq_len,
-        view.n_blocks,
-        shape.heads,
-        grid.shared_layout,
-        grid.tasks,
-        scale,
-        view.block,
-        grid.vecs,
-        grid.plan.tile,
-        grid.mask_words,
-        grid.permuted,
-        dtype,
-    );
+    // Rows of up to 32 elements keep k, v, dk and dv in registers in one pass; longer rows
+    // take a dV pass and a dK pass (two or three rows in registers each, no spills).
+    let passes: &[(bool, bool)] = if shape.head_dim <= FUSED_DKDV_MAX_HEAD_DIM {
+        &[(true, true)]
+    } else {
+        &[(false, true), (true, false)]
+    };
+    for &(with_dk, with_dv) in passes {
+        dkdv_kernel::launch(
+            client,
+            grid.count.clone(),
+            grid.dim,
+            grid.lanes,
+            tensor(q, numel),
+            tensor(k, numel),
+            tensor(v, numel),
+            tensor(lse, rows),
+            tensor(dout, numel),
+            arg(&delta),
+            tensor(dk, numel),
+            tensor(dv, numel),
+            arg(&layout.col_ptr),
+            arg(&layout.t_rows),
+            arg(&layout.t_entries),
+            arg(&layout.masks),
+            arg(&layout.mask_bits),
+            arg(&layout.order),
+            shape.seq_len,
+            view.n_blocks,
+            shape.heads,
+            grid.shared_layout,
+            grid.tasks,
+            scale,
+            view.block,
+            grid.vecs,
+            grid.plan.tile,
+            grid.mask_words,
+            grid.permuted,
+            with_dk,
+            with_dv,
+            dtype,
+        );
+    }
     Ok(())
 }
