@@ -122,7 +122,7 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
                     l *= alpha;
                     #[unroll(vecs <= UNROLL_MAX)]
                     for c in 0..vecs {
-                        acc[c] = acc[c] * Vector::new(alpha);
+                        acc[c] *= Vector::new(alpha);
                     }
                     #[unroll]
                     for jj in 0..key_tile {

@@ -160,7 +160,7 @@ impl Grid {
         let y = tasks.div_ceil(x).max(1);
         let lanes = [4, 2, 1]
             .into_iter()
-            .find(|l| shape.head_dim % l == 0)
+            .find(|l| shape.head_dim.is_multiple_of(*l))
             .unwrap_or(1);
         Ok(Self {
             lanes,
