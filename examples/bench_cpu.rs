@@ -8,7 +8,7 @@
 //! CPU backends execute eagerly and each timed region ends by reading a result back.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::Duration;
 
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -16,6 +16,9 @@ use burn::tensor::{Device, Distribution, Tensor};
 use clap::Parser;
 use serde::Serialize;
 use sparse_attn::pattern::{Band, BigBird, BigBirdConfig, Fixed, Strided};
+#[path = "common/timing.rs"]
+mod timing;
+
 use sparse_attn::{
     AttentionOptions, BlockLayout, Pattern, sparse_attention, sparse_attention_portable,
 };
@@ -117,18 +120,9 @@ fn time_attention(
     (fwd_ms, fwd_bwd_ms)
 }
 
-/// Median wall time in ms of `f` over `reps` runs after one warm-up.
-fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[reps / 2]
+/// Median wall time in ms of `f` over `reps` runs after one warm-up run.
+fn median_ms(reps: usize, f: impl FnMut()) -> f64 {
+    timing::median_ms(reps, 1, Duration::ZERO, f)
 }
 
 fn sync(t: Tensor<4>) {

@@ -10,13 +10,16 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::Duration;
 
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Distribution, FloatDType, Tensor};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
+#[path = "common/timing.rs"]
+mod timing;
+
 use sparse_attn::pattern::Band;
 use sparse_attn::{AttentionOptions, BlockLayout, sparse_attention};
 
@@ -89,22 +92,8 @@ struct Row {
 /// and two seconds (kernel compilation, memory pools growing, clocks ramping up: on the
 /// H200 the first half second of a new shape ran up to 3x slower); `f` must end with a
 /// device synchronisation.
-fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
-    let warm = Instant::now();
-    let mut runs = 0;
-    while runs < 3 || warm.elapsed().as_secs_f64() < 2.0 {
-        f();
-        runs += 1;
-    }
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[reps / 2]
+fn median_ms(reps: usize, f: impl FnMut()) -> f64 {
+    timing::median_ms(reps, 3, Duration::from_secs(2), f)
 }
 
 fn float_dtype(name: &str) -> Result<FloatDType, String> {

@@ -5,7 +5,7 @@
 
 use cubecl::prelude::*;
 
-use crate::tiles::{UNROLL_MAX, allowed, head_row, lane_sum, token};
+use crate::tiles::{UNROLL_MAX, allowed, head_row, lane_sum, load_tiles, span, token};
 
 /// `dQ` kernel; also writes `delta_i = dO_i . O_i` (by token) for the `dK`/`dV` pass.
 #[cube(launch)]
@@ -87,27 +87,26 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
         let key_block = cols[e] as usize;
         let mask = masks[e];
         let key_start = key_block * block;
-        let key_len = if n - key_start < block {
-            n - key_start
-        } else {
-            block
-        };
+        let key_len = span(n, key_start, block);
         for t0 in range_stepped(0, key_len, key_tile) {
-            let tile_len = if key_len - t0 < key_tile {
-                key_len - t0
-            } else {
-                key_tile
-            };
+            let tile_len = span(key_len, t0, key_tile);
             sync_cube();
-            for idx in range_stepped(u, key_tile * vecs, block) {
-                let jj = idx / vecs;
-                if jj < tile_len {
-                    let src =
-                        base + token(order, key_start + t0 + jj, permuted) * vecs + idx % vecs;
-                    k_tile[idx] = Vector::<f32, N>::cast_from(k[src]);
-                    v_tile[idx] = Vector::<f32, N>::cast_from(v[src]);
-                }
-            }
+            let (k_tile, v_tile) = (&mut k_tile, &mut v_tile);
+            load_tiles(
+                k,
+                v,
+                k_tile,
+                v_tile,
+                order,
+                base,
+                key_start + t0,
+                tile_len,
+                u,
+                key_tile,
+                vecs,
+                block,
+                permuted,
+            );
             sync_cube();
             if valid {
                 for jj in 0..tile_len {
@@ -225,30 +224,30 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
         let query_block = t_rows[te] as usize;
         let mask = masks[t_entries[te] as usize];
         let query_start = query_block * block;
-        let query_len = if n - query_start < block {
-            n - query_start
-        } else {
-            block
-        };
+        let query_len = span(n, query_start, block);
         for t0 in range_stepped(0, query_len, query_tile) {
-            let tile_len = if query_len - t0 < query_tile {
-                query_len - t0
-            } else {
-                query_tile
-            };
+            let tile_len = span(query_len, t0, query_tile);
             sync_cube();
-            for idx in range_stepped(u, query_tile * vecs, block) {
-                let ii = idx / vecs;
-                if ii < tile_len {
-                    let qtok = token(order, query_start + t0 + ii, permuted);
-                    let src = base + qtok * vecs + idx % vecs;
-                    q_tile[idx] = Vector::<f32, N>::cast_from(q[src]);
-                    do_tile[idx] = Vector::<f32, N>::cast_from(dout[src]);
-                    if idx % vecs == 0 {
-                        lse_tile[ii] = f32::cast_from(lse[bh * n + qtok]);
-                        delta_tile[ii] = delta[bh * n + qtok];
-                    }
-                }
+            let (q_tile, do_tile) = (&mut q_tile, &mut do_tile);
+            load_tiles(
+                q,
+                dout,
+                q_tile,
+                do_tile,
+                order,
+                base,
+                query_start + t0,
+                tile_len,
+                u,
+                query_tile,
+                vecs,
+                block,
+                permuted,
+            );
+            if u < tile_len {
+                let qtok = token(order, query_start + t0 + u, permuted);
+                lse_tile[u] = f32::cast_from(lse[bh * n + qtok]);
+                delta_tile[u] = delta[bh * n + qtok];
             }
             sync_cube();
             if valid {

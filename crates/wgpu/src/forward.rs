@@ -4,7 +4,7 @@
 
 use cubecl::prelude::*;
 
-use crate::tiles::{MASKED, UNROLL_MAX, allowed, head_row, lane_sum, token};
+use crate::tiles::{MASKED, UNROLL_MAX, allowed, head_row, lane_sum, load_tiles, span, token};
 
 /// Forward kernel. Unit `u` of cube `(r, bh)` owns layout position `r * block + u`; it keeps
 /// its scaled query row and its output accumulator in registers, walks the active key blocks
@@ -78,27 +78,26 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
         let key_block = cols[e] as usize;
         let mask = masks[e];
         let key_start = key_block * block;
-        let key_len = if n - key_start < block {
-            n - key_start
-        } else {
-            block
-        };
+        let key_len = span(n, key_start, block);
         for t0 in range_stepped(0, key_len, key_tile) {
-            let tile_len = if key_len - t0 < key_tile {
-                key_len - t0
-            } else {
-                key_tile
-            };
+            let tile_len = span(key_len, t0, key_tile);
             sync_cube();
-            for idx in range_stepped(u, key_tile * vecs, block) {
-                let jj = idx / vecs;
-                if jj < tile_len {
-                    let src =
-                        base + token(order, key_start + t0 + jj, permuted) * vecs + idx % vecs;
-                    k_tile[idx] = Vector::<f32, N>::cast_from(k[src]);
-                    v_tile[idx] = Vector::<f32, N>::cast_from(v[src]);
-                }
-            }
+            let (k_tile, v_tile) = (&mut k_tile, &mut v_tile);
+            load_tiles(
+                k,
+                v,
+                k_tile,
+                v_tile,
+                order,
+                base,
+                key_start + t0,
+                tile_len,
+                u,
+                key_tile,
+                vecs,
+                block,
+                permuted,
+            );
             sync_cube();
             if valid {
                 let mut tile_max = f32::new(MASKED);

@@ -65,3 +65,43 @@ pub(crate) fn allowed(
         (word >> (bit % 32) as u32) & 1 == 1
     }
 }
+
+/// `min(total - start, cap)`: the length of the block or tile starting at `start`.
+#[cube]
+pub(crate) fn span(total: usize, start: usize, #[comptime] cap: usize) -> usize {
+    if total - start < cap {
+        total - start
+    } else {
+        cap
+    }
+}
+
+/// Loads layout positions `start .. start + len` (`len <= cap`) of `a` and `b` (rows of
+/// `vecs` vectors from `base`) into `a_tile` and `b_tile`, converted to `f32`; the `units`
+/// units of the cube share the work. Callers synchronise the cube around it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn load_tiles<F: Float, N: Size>(
+    a: &[Vector<F, N>],
+    b: &[Vector<F, N>],
+    a_tile: &mut Shared<[Vector<f32, N>]>,
+    b_tile: &mut Shared<[Vector<f32, N>]>,
+    order: &[u32],
+    base: usize,
+    start: usize,
+    len: usize,
+    unit: usize,
+    #[comptime] cap: usize,
+    #[comptime] vecs: usize,
+    #[comptime] units: usize,
+    #[comptime] permuted: bool,
+) {
+    for idx in range_stepped(unit, cap * vecs, units) {
+        let row = idx / vecs;
+        if row < len {
+            let src = base + token(order, start + row, permuted) * vecs + idx % vecs;
+            a_tile[idx] = Vector::<f32, N>::cast_from(a[src]);
+            b_tile[idx] = Vector::<f32, N>::cast_from(b[src]);
+        }
+    }
+}
