@@ -91,12 +91,11 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
         for t0 in range_stepped(0, key_len, key_tile) {
             let tile_len = span(key_len, t0, key_tile);
             sync_cube();
-            let (k_tile, v_tile) = (&mut k_tile, &mut v_tile);
             load_tiles(
                 k,
                 v,
-                k_tile,
-                v_tile,
+                &mut k_tile,
+                &mut v_tile,
                 order,
                 base,
                 key_start + t0,
@@ -228,12 +227,11 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
         for t0 in range_stepped(0, query_len, query_tile) {
             let tile_len = span(query_len, t0, query_tile);
             sync_cube();
-            let (q_tile, do_tile) = (&mut q_tile, &mut do_tile);
             load_tiles(
                 q,
                 dout,
-                q_tile,
-                do_tile,
+                &mut q_tile,
+                &mut do_tile,
                 order,
                 base,
                 query_start + t0,

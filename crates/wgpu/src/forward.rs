@@ -82,12 +82,11 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
         for t0 in range_stepped(0, key_len, key_tile) {
             let tile_len = span(key_len, t0, key_tile);
             sync_cube();
-            let (k_tile, v_tile) = (&mut k_tile, &mut v_tile);
             load_tiles(
                 k,
                 v,
-                k_tile,
-                v_tile,
+                &mut k_tile,
+                &mut v_tile,
                 order,
                 base,
                 key_start + t0,
