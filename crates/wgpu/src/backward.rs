@@ -5,7 +5,7 @@
 
 use cubecl::prelude::*;
 
-use crate::tiles::{UNROLL_MAX, allowed, head_row, lane_sum, load_tiles, span, token};
+use crate::tiles::{UNROLL_MAX, allowed, head_row, lane_sum, load_tiles, merge_sums, span, token};
 
 /// `dQ` kernel; also writes `delta_i = dO_i . O_i` (by token) for the `dK`/`dV` pass.
 #[cube(launch)]
@@ -35,6 +35,7 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
     #[comptime] key_tile: usize,
     #[comptime] mask_words: usize,
     #[comptime] permuted: bool,
+    #[comptime] splits: usize,
     #[define(F)] _dtype: ElemType,
 ) {
     let task = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
@@ -45,7 +46,9 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
     let r = task % n_blocks;
     let bh = task / n_blocks;
     let row = head_row(bh, r, heads, n_blocks, shared_layout);
-    let u = UNIT_POS_X as usize;
+    let unit = UNIT_POS_X as usize;
+    let u = unit % block;
+    let lane = unit / block;
     let pos = r * block + u;
     let valid = pos < n;
     let base = bh * n * vecs;
@@ -76,7 +79,9 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
     if valid {
         delta_i = lane_sum(delta_v);
         lse_i = f32::cast_from(lse[bh * n + tok]);
-        delta[bh * n + tok] = delta_i;
+        if lane == 0 {
+            delta[bh * n + tok] = delta_i;
+        }
     }
     let mut k_tile = Shared::<[Vector<f32, N>]>::new_slice(key_tile * vecs);
     let mut v_tile = Shared::<[Vector<f32, N>]>::new_slice(key_tile * vecs);
@@ -100,15 +105,15 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
                 base,
                 key_start + t0,
                 tile_len,
-                u,
+                unit,
                 key_tile,
                 vecs,
-                block,
+                block * splits,
                 permuted,
             );
             sync_cube();
             if valid {
-                for jj in 0..tile_len {
+                for jj in range_stepped(lane, tile_len, splits) {
                     if allowed(mask_bits, mask, u, t0 + jj, block, mask_words) {
                         let mut s = Vector::<f32, N>::new(0.0f32);
                         let mut dp = Vector::<f32, N>::new(0.0f32);
@@ -128,7 +133,20 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
             }
         }
     }
-    if valid {
+    if splits > 1 {
+        merge_sums(
+            &mut acc,
+            &mut k_tile,
+            &mut v_tile,
+            u,
+            lane,
+            key_tile,
+            vecs,
+            block,
+            splits,
+        );
+    }
+    if valid && lane == 0 {
         let sv = Vector::<f32, N>::new(scale);
         #[unroll(vecs <= UNROLL_MAX)]
         for c in 0..vecs {
@@ -172,6 +190,7 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
     #[comptime] query_tile: usize,
     #[comptime] mask_words: usize,
     #[comptime] permuted: bool,
+    #[comptime] splits: usize,
     #[comptime] with_dk: bool,
     #[comptime] with_dv: bool,
     #[define(F)] _dtype: ElemType,
@@ -184,7 +203,9 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
     let c_blk = task % n_blocks;
     let bh = task / n_blocks;
     let col = head_row(bh, c_blk, heads, n_blocks, shared_layout);
-    let u = UNIT_POS_X as usize;
+    let unit = UNIT_POS_X as usize;
+    let u = unit % block;
+    let lane = unit / block;
     let pos = c_blk * block + u;
     let valid = pos < n;
     let base = bh * n * vecs;
@@ -236,20 +257,20 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
                 base,
                 query_start + t0,
                 tile_len,
-                u,
+                unit,
                 query_tile,
                 vecs,
-                block,
+                block * splits,
                 permuted,
             );
-            if u < tile_len {
-                let qtok = token(order, query_start + t0 + u, permuted);
-                lse_tile[u] = f32::cast_from(lse[bh * n + qtok]);
-                delta_tile[u] = delta[bh * n + qtok];
+            if unit < tile_len {
+                let qtok = token(order, query_start + t0 + unit, permuted);
+                lse_tile[unit] = f32::cast_from(lse[bh * n + qtok]);
+                delta_tile[unit] = delta[bh * n + qtok];
             }
             sync_cube();
             if valid {
-                for ii in 0..tile_len {
+                for ii in range_stepped(lane, tile_len, splits) {
                     if allowed(mask_bits, mask, t0 + ii, u, block, mask_words) {
                         let mut s = Vector::<f32, N>::new(0.0f32);
                         let mut dp = Vector::<f32, N>::new(0.0f32);
@@ -280,7 +301,35 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
             }
         }
     }
-    if valid {
+    if splits > 1 {
+        if with_dk {
+            merge_sums(
+                &mut dk_acc,
+                &mut q_tile,
+                &mut do_tile,
+                u,
+                lane,
+                query_tile,
+                vecs,
+                block,
+                splits,
+            );
+        }
+        if with_dv {
+            merge_sums(
+                &mut dv_acc,
+                &mut q_tile,
+                &mut do_tile,
+                u,
+                lane,
+                query_tile,
+                vecs,
+                block,
+                splits,
+            );
+        }
+    }
+    if valid && lane == 0 {
         let sv = Vector::<f32, N>::new(scale);
         #[unroll(vecs <= UNROLL_MAX)]
         for c in 0..vecs {

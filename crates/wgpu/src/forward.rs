@@ -4,7 +4,9 @@
 
 use cubecl::prelude::*;
 
-use crate::tiles::{MASKED, UNROLL_MAX, allowed, head_row, lane_sum, load_tiles, span, token};
+use crate::tiles::{
+    MASKED, UNROLL_MAX, allowed, head_row, lane_sum, load_tiles, merge_pair, span, token,
+};
 
 /// Forward kernel. Unit `u` of cube `(r, bh)` owns layout position `r * block + u`; it keeps
 /// its scaled query row and its output accumulator in registers, walks the active key blocks
@@ -35,6 +37,7 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
     #[comptime] key_tile: usize,
     #[comptime] mask_words: usize,
     #[comptime] permuted: bool,
+    #[comptime] splits: usize,
     #[define(F)] _dtype: ElemType,
 ) {
     let task = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
@@ -45,7 +48,9 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
     let r = task % n_blocks;
     let bh = task / n_blocks;
     let row = head_row(bh, r, heads, n_blocks, shared_layout);
-    let u = UNIT_POS_X as usize;
+    let unit = UNIT_POS_X as usize;
+    let u = unit % block;
+    let lane = unit / block;
     let pos = r * block + u;
     let valid = pos < n;
     let base = bh * n * vecs;
@@ -68,7 +73,8 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
     }
     let mut m = f32::new(MASKED);
     let mut l = 0.0f32;
-    let mut scores = Array::<f32>::new(key_tile);
+    let per_lane = comptime!(key_tile / splits);
+    let mut scores = Array::<f32>::new(per_lane);
     let mut k_tile = Shared::<[Vector<f32, N>]>::new_slice(key_tile * vecs);
     let mut v_tile = Shared::<[Vector<f32, N>]>::new_slice(key_tile * vecs);
 
@@ -91,17 +97,18 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
                 base,
                 key_start + t0,
                 tile_len,
-                u,
+                unit,
                 key_tile,
                 vecs,
-                block,
+                block * splits,
                 permuted,
             );
             sync_cube();
             if valid {
                 let mut tile_max = f32::new(MASKED);
                 #[unroll]
-                for jj in 0..key_tile {
+                for t in 0..per_lane {
+                    let jj = lane + t * splits;
                     let mut s = f32::new(MASKED);
                     if jj < tile_len && allowed(mask_bits, mask, u, t0 + jj, block, mask_words) {
                         let mut dot = Vector::<f32, N>::new(0.0f32);
@@ -112,7 +119,7 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
                         s = lane_sum(dot);
                         tile_max = f32::max(tile_max, s);
                     }
-                    scores[jj] = s;
+                    scores[t] = s;
                 }
                 if tile_max != MASKED {
                     let m_new = f32::max(m, tile_max);
@@ -123,9 +130,10 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
                         acc[c] *= Vector::new(alpha);
                     }
                     #[unroll]
-                    for jj in 0..key_tile {
-                        if scores[jj] != MASKED {
-                            let p = f32::exp(scores[jj] - m_new);
+                    for t in 0..per_lane {
+                        let jj = lane + t * splits;
+                        if scores[t] != MASKED {
+                            let p = f32::exp(scores[t] - m_new);
                             l += p;
                             let pv = Vector::<f32, N>::new(p);
                             #[unroll(vecs <= UNROLL_MAX)]
@@ -140,7 +148,22 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
         }
     }
 
-    if valid {
+    if splits > 1 {
+        merge_softmax(
+            &mut acc,
+            &mut m,
+            &mut l,
+            &mut k_tile,
+            &mut v_tile,
+            u,
+            lane,
+            key_tile,
+            vecs,
+            block,
+            splits,
+        );
+    }
+    if valid && lane == 0 {
         // `l == 0` only for a row with no allowed key (the row's largest term is exp(0) = 1);
         // a NaN sum (a NaN input this row attends) must propagate, so no `l > 0` test.
         let inv = Vector::<f32, N>::new(if l == 0.0 { 0.0f32 } else { 1.0 / l });
@@ -153,5 +176,59 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
         } else {
             F::cast_from(m + f32::ln(l))
         };
+    }
+}
+
+/// Combines the online-softmax states `(m, l, acc)` of lanes `1 .. splits` of each row into
+/// lane 0's: `m` becomes the max, `l` and `acc` the sums rescaled by `exp(m_lane - m)`.
+/// `m` and `l` go through two small shared arrays, `acc` through [`merge_pair`]. Every unit
+/// of the cube must call it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn merge_softmax<N: Size>(
+    acc: &mut Array<Vector<f32, N>>,
+    m: &mut f32,
+    l: &mut f32,
+    stage_a: &mut Shared<[Vector<f32, N>]>,
+    stage_b: &mut Shared<[Vector<f32, N>]>,
+    row: usize,
+    lane: usize,
+    #[comptime] cap: usize,
+    #[comptime] vecs: usize,
+    #[comptime] block: usize,
+    #[comptime] splits: usize,
+) {
+    let mut m_stage = Shared::<[f32]>::new_slice(comptime!(2 * block));
+    let mut l_stage = Shared::<[f32]>::new_slice(block);
+    for other in 1..splits {
+        sync_cube();
+        if lane == 0 {
+            m_stage[row] = *m;
+        }
+        if lane == other {
+            m_stage[block + row] = *m;
+            l_stage[row] = *l;
+        }
+        sync_cube();
+        let m_own = m_stage[row];
+        let m_other = m_stage[block + row];
+        let m_new = f32::max(m_own, m_other);
+        // Each side rescales its own sum to the common max before lane 0 adds them.
+        let alpha = if lane == 0 {
+            f32::exp(m_own - m_new)
+        } else {
+            f32::exp(m_other - m_new)
+        };
+        if lane == 0 || lane == other {
+            #[unroll(vecs <= UNROLL_MAX)]
+            for c in 0..vecs {
+                acc[c] *= Vector::new(alpha);
+            }
+        }
+        if lane == 0 {
+            *l = *l * alpha + l_stage[row] * f32::exp(m_other - m_new);
+            *m = m_new;
+        }
+        merge_pair(acc, stage_a, stage_b, row, lane, other, cap, vecs, block);
     }
 }

@@ -139,6 +139,8 @@ struct Grid {
     lanes: usize,
     /// Vectors per row, `head_dim / lanes`.
     vecs: usize,
+    /// Units per row (each takes every `splits`-th key, or query in the dK/dV pass).
+    splits: usize,
 }
 
 impl Grid {
@@ -158,6 +160,7 @@ impl Grid {
         let max_x = client.properties().hardware.max_cube_count.0.max(1) as usize;
         let x = tasks.clamp(1, max_x);
         let y = tasks.div_ceil(x).max(1);
+        let splits = row_splits(tasks * view.block, view.block, plan.tile, client);
         let lanes = [4, 2, 1]
             .into_iter()
             .find(|l| shape.head_dim.is_multiple_of(*l))
@@ -166,7 +169,8 @@ impl Grid {
             lanes,
             vecs: shape.head_dim / lanes,
             count: CubeCount::Static(x as u32, y as u32, 1),
-            dim: CubeDim::new_1d(view.block as u32),
+            dim: CubeDim::new_1d((view.block * splits) as u32),
+            splits,
             tasks,
             plan,
             mask_words: 2 * view.mask_words.max(1),
@@ -174,6 +178,25 @@ impl Grid {
             shared_layout: u32::from(view.layout_heads == 1),
         })
     }
+}
+
+/// Below this many units (one per row) a launch gives each row several units.
+const MIN_UNITS: usize = 16384;
+
+/// Units per row: 1 when `rows` units already fill a device, else up to 4 (each unit then
+/// takes every 2nd or 4th key of a tile and the cube merges their states), within the
+/// device's units per cube and never more than the tile's rows.
+fn row_splits(rows: usize, block: usize, tile: usize, client: &Client) -> usize {
+    let max_units = client.properties().hardware.max_units_per_cube as usize;
+    let mut splits = 1;
+    while splits < 4
+        && rows * splits < MIN_UNITS
+        && block * splits * 2 <= max_units
+        && splits * 2 <= tile
+    {
+        splits *= 2;
+    }
+    splits
 }
 
 /// Largest head dim whose `dK` and `dV` are computed in one pass.
@@ -234,6 +257,7 @@ pub fn forward(
         grid.plan.tile,
         grid.mask_words,
         grid.permuted,
+        grid.splits,
         dtype,
     );
     Ok(())
@@ -288,6 +312,7 @@ pub fn backward(
         grid.plan.tile,
         grid.mask_words,
         grid.permuted,
+        grid.splits,
         dtype,
     );
     // Rows of up to 32 elements keep k, v, dk and dv in registers in one pass; longer rows
@@ -328,6 +353,7 @@ pub fn backward(
             grid.plan.tile,
             grid.mask_words,
             grid.permuted,
+            grid.splits,
             with_dk,
             with_dv,
             dtype,

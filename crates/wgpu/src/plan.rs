@@ -12,6 +12,10 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// per tile row in registers.
 const MAX_TILE: usize = 32;
 
+/// `f32`s of shared memory the forward's merge of split rows adds (`m` of two lanes and `l`
+/// per row of the largest block).
+const MERGE_FLOATS: usize = 3 * 128;
+
 /// Tile sizes of one problem on one device.
 ///
 /// # Invariants
@@ -26,10 +30,11 @@ pub struct TilePlan {
 }
 
 impl TilePlan {
-    /// Bytes of shared memory the most demanding kernel (`dK`/`dV`) needs for `tile` rows of
-    /// head dim `head_dim`: two `f32` row tiles plus the tile's log-sum-exp and `delta`.
+    /// Bytes of shared memory the most demanding kernel needs for `tile` rows of head dim
+    /// `head_dim`: two `f32` row tiles plus the tile's log-sum-exp and `delta` (`dK`/`dV`) or
+    /// the merge of split rows (forward).
     pub fn shared_bytes(tile: usize, head_dim: usize) -> usize {
-        (2 * tile * head_dim + 2 * tile) * size_of::<f32>()
+        (2 * tile * head_dim + 2 * tile + MERGE_FLOATS) * size_of::<f32>()
     }
 
     /// The largest tile (a power of two, at most `min(block, 32)`) that fits the device's

@@ -105,3 +105,66 @@ pub(crate) fn load_tiles<F: Float, N: Size>(
         }
     }
 }
+
+/// Adds lane `other`'s `acc` of each row into lane 0's, through the two shared tiles (`2 *
+/// cap` rows of `vecs` vectors, reused once the main loop is done), `2 * cap` rows at a time.
+/// Every unit of the cube must call it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn merge_pair<N: Size>(
+    acc: &mut Array<Vector<f32, N>>,
+    stage_a: &mut Shared<[Vector<f32, N>]>,
+    stage_b: &mut Shared<[Vector<f32, N>]>,
+    row: usize,
+    lane: usize,
+    other: usize,
+    #[comptime] cap: usize,
+    #[comptime] vecs: usize,
+    #[comptime] block: usize,
+) {
+    for r0 in range_stepped(0, block, 2 * cap) {
+        let here = row >= r0 && row < r0 + 2 * cap;
+        let slot = if here { row - r0 } else { 0usize };
+        sync_cube();
+        if here && lane == other {
+            #[unroll(vecs <= UNROLL_MAX)]
+            for c in 0..vecs {
+                if slot < cap {
+                    stage_a[slot * vecs + c] = acc[c];
+                } else {
+                    stage_b[(slot - cap) * vecs + c] = acc[c];
+                }
+            }
+        }
+        sync_cube();
+        if here && lane == 0 {
+            #[unroll(vecs <= UNROLL_MAX)]
+            for c in 0..vecs {
+                if slot < cap {
+                    acc[c] += stage_a[slot * vecs + c];
+                } else {
+                    acc[c] += stage_b[(slot - cap) * vecs + c];
+                }
+            }
+        }
+    }
+}
+
+/// Adds the `acc` of lanes `1 .. splits` of each row into lane 0's ([`merge_pair`] per lane).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn merge_sums<N: Size>(
+    acc: &mut Array<Vector<f32, N>>,
+    stage_a: &mut Shared<[Vector<f32, N>]>,
+    stage_b: &mut Shared<[Vector<f32, N>]>,
+    row: usize,
+    lane: usize,
+    #[comptime] cap: usize,
+    #[comptime] vecs: usize,
+    #[comptime] block: usize,
+    #[comptime] splits: usize,
+) {
+    for other in 1..splits {
+        merge_pair(acc, stage_a, stage_b, row, lane, other, cap, vecs, block);
+    }
+}

@@ -171,7 +171,9 @@ fn head_counts_and_dims(#[case] heads: usize, #[case] d: usize) {
 /// The block sizes and head dims the GPU kernels tile (blocks 16..128, head dims up to 256;
 /// tiles smaller than a block when shared memory is short), with lengths that are not a
 /// multiple of the block and windows that give full and partial blocks, in natural and in
-/// permuted (strided) token order.
+/// permuted (strided) token order. Small problems give each row of the CubeCL kernels
+/// several units (a split over keys, merged in the cube); the last case has enough rows
+/// (17,664) for one unit per row.
 #[rstest]
 #[case(16, 37, 64, 2)]
 #[case(32, 70, 16, 1)]
@@ -179,6 +181,7 @@ fn head_counts_and_dims(#[case] heads: usize, #[case] d: usize) {
 #[case(128, 259, 4, 1)]
 #[case(16, 21, 256, 1)]
 #[case(8, 19, 100, 2)]
+#[case(16, 1100, 4, 8)]
 fn kernel_tile_sizes(
     #[case] block: usize,
     #[case] n: usize,
