@@ -20,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// fmt check, clippy with warnings denied, and the test feature matrix.
+    /// fmt check, clippy with warnings denied, and the test feature matrix (the three test
+    /// commands of README.md).
     Ci,
     /// Time building a one-million-token causal-window layout (release build).
     BenchLayout,
@@ -68,6 +69,15 @@ fn main() -> Result<()> {
                 "warnings",
             ])?;
             cargo(&["test", "--workspace"])?;
+            cargo(&[
+                "test",
+                "-p",
+                "sparse-attn-core",
+                "--features",
+                "wgpu",
+                "--test",
+                "conformance",
+            ])?;
             cargo(&["test", "--workspace", "--features", ALL])
         }
         Task::GpuBundle => bundle::gpu_bundle(),
