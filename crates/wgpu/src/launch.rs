@@ -78,15 +78,20 @@ pub struct CsrView<'a> {
 }
 
 /// The layout's arrays on the device (WGSL has no 64-bit integers: masks go as `u32` words).
+/// The transposed lists are uploaded only for the backward pass, which reads them.
 struct DeviceLayout {
     row_ptr: (Handle, usize),
     cols: (Handle, usize),
     masks: (Handle, usize),
+    mask_bits: (Handle, usize),
+    order: (Handle, usize),
+}
+
+/// The transposed (key-block-major) lists on the device.
+struct DeviceTranspose {
     col_ptr: (Handle, usize),
     t_rows: (Handle, usize),
     t_entries: (Handle, usize),
-    mask_bits: (Handle, usize),
-    order: (Handle, usize),
 }
 
 /// Uploads `data` (at least one element, so that no binding is empty).
@@ -110,11 +115,18 @@ impl DeviceLayout {
             row_ptr: upload(client, view.row_ptr),
             cols: upload(client, view.cols),
             masks: upload(client, view.masks),
+            mask_bits: upload(client, &bits),
+            order: upload(client, &order),
+        }
+    }
+}
+
+impl DeviceTranspose {
+    fn upload(client: &Client, view: &CsrView) -> Self {
+        Self {
             col_ptr: upload(client, view.col_ptr),
             t_rows: upload(client, view.t_rows),
             t_entries: upload(client, view.t_entries),
-            mask_bits: upload(client, &bits),
-            order: upload(client, &order),
         }
     }
 }
@@ -281,6 +293,7 @@ pub fn backward(
 ) -> Result<(), KernelError> {
     let grid = Grid::new(client, dtype, &shape, view)?;
     let layout = DeviceLayout::upload(client, view);
+    let transpose = DeviceTranspose::upload(client, view);
     let (numel, rows) = (shape.numel() / grid.lanes, shape.rows());
     let delta = (client.empty(rows * size_of::<f32>()), rows);
     dq_kernel::launch(
@@ -336,9 +349,9 @@ pub fn backward(
             arg(&delta),
             tensor(dk, numel),
             tensor(dv, numel),
-            arg(&layout.col_ptr),
-            arg(&layout.t_rows),
-            arg(&layout.t_entries),
+            arg(&transpose.col_ptr),
+            arg(&transpose.t_rows),
+            arg(&transpose.t_entries),
             arg(&layout.masks),
             arg(&layout.mask_bits),
             arg(&layout.order),
