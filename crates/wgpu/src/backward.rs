@@ -5,7 +5,7 @@
 
 use cubecl::prelude::*;
 
-use crate::tiles::{UNROLL_MAX, allowed, head_row, lane_sum, load_tiles, merge_sums, span, token};
+use crate::tiles::{UNROLL_MAX, allowed, lane_sum, load_tiles, merge_sums, row_unit, span, token};
 
 /// `dQ` kernel; also writes `delta_i = dO_i . O_i` (by token) for the `dK`/`dV` pass.
 #[cube(launch)]
@@ -38,25 +38,21 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
     #[comptime] splits: usize,
     #[define(F)] _dtype: ElemType,
 ) {
-    let task = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
-    if task >= tasks {
-        terminate!();
-    }
     let n = seq_len;
-    let r = task % n_blocks;
-    let bh = task / n_blocks;
-    let row = head_row(bh, r, heads, n_blocks, shared_layout);
+    let at = row_unit(
+        order,
+        seq_len,
+        n_blocks,
+        heads,
+        shared_layout,
+        tasks,
+        block,
+        vecs,
+        permuted,
+    );
+    let (bh, row, u, lane, valid, base, tok) =
+        (at.bh, at.list, at.u, at.lane, at.valid, at.base, at.tok);
     let unit = UNIT_POS_X as usize;
-    let u = unit % block;
-    let lane = unit / block;
-    let pos = r * block + u;
-    let valid = pos < n;
-    let base = bh * n * vecs;
-    let tok = if valid {
-        token(order, pos, permuted)
-    } else {
-        0usize
-    };
 
     let mut q_row = Array::<Vector<f32, N>>::new(vecs);
     let mut do_row = Array::<Vector<f32, N>>::new(vecs);
@@ -195,25 +191,21 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
     #[comptime] with_dv: bool,
     #[define(F)] _dtype: ElemType,
 ) {
-    let task = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
-    if task >= tasks {
-        terminate!();
-    }
     let n = seq_len;
-    let c_blk = task % n_blocks;
-    let bh = task / n_blocks;
-    let col = head_row(bh, c_blk, heads, n_blocks, shared_layout);
+    let at = row_unit(
+        order,
+        seq_len,
+        n_blocks,
+        heads,
+        shared_layout,
+        tasks,
+        block,
+        vecs,
+        permuted,
+    );
+    let (bh, col, u, lane, valid, base, tok) =
+        (at.bh, at.list, at.u, at.lane, at.valid, at.base, at.tok);
     let unit = UNIT_POS_X as usize;
-    let u = unit % block;
-    let lane = unit / block;
-    let pos = c_blk * block + u;
-    let valid = pos < n;
-    let base = bh * n * vecs;
-    let tok = if valid {
-        token(order, pos, permuted)
-    } else {
-        0usize
-    };
 
     let mut k_row = Array::<Vector<f32, N>>::new(vecs);
     let mut v_row = Array::<Vector<f32, N>>::new(vecs);

@@ -4,9 +4,7 @@
 
 use cubecl::prelude::*;
 
-use crate::tiles::{
-    MASKED, UNROLL_MAX, allowed, head_row, lane_sum, load_tiles, merge_pair, span, token,
-};
+use crate::tiles::{MASKED, UNROLL_MAX, allowed, lane_sum, load_tiles, merge_pair, row_unit, span};
 
 /// Forward kernel. Unit `u` of cube `(r, bh)` owns layout position `r * block + u`; it keeps
 /// its scaled query row and its output accumulator in registers, walks the active key blocks
@@ -40,25 +38,21 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
     #[comptime] splits: usize,
     #[define(F)] _dtype: ElemType,
 ) {
-    let task = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
-    if task >= tasks {
-        terminate!();
-    }
     let n = seq_len;
-    let r = task % n_blocks;
-    let bh = task / n_blocks;
-    let row = head_row(bh, r, heads, n_blocks, shared_layout);
+    let at = row_unit(
+        order,
+        seq_len,
+        n_blocks,
+        heads,
+        shared_layout,
+        tasks,
+        block,
+        vecs,
+        permuted,
+    );
+    let (bh, row, u, lane, valid, base, tok) =
+        (at.bh, at.list, at.u, at.lane, at.valid, at.base, at.tok);
     let unit = UNIT_POS_X as usize;
-    let u = unit % block;
-    let lane = unit / block;
-    let pos = r * block + u;
-    let valid = pos < n;
-    let base = bh * n * vecs;
-    let tok = if valid {
-        token(order, pos, permuted)
-    } else {
-        0usize
-    };
 
     let mut q_row = Array::<Vector<f32, N>>::new(vecs);
     let mut acc = Array::<Vector<f32, N>>::new(vecs);

@@ -41,6 +41,65 @@ pub(crate) fn head_row(
     lh * n_blocks + r
 }
 
+/// Where a unit works: its cube's `(batch x head)` pair and block, and its row in the block.
+#[derive(CubeType, Clone, Copy)]
+pub(crate) struct RowUnit {
+    /// Index of the `(batch, head)` pair.
+    pub bh: usize,
+    /// CSR row (or transposed column) of the cube's block for this head.
+    pub list: usize,
+    /// The unit's row in the block.
+    pub u: usize,
+    /// Which of the row's units this is (`0 .. splits`).
+    pub lane: usize,
+    /// Whether the row exists (the last block may be short).
+    pub valid: bool,
+    /// First vector of this `(batch, head)` pair in the `[B, H, n, d]` buffers.
+    pub base: usize,
+    /// Token of the unit's row (0 for a row past the end).
+    pub tok: usize,
+}
+
+/// Decodes the cube's task (block `task % n_blocks` of pair `task / n_blocks`) and the unit's
+/// row and lane; cubes past the last task end here.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn row_unit(
+    order: &[u32],
+    seq_len: usize,
+    n_blocks: usize,
+    heads: usize,
+    shared_layout: u32,
+    tasks: usize,
+    #[comptime] block: usize,
+    #[comptime] vecs: usize,
+    #[comptime] permuted: bool,
+) -> RowUnit {
+    let task = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if task >= tasks {
+        terminate!();
+    }
+    let blk = task % n_blocks;
+    let bh = task / n_blocks;
+    let unit = UNIT_POS_X as usize;
+    let u = unit % block;
+    let pos = blk * block + u;
+    let valid = pos < seq_len;
+    RowUnit {
+        bh,
+        list: head_row(bh, blk, heads, n_blocks, shared_layout),
+        u,
+        lane: unit / block,
+        valid,
+        base: bh * seq_len * vecs,
+        tok: if valid {
+            token(order, pos, permuted)
+        } else {
+            0usize
+        },
+    }
+}
+
 /// Token held by layout position `pos`.
 #[cube]
 pub(crate) fn token(order: &[u32], pos: usize, #[comptime] permuted: bool) -> usize {
