@@ -4,7 +4,9 @@
 //! rate, all measured in the same run on the same backend.
 //!
 //! `cargo xtask bench cpu` (release build) prints a markdown table and writes
-//! `target/bench/cpu.json`. Every timing is the median of several runs after a warm-up;
+//! `target/bench/cpu.json`. With `--extras`, each row also times the forward with 10%
+//! dropout and with key padding (one padded token, so every tile checks validity), and a
+//! second table gives their cost relative to the plain forward of the same run. Every timing is the median of several runs after a warm-up;
 //! CPU backends execute eagerly and each timed region ends by reading a result back.
 
 use std::path::PathBuf;
@@ -60,6 +62,9 @@ struct Args {
     /// Largest n for the portable path (Burn tensor ops over gathered blocks).
     #[arg(long, default_value_t = 8192)]
     portable_max_n: usize,
+    /// Also time the forward with dropout and with key padding.
+    #[arg(long)]
+    extras: bool,
     /// JSON output.
     #[arg(long, default_value = "target/bench/cpu.json")]
     out: PathBuf,
@@ -82,6 +87,8 @@ struct Row {
     portable_fwd_ms: Option<f64>,
     portable_fwd_bwd_ms: Option<f64>,
     gemm_gflops: f64,
+    dropout_fwd_ms: Option<f64>,
+    padding_fwd_ms: Option<f64>,
 }
 
 /// An attention entry point: the fused path or the portable one.
@@ -93,6 +100,19 @@ type Attend = fn(
     AttentionOptions,
 ) -> sparse_attn::Result<Tensor<4>>;
 
+/// Median forward time in ms of `attend` with `opts`.
+fn time_forward(
+    attend: Attend,
+    [q, k, v]: [&Tensor<4>; 3],
+    layout: &BlockLayout,
+    opts: &AttentionOptions,
+    reps: usize,
+) -> f64 {
+    median_ms(reps, || {
+        sync(attend(q.clone(), k.clone(), v.clone(), layout, opts.clone()).expect("valid inputs"))
+    })
+}
+
 /// Median forward and (unless `forward_only`) forward+backward times in ms of `attend`.
 fn time_attention(
     attend: Attend,
@@ -101,18 +121,15 @@ fn time_attention(
     reps: usize,
     forward_only: bool,
 ) -> (f64, Option<f64>) {
-    let [q, k, v] = qkv;
     let opts = AttentionOptions::default();
-    let fwd_ms = median_ms(reps, || {
-        sync(attend(q.clone(), k.clone(), v.clone(), layout, opts).expect("valid inputs"))
-    });
+    let fwd_ms = time_forward(attend, qkv, layout, &opts, reps);
     let fwd_bwd_ms = (!forward_only).then(|| {
-        let ad = q.device().autodiff();
-        let g = Tensor::<4>::random(q.dims(), Distribution::Normal(0.0, 1.0), &ad);
+        let ad = qkv[0].device().autodiff();
+        let g = Tensor::<4>::random(qkv[0].dims(), Distribution::Normal(0.0, 1.0), &ad);
         let [qa, ka, va] = qkv.map(|t| Tensor::<4>::from_data(t.to_data(), &ad).require_grad());
         median_ms(reps, || {
-            let out =
-                attend(qa.clone(), ka.clone(), va.clone(), layout, opts).expect("valid inputs");
+            let out = attend(qa.clone(), ka.clone(), va.clone(), layout, opts.clone())
+                .expect("valid inputs");
             let grads = (out * g.clone()).sum().backward();
             sync(qa.grad(&grads).expect("tracked"));
         })
@@ -233,6 +250,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         })
                     })
                 });
+                let (dropout_fwd_ms, padding_fwd_ms) = if args.extras {
+                    let dropout = AttentionOptions::default().dropout(0.1, 7);
+                    let padding = AttentionOptions::default().key_lengths([n - 1]);
+                    let time =
+                        |opts| time_forward(sparse_attention, [&q, &k, &v], &layout, opts, reps);
+                    (Some(time(&dropout)), Some(time(&padding)))
+                } else {
+                    (None, None)
+                };
                 let useful = 4.0 * pairs as f64 * d as f64 / (fwd_ms * 1e6);
                 let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
                 println!(
@@ -262,8 +288,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     portable_fwd_ms,
                     portable_fwd_bwd_ms,
                     gemm_gflops: gemm,
+                    dropout_fwd_ms,
+                    padding_fwd_ms,
                 });
             }
+        }
+    }
+    if args.extras {
+        println!(
+            "\n| pattern | n | b | fwd ms | dropout 0.1 fwd ms | dropout cost | padded fwd ms | padding cost |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        for r in &rows {
+            let (Some(dropout), Some(padding)) = (r.dropout_fwd_ms, r.padding_fwd_ms) else {
+                continue;
+            };
+            let cost = |t: f64| 100.0 * (t - r.fwd_ms) / r.fwd_ms;
+            println!(
+                "| {} | {} | {} | {:.2} | {dropout:.2} | {:+.1}% | {padding:.2} | {:+.1}% |",
+                r.pattern,
+                r.n,
+                r.block,
+                r.fwd_ms,
+                cost(dropout),
+                cost(padding)
+            );
         }
     }
     if let Some(dir) = args.out.parent() {

@@ -6,36 +6,69 @@ use burn::tensor::Tensor;
 use crate::backend::SparseAttentionBackend;
 use crate::error::{Result, SparseAttentionError};
 use crate::layout::BlockLayout;
+use crate::params::{AttentionParams, DropoutMask};
 
-/// Options of [`sparse_attention`].
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// Options of [`sparse_attention`]: the default is plain attention with scale
+/// `1 / sqrt(head_dim)`.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct AttentionOptions {
     /// Softmax scale; `None` (default) means `1 / sqrt(head_dim)`.
     pub scale: Option<f64>,
+    /// Dropout on the attention probabilities: `(p, seed)`. Pair `(i, j)` of `(batch,
+    /// head)` is dropped with probability `p` (kept ones scaled by `1 / (1 - p)`) by a
+    /// counter-based generator keyed by `(seed, batch, head, i, j)`: the same seed gives the
+    /// same mask on every backend, and the backward pass regenerates it. `p = 0` is exactly
+    /// no dropout. Applied whenever set: a layer sets it only in training.
+    pub dropout: Option<(f64, u64)>,
+    /// Valid length of each batch row (`batch` entries, each at most `n`): tokens past it
+    /// are padding, neither queries (zero output and gradients) nor keys. No `n x n` mask
+    /// is built.
+    pub key_lengths: Option<Vec<usize>>,
 }
 
 impl AttentionOptions {
     /// Options with an explicit scale.
     pub fn with_scale(scale: f64) -> Self {
-        Self { scale: Some(scale) }
+        Self {
+            scale: Some(scale),
+            ..Self::default()
+        }
+    }
+
+    /// These options with dropout probability `p` drawn from `seed`.
+    pub fn dropout(mut self, p: f64, seed: u64) -> Self {
+        self.dropout = Some((p, seed));
+        self
+    }
+
+    /// These options with per-batch-row valid lengths.
+    pub fn key_lengths(mut self, lengths: impl Into<Vec<usize>>) -> Self {
+        self.key_lengths = Some(lengths.into());
+        self
     }
 }
 
 /// Block-sparse multi-head attention: `out[b, h, i] = sum_j softmax_j(scale q_i . k_j) v_j`
-/// over the keys `j` that `layout` allows for query `i` in head `h`.
+/// over the keys `j` that `layout` allows for query `i` in head `h` (and that
+/// `options.key_lengths` counts as valid; with `options.dropout`, each term times its keep
+/// factor).
 ///
 /// Differentiable (under an autodiff device its backward runs the backend's sparse
 /// backward op); never allocates an `n x n` matrix. A row with no allowed key returns zeros.
 ///
 /// # Shapes
-/// `q`, `k`, `v`: `[batch, heads, n, d]`, `n == layout.seq_len()`,
-/// `heads == layout.heads()`; output `[batch, heads, n, d]`.
+/// `q`: `[batch, heads, n, d]`, `n == layout.seq_len()`, `heads == layout.heads()`;
+/// `k`, `v`: `[batch, kv_heads, n, d]` with `kv_heads` dividing `heads` (grouped-query
+/// attention; `kv_heads == heads` is plain multi-head attention, 1 multi-query): query head
+/// `h` reads key/value head `h / (heads / kv_heads)`. Output `[batch, heads, n, d]`.
 ///
 /// # Errors
-/// Shapes that differ or are empty, a layout built for another `n` or head count, inputs on
-/// different devices, a scale that is not finite and positive, a head dim beyond the
-/// kernels of the device ([`DeviceLimit`](SparseAttentionError::DeviceLimit): above 256 on
-/// CubeCL devices), a dtype the device's kernels do not run (f64 on CubeCL devices).
+/// Shapes that differ or are empty, `kv_heads` not dividing `heads`, a layout built for
+/// another `n` or head count, inputs on different devices, a scale that is not finite and
+/// positive, a dropout probability outside `[0, 1)`, key lengths not one per batch row or
+/// longer than `n`, a head dim beyond the kernels of the device
+/// ([`DeviceLimit`](SparseAttentionError::DeviceLimit): above 256 on CubeCL devices), a
+/// dtype the device's kernels do not run (f64 on CubeCL devices).
 ///
 /// # Example
 /// ```
@@ -45,7 +78,13 @@ impl AttentionOptions {
 /// let device = Device::ndarray();
 /// let layout = BlockLayout::build(&Band::sliding_window(16).unwrap(), 64, 16, 2).unwrap();
 /// let q = Tensor::<4>::random([1, 2, 64, 8], Distribution::Normal(0.0, 1.0), &device);
-/// let out = sparse_attention(q.clone(), q.clone(), q, &layout, AttentionOptions::default()).unwrap();
+/// let out = sparse_attention(q.clone(), q.clone(), q.clone(), &layout, AttentionOptions::default()).unwrap();
+/// assert_eq!(out.dims(), [1, 2, 64, 8]);
+///
+/// // One key/value head shared by both query heads, 10% dropout, 40 valid tokens.
+/// let kv = Tensor::<4>::random([1, 1, 64, 8], Distribution::Normal(0.0, 1.0), &device);
+/// let options = AttentionOptions::default().dropout(0.1, 7).key_lengths([40]);
+/// let out = sparse_attention(q, kv.clone(), kv, &layout, options).unwrap();
 /// assert_eq!(out.dims(), [1, 2, 64, 8]);
 /// ```
 pub fn sparse_attention(
@@ -55,9 +94,9 @@ pub fn sparse_attention(
     layout: &BlockLayout,
     options: AttentionOptions,
 ) -> Result<Tensor<4>> {
-    let scale = validate(&q, &k, &v, layout, options)?;
+    let params = validate(&q, &k, &v, layout, options)?;
     check_device_limits(&q, q.dims()[3])?;
-    Ok(raw_attention(q, k, v, layout, scale))
+    Ok(raw_attention(q, k, v, layout, params))
 }
 
 /// [`sparse_attention`] through the portable path: Burn tensor operations over the
@@ -77,27 +116,27 @@ pub fn sparse_attention_portable(
     layout: &BlockLayout,
     options: AttentionOptions,
 ) -> Result<Tensor<4>> {
-    let scale = validate(&q, &k, &v, layout, options)?;
+    let params = validate(&q, &k, &v, layout, options)?;
     let (out, _lse) = crate::backend::portable::forward::<Dispatch>(
         q.into_dispatch(),
         k.into_dispatch(),
         v.into_dispatch(),
         layout,
-        scale,
+        &params,
     );
     Ok(Tensor::from_dispatch(out))
 }
 
-/// Checks shapes, devices, layout and scale; returns the scale to use.
+/// Checks shapes, devices, layout and options; returns the ops' parameters.
 fn validate(
     q: &Tensor<4>,
     k: &Tensor<4>,
     v: &Tensor<4>,
     layout: &BlockLayout,
     options: AttentionOptions,
-) -> Result<f64> {
+) -> Result<AttentionParams> {
     let dims = q.dims();
-    let [_, heads, n, d] = dims;
+    let [batch, heads, n, d] = dims;
     if let Some(name) = ["batch", "heads", "seq_len", "head_dim"]
         .iter()
         .zip(dims)
@@ -105,12 +144,19 @@ fn validate(
     {
         return Err(SparseAttentionError::Zero { name });
     }
+    let kv_heads = k.dims()[1];
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(SparseAttentionError::KvHeads { heads, kv_heads });
+    }
+    let kv_dims = [batch, kv_heads, n, d];
     for (name, t) in [("k", k), ("v", v)] {
-        if t.dims() != dims {
+        if t.dims() != kv_dims {
             return Err(SparseAttentionError::Shape {
                 name,
                 got: t.dims().to_vec(),
-                expected: format!("{dims:?}, the shape of `q`"),
+                expected: format!(
+                    "{kv_dims:?}: `q`'s shape {dims:?} with `k`'s {kv_heads} key/value heads"
+                ),
             });
         }
         if t.device() != q.device() {
@@ -126,7 +172,40 @@ fn validate(
     if !(scale.is_finite() && scale > 0.0) {
         return Err(SparseAttentionError::Scale(scale));
     }
-    Ok(scale)
+    let dropout = match options.dropout {
+        None => None,
+        Some((p, _)) if !(0.0..1.0).contains(&p) => {
+            return Err(SparseAttentionError::Probability {
+                name: "dropout",
+                got: p,
+            });
+        }
+        Some((p, seed)) => DropoutMask::new(p, seed),
+    };
+    let key_lengths = match options.key_lengths {
+        None => None,
+        Some(lengths) => {
+            if lengths.len() != batch {
+                return Err(SparseAttentionError::KeyLengths {
+                    got: lengths.len(),
+                    batch,
+                });
+            }
+            if let Some((row, &len)) = lengths.iter().enumerate().find(|(_, len)| **len > n) {
+                return Err(SparseAttentionError::KeyLength {
+                    row,
+                    len,
+                    seq_len: n,
+                });
+            }
+            Some(lengths.into())
+        }
+    };
+    Ok(AttentionParams {
+        scale,
+        dropout,
+        key_lengths,
+    })
 }
 
 /// Checks the limits of the kernels that will run on `q`'s device: CubeCL devices (those
@@ -187,13 +266,13 @@ fn raw_attention(
     k: Tensor<4>,
     v: Tensor<4>,
     layout: &BlockLayout,
-    scale: f64,
+    params: AttentionParams,
 ) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as SparseAttentionBackend>::sparse_attention(
         q.into_dispatch(),
         k.into_dispatch(),
         v.into_dispatch(),
         layout.clone(),
-        scale,
+        params,
     ))
 }

@@ -99,6 +99,36 @@ pub enum SparseAttentionError {
         /// The value given.
         got: f64,
     },
+    /// The key/value head count does not divide the query head count.
+    #[error(
+        "k and v have {kv_heads} heads, q has {heads}: expected a key/value head count that divides the query head count"
+    )]
+    KvHeads {
+        /// Query heads.
+        heads: usize,
+        /// Key/value heads.
+        kv_heads: usize,
+    },
+    /// Key lengths given for another number of batch rows.
+    #[error("{got} key lengths given for a batch of {batch}: expected one per batch row")]
+    KeyLengths {
+        /// Lengths given.
+        got: usize,
+        /// Batch size.
+        batch: usize,
+    },
+    /// A key length longer than the sequence.
+    #[error(
+        "key length {len} of batch row {row} is longer than the sequence: expected at most {seq_len}"
+    )]
+    KeyLength {
+        /// Batch row.
+        row: usize,
+        /// Its length.
+        len: usize,
+        /// Sequence length.
+        seq_len: usize,
+    },
     /// An unknown mode name.
     #[error("unknown attention mode `{0}`: expected one of all, local, strided, fixed")]
     UnknownMode(String),

@@ -37,6 +37,7 @@ mod cache;
 mod error;
 mod layout;
 mod modes;
+mod params;
 pub mod pattern;
 mod picture;
 pub mod reference;
@@ -49,5 +50,6 @@ pub use layout::{BlockLayout, FULL, MAX_BLOCK, MIN_BLOCK};
 pub use modes::{
     AttnMode, ModeParams, SparseAttention, attention_impl, blocksparse_attention_impl,
 };
+pub use params::{AttentionParams, DropoutMask};
 pub use pattern::{BlockCover, Geometry, Pattern};
 pub use picture::LayoutStats;

@@ -3,6 +3,7 @@
 //! It materialises the `n x n` scores per head, so it is only for small problems. Inputs
 //! and outputs are row-major `[batch, heads, n, d]` `f64` slices.
 
+use crate::params::DropoutMask;
 use crate::pattern::Pattern;
 
 /// Shape of a reference problem.
@@ -32,13 +33,42 @@ pub struct RefForward {
 pub struct RefGrads {
     /// `[batch, heads, n, d]`.
     pub dq: Vec<f64>,
-    /// `[batch, heads, n, d]`.
+    /// `[batch, kv_heads, n, d]`.
     pub dk: Vec<f64>,
-    /// `[batch, heads, n, d]`.
+    /// `[batch, kv_heads, n, d]`.
     pub dv: Vec<f64>,
 }
 
-/// Softmax probabilities of one `(batch, head)`: `[n, n]`, zero where not allowed.
+/// What the reference computes beyond plain attention: grouped key/value heads, key
+/// padding and dropout, each written out from its definition.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RefOptions {
+    /// Key/value heads of `k` and `v` (`None`: as many as `q`); divides `heads`.
+    pub kv_heads: Option<usize>,
+    /// Valid tokens of each batch row: pairs with `i` or `j` at or past it are not allowed.
+    pub key_lengths: Option<Vec<usize>>,
+    /// Dropout: each probability times `1 / (1 - p)` if the pair is kept, else 0.
+    pub dropout: Option<DropoutMask>,
+}
+
+impl RefOptions {
+    fn kv_heads(&self, heads: usize) -> usize {
+        self.kv_heads.unwrap_or(heads)
+    }
+
+    /// Dropout factor of pair `(i, j)` of `(batch, head)`.
+    fn keep(&self, batch: usize, head: usize, i: usize, j: usize) -> f64 {
+        match self.dropout {
+            Some(mask) if !mask.keeps_pair(batch, head, i, j) => 0.0,
+            Some(mask) => mask.scale(),
+            None => 1.0,
+        }
+    }
+}
+
+/// Softmax probabilities of one `(batch, head)` (before dropout): `[n, n]`, zero where
+/// not allowed, and the row log-sum-exps.
+#[allow(clippy::too_many_arguments)]
 fn probs(
     pattern: &dyn Pattern,
     head: usize,
@@ -47,6 +77,7 @@ fn probs(
     n: usize,
     d: usize,
     scale: f64,
+    valid: usize,
 ) -> (Vec<f64>, Vec<f64>) {
     let mut p = vec![0.0; n * n];
     let mut lse = vec![f64::NEG_INFINITY; n];
@@ -54,7 +85,7 @@ fn probs(
         let row = &mut p[i * n..(i + 1) * n];
         let mut max = f64::NEG_INFINITY;
         for (j, x) in row.iter_mut().enumerate() {
-            if pattern.allows(head, i, j) {
+            if i < valid && j < valid && pattern.allows(head, i, j) {
                 *x = scale * (0..d).map(|t| q[i * d + t] * k[j * d + t]).sum::<f64>();
                 max = max.max(*x);
             } else {
@@ -78,10 +109,56 @@ fn probs(
     (p, lse)
 }
 
+/// One `(batch, head)` of a problem: its slices' offsets and its options.
+struct Slice {
+    batch: usize,
+    head: usize,
+    /// Offset of the query-side `[n, d]` slice.
+    base: usize,
+    /// Offset of the key/value-side `[n, d]` slice.
+    kv_base: usize,
+    /// Valid tokens.
+    valid: usize,
+}
+
+fn slices(shape: RefShape, options: &RefOptions) -> impl Iterator<Item = Slice> + '_ {
+    let RefShape {
+        batch,
+        heads,
+        seq_len: n,
+        head_dim: d,
+    } = shape;
+    let kv_heads = options.kv_heads(heads);
+    (0..batch * heads).map(move |bh| {
+        let (b, h) = (bh / heads, bh % heads);
+        Slice {
+            batch: b,
+            head: h,
+            base: bh * n * d,
+            kv_base: (b * kv_heads + h / (heads / kv_heads)) * n * d,
+            valid: options.key_lengths.as_ref().map_or(n, |l| l[b]),
+        }
+    })
+}
+
 /// Dense masked attention forward in f64.
 pub fn reference_forward(
     pattern: &dyn Pattern,
     shape: RefShape,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    scale: f64,
+) -> RefForward {
+    reference_forward_with(pattern, shape, &RefOptions::default(), q, k, v, scale)
+}
+
+/// [`reference_forward`] with grouped key/value heads, key padding and dropout: `k` and `v`
+/// are `[batch, kv_heads, n, d]`.
+pub fn reference_forward_with(
+    pattern: &dyn Pattern,
+    shape: RefShape,
+    options: &RefOptions,
     q: &[f64],
     k: &[f64],
     v: &[f64],
@@ -95,18 +172,21 @@ pub fn reference_forward(
     } = shape;
     let mut out = vec![0.0; batch * heads * n * d];
     let mut lse = vec![0.0; batch * heads * n];
-    for bh in 0..batch * heads {
-        let base = bh * n * d;
+    for x in slices(shape, options) {
+        let (base, kv) = (x.base, x.kv_base);
         let (qs, ks, vs) = (
             &q[base..base + n * d],
-            &k[base..base + n * d],
-            &v[base..base + n * d],
+            &k[kv..kv + n * d],
+            &v[kv..kv + n * d],
         );
-        let (p, l) = probs(pattern, bh % heads, qs, ks, n, d, scale);
+        let (p, l) = probs(pattern, x.head, qs, ks, n, d, scale, x.valid);
+        let bh = base / (n * d);
         lse[bh * n..(bh + 1) * n].copy_from_slice(&l);
         for i in 0..n {
             for t in 0..d {
-                out[base + i * d + t] = (0..n).map(|j| p[i * n + j] * vs[j * d + t]).sum();
+                out[base + i * d + t] = (0..n)
+                    .map(|j| p[i * n + j] * options.keep(x.batch, x.head, i, j) * vs[j * d + t])
+                    .sum();
             }
         }
     }
@@ -124,24 +204,43 @@ pub fn reference_backward(
     dout: &[f64],
     scale: f64,
 ) -> RefGrads {
+    reference_backward_with(pattern, shape, &RefOptions::default(), q, k, v, dout, scale)
+}
+
+/// [`reference_backward`] with the options of [`reference_forward_with`]; `dk` and `dv` are
+/// `[batch, kv_heads, n, d]`, summed over each group's query heads.
+#[allow(clippy::too_many_arguments)]
+pub fn reference_backward_with(
+    pattern: &dyn Pattern,
+    shape: RefShape,
+    options: &RefOptions,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dout: &[f64],
+    scale: f64,
+) -> RefGrads {
     let RefShape {
         batch,
         heads,
         seq_len: n,
         head_dim: d,
     } = shape;
-    let len = batch * heads * n * d;
-    let (mut dq, mut dk, mut dv) = (vec![0.0; len], vec![0.0; len], vec![0.0; len]);
-    for bh in 0..batch * heads {
-        let base = bh * n * d;
-        let s = |x: &[f64]| x[base..base + n * d].to_vec();
-        let (qs, ks, vs, gs) = (s(q), s(k), s(v), s(dout));
-        let (p, _) = probs(pattern, bh % heads, &qs, &ks, n, d, scale);
-        // dP = dO Vᵀ; dS = P (dP - rowsum(P dP)); dQ = dS K scale; dK = dSᵀ Q scale; dV = Pᵀ dO
+    let kv_len = batch * options.kv_heads(heads) * n * d;
+    let mut dq = vec![0.0; batch * heads * n * d];
+    let (mut dk, mut dv) = (vec![0.0; kv_len], vec![0.0; kv_len]);
+    for x in slices(shape, options) {
+        let (base, kv) = (x.base, x.kv_base);
+        let (qs, gs) = (&q[base..base + n * d], &dout[base..base + n * d]);
+        let (ks, vs) = (&k[kv..kv + n * d], &v[kv..kv + n * d]);
+        let (p, _) = probs(pattern, x.head, qs, ks, n, d, scale, x.valid);
+        let keep = |i: usize, j: usize| options.keep(x.batch, x.head, i, j);
+        // dP = (dO Vᵀ) * keep; dS = P (dP - rowsum(P dP)); dQ = dS K scale;
+        // dK = dSᵀ Q scale; dV = (P * keep)ᵀ dO
         let mut ds = vec![0.0; n * n];
         for i in 0..n {
             let dp: Vec<f64> = (0..n)
-                .map(|j| (0..d).map(|t| gs[i * d + t] * vs[j * d + t]).sum())
+                .map(|j| keep(i, j) * (0..d).map(|t| gs[i * d + t] * vs[j * d + t]).sum::<f64>())
                 .collect();
             let delta: f64 = (0..n).map(|j| p[i * n + j] * dp[j]).sum();
             for j in 0..n {
@@ -152,9 +251,11 @@ pub fn reference_backward(
             for t in 0..d {
                 dq[base + i * d + t] =
                     scale * (0..n).map(|j| ds[i * n + j] * ks[j * d + t]).sum::<f64>();
-                dk[base + i * d + t] =
+                dk[kv + i * d + t] +=
                     scale * (0..n).map(|j| ds[j * n + i] * qs[j * d + t]).sum::<f64>();
-                dv[base + i * d + t] = (0..n).map(|j| p[j * n + i] * gs[j * d + t]).sum::<f64>();
+                dv[kv + i * d + t] += (0..n)
+                    .map(|j| p[j * n + i] * keep(j, i) * gs[j * d + t])
+                    .sum::<f64>();
             }
         }
     }

@@ -9,6 +9,7 @@
 
 use rayon::prelude::*;
 
+use crate::extras::{Extras, HeadExtras};
 use crate::layout::{AttentionShape, CsrLayout};
 use crate::real::Real;
 use crate::tile::{gemm, probabilities, scores};
@@ -17,7 +18,8 @@ use crate::tile::{gemm, probabilities, scores};
 /// it (dense-like layouts at large `n`) both passes recompute the tiles instead.
 pub const TILE_CACHE_BYTES: usize = 256 << 20;
 
-/// Inputs shared by every task of the backward pass, for one `(batch, head)` slice.
+/// Inputs shared by every task of the backward pass, for one `(batch, head)` slice (`k`
+/// and `v` of the key/value head it reads).
 struct Slices<'a, T> {
     q: &'a [T],
     k: &'a [T],
@@ -25,13 +27,15 @@ struct Slices<'a, T> {
     dout: &'a [T],
     lse: &'a [T],
     delta: &'a [T],
+    extras: HeadExtras<'a>,
 }
 
 /// Block-sparse attention backward.
 ///
-/// Given the forward inputs, the forward's `out` and `lse`, and `dout` (the gradient of the
-/// loss with respect to `out`), writes `dq`, `dk`, `dv` (all `[batch, heads, seq_len,
-/// head_dim]` row-major).
+/// Given the forward inputs, the forward's `out` and `lse`, `dout` (the gradient of the
+/// loss with respect to `out`) and the forward's `extras`, writes `dq` (`[batch, heads,
+/// seq_len, head_dim]` row-major), `dk` and `dv` (`[batch, kv_heads, seq_len, head_dim]`,
+/// summed over the query heads of each group). Dropout masks are regenerated, not stored.
 ///
 /// # Panics
 /// If a slice length disagrees with `shape` (the caller validates shapes).
@@ -46,6 +50,7 @@ pub fn backward<T: Real>(
     shape: AttentionShape,
     layout: &CsrLayout<'_>,
     scale: T,
+    extras: &Extras<'_>,
     dq: &mut [T],
     dk: &mut [T],
     dv: &mut [T],
@@ -60,6 +65,7 @@ pub fn backward<T: Real>(
         shape,
         layout,
         scale,
+        extras,
         dq,
         dk,
         dv,
@@ -69,9 +75,7 @@ pub fn backward<T: Real>(
 
 /// [`backward`] with an explicit tile-cache budget in bytes (0: always recompute).
 ///
-/// Given the forward inputs, the forward's `out` and `lse`, and `dout` (the gradient of the
-/// loss with respect to `out`), writes `dq`, `dk`, `dv` (all `[batch, heads, seq_len,
-/// head_dim]` row-major).
+/// Writes what [`backward`] writes.
 ///
 /// # Panics
 /// If a slice length disagrees with `shape` (the caller validates shapes).
@@ -86,6 +90,7 @@ pub fn backward_with_tile_cache<T: Real>(
     shape: AttentionShape,
     layout: &CsrLayout<'_>,
     scale: T,
+    extras: &Extras<'_>,
     dq: &mut [T],
     dk: &mut [T],
     dv: &mut [T],
@@ -97,20 +102,24 @@ pub fn backward_with_tile_cache<T: Real>(
         head_dim: d,
         ..
     } = shape;
-    for (name, len) in [
-        ("q", q.len()),
-        ("k", k.len()),
-        ("v", v.len()),
-        ("out", out.len()),
-        ("dout", dout.len()),
-        ("dq", dq.len()),
-        ("dk", dk.len()),
-        ("dv", dv.len()),
+    let (numel, kv_numel) = (shape.numel(), shape.kv_numel());
+    for (name, len, want) in [
+        ("q", q.len(), numel),
+        ("k", k.len(), kv_numel),
+        ("v", v.len(), kv_numel),
+        ("out", out.len(), numel),
+        ("dout", dout.len(), numel),
+        ("dq", dq.len(), numel),
+        ("dk", dk.len(), kv_numel),
+        ("dv", dv.len(), kv_numel),
     ] {
+        assert_eq!(len, want, "backward: `{name}` has the wrong length");
+    }
+    if let Some(lengths) = extras.key_lengths {
         assert_eq!(
-            len,
-            shape.numel(),
-            "backward: `{name}` has the wrong length"
+            lengths.len(),
+            shape.batch,
+            "backward: one key length per batch row"
         );
     }
     assert_eq!(
@@ -125,6 +134,9 @@ pub fn backward_with_tile_cache<T: Real>(
     if shape.numel() == 0 {
         return;
     }
+    // dK and dV sum over the query heads of a group: zeroed here, accumulated per head.
+    dk.par_iter_mut().for_each(|x| *x = T::ZERO);
+    dv.par_iter_mut().for_each(|x| *x = T::ZERO);
     // delta_i = dout_i . out_i, the softmax-backward row correction.
     let mut delta = vec![T::ZERO; shape.rows()];
     delta
@@ -138,14 +150,15 @@ pub fn backward_with_tile_cache<T: Real>(
         });
     let b = layout.block;
     let slices = |bh: usize| {
-        let (base, rows) = (bh * n * d, bh * n);
+        let (base, rows, kv_base) = (bh * n * d, bh * n, shape.kv_slice(bh) * n * d);
         Slices {
             q: &q[base..base + n * d],
-            k: &k[base..base + n * d],
-            v: &v[base..base + n * d],
+            k: &k[kv_base..kv_base + n * d],
+            v: &v[kv_base..kv_base + n * d],
             dout: &dout[base..base + n * d],
             lse: &lse[rows..rows + n],
             delta: &delta[rows..rows + n],
+            extras: HeadExtras::new(extras, layout, bh / heads, bh % heads),
         }
     };
     let nb = layout.n_blocks;
@@ -169,7 +182,8 @@ pub fn backward_with_tile_cache<T: Real>(
                 rest = tail;
             }
             let range = bh * n * d..(bh + 1) * n * d;
-            dq[range.clone()]
+            let kv_range = shape.kv_slice(bh) * n * d..(shape.kv_slice(bh) + 1) * n * d;
+            dq[range]
                 .par_chunks_mut(b * d)
                 .zip(rows.into_par_iter())
                 .enumerate()
@@ -177,9 +191,9 @@ pub fn backward_with_tile_cache<T: Real>(
                     dq_block(&x, d, layout, head, r, scale, dq_r, Some(tiles))
                 });
             let cache = &cache[..];
-            dk[range.clone()]
+            dk[kv_range.clone()]
                 .par_chunks_mut(b * d)
-                .zip(dv[range].par_chunks_mut(b * d))
+                .zip(dv[kv_range].par_chunks_mut(b * d))
                 .enumerate()
                 .for_each(|(c, (dk_c, dv_c))| {
                     dkv_block_cached(
@@ -209,17 +223,22 @@ pub fn backward_with_tile_cache<T: Real>(
                     dq_block(&x, d, layout, bh % heads, r, scale, dq_r, None);
                 });
         });
+    let group = shape.group();
     dk.par_chunks_mut(n * d)
         .zip(dv.par_chunks_mut(n * d))
         .enumerate()
-        .for_each(|(bh, (dk_bh, dv_bh))| {
-            let x = slices(bh);
-            dk_bh
+        .for_each(|(bkv, (dk_bkv, dv_bkv))| {
+            // The query heads reading this key/value head, in order (deterministic sums).
+            let first = (bkv / shape.kv_heads) * heads + (bkv % shape.kv_heads) * group;
+            let xs: Vec<_> = (first..first + group).map(slices).collect();
+            dk_bkv
                 .par_chunks_mut(b * d)
-                .zip(dv_bh.par_chunks_mut(b * d))
+                .zip(dv_bkv.par_chunks_mut(b * d))
                 .enumerate()
                 .for_each(|(c, (dk_c, dv_c))| {
-                    dkv_block(&x, d, layout, bh % heads, c, scale, dk_c, dv_c);
+                    for (bh, x) in (first..).zip(&xs) {
+                        dkv_block(x, d, layout, bh % heads, c, scale, dk_c, dv_c);
+                    }
                 });
         });
 }
@@ -257,7 +276,12 @@ fn dq_block<T: Real>(
     dq.fill(T::ZERO);
     let (mut p, mut dp) = (vec![T::ZERO; bq * b], vec![T::ZERO; bq * b]);
     for e in entries {
-        let (ks, ke) = layout.block_range(layout.cols[e] as usize);
+        // Padded-out tiles (without a token order) have P = 0: skipped, cache slot unused.
+        let c = layout.cols[e] as usize;
+        if x.extras.block_past_end(r) || x.extras.block_past_end(c) {
+            continue;
+        }
+        let (ks, ke) = layout.block_range(c);
         let bk = ke - ks;
         let (p, dp) = (&mut p[..bq * bk], &mut dp[..bq * bk]);
         let (q, k, v) = (
@@ -266,6 +290,7 @@ fn dq_block<T: Real>(
             &x.v[ks * d..ke * d],
         );
         scores(q, k, bq, bk, d, scale, layout.mask_of(e), b, p);
+        x.extras.mask_padding(p, qs, bq, ks, bk);
         probabilities(p, &x.lse[qs..qe], bk);
         gemm(
             bq,
@@ -278,9 +303,13 @@ fn dq_block<T: Real>(
             dp,
             bk,
         );
+        // With dropout, dP of the kept (scaled) probabilities: dO Vᵀ times the keep factor.
+        x.extras.drop(dp, qs, bq, ks, bk);
         softmax_grad(p, dp, &x.delta[qs..qe], bk);
         gemm(bq, bk, d, scale, (dp, bk, 1), (k, d, 1), T::ONE, dq, d);
         if let Some(cache) = cache.as_deref_mut() {
+            // dV needs the probabilities as the forward used them: after dropout.
+            x.extras.drop(p, qs, bq, ks, bk);
             let slot = &mut cache[(e - e0) * 2 * b * b..];
             slot[..bq * bk].copy_from_slice(p);
             slot[b * b..b * b + bq * bk].copy_from_slice(dp);
@@ -288,7 +317,7 @@ fn dq_block<T: Real>(
     }
 }
 
-/// `dK` and `dV` of key block `c` from the `P` and `dS` tiles the `dQ` pass cached
+/// Adds to `dK` and `dV` of key block `c` from the `P` and `dS` tiles the `dQ` pass cached
 /// (`cache` holds the tiles of this layout head's entries, from entry `first_entry` on).
 #[allow(clippy::too_many_arguments)]
 fn dkv_block_cached<T: Real>(
@@ -307,10 +336,12 @@ fn dkv_block_cached<T: Real>(
     let (ks, ke) = layout.block_range(c);
     let bk = ke - ks;
     let column = layout.column_entries(head, c);
-    dk.fill(T::ZERO);
-    dv.fill(T::ZERO);
     for t in column {
-        let (qs, qe) = layout.block_range(layout.t_rows[t] as usize);
+        let r = layout.t_rows[t] as usize;
+        if x.extras.block_past_end(r) || x.extras.block_past_end(c) {
+            continue;
+        }
+        let (qs, qe) = layout.block_range(r);
         let bq = qe - qs;
         let slot = &cache[(layout.t_entries[t] as usize - first_entry) * 2 * b * b..];
         let (p, ds) = (&slot[..bq * bk], &slot[b * b..b * b + bq * bk]);
@@ -339,7 +370,8 @@ fn dkv_block_cached<T: Real>(
     }
 }
 
-/// `dK` and `dV` of key block `c`: sums over the query blocks that attend it.
+/// Adds to `dK` and `dV` of key block `c` the sums over the query blocks of `head` that
+/// attend it.
 #[allow(clippy::too_many_arguments)]
 fn dkv_block<T: Real>(
     x: &Slices<'_, T>,
@@ -355,23 +387,28 @@ fn dkv_block<T: Real>(
     let (ks, ke) = layout.block_range(c);
     let bk = ke - ks;
     let column = layout.column_entries(head, c);
-    dk.fill(T::ZERO);
-    dv.fill(T::ZERO);
     let (mut p, mut dp) = (vec![T::ZERO; b * bk], vec![T::ZERO; b * bk]);
     let (k, v) = (&x.k[ks * d..ke * d], &x.v[ks * d..ke * d]);
     for t in column {
-        let (qs, qe) = layout.block_range(layout.t_rows[t] as usize);
+        let r = layout.t_rows[t] as usize;
+        if x.extras.block_past_end(r) || x.extras.block_past_end(c) {
+            continue;
+        }
+        let (qs, qe) = layout.block_range(r);
         let bq = qe - qs;
         let (p, dp) = (&mut p[..bq * bk], &mut dp[..bq * bk]);
         let (q, dout) = (&x.q[qs * d..qe * d], &x.dout[qs * d..qe * d]);
         let entry = layout.t_entries[t] as usize;
         scores(q, k, bq, bk, d, scale, layout.mask_of(entry), b, p);
+        x.extras.mask_padding(p, qs, bq, ks, bk);
         probabilities(p, &x.lse[qs..qe], bk);
-        // dV += Pᵀ dO
-        gemm(bk, bq, d, T::ONE, (p, 1, bk), (dout, d, 1), T::ONE, dv, d);
-        // dP = dO Vᵀ, dS = P (dP - delta)
+        // dP = dO Vᵀ (times the keep factor under dropout), dS = P (dP - delta)
         gemm(bq, d, bk, T::ONE, (dout, d, 1), (v, 1, d), T::ZERO, dp, bk);
+        x.extras.drop(dp, qs, bq, ks, bk);
         softmax_grad(p, dp, &x.delta[qs..qe], bk);
+        // dV += Pᵀ dO, P after dropout
+        x.extras.drop(p, qs, bq, ks, bk);
+        gemm(bk, bq, d, T::ONE, (p, 1, bk), (dout, d, 1), T::ONE, dv, d);
         // dK += dSᵀ Q * scale
         gemm(bk, bq, d, scale, (dp, 1, bk), (q, d, 1), T::ONE, dk, d);
     }

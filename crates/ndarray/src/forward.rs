@@ -2,20 +2,24 @@
 
 use rayon::prelude::*;
 
+use crate::extras::{Extras, HeadExtras};
 use crate::layout::{AttentionShape, CsrLayout};
 use crate::real::Real;
 use crate::tile::{exp_shifted_sum, gemm, row_max, scores};
 
 /// Block-sparse attention forward.
 ///
-/// `q`, `k`, `v` and `out` are `[batch, heads, seq_len, head_dim]` row-major, `lse` is
-/// `[batch, heads, seq_len]`; `out[b, h, i] = sum_j softmax_j(scale * q_i . k_j) v_j` over the
-/// keys the layout allows, and `lse[b, h, i]` is the natural log of the softmax denominator
-/// (including the max shift). A row with no allowed key gets zeros and `-inf`.
+/// `q` and `out` are `[batch, heads, seq_len, head_dim]` row-major, `k` and `v` `[batch,
+/// kv_heads, seq_len, head_dim]`, `lse` is `[batch, heads, seq_len]`; `out[b, h, i] =
+/// sum_j softmax_j(scale * q_i . k_j) v_j` over the keys the layout allows (and the valid
+/// keys of `extras.key_lengths`; with dropout, each term times the pair's keep factor), and
+/// `lse[b, h, i]` is the natural log of the softmax denominator (before dropout). A row with
+/// no allowed key gets zeros and `-inf`.
 ///
 /// # Panics
-/// If a slice length disagrees with `shape` or the layout's sequence length differs
-/// from `shape.seq_len` (the caller validates both).
+/// If a slice length disagrees with `shape`, the layout's sequence length differs from
+/// `shape.seq_len` or `extras.key_lengths` does not have `batch` entries (the caller
+/// validates all three).
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Real>(
     q: &[T],
@@ -24,6 +28,7 @@ pub fn forward<T: Real>(
     shape: AttentionShape,
     layout: &CsrLayout<'_>,
     scale: T,
+    extras: &Extras<'_>,
     out: &mut [T],
     lse: &mut [T],
 ) {
@@ -33,13 +38,20 @@ pub fn forward<T: Real>(
         head_dim: d,
         ..
     } = shape;
-    for (name, len) in [
-        ("q", q.len()),
-        ("k", k.len()),
-        ("v", v.len()),
-        ("out", out.len()),
+    for (name, len, want) in [
+        ("q", q.len(), shape.numel()),
+        ("k", k.len(), shape.kv_numel()),
+        ("v", v.len(), shape.kv_numel()),
+        ("out", out.len(), shape.numel()),
     ] {
-        assert_eq!(len, shape.numel(), "forward: `{name}` has the wrong length");
+        assert_eq!(len, want, "forward: `{name}` has the wrong length");
+    }
+    if let Some(lengths) = extras.key_lengths {
+        assert_eq!(
+            lengths.len(),
+            shape.batch,
+            "forward: one key length per batch row"
+        );
     }
     assert_eq!(
         lse.len(),
@@ -60,18 +72,19 @@ pub fn forward<T: Real>(
         .enumerate()
         .for_each(|(bh, (out_bh, lse_bh))| {
             let head = bh % heads;
-            let base = bh * n * d;
+            let (base, kv_base) = (bh * n * d, shape.kv_slice(bh) * n * d);
             let (q_bh, k_bh, v_bh) = (
                 &q[base..base + n * d],
-                &k[base..base + n * d],
-                &v[base..base + n * d],
+                &k[kv_base..kv_base + n * d],
+                &v[kv_base..kv_base + n * d],
             );
+            let x = HeadExtras::new(extras, layout, bh / heads, head);
             out_bh
                 .par_chunks_mut(b * d)
                 .zip(lse_bh.par_chunks_mut(b))
                 .enumerate()
                 .for_each(|(r, (o, l))| {
-                    query_block(q_bh, k_bh, v_bh, d, layout, head, r, scale, o, l);
+                    query_block(q_bh, k_bh, v_bh, d, layout, head, r, scale, &x, o, l);
                 });
         });
 }
@@ -88,12 +101,18 @@ fn query_block<T: Real>(
     head: usize,
     r: usize,
     scale: T,
+    x: &HeadExtras<'_>,
     o: &mut [T],
     l: &mut [T],
 ) {
     let b = layout.block;
     let (qs, qe) = layout.block_range(r);
     let bq = qe - qs;
+    if x.block_past_end(r) {
+        o.fill(T::ZERO);
+        l.fill(T::NEG_INFINITY);
+        return;
+    }
     let entries = layout.row_entries(head, r);
 
     let mut max = vec![T::NEG_INFINITY; bq];
@@ -102,7 +121,11 @@ fn query_block<T: Real>(
     let mut s = vec![T::ZERO; bq * b];
     let q_tile = &q[qs * d..qe * d];
     for e in entries {
-        let (ks, ke) = layout.block_range(layout.cols[e] as usize);
+        let c = layout.cols[e] as usize;
+        if x.block_past_end(c) {
+            continue;
+        }
+        let (ks, ke) = layout.block_range(c);
         let bk = ke - ks;
         let s = &mut s[..bq * bk];
         scores(
@@ -116,6 +139,7 @@ fn query_block<T: Real>(
             b,
             s,
         );
+        x.mask_padding(s, qs, bq, ks, bk);
         for i in 0..bq {
             let srow = &mut s[i * bk..(i + 1) * bk];
             let tile_max = row_max(srow);
@@ -134,6 +158,9 @@ fn query_block<T: Real>(
             }
             max[i] = new_max;
         }
+        // Dropout acts on the probabilities after the softmax sum: the normaliser keeps
+        // every allowed term, the output only the kept ones (scaled by 1 / (1 - p)).
+        x.drop(s, qs, bq, ks, bk);
         gemm(
             bq,
             bk,

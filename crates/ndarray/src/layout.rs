@@ -3,14 +3,20 @@
 /// Marker stored in [`CsrLayout::masks`] for a block whose every element is allowed.
 pub const FULL_BLOCK: u32 = u32::MAX;
 
-/// Shape of one attention problem: `q`, `k`, `v` and the output are `[batch, heads, seq_len,
-/// head_dim]` row-major, the log-sum-exp is `[batch, heads, seq_len]`.
+/// Shape of one attention problem: `q` and the output are `[batch, heads, seq_len,
+/// head_dim]` row-major, `k` and `v` are `[batch, kv_heads, seq_len, head_dim]`, the
+/// log-sum-exp is `[batch, heads, seq_len]`.
+///
+/// With `kv_heads < heads` (grouped-query attention; multi-query for one), query head `h`
+/// reads key/value head `h / (heads / kv_heads)`; `kv_heads` divides `heads`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionShape {
     /// Batch size.
     pub batch: usize,
-    /// Number of heads.
+    /// Number of (query) heads.
     pub heads: usize,
+    /// Number of key/value heads (`heads` for plain multi-head attention).
+    pub kv_heads: usize,
     /// Sequence length `n` (tokens), the same for queries and keys.
     pub seq_len: usize,
     /// Head dimension `d`.
@@ -26,6 +32,21 @@ impl AttentionShape {
     /// Number of rows (`batch * heads * seq_len`), the length of the log-sum-exp.
     pub fn rows(&self) -> usize {
         self.batch * self.heads * self.seq_len
+    }
+
+    /// Number of elements of a `[batch, kv_heads, seq_len, head_dim]` tensor (`k`, `v`).
+    pub fn kv_numel(&self) -> usize {
+        self.batch * self.kv_heads * self.seq_len * self.head_dim
+    }
+
+    /// Query heads per key/value head.
+    pub fn group(&self) -> usize {
+        self.heads / self.kv_heads.max(1)
+    }
+
+    /// Index of the `(batch, kv head)` slice that `(batch, head)` slice `bh` reads.
+    pub(crate) fn kv_slice(&self, bh: usize) -> usize {
+        (bh / self.heads) * self.kv_heads + (bh % self.heads) / self.group()
     }
 }
 
@@ -72,6 +93,9 @@ pub struct CsrLayout<'a> {
     pub mask_bits: &'a [u64],
     /// Words per mask, `(block * block).div_ceil(64)`.
     pub mask_words: usize,
+    /// Token at each layout position, when the layout reorders tokens (the kernels' inputs
+    /// are then in layout positions; dropout and padding are defined on tokens).
+    pub order: Option<&'a [usize]>,
 }
 
 impl CsrLayout<'_> {
@@ -97,6 +121,12 @@ impl CsrLayout<'_> {
     pub(crate) fn block_range(&self, blk: usize) -> (usize, usize) {
         let start = blk * self.block;
         (start, (start + self.block).min(self.seq_len))
+    }
+
+    /// Token at layout position `pos`.
+    #[inline]
+    pub(crate) fn token(&self, pos: usize) -> usize {
+        self.order.map_or(pos, |order| order[pos])
     }
 
     /// The bitmap of entry `e`, or `None` for a full block.

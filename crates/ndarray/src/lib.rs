@@ -19,13 +19,17 @@
 //! Rows with no allowed key produce zeros and a log-sum-exp of `-inf`, never NaN.
 
 mod backward;
+pub mod dropout;
 mod exp;
+mod extras;
 mod forward;
 mod layout;
 mod real;
 mod tile;
 
 pub use backward::{TILE_CACHE_BYTES, backward, backward_with_tile_cache};
+pub use dropout::DropoutMask;
+pub use extras::Extras;
 pub use forward::forward;
 pub use layout::{AttentionShape, CsrLayout, FULL_BLOCK};
 pub use real::Real;

@@ -3,7 +3,8 @@
 //! random block sets and random partial masks from a seeded generator.
 
 use sparse_attn_ndarray::{
-    AttentionShape, CsrLayout, FULL_BLOCK, TILE_CACHE_BYTES, backward_with_tile_cache, forward,
+    AttentionShape, CsrLayout, DropoutMask, Extras, FULL_BLOCK, TILE_CACHE_BYTES,
+    backward_with_tile_cache, forward,
 };
 
 struct Rng(u64);
@@ -113,15 +114,18 @@ impl Owned {
             t_entries: &self.t_entries,
             mask_bits: &self.bits,
             mask_words: self.words,
+            order: None,
         }
     }
 }
 
-/// Dense f64 forward and gradients of `sum(out * dout)`.
-#[allow(clippy::type_complexity)]
+/// Dense f64 forward and gradients of `sum(out * dout)`, with grouped key/value heads, key
+/// lengths and dropout written out directly from their definitions.
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn simple(
     o: &Owned,
     shape: AttentionShape,
+    extras: &Extras<'_>,
     q: &[f64],
     k: &[f64],
     v: &[f64],
@@ -131,24 +135,38 @@ fn simple(
     let AttentionShape {
         batch,
         heads,
+        kv_heads,
         seq_len: n,
         head_dim: d,
     } = shape;
-    let len = batch * heads * n * d;
+    let (len, kv_len) = (shape.numel(), shape.kv_numel());
     let (mut out, mut dq, mut dk, mut dv) = (
         vec![0.0; len],
         vec![0.0; len],
-        vec![0.0; len],
-        vec![0.0; len],
+        vec![0.0; kv_len],
+        vec![0.0; kv_len],
     );
     for bh in 0..batch * heads {
-        let lh = if o.heads == 1 { 0 } else { bh % heads };
+        let (bb, h) = (bh / heads, bh % heads);
+        let lh = if o.heads == 1 { 0 } else { h };
+        let bkv = bb * kv_heads + h / (heads / kv_heads);
+        let valid = extras.key_lengths.map_or(n, |l| l[bb]);
+        let keep = |i: usize, j: usize| {
+            extras.dropout.map_or(1.0, |m| {
+                if m.keeps_pair(bb, h, i, j) {
+                    m.scale()
+                } else {
+                    0.0
+                }
+            })
+        };
         let at = |x: &[f64], i: usize, t: usize| x[(bh * n + i) * d + t];
+        let kv = |x: &[f64], j: usize, t: usize| x[(bkv * n + j) * d + t];
         for i in 0..n {
             let s: Vec<Option<f64>> = (0..n)
                 .map(|j| {
-                    o.allowed[(lh * n + i) * n + j]
-                        .then(|| scale * (0..d).map(|t| at(q, i, t) * at(k, j, t)).sum::<f64>())
+                    (o.allowed[(lh * n + i) * n + j] && i < valid && j < valid)
+                        .then(|| scale * (0..d).map(|t| at(q, i, t) * kv(k, j, t)).sum::<f64>())
                 })
                 .collect();
             let max = s
@@ -166,18 +184,18 @@ fn simple(
             let z: f64 = e.iter().sum();
             let p: Vec<f64> = e.iter().map(|x| x / z).collect();
             for t in 0..d {
-                out[(bh * n + i) * d + t] = (0..n).map(|j| p[j] * at(v, j, t)).sum();
+                out[(bh * n + i) * d + t] = (0..n).map(|j| p[j] * keep(i, j) * kv(v, j, t)).sum();
             }
             let dp: Vec<f64> = (0..n)
-                .map(|j| (0..d).map(|t| at(dout, i, t) * at(v, j, t)).sum())
+                .map(|j| keep(i, j) * (0..d).map(|t| at(dout, i, t) * kv(v, j, t)).sum::<f64>())
                 .collect();
             let delta: f64 = (0..n).map(|j| p[j] * dp[j]).sum();
             for j in 0..n {
                 let ds = p[j] * (dp[j] - delta) * scale;
                 for t in 0..d {
-                    dq[(bh * n + i) * d + t] += ds * at(k, j, t);
-                    dk[(bh * n + j) * d + t] += ds * at(q, i, t);
-                    dv[(bh * n + j) * d + t] += p[j] * at(dout, i, t);
+                    dq[(bh * n + i) * d + t] += ds * kv(k, j, t);
+                    dk[(bkv * n + j) * d + t] += ds * at(q, i, t);
+                    dv[(bkv * n + j) * d + t] += p[j] * keep(i, j) * at(dout, i, t);
                 }
             }
         }
@@ -207,84 +225,108 @@ fn fused_kernels_match_simple_dense_over_awkward_sizes() {
         (20, 3),
         (17, 16),
     ] {
-        for (heads, layout_heads) in [(1, 1), (3, 1), (2, 2)] {
+        for (heads, kv_heads, layout_heads) in
+            [(1, 1, 1), (3, 3, 1), (2, 2, 2), (4, 2, 4), (3, 1, 1)]
+        {
             for d in [1, 3, 16] {
                 let o = Owned::random(&mut rng, n, block, layout_heads);
                 let shape = AttentionShape {
                     batch: 2,
                     heads,
+                    kv_heads,
                     seq_len: n,
                     head_dim: d,
                 };
                 let mut random = |len| (0..len).map(|_| rng.unit()).collect::<Vec<f64>>();
                 let (q, k, v, g) = (
                     random(shape.numel()),
-                    random(shape.numel()),
-                    random(shape.numel()),
+                    random(shape.kv_numel()),
+                    random(shape.kv_numel()),
                     random(shape.numel()),
                 );
-                let f = |x: &[f64]| x.iter().map(|&x| x as f32).collect::<Vec<f32>>();
-                let scale = 0.7;
-                let (want_out, want_dq, want_dk, want_dv) =
-                    simple(&o, shape, &q, &k, &v, &g, scale);
-                let (mut out, mut lse) = (vec![0.0f32; shape.numel()], vec![0.0f32; shape.rows()]);
-                forward(
-                    &f(&q),
-                    &f(&k),
-                    &f(&v),
-                    shape,
-                    &o.view(),
-                    scale as f32,
-                    &mut out,
-                    &mut lse,
-                );
-                let what = format!("n={n} b={block} h={heads}/{layout_heads} d={d}");
-                close(&out, &want_out, &format!("{what} out"));
-                // Both backward strategies: cached P/dS tiles, and recompute (budget 0).
-                for budget in [TILE_CACHE_BYTES, 0] {
-                    let zeros = || vec![0.0f32; shape.numel()];
-                    let (mut dq, mut dk, mut dv) = (zeros(), zeros(), zeros());
-                    let view = o.view();
-                    backward_with_tile_cache(
-                        &f(&q),
-                        &f(&k),
-                        &f(&v),
-                        &out,
-                        &lse,
-                        &f(&g),
-                        shape,
-                        &view,
-                        scale as f32,
-                        &mut dq,
-                        &mut dk,
-                        &mut dv,
-                        budget,
+                // Plain; a short second batch row; dropout; both.
+                let lengths = [n, n / 2];
+                let mask = DropoutMask::new(0.3, (n * 31 + d) as u64);
+                for (with_lengths, with_dropout) in
+                    [(false, false), (true, false), (false, true), (true, true)]
+                {
+                    let extras = Extras {
+                        key_lengths: with_lengths.then_some(&lengths[..]),
+                        dropout: if with_dropout { mask } else { None },
+                    };
+                    let what = format!(
+                        "n={n} b={block} h={heads}/{kv_heads}/{layout_heads} d={d} lengths={with_lengths} dropout={with_dropout}"
                     );
-                    let what = format!("{what} cache={budget}");
-                    close(&dq, &want_dq, &format!("{what} dq"));
-                    close(&dk, &want_dk, &format!("{what} dk"));
-                    close(&dv, &want_dv, &format!("{what} dv"));
+                    check_case(&o, shape, &extras, [&q, &k, &v, &g], &what);
                 }
-                // Bit-identical on a second run.
-                let (mut out2, mut lse2) =
-                    (vec![0.0f32; shape.numel()], vec![0.0f32; shape.rows()]);
-                forward(
-                    &f(&q),
-                    &f(&k),
-                    &f(&v),
-                    shape,
-                    &o.view(),
-                    scale as f32,
-                    &mut out2,
-                    &mut lse2,
-                );
-                assert!(
-                    out.iter()
-                        .zip(&out2)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{what}: not deterministic"
-                );
             }
         }
     }
+}
+
+/// The fused kernels against [`simple`] on one case: forward, both backward strategies,
+/// and a second forward bit for bit.
+fn check_case(
+    o: &Owned,
+    shape: AttentionShape,
+    extras: &Extras<'_>,
+    [q, k, v, g]: [&[f64]; 4],
+    what: &str,
+) {
+    let f = |x: &[f64]| x.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    let scale = 0.7;
+    let (want_out, want_dq, want_dk, want_dv) = simple(o, shape, extras, q, k, v, g, scale);
+    let run_forward = || {
+        let (mut out, mut lse) = (vec![0.0f32; shape.numel()], vec![0.0f32; shape.rows()]);
+        forward(
+            &f(q),
+            &f(k),
+            &f(v),
+            shape,
+            &o.view(),
+            scale as f32,
+            extras,
+            &mut out,
+            &mut lse,
+        );
+        (out, lse)
+    };
+    let (out, lse) = run_forward();
+    close(&out, &want_out, &format!("{what} out"));
+    // Both backward strategies: cached P/dS tiles, and recompute (budget 0).
+    for budget in [TILE_CACHE_BYTES, 0] {
+        let mut dq = vec![0.0f32; shape.numel()];
+        // Garbage in dk/dv: the kernel must overwrite, not add to, what is there.
+        let (mut dk, mut dv) = (
+            vec![9.0f32; shape.kv_numel()],
+            vec![9.0f32; shape.kv_numel()],
+        );
+        backward_with_tile_cache(
+            &f(q),
+            &f(k),
+            &f(v),
+            &out,
+            &lse,
+            &f(g),
+            shape,
+            &o.view(),
+            scale as f32,
+            extras,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            budget,
+        );
+        let what = format!("{what} cache={budget}");
+        close(&dq, &want_dq, &format!("{what} dq"));
+        close(&dk, &want_dk, &format!("{what} dk"));
+        close(&dv, &want_dv, &format!("{what} dv"));
+    }
+    let (out2, _) = run_forward();
+    assert!(
+        out.iter()
+            .zip(&out2)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "{what}: not deterministic"
+    );
 }

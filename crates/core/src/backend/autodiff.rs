@@ -9,6 +9,7 @@ use burn::backend::tensor::FloatTensor;
 
 use super::SparseAttentionBackend;
 use crate::layout::BlockLayout;
+use crate::params::AttentionParams;
 
 /// What the backward pass needs: inputs, the forward's output and log-sum-exp.
 #[derive(Debug, Clone)]
@@ -19,7 +20,7 @@ struct Saved<B: SparseAttentionBackend> {
     out: FloatTensor<B>,
     lse: FloatTensor<B>,
     layout: BlockLayout,
-    scale: f64,
+    params: AttentionParams,
 }
 
 #[derive(Debug)]
@@ -38,7 +39,7 @@ impl<B: SparseAttentionBackend> Backward<B, 3> for SparseAttentionBackward {
         let dout = grads.consume::<B>(&ops.node);
         let s = ops.state;
         let (dq, dk, dv) =
-            B::sparse_attention_backward(s.q, s.k, s.v, s.out, s.lse, dout, s.layout, s.scale);
+            B::sparse_attention_backward(s.q, s.k, s.v, s.out, s.lse, dout, s.layout, s.params);
         for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, grad);
@@ -53,7 +54,7 @@ impl<B: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         layout: BlockLayout,
-        scale: f64,
+        params: AttentionParams,
     ) -> FloatTensor<Self> {
         let guards = [q.node(), k.node(), v.node()];
         match SparseAttentionBackward
@@ -68,7 +69,7 @@ impl<B: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
                     k.clone(),
                     v.clone(),
                     layout.clone(),
-                    scale,
+                    params.clone(),
                 );
                 let saved = Saved {
                     q,
@@ -77,7 +78,7 @@ impl<B: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
                     out: out.clone(),
                     lse,
                     layout,
-                    scale,
+                    params,
                 };
                 prep.finish(saved, out)
             }
@@ -87,7 +88,7 @@ impl<B: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
                     k.into_primitive(),
                     v.into_primitive(),
                     layout,
-                    scale,
+                    params,
                 );
                 prep.finish(out)
             }
@@ -101,14 +102,14 @@ impl<B: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         layout: BlockLayout,
-        scale: f64,
+        params: AttentionParams,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (out, lse) = B::sparse_attention_forward(
             q.into_primitive(),
             k.into_primitive(),
             v.into_primitive(),
             layout,
-            scale,
+            params,
         );
         (FloatTensor::<Self>::new(out), FloatTensor::<Self>::new(lse))
     }
@@ -122,7 +123,7 @@ impl<B: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
         lse: FloatTensor<Self>,
         dout: FloatTensor<Self>,
         layout: BlockLayout,
-        scale: f64,
+        params: AttentionParams,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let (dq, dk, dv) = B::sparse_attention_backward(
             q.into_primitive(),
@@ -132,7 +133,7 @@ impl<B: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
             lse.into_primitive(),
             dout.into_primitive(),
             layout,
-            scale,
+            params,
         );
         (
             FloatTensor::<Self>::new(dq),

@@ -12,6 +12,7 @@ use burn::backend::{Backend, DType, Element, TensorData, TensorMetadata, read_sy
 use sparse_attn_ndarray::{AttentionShape, CsrLayout, Real};
 
 use crate::layout::BlockLayout;
+use crate::params::AttentionParams;
 
 /// Zero-copy access to the float buffers of a CPU backend.
 pub(crate) trait HostBuffers: Backend {
@@ -204,11 +205,12 @@ fn write<B: Backend, T: Real + Element>(
     B::float_from_data(TensorData::new(values, shape).convert_dtype(dtype), device)
 }
 
-fn shape_of<B: Backend>(q: &FloatTensor<B>) -> AttentionShape {
+fn shape_of<B: Backend>(q: &FloatTensor<B>, k: &FloatTensor<B>) -> AttentionShape {
     let [batch, heads, seq_len, head_dim] = q.shape().dims::<4>();
     AttentionShape {
         batch,
         heads,
+        kv_heads: k.shape().dims::<4>()[1],
         seq_len,
         head_dim,
     }
@@ -230,6 +232,7 @@ pub(crate) fn csr(layout: &BlockLayout) -> CsrLayout<'_> {
         t_entries,
         mask_bits,
         mask_words,
+        order: layout.order().map(|(order, _)| order),
     }
 }
 
@@ -239,12 +242,12 @@ pub(crate) fn forward<B: HostBuffers>(
     k: FloatTensor<B>,
     v: FloatTensor<B>,
     layout: &BlockLayout,
-    scale: f64,
+    params: &AttentionParams,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     if q.dtype() == DType::F64 {
-        forward_in::<B, f64>(q, k, v, layout, scale)
+        forward_in::<B, f64>(q, k, v, layout, params)
     } else {
-        forward_in::<B, f32>(q, k, v, layout, scale)
+        forward_in::<B, f32>(q, k, v, layout, params)
     }
 }
 
@@ -253,9 +256,9 @@ fn forward_in<B: HostBuffers, T: HostElement>(
     k: FloatTensor<B>,
     v: FloatTensor<B>,
     layout: &BlockLayout,
-    scale: f64,
+    params: &AttentionParams,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
-    let (shape, dtype, device) = (shape_of::<B>(&q), q.dtype(), q.device());
+    let (shape, dtype, device) = (shape_of::<B>(&q, &k), q.dtype(), q.device());
     let d = shape.head_dim;
     let (q, k, v) = (
         positions::<B, T>(&q, layout, d),
@@ -264,13 +267,15 @@ fn forward_in<B: HostBuffers, T: HostElement>(
     );
     let mut out = vec![T::ZERO; shape.numel()];
     let mut lse = vec![T::ZERO; shape.rows()];
-    let scale = T::from_f64(scale);
-    sparse_attn_ndarray::forward(&q, &k, &v, shape, &csr(layout), scale, &mut out, &mut lse);
+    let (scale, extras) = (T::from_f64(params.scale), params.extras());
+    let view = csr(layout);
+    sparse_attn_ndarray::forward(&q, &k, &v, shape, &view, scale, &extras, &mut out, &mut lse);
     let AttentionShape {
         batch,
         heads,
         seq_len,
         head_dim,
+        ..
     } = shape;
     let (out, lse) = (tokens(out, layout, head_dim), tokens(lse, layout, 1));
     (
@@ -289,12 +294,12 @@ pub(crate) fn backward<B: HostBuffers>(
     lse: FloatTensor<B>,
     dout: FloatTensor<B>,
     layout: &BlockLayout,
-    scale: f64,
+    params: &AttentionParams,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     if q.dtype() == DType::F64 {
-        backward_in::<B, f64>(q, k, v, out, lse, dout, layout, scale)
+        backward_in::<B, f64>(q, k, v, out, lse, dout, layout, params)
     } else {
-        backward_in::<B, f32>(q, k, v, out, lse, dout, layout, scale)
+        backward_in::<B, f32>(q, k, v, out, lse, dout, layout, params)
     }
 }
 
@@ -307,9 +312,9 @@ fn backward_in<B: HostBuffers, T: HostElement>(
     lse: FloatTensor<B>,
     dout: FloatTensor<B>,
     layout: &BlockLayout,
-    scale: f64,
+    params: &AttentionParams,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
-    let (shape, dtype, device) = (shape_of::<B>(&q), q.dtype(), q.device());
+    let (shape, dtype, device) = (shape_of::<B>(&q, &k), q.dtype(), q.device());
     let d = shape.head_dim;
     let (q, k, v) = (
         positions::<B, T>(&q, layout, d),
@@ -321,24 +326,31 @@ fn backward_in<B: HostBuffers, T: HostElement>(
         positions::<B, T>(&dout, layout, d),
     );
     let lse = positions::<B, T>(&lse, layout, 1);
-    let zeros = || vec![T::ZERO; shape.numel()];
-    let (mut dq, mut dk, mut dv) = (zeros(), zeros(), zeros());
-    let scale = T::from_f64(scale);
+    let mut dq = vec![T::ZERO; shape.numel()];
+    let (mut dk, mut dv) = (
+        vec![T::ZERO; shape.kv_numel()],
+        vec![T::ZERO; shape.kv_numel()],
+    );
+    let (scale, extras) = (T::from_f64(params.scale), params.extras());
     let (view, grads) = (&csr(layout), (&mut dq[..], &mut dk[..], &mut dv[..]));
     sparse_attn_ndarray::backward(
-        &q, &k, &v, &out, &lse, &dout, shape, view, scale, grads.0, grads.1, grads.2,
+        &q, &k, &v, &out, &lse, &dout, shape, view, scale, &extras, grads.0, grads.1, grads.2,
     );
     let AttentionShape {
         batch,
         heads,
+        kv_heads,
         seq_len,
         head_dim,
     } = shape;
-    let dims = vec![batch, heads, seq_len, head_dim];
     let [dq, dk, dv] = [dq, dk, dv].map(|g| tokens(g, layout, head_dim));
+    let (q_dims, kv_dims) = (
+        vec![batch, heads, seq_len, head_dim],
+        vec![batch, kv_heads, seq_len, head_dim],
+    );
     (
-        write::<B, T>(dq, dims.clone(), dtype, &device),
-        write::<B, T>(dk, dims.clone(), dtype, &device),
-        write::<B, T>(dv, dims, dtype, &device),
+        write::<B, T>(dq, q_dims, dtype, &device),
+        write::<B, T>(dk, kv_dims.clone(), dtype, &device),
+        write::<B, T>(dv, kv_dims, dtype, &device),
     )
 }

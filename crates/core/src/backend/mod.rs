@@ -29,6 +29,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, backend_extension};
 
 use crate::layout::BlockLayout;
+use crate::params::AttentionParams;
 
 /// Metadata of the log-sum-exp output: `q`'s shape without its last dim, `q`'s dtype.
 #[cfg(feature = "fusion")]
@@ -50,24 +51,27 @@ fn lse_spec(q: &TensorSpec) -> TensorSpec {
 )]
 pub trait SparseAttentionBackend: Backend {
     /// Forward pass: `(out [B, H, n, d], lse [B, H, n])`, `lse` being the natural-log
-    /// softmax denominator of each row (`-inf` for a row with no allowed key, whose output
-    /// is zero). Default: the portable path.
-    #[fusion(meta = |q, _k, _v, _layout, _scale| (q.clone(), lse_spec(q)))]
+    /// softmax denominator of each row (before dropout; `-inf` for a row with no allowed
+    /// key, whose output is zero). `k` and `v` are `[B, H_kv, n, d]`, `H_kv` dividing `H`.
+    /// Default: the portable path.
+    #[fusion(meta = |q, _k, _v, _layout, _params| (q.clone(), lse_spec(q)))]
     fn sparse_attention_forward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         layout: BlockLayout,
-        scale: f64,
+        params: AttentionParams,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        portable::forward::<Self>(q, k, v, &layout, scale)
+        portable::forward::<Self>(q, k, v, &layout, &params)
     }
 
     /// Backward pass: `(dq, dk, dv)` of `sum(out * dout)` given the forward's `out` and
-    /// `lse`. Recomputes probabilities; never materialises an `n x n` matrix.
+    /// `lse` and the forward's `params` (its dropout mask is regenerated, not stored); `dk`
+    /// and `dv` have `k`'s shape, summed over each group's query heads. Recomputes
+    /// probabilities; never materialises an `n x n` matrix.
     /// Default: the portable path.
     #[allow(clippy::too_many_arguments)]
-    #[fusion(meta = |q, k, v, _out, _lse, _dout, _layout, _scale| (q.clone(), k.clone(), v.clone()))]
+    #[fusion(meta = |q, k, v, _out, _lse, _dout, _layout, _params| (q.clone(), k.clone(), v.clone()))]
     fn sparse_attention_backward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -76,9 +80,9 @@ pub trait SparseAttentionBackend: Backend {
         lse: FloatTensor<Self>,
         dout: FloatTensor<Self>,
         layout: BlockLayout,
-        scale: f64,
+        params: AttentionParams,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        portable::backward::<Self>(q, k, v, out, lse, dout, &layout, scale)
+        portable::backward::<Self>(q, k, v, out, lse, dout, &layout, &params)
     }
 
     /// Differentiable attention output `[B, H, n, d]`: the op the public API calls. Under
@@ -89,9 +93,9 @@ pub trait SparseAttentionBackend: Backend {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         layout: BlockLayout,
-        scale: f64,
+        params: AttentionParams,
     ) -> FloatTensor<Self> {
-        Self::sparse_attention_forward(q, k, v, layout, scale).0
+        Self::sparse_attention_forward(q, k, v, layout, params).0
     }
 }
 
@@ -105,9 +109,9 @@ macro_rules! cpu_impl {
                 k: FloatTensor<Self>,
                 v: FloatTensor<Self>,
                 layout: BlockLayout,
-                scale: f64,
+                params: AttentionParams,
             ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-                cpu::forward::<Self>(q, k, v, &layout, scale)
+                cpu::forward::<Self>(q, k, v, &layout, &params)
             }
 
             fn sparse_attention_backward(
@@ -118,9 +122,9 @@ macro_rules! cpu_impl {
                 lse: FloatTensor<Self>,
                 dout: FloatTensor<Self>,
                 layout: BlockLayout,
-                scale: f64,
+                params: AttentionParams,
             ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-                cpu::backward::<Self>(q, k, v, out, lse, dout, &layout, scale)
+                cpu::backward::<Self>(q, k, v, out, lse, dout, &layout, &params)
             }
         }
     };
@@ -139,9 +143,9 @@ impl SparseAttentionBackend for burn_cubecl::CubeBackend {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         layout: BlockLayout,
-        scale: f64,
+        params: AttentionParams,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        cube::forward(q, k, v, &layout, scale)
+        cube::forward(q, k, v, &layout, &params)
     }
 
     fn sparse_attention_backward(
@@ -152,8 +156,8 @@ impl SparseAttentionBackend for burn_cubecl::CubeBackend {
         lse: FloatTensor<Self>,
         dout: FloatTensor<Self>,
         layout: BlockLayout,
-        scale: f64,
+        params: AttentionParams,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        cube::backward(q, k, v, out, lse, dout, &layout, scale)
+        cube::backward(q, k, v, out, lse, dout, &layout, &params)
     }
 }

@@ -3,12 +3,18 @@
 //! It gathers only the active key blocks of each query block (padded to the largest row
 //! degree), so memory grows with the active blocks, never with a dense `n x n` matrix. It
 //! runs on every backend and stays as the reference path behind the fused kernels.
+//!
+//! The options are plain tensor operations too: grouped key/value heads are expanded to the
+//! query heads (their gradients summed back), key padding is one more mask on the gathered
+//! scores, and dropout multiplies the gathered probabilities by a factor tensor drawn
+//! on the host from the same counter-based generator as the kernels.
 
 use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 use burn::backend::{Backend, TensorMetadata, get_or_init_device_settings};
 use burn::tensor::{IndexingUpdateOp, Shape, Slice, TensorData};
 
 use crate::layout::{BlockLayout, FULL};
+use crate::params::{AttentionParams, DropoutMask};
 
 /// Heads `[start, end)` that share layout head `lh`.
 fn head_groups(layout: &BlockLayout, heads: usize) -> Vec<(usize, usize, usize)> {
@@ -100,6 +106,66 @@ fn slice_dim<B: Backend>(
     B::float_slice(t, &slices)
 }
 
+/// Token at layout position `pos`, or `None` for a padding position past the sequence.
+fn token_at(layout: &BlockLayout, pos: usize) -> Option<usize> {
+    (pos < layout.seq_len()).then(|| layout.order().map_or(pos, |(order, _)| order[pos]))
+}
+
+/// Layout positions of the gathered key columns of query block `r`: `degree * b` entries.
+fn key_positions(p: &Plan, b: usize, r: usize) -> impl Iterator<Item = usize> + '_ {
+    p.index[r * p.degree..(r + 1) * p.degree]
+        .iter()
+        .flat_map(move |&c| (0..b).map(move |j| c as usize * b + j))
+}
+
+/// The padding mask of the gathered scores, `[B, 1, nb, b, degree * b]`: true where the
+/// query or the key is past its batch row's valid length.
+fn padding_mask(layout: &BlockLayout, p: &Plan, lengths: &[usize]) -> Vec<bool> {
+    let (b, nb) = (layout.block(), layout.n_blocks());
+    let mut out = Vec::with_capacity(lengths.len() * nb * b * p.degree * b);
+    for &len in lengths {
+        let valid = |pos| token_at(layout, pos).is_some_and(|t| t < len);
+        for r in 0..nb {
+            for i in 0..b {
+                let row_valid = valid(r * b + i);
+                out.extend(key_positions(p, b, r).map(|pos| !(row_valid && valid(pos))));
+            }
+        }
+    }
+    out
+}
+
+/// Dropout factors of the gathered probabilities, `[B, Hg, nb, b, degree * b]`: `1 / (1 - p)`
+/// for kept pairs, 0 for dropped ones, heads `h0 ..` of `hg`.
+fn dropout_factors(
+    layout: &BlockLayout,
+    p: &Plan,
+    mask: &DropoutMask,
+    batch: usize,
+    heads: std::ops::Range<usize>,
+) -> Vec<f64> {
+    let (b, nb) = (layout.block(), layout.n_blocks());
+    let mut out = Vec::with_capacity(batch * heads.len() * nb * b * p.degree * b);
+    for bb in 0..batch {
+        for h in heads.clone() {
+            let head_key = mask.head_key(bb, h);
+            for r in 0..nb {
+                for i in 0..b {
+                    let row_key =
+                        token_at(layout, r * b + i).map(|t| DropoutMask::row_key(head_key, t));
+                    out.extend(key_positions(p, b, r).map(|pos| {
+                        match (row_key, token_at(layout, pos)) {
+                            (Some(rk), Some(t)) if mask.keeps(rk, t) => mask.scale(),
+                            _ => 0.0,
+                        }
+                    }));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Everything of one head group that forward and backward share.
 struct Gathered<B: Backend> {
     /// `[B, Hg, nb, b, d]`
@@ -110,6 +176,8 @@ struct Gathered<B: Backend> {
     v: FloatTensor<B>,
     /// Masked scaled scores `[B, Hg, nb, b, degree * b]`.
     s: FloatTensor<B>,
+    /// Dropout factors shaped like `s`, if dropout is on.
+    keep: Option<FloatTensor<B>>,
     index: IntTensor<B>,
     degree: usize,
 }
@@ -149,35 +217,52 @@ fn gather_blocks<B: Backend>(
     reshape::<B>(picked, &[s[0], s[1], nb, degree * b, s[3]])
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Gathers the blocks of heads `heads` (layout head `lh`) and their masked scores.
 fn gather<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
     layout: &BlockLayout,
-    lh: usize,
-    scale: f64,
+    (heads, lh): (std::ops::Range<usize>, usize),
+    params: &AttentionParams,
 ) -> Gathered<B> {
     let (b, nb) = (layout.block(), layout.n_blocks());
     let device = q.device();
     let s = dims::<B>(&q);
     let (batch, hg, d) = (s[0], s[1], s[3]);
     let p = plan(layout, lh);
-    let index = int_tensor::<B>(p.index, &device);
+    let index = int_tensor::<B>(p.index.clone(), &device);
     let q = reshape::<B>(q, &[batch, hg, nb, b, d]);
     let k = gather_blocks::<B>(k, index.clone(), nb, b, p.degree);
     let v = gather_blocks::<B>(v, index.clone(), nb, b, p.degree);
     let scores = B::float_matmul(q.clone(), B::float_swap_dims(k.clone(), 3, 4));
-    let scores = B::float_mul_scalar(scores, scale.into());
+    let scores = B::float_mul_scalar(scores, params.scale.into());
+    let full = Shape::from(vec![batch, hg, nb, b, p.degree * b]);
+    let keep = params.dropout.as_ref().map(|mask| {
+        let factors = dropout_factors(layout, &p, mask, batch, heads);
+        let data = TensorData::new(factors, full.clone()).convert_dtype(q.dtype().into());
+        B::float_from_data(data, &device)
+    });
+    let padding = params.key_lengths.as_ref().map(|lengths| {
+        let shape = vec![batch, 1, nb, b, p.degree * b];
+        B::bool_expand(
+            bool_tensor::<B>(padding_mask(layout, &p, lengths), shape, &device),
+            full.clone(),
+        )
+    });
     let mask_shape = vec![1, 1, nb, b, p.degree * b];
     let mask = bool_tensor::<B>(p.masked, mask_shape, &device);
-    let mask = B::bool_expand(mask, Shape::from(vec![batch, hg, nb, b, p.degree * b]));
-    let s = B::float_mask_fill(scores, mask, f32::NEG_INFINITY.into());
+    let mask = B::bool_expand(mask, full);
+    let mut s = B::float_mask_fill(scores, mask, f32::NEG_INFINITY.into());
+    if let Some(padding) = padding {
+        s = B::float_mask_fill(s, padding, f32::NEG_INFINITY.into());
+    }
     Gathered {
         q,
         k,
         v,
         s,
+        keep,
         index,
         degree: p.degree,
     }
@@ -197,23 +282,49 @@ fn reorder<B: Backend>(t: FloatTensor<B>, index: &[usize]) -> FloatTensor<B> {
     B::float_select(t, 2, index)
 }
 
-/// Forward on `[B, H, n, d]` inputs in token order: `(out [B, H, n, d], lse [B, H, n])`.
+/// `[B, H_kv, n, d]` -> `[B, H, n, d]`, each key/value head repeated for its `H / H_kv`
+/// query heads (a view; under autodiff its gradient sums over the group).
+fn repeat_kv<B: Backend>(t: FloatTensor<B>, heads: usize) -> FloatTensor<B> {
+    let s = dims::<B>(&t);
+    if s[1] == heads {
+        return t;
+    }
+    let group = heads / s[1];
+    let t = reshape::<B>(t, &[s[0], s[1], 1, s[2], s[3]]);
+    let t = B::float_expand(t, Shape::from(vec![s[0], s[1], group, s[2], s[3]]));
+    reshape::<B>(t, &[s[0], heads, s[2], s[3]])
+}
+
+/// `[B, H, n, d]` gradients -> `[B, H_kv, n, d]`, summed over each group's query heads.
+fn sum_groups<B: Backend>(t: FloatTensor<B>, kv_heads: usize) -> FloatTensor<B> {
+    let s = dims::<B>(&t);
+    if s[1] == kv_heads {
+        return t;
+    }
+    let t = reshape::<B>(t, &[s[0], kv_heads, s[1] / kv_heads, s[2], s[3]]);
+    reshape::<B>(B::float_sum_dim(t, 2), &[s[0], kv_heads, s[2], s[3]])
+}
+
+/// Forward on inputs in token order (`q` `[B, H, n, d]`, `k`/`v` `[B, H_kv, n, d]`):
+/// `(out [B, H, n, d], lse [B, H, n])`.
 pub fn forward<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
     layout: &BlockLayout,
-    scale: f64,
+    params: &AttentionParams,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
+    let heads = dims::<B>(&q)[1];
+    let (k, v) = (repeat_kv::<B>(k, heads), repeat_kv::<B>(v, heads));
     match layout.order() {
-        None => forward_positions::<B>(q, k, v, layout, scale),
+        None => forward_positions::<B>(q, k, v, layout, params),
         Some((order, inverse)) => {
             let (q, k, v) = (
                 reorder::<B>(q, order),
                 reorder::<B>(k, order),
                 reorder::<B>(v, order),
             );
-            let (out, lse) = forward_positions::<B>(q, k, v, layout, scale);
+            let (out, lse) = forward_positions::<B>(q, k, v, layout, params);
             (reorder::<B>(out, inverse), reorder::<B>(lse, inverse))
         }
     }
@@ -225,7 +336,7 @@ fn forward_positions<B: Backend>(
     k: FloatTensor<B>,
     v: FloatTensor<B>,
     layout: &BlockLayout,
-    scale: f64,
+    params: &AttentionParams,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let s = dims::<B>(&q);
     let (batch, heads, n, d) = (s[0], s[1], s[2], s[3]);
@@ -239,13 +350,18 @@ fn forward_positions<B: Backend>(
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for (h0, h1, lh) in head_groups(layout, heads) {
         let part = |t: &FloatTensor<B>| slice_dim::<B>(t.clone(), 1, h0..h1);
-        let g = gather::<B>(part(&q), part(&k), part(&v), layout, lh, scale);
+        let g = gather::<B>(part(&q), part(&k), part(&v), layout, (h0..h1, lh), params);
         let max = finite_or_zero::<B>(B::float_max_dim(g.s.clone(), 4));
         let e = B::float_exp(B::float_sub(g.s, max.clone()));
         let sum = B::float_sum_dim(e.clone(), 4);
         let bool_dtype = get_or_init_device_settings::<B>(&sum.device()).bool_dtype;
         let empty = B::float_equal_elem(sum.clone(), 0.0f32.into(), bool_dtype);
         let safe_sum = B::float_mask_fill(sum.clone(), empty, 1.0f32.into());
+        // Dropout after the normaliser: the sum keeps every allowed term.
+        let e = match g.keep {
+            Some(keep) => B::float_mul(e, keep),
+            None => e,
+        };
         let out = B::float_div(B::float_matmul(e, g.v), safe_sum);
         let lse = B::float_add(max, B::float_log(sum));
         let hg = h1 - h0;
@@ -258,7 +374,7 @@ fn forward_positions<B: Backend>(
 }
 
 /// Backward: `(dq, dk, dv)` of `sum(out * dout)`, recomputing probabilities from `lse`;
-/// everything in token order.
+/// everything in token order, `dk`/`dv` shaped like `k`/`v`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
     q: FloatTensor<B>,
@@ -268,17 +384,27 @@ pub fn backward<B: Backend>(
     lse: FloatTensor<B>,
     dout: FloatTensor<B>,
     layout: &BlockLayout,
-    scale: f64,
+    params: &AttentionParams,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
-    let Some((order, inverse)) = layout.order() else {
-        return backward_positions::<B>(q, k, v, out, lse, dout, layout, scale);
+    let (heads, kv_heads) = (dims::<B>(&q)[1], dims::<B>(&k)[1]);
+    let (k, v) = (repeat_kv::<B>(k, heads), repeat_kv::<B>(v, heads));
+    let (dq, dk, dv) = match layout.order() {
+        None => backward_positions::<B>(q, k, v, out, lse, dout, layout, params),
+        Some((order, inverse)) => {
+            let [q, k, v, out, lse, dout] =
+                [q, k, v, out, lse, dout].map(|t| reorder::<B>(t, order));
+            let (dq, dk, dv) = backward_positions::<B>(q, k, v, out, lse, dout, layout, params);
+            (
+                reorder::<B>(dq, inverse),
+                reorder::<B>(dk, inverse),
+                reorder::<B>(dv, inverse),
+            )
+        }
     };
-    let [q, k, v, out, lse, dout] = [q, k, v, out, lse, dout].map(|t| reorder::<B>(t, order));
-    let (dq, dk, dv) = backward_positions::<B>(q, k, v, out, lse, dout, layout, scale);
     (
-        reorder::<B>(dq, inverse),
-        reorder::<B>(dk, inverse),
-        reorder::<B>(dv, inverse),
+        dq,
+        sum_groups::<B>(dk, kv_heads),
+        sum_groups::<B>(dv, kv_heads),
     )
 }
 
@@ -292,7 +418,7 @@ fn backward_positions<B: Backend>(
     lse: FloatTensor<B>,
     dout: FloatTensor<B>,
     layout: &BlockLayout,
-    scale: f64,
+    params: &AttentionParams,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let s = dims::<B>(&q);
     let (batch, heads, n, d) = (s[0], s[1], s[2], s[3]);
@@ -305,15 +431,24 @@ fn backward_positions<B: Backend>(
     for (h0, h1, lh) in head_groups(layout, heads) {
         let hg = h1 - h0;
         let part = |t: &FloatTensor<B>| slice_dim::<B>(t.clone(), 1, h0..h1);
-        let g = gather::<B>(part(&q), part(&k), part(&v), layout, lh, scale);
+        let g = gather::<B>(part(&q), part(&k), part(&v), layout, (h0..h1, lh), params);
         let blocks = |t: FloatTensor<B>, w: usize| reshape::<B>(t, &[batch, hg, nb, b, w]);
         let lse = finite_or_zero::<B>(blocks(part(&lse), 1));
         let p = B::float_exp(B::float_sub(g.s, lse));
         let dout = blocks(part(&dout), d);
         let delta = B::float_sum_dim(B::float_mul(dout.clone(), blocks(part(&out), d)), 4);
-        let dv_g = B::float_matmul(B::float_swap_dims(p.clone(), 3, 4), dout.clone());
-        let dp = B::float_matmul(dout, B::float_swap_dims(g.v, 3, 4));
-        let ds = B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, delta)), scale.into());
+        let dp = B::float_matmul(dout.clone(), B::float_swap_dims(g.v, 3, 4));
+        // Dropout: dV takes the kept probabilities, dP the kept (scaled) products.
+        let (dropped, dp) = match g.keep {
+            Some(keep) => (
+                B::float_mul(p.clone(), keep.clone()),
+                B::float_mul(dp, keep),
+            ),
+            None => (p.clone(), dp),
+        };
+        let dv_g = B::float_matmul(B::float_swap_dims(dropped, 3, 4), dout);
+        let ds = B::float_mul(p, B::float_sub(dp, delta));
+        let ds = B::float_mul_scalar(ds, params.scale.into());
         let dq = B::float_matmul(ds.clone(), g.k);
         let dk_g = B::float_matmul(B::float_swap_dims(ds, 3, 4), g.q);
         let scatter = |grad: FloatTensor<B>| {

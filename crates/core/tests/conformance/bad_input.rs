@@ -99,7 +99,7 @@ fn shapes_and_heads() {
         E::Shape {
             name: "k",
             got: vec![1, 2, 16, 5],
-            expected: "[1, 2, 16, 4], the shape of `q`".into()
+            expected: "[1, 2, 16, 4]: `q`'s shape [1, 2, 16, 4] with `k`'s 2 key/value heads".into()
         }
     );
     let err = sparse_attention(
@@ -268,4 +268,71 @@ fn head_dim_beyond_cubecl_kernels() {
             assert!(result.is_ok(), "{backend}");
         }
     }
+}
+
+#[test]
+fn dropout_outside_zero_one() {
+    let layout = BlockLayout::build(&Band::causal(), 16, 8, 2).unwrap();
+    let q = zeros4([1, 2, 16, 4]);
+    for p in [1.0, 1.5, -0.1, f64::NAN, f64::INFINITY] {
+        let options = AttentionOptions::default().dropout(p, 0);
+        let err = sparse_attention(q.clone(), q.clone(), q.clone(), &layout, options).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                E::Probability {
+                    name: "dropout",
+                    ..
+                }
+            ),
+            "p = {p}: {err}"
+        );
+        assert!(err.to_string().contains("[0, 1)"));
+    }
+}
+
+#[test]
+fn key_lengths_of_the_wrong_count_or_too_long() {
+    let layout = BlockLayout::build(&Band::causal(), 16, 8, 2).unwrap();
+    let q = zeros4([2, 2, 16, 4]);
+    let attend = |lengths: Vec<usize>| {
+        let options = AttentionOptions::default().key_lengths(lengths);
+        sparse_attention(q.clone(), q.clone(), q.clone(), &layout, options).unwrap_err()
+    };
+    assert_eq!(attend(vec![16]), E::KeyLengths { got: 1, batch: 2 });
+    assert_eq!(
+        attend(vec![16, 17]),
+        E::KeyLength {
+            row: 1,
+            len: 17,
+            seq_len: 16
+        }
+    );
+    assert!(attend(vec![3, 20]).to_string().contains("at most 16"));
+}
+
+#[test]
+fn kv_heads_not_dividing_heads() {
+    let layout = BlockLayout::build(&Band::causal(), 16, 8, 4).unwrap();
+    let q = zeros4([1, 4, 16, 4]);
+    let kv = zeros4([1, 3, 16, 4]);
+    let err = sparse_attention(
+        q.clone(),
+        kv.clone(),
+        kv,
+        &layout,
+        AttentionOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        E::KvHeads {
+            heads: 4,
+            kv_heads: 3
+        }
+    );
+    // K and V must agree with each other too.
+    let (k, v) = (zeros4([1, 2, 16, 4]), zeros4([1, 1, 16, 4]));
+    let err = sparse_attention(q, k, v, &layout, AttentionOptions::default()).unwrap_err();
+    assert!(matches!(err, E::Shape { name: "v", .. }), "{err}");
 }

@@ -9,4 +9,5 @@ mod bad_input;
 mod common;
 mod layouts;
 mod matrix;
+mod options;
 mod parity;

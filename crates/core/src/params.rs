@@ -1,0 +1,42 @@
+//! The non-tensor parameters of the backend ops, validated by the public API.
+
+use std::sync::Arc;
+
+pub use sparse_attn_ndarray::DropoutMask;
+
+/// What the [`SparseAttentionBackend`](crate::SparseAttentionBackend) ops take besides the
+/// tensors and the layout. Built by the public API from [`AttentionOptions`](crate::AttentionOptions)
+/// after validation; cheap to clone.
+///
+/// Grouped-query attention needs no parameter: `k` and `v` carry `kv_heads` heads (a divisor
+/// of `q`'s heads) and query head `h` reads key/value head `h / (heads / kv_heads)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionParams {
+    /// Softmax scale, finite and positive.
+    pub scale: f64,
+    /// Dropout on the attention probabilities (`None`: none, the plain kernels).
+    pub dropout: Option<DropoutMask>,
+    /// Valid tokens of each batch row (`batch` entries, each at most `seq_len`); tokens past
+    /// a row's length are neither queries (zero output and gradients) nor keys. `None`: every
+    /// token is valid.
+    pub key_lengths: Option<Arc<[usize]>>,
+}
+
+impl AttentionParams {
+    /// Plain attention with `scale`.
+    pub fn plain(scale: f64) -> Self {
+        Self {
+            scale,
+            dropout: None,
+            key_lengths: None,
+        }
+    }
+
+    /// The CPU kernels' view of the options.
+    pub(crate) fn extras(&self) -> sparse_attn_ndarray::Extras<'_> {
+        sparse_attn_ndarray::Extras {
+            key_lengths: self.key_lengths.as_deref(),
+            dropout: self.dropout,
+        }
+    }
+}
