@@ -5,7 +5,13 @@
 
 use cubecl::prelude::*;
 
-use crate::tiles::{UNROLL_MAX, allowed, lane_sum, load_tiles, merge_sums, row_unit, span, token};
+use crate::options::{head_key, in_length, keep_factor, row_key};
+use crate::tiles::{
+    UNROLL_MAX, allowed, head_row, lane_sum, load_tiles, merge_sums, row_unit, span, token,
+};
+
+/// Log-sum-exp staged for a padded-out query row in the `dK`/`dV` pass: `exp(s - LSE)` is 0.
+const PADDED_LSE: f32 = 3.0e38;
 
 /// `dQ` kernel; also writes `delta_i = dO_i . O_i` (by token) for the `dK`/`dV` pass.
 #[cube(launch)]
@@ -24,18 +30,26 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
     masks: &[u32],
     mask_bits: &[u32],
     order: &[u32],
+    lengths: &[u32],
     seq_len: usize,
     n_blocks: usize,
     heads: usize,
+    kv_heads: usize,
     shared_layout: u32,
     tasks: usize,
     scale: f32,
+    seed_lo: u32,
+    seed_hi: u32,
+    threshold: u32,
+    keep_scale: f32,
     #[comptime] block: usize,
     #[comptime] vecs: usize,
     #[comptime] key_tile: usize,
     #[comptime] mask_words: usize,
     #[comptime] permuted: bool,
     #[comptime] splits: usize,
+    #[comptime] padded: bool,
+    #[comptime] dropout: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let n = seq_len;
@@ -44,6 +58,7 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
         seq_len,
         n_blocks,
         heads,
+        kv_heads,
         shared_layout,
         tasks,
         block,
@@ -53,6 +68,12 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
     let (bh, row, u, lane, valid, base, tok) =
         (at.bh, at.list, at.u, at.lane, at.valid, at.base, at.tok);
     let unit = UNIT_POS_X as usize;
+    let batch = bh / heads;
+    let row_ok = valid && in_length(lengths, batch, tok, padded);
+    let mut keys = 0u32;
+    if dropout {
+        keys = row_key(head_key(seed_lo, seed_hi, batch, bh % heads), tok);
+    }
 
     let mut q_row = Array::<Vector<f32, N>>::new(vecs);
     let mut do_row = Array::<Vector<f32, N>>::new(vecs);
@@ -98,7 +119,7 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
                 &mut k_tile,
                 &mut v_tile,
                 order,
-                base,
+                at.kv_base,
                 key_start + t0,
                 tile_len,
                 unit,
@@ -108,9 +129,11 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
                 permuted,
             );
             sync_cube();
-            if valid {
+            if row_ok {
                 for jj in range_stepped(lane, tile_len, splits) {
-                    if allowed(mask_bits, mask, u, t0 + jj, block, mask_words) {
+                    let key_tok = token(order, key_start + t0 + jj, permuted);
+                    let key_ok = in_length(lengths, batch, key_tok, padded);
+                    if key_ok && allowed(mask_bits, mask, u, t0 + jj, block, mask_words) {
                         let mut s = Vector::<f32, N>::new(0.0f32);
                         let mut dp = Vector::<f32, N>::new(0.0f32);
                         #[unroll(vecs <= UNROLL_MAX)]
@@ -119,7 +142,12 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
                             dp += do_row[c] * v_tile[jj * vecs + c];
                         }
                         let p = f32::exp(lane_sum(s) * scale - lse_i);
-                        let ds = Vector::<f32, N>::new(p * (lane_sum(dp) - delta_i));
+                        // Under dropout, dP of the kept, scaled probability.
+                        let mut dp_i = lane_sum(dp);
+                        if dropout {
+                            dp_i *= keep_factor(keys, key_tok, threshold, keep_scale);
+                        }
+                        let ds = Vector::<f32, N>::new(p * (dp_i - delta_i));
                         #[unroll(vecs <= UNROLL_MAX)]
                         for c in 0..vecs {
                             acc[c] += ds * k_tile[jj * vecs + c];
@@ -155,6 +183,10 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
 /// the query blocks that attend key block `c` (the transposed lists), staging `Q`, `dO`, the
 /// log-sum-exp and `delta` of each query tile in shared memory.
 ///
+/// With grouped-query attention the cube's key/value head walks the lists of each query
+/// head of its group in turn, summing their contributions. Padded-out query rows are
+/// staged with a log-sum-exp that makes their probabilities 0; padded-out key rows stay 0.
+///
 /// `with_dk` / `with_dv` choose the gradients of this launch: both at once for short rows;
 /// for long rows one launch each, so that a unit keeps two or three rows in registers
 /// instead of four (which would spill) at the price of recomputing the scores.
@@ -175,12 +207,18 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
     masks: &[u32],
     mask_bits: &[u32],
     order: &[u32],
+    lengths: &[u32],
     seq_len: usize,
     n_blocks: usize,
     heads: usize,
+    kv_heads: usize,
     shared_layout: u32,
     tasks: usize,
     scale: f32,
+    seed_lo: u32,
+    seed_hi: u32,
+    threshold: u32,
+    keep_scale: f32,
     #[comptime] block: usize,
     #[comptime] vecs: usize,
     #[comptime] query_tile: usize,
@@ -189,23 +227,31 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
     #[comptime] splits: usize,
     #[comptime] with_dk: bool,
     #[comptime] with_dv: bool,
+    #[comptime] padded: bool,
+    #[comptime] dropout: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let n = seq_len;
+    // Tasks walk `(batch, kv head)` pairs: `at.bh` is the key/value pair, `at.base` its rows.
     let at = row_unit(
         order,
         seq_len,
         n_blocks,
-        heads,
+        kv_heads,
+        kv_heads,
         shared_layout,
         tasks,
         block,
         vecs,
         permuted,
     );
-    let (bh, col, u, lane, valid, base, tok) =
-        (at.bh, at.list, at.u, at.lane, at.valid, at.base, at.tok);
+    let (bkv, u, lane, base, tok) = (at.bh, at.u, at.lane, at.base, at.tok);
     let unit = UNIT_POS_X as usize;
+    let group = heads / kv_heads;
+    let batch = bkv / kv_heads;
+    let valid = at.valid;
+    // A padded-out key row gets no contribution (its dK and dV are written as zeros).
+    let key_ok = valid && in_length(lengths, batch, tok, padded);
 
     let mut k_row = Array::<Vector<f32, N>>::new(vecs);
     let mut v_row = Array::<Vector<f32, N>>::new(vecs);
@@ -229,63 +275,87 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
     let mut do_tile = Shared::<[Vector<f32, N>]>::new_slice(query_tile * vecs);
     let mut lse_tile = Shared::<[f32]>::new_slice(query_tile);
     let mut delta_tile = Shared::<[f32]>::new_slice(query_tile);
+    let mut key_tile = Shared::<[u32]>::new_slice(comptime!(if dropout { query_tile } else { 1 }));
 
-    let start = col_ptr[col] as usize;
-    let end = col_ptr[col + 1] as usize;
-    for te in start..end {
-        let query_block = t_rows[te] as usize;
-        let mask = masks[t_entries[te] as usize];
-        let query_start = query_block * block;
-        let query_len = span(n, query_start, block);
-        for t0 in range_stepped(0, query_len, query_tile) {
-            let tile_len = span(query_len, t0, query_tile);
-            sync_cube();
-            load_tiles(
-                q,
-                dout,
-                &mut q_tile,
-                &mut do_tile,
-                order,
-                base,
-                query_start + t0,
-                tile_len,
-                unit,
-                query_tile,
-                vecs,
-                block * splits,
-                permuted,
-            );
-            if unit < tile_len {
-                let qtok = token(order, query_start + t0 + unit, permuted);
-                lse_tile[unit] = f32::cast_from(lse[bh * n + qtok]);
-                delta_tile[unit] = delta[bh * n + qtok];
-            }
-            sync_cube();
-            if valid {
-                for ii in range_stepped(lane, tile_len, splits) {
-                    if allowed(mask_bits, mask, t0 + ii, u, block, mask_words) {
-                        let mut s = Vector::<f32, N>::new(0.0f32);
-                        let mut dp = Vector::<f32, N>::new(0.0f32);
-                        #[unroll(vecs <= UNROLL_MAX)]
-                        for c in 0..vecs {
-                            s += q_tile[ii * vecs + c] * k_row[c];
+    for g in 0..group {
+        let h = (bkv % kv_heads) * group + g;
+        let bh = batch * heads + h;
+        let q_base = bh * seq_len * vecs;
+        let col = head_row(bh, at.blk, heads, n_blocks, shared_layout);
+        let mut hkey = 0u32;
+        if dropout {
+            hkey = head_key(seed_lo, seed_hi, batch, h);
+        }
+        let start = col_ptr[col] as usize;
+        let end = col_ptr[col + 1] as usize;
+        for te in start..end {
+            let query_block = t_rows[te] as usize;
+            let mask = masks[t_entries[te] as usize];
+            let query_start = query_block * block;
+            let query_len = span(n, query_start, block);
+            for t0 in range_stepped(0, query_len, query_tile) {
+                let tile_len = span(query_len, t0, query_tile);
+                sync_cube();
+                load_tiles(
+                    q,
+                    dout,
+                    &mut q_tile,
+                    &mut do_tile,
+                    order,
+                    q_base,
+                    query_start + t0,
+                    tile_len,
+                    unit,
+                    query_tile,
+                    vecs,
+                    block * splits,
+                    permuted,
+                );
+                if unit < tile_len {
+                    let qtok = token(order, query_start + t0 + unit, permuted);
+                    lse_tile[unit] = if in_length(lengths, batch, qtok, padded) {
+                        f32::cast_from(lse[bh * n + qtok])
+                    } else {
+                        f32::new(PADDED_LSE)
+                    };
+                    delta_tile[unit] = delta[bh * n + qtok];
+                    if dropout {
+                        key_tile[unit] = row_key(hkey, qtok);
+                    }
+                }
+                sync_cube();
+                if key_ok {
+                    for ii in range_stepped(lane, tile_len, splits) {
+                        if allowed(mask_bits, mask, t0 + ii, u, block, mask_words) {
+                            let mut s = Vector::<f32, N>::new(0.0f32);
+                            let mut dp = Vector::<f32, N>::new(0.0f32);
+                            #[unroll(vecs <= UNROLL_MAX)]
+                            for c in 0..vecs {
+                                s += q_tile[ii * vecs + c] * k_row[c];
+                                if with_dk {
+                                    dp += do_tile[ii * vecs + c] * v_row[c];
+                                }
+                            }
+                            let p = f32::exp(lane_sum(s) * scale - lse_tile[ii]);
+                            let mut keep = 1.0f32;
+                            if dropout {
+                                keep = keep_factor(key_tile[ii], tok, threshold, keep_scale);
+                            }
+                            if with_dv {
+                                let pv = Vector::<f32, N>::new(p * keep);
+                                #[unroll(vecs <= UNROLL_MAX)]
+                                for c in 0..vecs {
+                                    dv_acc[c] += pv * do_tile[ii * vecs + c];
+                                }
+                            }
                             if with_dk {
-                                dp += do_tile[ii * vecs + c] * v_row[c];
-                            }
-                        }
-                        let p = f32::exp(lane_sum(s) * scale - lse_tile[ii]);
-                        if with_dv {
-                            let pv = Vector::<f32, N>::new(p);
-                            #[unroll(vecs <= UNROLL_MAX)]
-                            for c in 0..vecs {
-                                dv_acc[c] += pv * do_tile[ii * vecs + c];
-                            }
-                        }
-                        if with_dk {
-                            let ds = Vector::<f32, N>::new(p * (lane_sum(dp) - delta_tile[ii]));
-                            #[unroll(vecs <= UNROLL_MAX)]
-                            for c in 0..vecs {
-                                dk_acc[c] += ds * q_tile[ii * vecs + c];
+                                let ds = Vector::<f32, N>::new(
+                                    p * (lane_sum(dp) * keep - delta_tile[ii]),
+                                );
+                                #[unroll(vecs <= UNROLL_MAX)]
+                                for c in 0..vecs {
+                                    dk_acc[c] += ds * q_tile[ii * vecs + c];
+                                }
                             }
                         }
                     }

@@ -4,12 +4,19 @@
 
 use cubecl::prelude::*;
 
-use crate::tiles::{MASKED, UNROLL_MAX, allowed, lane_sum, load_tiles, merge_pair, row_unit, span};
+use crate::options::{head_key, in_length, keep_factor, row_key};
+use crate::tiles::{
+    MASKED, UNROLL_MAX, allowed, lane_sum, load_tiles, merge_pair, row_unit, span, token,
+};
 
 /// Forward kernel. Unit `u` of cube `(r, bh)` owns layout position `r * block + u`; it keeps
 /// its scaled query row and its output accumulator in registers, walks the active key blocks
 /// of its query block tile by tile (the cube loads each `K`/`V` tile into shared memory once),
 /// and writes its output row and log-sum-exp at its token's place.
+///
+/// `K`/`V` come from the unit's key/value head (grouped-query attention); with `padded`,
+/// rows and keys at or past their batch row's length are masked; with `dropout`, each
+/// probability enters the output times its keep factor (the sum `l` keeps them all).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_kernel<F: Float, N: Size>(
@@ -23,19 +30,27 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
     masks: &[u32],
     mask_bits: &[u32],
     order: &[u32],
+    lengths: &[u32],
     seq_len: usize,
     n_blocks: usize,
     heads: usize,
+    kv_heads: usize,
     shared_layout: u32,
     tasks: usize,
     scale: f32,
     neg_inf: f32,
+    seed_lo: u32,
+    seed_hi: u32,
+    threshold: u32,
+    keep_scale: f32,
     #[comptime] block: usize,
     #[comptime] vecs: usize,
     #[comptime] key_tile: usize,
     #[comptime] mask_words: usize,
     #[comptime] permuted: bool,
     #[comptime] splits: usize,
+    #[comptime] padded: bool,
+    #[comptime] dropout: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let n = seq_len;
@@ -44,6 +59,7 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
         seq_len,
         n_blocks,
         heads,
+        kv_heads,
         shared_layout,
         tasks,
         block,
@@ -53,6 +69,12 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
     let (bh, row, u, lane, valid, base, tok) =
         (at.bh, at.list, at.u, at.lane, at.valid, at.base, at.tok);
     let unit = UNIT_POS_X as usize;
+    let batch = bh / heads;
+    let row_ok = valid && in_length(lengths, batch, tok, padded);
+    let mut keys = 0u32;
+    if dropout {
+        keys = row_key(head_key(seed_lo, seed_hi, batch, bh % heads), tok);
+    }
 
     let mut q_row = Array::<Vector<f32, N>>::new(vecs);
     let mut acc = Array::<Vector<f32, N>>::new(vecs);
@@ -88,7 +110,7 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
                 &mut k_tile,
                 &mut v_tile,
                 order,
-                base,
+                at.kv_base,
                 key_start + t0,
                 tile_len,
                 unit,
@@ -98,13 +120,18 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
                 permuted,
             );
             sync_cube();
-            if valid {
+            if row_ok {
                 let mut tile_max = f32::new(MASKED);
                 #[unroll]
                 for t in 0..per_lane {
                     let jj = lane + t * splits;
                     let mut s = f32::new(MASKED);
-                    if jj < tile_len && allowed(mask_bits, mask, u, t0 + jj, block, mask_words) {
+                    let mut key_ok = jj < tile_len;
+                    if padded && key_ok {
+                        let key_tok = token(order, key_start + t0 + jj, permuted);
+                        key_ok = in_length(lengths, batch, key_tok, padded);
+                    }
+                    if key_ok && allowed(mask_bits, mask, u, t0 + jj, block, mask_words) {
                         let mut dot = Vector::<f32, N>::new(0.0f32);
                         #[unroll(vecs <= UNROLL_MAX)]
                         for c in 0..vecs {
@@ -129,7 +156,12 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
                         if scores[t] != MASKED {
                             let p = f32::exp(scores[t] - m_new);
                             l += p;
-                            let pv = Vector::<f32, N>::new(p);
+                            let mut kept = p;
+                            if dropout {
+                                let key_tok = token(order, key_start + t0 + jj, permuted);
+                                kept = p * keep_factor(keys, key_tok, threshold, keep_scale);
+                            }
+                            let pv = Vector::<f32, N>::new(kept);
                             #[unroll(vecs <= UNROLL_MAX)]
                             for c in 0..vecs {
                                 acc[c] += pv * v_tile[jj * vecs + c];

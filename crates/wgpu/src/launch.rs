@@ -8,16 +8,21 @@ use cubecl::server::Handle;
 use crate::backward::{dkdv_kernel, dq_kernel};
 use crate::error::KernelError;
 use crate::forward::forward_kernel;
+use crate::options::KernelOptions;
 use crate::plan::TilePlan;
 
-/// Shape of one attention problem: `q`, `k`, `v`, the output and the gradients are contiguous
-/// `[batch, heads, seq_len, head_dim]`, the log-sum-exp is `[batch, heads, seq_len]`.
+/// Shape of one attention problem: `q`, the output and `dq` are contiguous `[batch, heads,
+/// seq_len, head_dim]`, `k`, `v`, `dk`, `dv` `[batch, kv_heads, seq_len, head_dim]` (query
+/// head `h` reads key/value head `h / (heads / kv_heads)`; `kv_heads` divides `heads`), the
+/// log-sum-exp is `[batch, heads, seq_len]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionShape {
     /// Batch size.
     pub batch: usize,
-    /// Number of heads.
+    /// Number of (query) heads.
     pub heads: usize,
+    /// Number of key/value heads.
+    pub kv_heads: usize,
     /// Sequence length `n` (tokens).
     pub seq_len: usize,
     /// Head dimension `d`.
@@ -27,6 +32,10 @@ pub struct AttentionShape {
 impl AttentionShape {
     fn numel(&self) -> usize {
         self.batch * self.heads * self.seq_len * self.head_dim
+    }
+
+    fn kv_numel(&self) -> usize {
+        self.batch * self.kv_heads * self.seq_len * self.head_dim
     }
 
     fn rows(&self) -> usize {
@@ -121,6 +130,37 @@ impl DeviceLayout {
     }
 }
 
+/// The per-call options on the device: the lengths buffer (one element when unpadded) and
+/// the dropout scalars (zeros without dropout).
+struct DeviceOptions {
+    lengths: (Handle, usize),
+    padded: bool,
+    dropout: bool,
+    seed_lo: u32,
+    seed_hi: u32,
+    threshold: u32,
+    keep_scale: f32,
+}
+
+impl DeviceOptions {
+    fn upload(client: &Client, options: &KernelOptions) -> Self {
+        let lengths: Vec<u32> = options
+            .key_lengths
+            .map(|l| l.iter().map(|&x| x as u32).collect())
+            .unwrap_or_default();
+        let dropout = options.dropout;
+        Self {
+            lengths: upload(client, &lengths),
+            padded: options.key_lengths.is_some(),
+            dropout: dropout.is_some(),
+            seed_lo: dropout.map_or(0, |d| d.seed as u32),
+            seed_hi: dropout.map_or(0, |d| (d.seed >> 32) as u32),
+            threshold: dropout.map_or(0, |d| d.threshold),
+            keep_scale: dropout.map_or(1.0, |d| d.scale),
+        }
+    }
+}
+
 impl DeviceTranspose {
     fn upload(client: &Client, view: &CsrView) -> Self {
         Self {
@@ -156,11 +196,14 @@ struct Grid {
 }
 
 impl Grid {
+    /// The grid over `heads` heads of each batch row (`shape.heads` for the passes over
+    /// query rows, `shape.kv_heads` for the `dK`/`dV` pass).
     fn new(
         client: &Client,
         dtype: ElemType,
         shape: &AttentionShape,
         view: &CsrView,
+        heads: usize,
     ) -> Result<Self, KernelError> {
         let max = u32::MAX as usize;
         let elements = shape.numel();
@@ -168,7 +211,7 @@ impl Grid {
             return Err(KernelError::TooLarge { elements, max });
         }
         let plan = TilePlan::for_device(client, dtype, view.block, shape.head_dim)?;
-        let tasks = shape.batch * shape.heads * view.n_blocks;
+        let tasks = shape.batch * heads * view.n_blocks;
         let max_x = client.properties().hardware.max_cube_count.0.max(1) as usize;
         let x = tasks.clamp(1, max_x);
         let y = tasks.div_ceil(x).max(1);
@@ -222,7 +265,8 @@ fn tensor(handle: &Handle, len: usize) -> BufferArg {
 /// Forward pass: writes `out` (`[B, H, n, d]`) and `lse` (`[B, H, n]`, natural log, `-inf`
 /// for rows with no allowed key, whose output is zero).
 ///
-/// `q`, `k`, `v`, `out`, `lse` are contiguous buffers of `dtype` elements, in token order.
+/// `q`, `k`, `v`, `out`, `lse` are contiguous buffers of `dtype` elements, in token order;
+/// `options` adds key padding and dropout.
 ///
 /// # Errors
 /// What [`TilePlan::for_device`] refuses, or tensors beyond 32-bit indexing.
@@ -233,23 +277,29 @@ pub fn forward(
     shape: AttentionShape,
     view: &CsrView,
     scale: f32,
+    options: &KernelOptions,
     q: &Handle,
     k: &Handle,
     v: &Handle,
     out: &Handle,
     lse: &Handle,
 ) -> Result<(), KernelError> {
-    let grid = Grid::new(client, dtype, &shape, view)?;
+    let grid = Grid::new(client, dtype, &shape, view, shape.heads)?;
     let layout = DeviceLayout::upload(client, view);
-    let (numel, rows) = (shape.numel() / grid.lanes, shape.rows());
+    let opts = DeviceOptions::upload(client, options);
+    let (numel, kv_numel, rows) = (
+        shape.numel() / grid.lanes,
+        shape.kv_numel() / grid.lanes,
+        shape.rows(),
+    );
     forward_kernel::launch(
         client,
         grid.count,
         grid.dim,
         grid.lanes,
         tensor(q, numel),
-        tensor(k, numel),
-        tensor(v, numel),
+        tensor(k, kv_numel),
+        tensor(v, kv_numel),
         tensor(out, numel),
         tensor(lse, rows),
         arg(&layout.row_ptr),
@@ -257,27 +307,36 @@ pub fn forward(
         arg(&layout.masks),
         arg(&layout.mask_bits),
         arg(&layout.order),
+        arg(&opts.lengths),
         shape.seq_len,
         view.n_blocks,
         shape.heads,
+        shape.kv_heads,
         grid.shared_layout,
         grid.tasks,
         scale,
         f32::NEG_INFINITY,
+        opts.seed_lo,
+        opts.seed_hi,
+        opts.threshold,
+        opts.keep_scale,
         view.block,
         grid.vecs,
         grid.plan.tile,
         grid.mask_words,
         grid.permuted,
         grid.splits,
+        opts.padded,
+        opts.dropout,
         dtype,
     );
     Ok(())
 }
 
-/// Backward pass: writes `dq`, `dk`, `dv` (`[B, H, n, d]`) of `sum(out * dout)` from the
-/// forward's `out` and `lse`. Runs the `dQ` kernel, then the `dK`/`dV` kernel (as one pass, or
-/// a `dV` pass and a `dK` pass for head dims above 32).
+/// Backward pass: writes `dq` (`[B, H, n, d]`), `dk`, `dv` (`[B, H_kv, n, d]`) of `sum(out *
+/// dout)` from the forward's `out` and `lse` and the forward's `options` (the dropout mask
+/// is regenerated). Runs the `dQ` kernel, then the `dK`/`dV` kernel (as one pass, or a `dV`
+/// pass and a `dK` pass for head dims above 32).
 ///
 /// # Errors
 /// What [`TilePlan::for_device`] refuses, or tensors beyond 32-bit indexing.
@@ -288,13 +347,20 @@ pub fn backward(
     shape: AttentionShape,
     view: &CsrView,
     scale: f32,
+    options: &KernelOptions,
     [q, k, v, out, lse, dout]: [&Handle; 6],
     [dq, dk, dv]: [&Handle; 3],
 ) -> Result<(), KernelError> {
-    let grid = Grid::new(client, dtype, &shape, view)?;
+    let grid = Grid::new(client, dtype, &shape, view, shape.heads)?;
+    let kv_grid = Grid::new(client, dtype, &shape, view, shape.kv_heads)?;
     let layout = DeviceLayout::upload(client, view);
     let transpose = DeviceTranspose::upload(client, view);
-    let (numel, rows) = (shape.numel() / grid.lanes, shape.rows());
+    let opts = DeviceOptions::upload(client, options);
+    let (numel, kv_numel, rows) = (
+        shape.numel() / grid.lanes,
+        shape.kv_numel() / grid.lanes,
+        shape.rows(),
+    );
     let delta = (client.empty(rows * size_of::<f32>()), rows);
     dq_kernel::launch(
         client,
@@ -302,8 +368,8 @@ pub fn backward(
         grid.dim,
         grid.lanes,
         tensor(q, numel),
-        tensor(k, numel),
-        tensor(v, numel),
+        tensor(k, kv_numel),
+        tensor(v, kv_numel),
         tensor(out, numel),
         tensor(lse, rows),
         tensor(dout, numel),
@@ -314,18 +380,26 @@ pub fn backward(
         arg(&layout.masks),
         arg(&layout.mask_bits),
         arg(&layout.order),
+        arg(&opts.lengths),
         shape.seq_len,
         view.n_blocks,
         shape.heads,
+        shape.kv_heads,
         grid.shared_layout,
         grid.tasks,
         scale,
+        opts.seed_lo,
+        opts.seed_hi,
+        opts.threshold,
+        opts.keep_scale,
         view.block,
         grid.vecs,
         grid.plan.tile,
         grid.mask_words,
         grid.permuted,
         grid.splits,
+        opts.padded,
+        opts.dropout,
         dtype,
     );
     // Rows of up to 32 elements keep k, v, dk and dv in registers in one pass; longer rows
@@ -338,37 +412,45 @@ pub fn backward(
     for &(with_dk, with_dv) in passes {
         dkdv_kernel::launch(
             client,
-            grid.count.clone(),
-            grid.dim,
-            grid.lanes,
+            kv_grid.count.clone(),
+            kv_grid.dim,
+            kv_grid.lanes,
             tensor(q, numel),
-            tensor(k, numel),
-            tensor(v, numel),
+            tensor(k, kv_numel),
+            tensor(v, kv_numel),
             tensor(lse, rows),
             tensor(dout, numel),
             arg(&delta),
-            tensor(dk, numel),
-            tensor(dv, numel),
+            tensor(dk, kv_numel),
+            tensor(dv, kv_numel),
             arg(&transpose.col_ptr),
             arg(&transpose.t_rows),
             arg(&transpose.t_entries),
             arg(&layout.masks),
             arg(&layout.mask_bits),
             arg(&layout.order),
+            arg(&opts.lengths),
             shape.seq_len,
             view.n_blocks,
             shape.heads,
-            grid.shared_layout,
-            grid.tasks,
+            shape.kv_heads,
+            kv_grid.shared_layout,
+            kv_grid.tasks,
             scale,
+            opts.seed_lo,
+            opts.seed_hi,
+            opts.threshold,
+            opts.keep_scale,
             view.block,
-            grid.vecs,
-            grid.plan.tile,
-            grid.mask_words,
-            grid.permuted,
-            grid.splits,
+            kv_grid.vecs,
+            kv_grid.plan.tile,
+            kv_grid.mask_words,
+            kv_grid.permuted,
+            kv_grid.splits,
             with_dk,
             with_dv,
+            opts.padded,
+            opts.dropout,
             dtype,
         );
     }

@@ -10,6 +10,10 @@
 //!   a `dK`/`dV` pass over the transposed lists, one unit per key row, with `Q`, `dO`, the
 //!   log-sum-exp and `delta` staged per tile. No atomics: each output row has one writer.
 //!
+//! Grouped-query attention (`k`/`v` with fewer heads), key padding (valid lengths per batch
+//! row) and attention dropout (a counter-based generator, regenerated in the backward pass)
+//! run inside the same kernels, selected at compile time so plain attention pays nothing.
+//!
 //! Element masks are read only for partial blocks; a layout's token order is applied by
 //! index inside the kernels (no gather copies); the last block may be short.
 //!
@@ -24,9 +28,11 @@ mod backward;
 mod error;
 mod forward;
 mod launch;
+mod options;
 mod plan;
 mod tiles;
 
 pub use error::KernelError;
 pub use launch::{AttentionShape, CsrView, backward, forward};
+pub use options::{DropoutArgs, KernelOptions};
 pub use plan::{MAX_HEAD_DIM, TilePlan};

@@ -46,6 +46,8 @@ pub(crate) fn head_row(
 pub(crate) struct RowUnit {
     /// Index of the `(batch, head)` pair.
     pub bh: usize,
+    /// The cube's block.
+    pub blk: usize,
     /// CSR row (or transposed column) of the cube's block for this head.
     pub list: usize,
     /// The unit's row in the block.
@@ -56,12 +58,15 @@ pub(crate) struct RowUnit {
     pub valid: bool,
     /// First vector of this `(batch, head)` pair in the `[B, H, n, d]` buffers.
     pub base: usize,
+    /// First vector of the `(batch, kv head)` pair it reads in the `[B, H_kv, n, d]` buffers.
+    pub kv_base: usize,
     /// Token of the unit's row (0 for a row past the end).
     pub tok: usize,
 }
 
 /// Decodes the cube's task (block `task % n_blocks` of pair `task / n_blocks`) and the unit's
-/// row and lane; cubes past the last task end here.
+/// row and lane; cubes past the last task end here. Query head `h` reads key/value head
+/// `h / (heads / kv_heads)`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn row_unit(
@@ -69,6 +74,7 @@ pub(crate) fn row_unit(
     seq_len: usize,
     n_blocks: usize,
     heads: usize,
+    kv_heads: usize,
     shared_layout: u32,
     tasks: usize,
     #[comptime] block: usize,
@@ -85,13 +91,16 @@ pub(crate) fn row_unit(
     let u = unit % block;
     let pos = blk * block + u;
     let valid = pos < seq_len;
+    let kv = (bh / heads) * kv_heads + (bh % heads) / (heads / kv_heads);
     RowUnit {
         bh,
+        blk,
         list: head_row(bh, blk, heads, n_blocks, shared_layout),
         u,
         lane: unit / block,
         valid,
         base: bh * seq_len * vecs,
+        kv_base: kv * seq_len * vecs,
         tok: if valid {
             token(order, pos, permuted)
         } else {

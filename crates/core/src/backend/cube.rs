@@ -14,9 +14,10 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use sparse_attn_wgpu::{AttentionShape, CsrView};
+use sparse_attn_wgpu::{AttentionShape, CsrView, DropoutArgs, KernelOptions};
 
 use crate::layout::BlockLayout;
+use crate::params::AttentionParams;
 
 /// The kernels' view of `layout`.
 fn view(layout: &BlockLayout) -> CsrView<'_> {
@@ -38,13 +39,26 @@ fn view(layout: &BlockLayout) -> CsrView<'_> {
     }
 }
 
-fn shape_of(t: &CubeTensor) -> AttentionShape {
-    let [batch, heads, seq_len, head_dim] = t.shape().dims::<4>();
+fn shape_of(q: &CubeTensor, k: &CubeTensor) -> AttentionShape {
+    let [batch, heads, seq_len, head_dim] = q.shape().dims::<4>();
     AttentionShape {
         batch,
         heads,
+        kv_heads: k.shape().dims::<4>()[1],
         seq_len,
         head_dim,
+    }
+}
+
+/// The kernels' view of the options.
+fn options(params: &AttentionParams) -> KernelOptions<'_> {
+    KernelOptions {
+        key_lengths: params.key_lengths.as_deref(),
+        dropout: params.dropout.map(|mask| DropoutArgs {
+            seed: mask.seed(),
+            threshold: mask.threshold(),
+            scale: mask.scale() as f32,
+        }),
     }
 }
 
@@ -64,10 +78,10 @@ pub(crate) fn forward(
     k: FloatTensor<CubeBackend>,
     v: FloatTensor<CubeBackend>,
     layout: &BlockLayout,
-    scale: f64,
+    params: &AttentionParams,
 ) -> (FloatTensor<CubeBackend>, FloatTensor<CubeBackend>) {
     let [q, k, v] = [q, k, v].map(into_contiguous);
-    let shape = shape_of(&q);
+    let shape = shape_of(&q, &k);
     let out = empty_like(&q, q.shape().to_vec());
     let lse = empty_like(&q, vec![shape.batch, shape.heads, shape.seq_len]);
     sparse_attn_wgpu::forward(
@@ -75,7 +89,8 @@ pub(crate) fn forward(
         dtype_to_elem_type(q.dtype),
         shape,
         &view(layout),
-        scale as f32,
+        params.scale as f32,
+        &options(params),
         &q.handle,
         &k.handle,
         &v.handle,
@@ -96,22 +111,23 @@ pub(crate) fn backward(
     lse: FloatTensor<CubeBackend>,
     dout: FloatTensor<CubeBackend>,
     layout: &BlockLayout,
-    scale: f64,
+    params: &AttentionParams,
 ) -> (
     FloatTensor<CubeBackend>,
     FloatTensor<CubeBackend>,
     FloatTensor<CubeBackend>,
 ) {
     let [q, k, v, out, lse, dout] = [q, k, v, out, lse, dout].map(into_contiguous);
-    let shape = shape_of(&q);
-    let dims = q.shape().to_vec();
-    let [dq, dk, dv] = [(); 3].map(|_| empty_like(&q, dims.clone()));
+    let shape = shape_of(&q, &k);
+    let dq = empty_like(&q, q.shape().to_vec());
+    let [dk, dv] = [(); 2].map(|_| empty_like(&q, k.shape().to_vec()));
     sparse_attn_wgpu::backward(
         &q.client,
         dtype_to_elem_type(q.dtype),
         shape,
         &view(layout),
-        scale as f32,
+        params.scale as f32,
+        &options(params),
         [
             &q.handle,
             &k.handle,

@@ -99,7 +99,8 @@ fn shapes_and_heads() {
         E::Shape {
             name: "k",
             got: vec![1, 2, 16, 5],
-            expected: "[1, 2, 16, 4]: `q`'s shape [1, 2, 16, 4] with `k`'s 2 key/value heads".into()
+            expected: "[1, 2, 16, 4]: `q`'s shape [1, 2, 16, 4] with `k`'s 2 key/value heads"
+                .into()
         }
     );
     let err = sparse_attention(

@@ -1,0 +1,82 @@
+//! Key padding and attention dropout inside the kernels.
+//!
+//! The dropout generator repeats, operation for operation, the counter-based one of
+//! `sparse_attn_ndarray::dropout` (Wellons' `lowbias32` hash chained over the seed's halves,
+//! the batch, the query head, the query token and the spread key token), so every backend
+//! draws the same mask; the conformance tests compare both against the f64 reference.
+
+use cubecl::prelude::*;
+
+/// Dropout as the kernels take it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DropoutArgs {
+    /// The generator's seed.
+    pub seed: u64,
+    /// Pairs whose 32-bit hash is below this are dropped (`round(p * 2^32)`).
+    pub threshold: u32,
+    /// Factor of kept probabilities, `1 / (1 - p)`.
+    pub scale: f32,
+}
+
+/// Per-call options of the kernels; the default is plain attention.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KernelOptions<'a> {
+    /// Valid tokens of each batch row (`batch` entries): tokens at or past it are neither
+    /// queries (zero output and gradients) nor keys.
+    pub key_lengths: Option<&'a [usize]>,
+    /// Dropout on the probabilities.
+    pub dropout: Option<DropoutArgs>,
+}
+
+/// Odd multiplier spreading consecutive key tokens before the last hash.
+const KEY_SPREAD: u32 = 0x9e37_79b9;
+
+/// Wellons' `lowbias32` integer hash (wrapping 32-bit arithmetic).
+#[cube]
+pub(crate) fn mix(x: u32) -> u32 {
+    let a = x ^ (x >> 16u32);
+    let b = a * 0x7feb_352du32;
+    let c = b ^ (b >> 15u32);
+    let d = c * 0x846c_a68bu32;
+    d ^ (d >> 16u32)
+}
+
+/// Key of one `(batch, query head)`.
+#[cube]
+pub(crate) fn head_key(seed_lo: u32, seed_hi: u32, batch: usize, head: usize) -> u32 {
+    let h = mix(seed_lo);
+    let h = mix(h ^ seed_hi);
+    let h = mix(h ^ (batch as u32));
+    mix(h ^ (head as u32))
+}
+
+/// Key of query token `tok` under a head key.
+#[cube]
+pub(crate) fn row_key(head_key: u32, tok: usize) -> u32 {
+    mix(head_key ^ (tok as u32))
+}
+
+/// The dropout factor of key token `tok` in the row of `row_key`: `keep_scale` if kept, else 0.
+#[cube]
+pub(crate) fn keep_factor(row_key: u32, tok: usize, threshold: u32, keep_scale: f32) -> f32 {
+    if mix(row_key ^ ((tok as u32) * KEY_SPREAD)) >= threshold {
+        keep_scale
+    } else {
+        0.0f32
+    }
+}
+
+/// Whether token `tok` of batch row `batch` is within its valid length (always, unpadded).
+#[cube]
+pub(crate) fn in_length(
+    lengths: &[u32],
+    batch: usize,
+    tok: usize,
+    #[comptime] padded: bool,
+) -> bool {
+    let mut ok = true;
+    if padded {
+        ok = tok < lengths[batch] as usize;
+    }
+    ok
+}
