@@ -1,4 +1,7 @@
 //! Multi-head self-attention with a block-sparse pattern.
+//!
+//! Attention dropout, key padding by lengths and grouped-query attention run inside the
+//! kernels (`sparse_attn_core::sparse_attention`'s options); the layer only chooses them.
 
 use burn::config::Config;
 use burn::module::{Initializer, Module};
@@ -7,6 +10,7 @@ use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Tensor};
 use sparse_attn_core::{AttentionOptions, Result, SparseAttentionError, sparse_attention};
 
+use crate::dropout_seed::next_dropout_seed;
 use crate::pattern_config::PatternConfig;
 
 /// Configuration of a [`MultiHeadSparseAttention`] layer.
@@ -14,8 +18,13 @@ use crate::pattern_config::PatternConfig;
 pub struct MultiHeadSparseAttentionConfig {
     /// Model width (input and output features).
     pub d_model: usize,
-    /// Number of heads; must divide `d_model`.
+    /// Number of (query) heads; must divide `d_model`.
     pub n_heads: usize,
+    /// Number of key/value heads, dividing `n_heads`: fewer than `n_heads` is grouped-query
+    /// attention (1: multi-query), with key and value projections of `n_kv_heads * d_model /
+    /// n_heads` features. `None` (default): `n_heads`, plain multi-head attention.
+    #[config(default = "None")]
+    pub n_kv_heads: Option<usize>,
     /// The sparsity pattern.
     pub pattern: PatternConfig,
     /// Block size of the layout, 1..=128. Default: 32.
@@ -24,8 +33,10 @@ pub struct MultiHeadSparseAttentionConfig {
     /// Biases on the four projections. Default: true.
     #[config(default = true)]
     pub bias: bool,
-    /// Dropout probability on the attended values (after the softmax-weighted sum, before
-    /// the output projection), active only on an autodiff device in training. Default: 0.
+    /// Dropout probability on the attention probabilities, applied inside the kernels (the
+    /// backward pass regenerates the mask from its seed), active only on an autodiff device
+    /// in training (Burn's `Dropout` rule; `valid()` turns it off). Each forward draws a fresh
+    /// seed from [`seed_attention_dropout`](crate::seed_attention_dropout)'s sequence. Default: 0.
     #[config(default = 0.0)]
     pub dropout: f64,
     /// Softmax scale; `None` (default) means `1 / sqrt(d_model / n_heads)`.
@@ -41,9 +52,9 @@ pub struct MultiHeadSparseAttentionConfig {
 
 /// Multi-head self-attention whose attention is block-sparse.
 ///
-/// `query`, `key`, `value`, `output` are `d_model x d_model` projections; the attention
-/// itself runs through [`sparse_attention`] with the layout of the configured pattern,
-/// built once per sequence length.
+/// `query` and `output` are `d_model x d_model` projections, `key` and `value` `d_model x
+/// n_kv_heads * head_dim`; the attention itself runs through [`sparse_attention`] with the
+/// layout of the configured pattern, built once per sequence length.
 #[derive(Module, Debug)]
 pub struct MultiHeadSparseAttention {
     /// Query projection.
@@ -54,10 +65,12 @@ pub struct MultiHeadSparseAttention {
     pub value: Linear,
     /// Output projection.
     pub output: Linear,
-    /// Dropout on the attended values.
+    /// Attention dropout: its probability and training flag (applied inside the kernels).
     pub dropout: Dropout,
     /// Number of heads.
     pub n_heads: usize,
+    /// Number of key/value heads.
+    pub n_kv_heads: usize,
     /// Layout block size.
     pub block_size: usize,
     /// Longest accepted sequence (0 = unlimited).
@@ -74,8 +87,9 @@ impl MultiHeadSparseAttentionConfig {
     /// Builds the layer on `device`.
     ///
     /// # Errors
-    /// `n_heads` zero or not dividing `d_model`, a block size outside `1..=128`, a dropout
-    /// outside `[0, 1)`, or pattern parameters that are invalid for every sequence length.
+    /// `n_heads` zero or not dividing `d_model`, `n_kv_heads` zero or not dividing
+    /// `n_heads`, a block size outside `1..=128`, a dropout outside `[0, 1)`, or pattern
+    /// parameters that are invalid for every sequence length.
     pub fn init(&self, device: &Device) -> Result<MultiHeadSparseAttention> {
         if self.n_heads == 0 {
             return Err(SparseAttentionError::Zero { name: "n_heads" });
@@ -84,6 +98,13 @@ impl MultiHeadSparseAttentionConfig {
             return Err(SparseAttentionError::HeadsDivide {
                 n_embd: self.d_model,
                 heads: self.n_heads,
+            });
+        }
+        let kv_heads = self.n_kv_heads.unwrap_or(self.n_heads);
+        if kv_heads == 0 || !self.n_heads.is_multiple_of(kv_heads) {
+            return Err(SparseAttentionError::KvHeads {
+                heads: self.n_heads,
+                kv_heads,
             });
         }
         if !(sparse_attn_core::MIN_BLOCK..=sparse_attn_core::MAX_BLOCK).contains(&self.block_size) {
@@ -102,19 +123,21 @@ impl MultiHeadSparseAttentionConfig {
         // Fail early on parameters that no sequence length can fix.
         self.pattern
             .build(self.block_size.max(1), self.block_size)?;
-        let linear = |bias| {
-            LinearConfig::new(self.d_model, self.d_model)
-                .with_bias(bias)
+        let kv_width = kv_heads * (self.d_model / self.n_heads);
+        let linear = |width| {
+            LinearConfig::new(self.d_model, width)
+                .with_bias(self.bias)
                 .with_initializer(self.initializer.clone())
                 .init(device)
         };
         Ok(MultiHeadSparseAttention {
-            query: linear(self.bias),
-            key: linear(self.bias),
-            value: linear(self.bias),
-            output: linear(self.bias),
+            query: linear(self.d_model),
+            key: linear(kv_width),
+            value: linear(kv_width),
+            output: linear(self.d_model),
             dropout: DropoutConfig::new(self.dropout).init(),
             n_heads: self.n_heads,
+            n_kv_heads: kv_heads,
             block_size: self.block_size,
             max_seq_len: self.max_seq_len.unwrap_or(0),
             pattern: self.pattern.clone(),
@@ -133,7 +156,8 @@ impl MultiHeadSparseAttention {
     ///
     /// # Errors
     /// As [`MultiHeadSparseAttentionConfig::init`]; `config`'s width or head count differ
-    /// from `dense`'s.
+    /// from `dense`'s, or `config` asks for fewer key/value heads (a dense layer has one
+    /// per query head).
     pub fn from_dense(
         dense: MultiHeadAttention,
         config: &MultiHeadSparseAttentionConfig,
@@ -141,6 +165,11 @@ impl MultiHeadSparseAttention {
         for (what, layout, input) in [
             ("d_model", config.d_model, dense.d_model),
             ("n_heads", config.n_heads, dense.n_heads),
+            (
+                "n_kv_heads",
+                config.n_kv_heads.unwrap_or(config.n_heads),
+                dense.n_heads,
+            ),
         ] {
             if layout != input {
                 return Err(SparseAttentionError::LayoutMismatch {
@@ -183,7 +212,37 @@ impl MultiHeadSparseAttention {
     /// # Ok::<(), sparse_attn_core::SparseAttentionError>(())
     /// ```
     pub fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
-        self.forward_padded(x, None)
+        self.attend(x, Padding::None)
+    }
+
+    /// Self-attention of right-padded sequences: sequence `b` holds `lengths[b]` tokens,
+    /// the rest of its `n` is padding, handled inside the kernels (no mask tensor at all):
+    /// padded tokens are never attended to, their output rows get no attention (only the
+    /// output projection's bias) and no gradient flows through them.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, n, d_model]`, `lengths`: `batch` values `<= n` -> `[batch, n, d_model]`.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), and lengths that are not one per sequence or exceed
+    /// `n`.
+    ///
+    /// # Example
+    /// ```
+    /// use burn::tensor::{Device, Distribution, Tensor};
+    /// use sparse_attn_nn::{MultiHeadSparseAttentionConfig, PatternConfig};
+    ///
+    /// let device = Device::ndarray();
+    /// let layer = MultiHeadSparseAttentionConfig::new(32, 4, PatternConfig::Local { ctx: 16 })
+    ///     .with_n_kv_heads(Some(2))
+    ///     .with_dropout(0.1)
+    ///     .init(&device)?;
+    /// let x = Tensor::<3>::random([2, 50, 32], Distribution::Normal(0.0, 1.0), &device);
+    /// assert_eq!(layer.forward_lengths(x, &[50, 31])?.dims(), [2, 50, 32]);
+    /// # Ok::<(), sparse_attn_core::SparseAttentionError>(())
+    /// ```
+    pub fn forward_lengths(&self, x: Tensor<3>, lengths: &[usize]) -> Result<Tensor<3>> {
+        self.attend(x, Padding::Lengths(lengths))
     }
 
     /// Self-attention of `x` whose keys marked in `key_padding_mask` are ignored.
@@ -193,9 +252,11 @@ impl MultiHeadSparseAttention {
     /// right-padded batch gives, on its valid rows, what each sequence gives unpadded
     /// (for patterns whose allowed keys of a valid query do not depend on `n`).
     ///
-    /// The mask is applied without an `n x n` tensor: queries gain a column of ones and
-    /// keys a column holding `-1e4 / scale` on padded tokens, so the padded scores are
-    /// `-1e4` below the others and their softmax weight is exactly zero in `f32`.
+    /// Any mask works (not only right padding); for right padding,
+    /// [`forward_lengths`](Self::forward_lengths) is cheaper (padding in the kernels). The
+    /// mask is applied without an `n x n` tensor: queries gain a column of ones and keys a
+    /// column holding `-1e4 / scale` on padded tokens, so the padded scores are `-1e4` below
+    /// the others and their softmax weight is exactly zero in `f32`.
     ///
     /// # Shapes
     /// `x`: `[batch, n, d_model]`, `key_padding_mask`: `[batch, n]` -> `[batch, n, d_model]`.
@@ -207,6 +268,24 @@ impl MultiHeadSparseAttention {
         x: Tensor<3>,
         key_padding_mask: Option<Tensor<2, Bool>>,
     ) -> Result<Tensor<3>> {
+        match key_padding_mask {
+            None => self.attend(x, Padding::None),
+            Some(mask) => self.attend(x, Padding::Mask(mask)),
+        }
+    }
+
+    /// The attention options of one forward: scale, and dropout when training.
+    fn options(&self, scale: f64, device: &Device) -> AttentionOptions {
+        let options = AttentionOptions::with_scale(scale);
+        let p = self.dropout.prob;
+        if p > 0.0 && self.dropout.training.is_enabled() && device.is_autodiff() {
+            options.dropout(p, next_dropout_seed())
+        } else {
+            options
+        }
+    }
+
+    fn attend(&self, x: Tensor<3>, padding: Padding<'_>) -> Result<Tensor<3>> {
         let [batch, n, width] = x.dims();
         let d_model = self.query.weight.dims()[0];
         if width != d_model {
@@ -216,7 +295,7 @@ impl MultiHeadSparseAttention {
                 expected: format!("[batch, n, {d_model}]"),
             });
         }
-        if let Some(mask) = &key_padding_mask
+        if let Padding::Mask(mask) = &padding
             && mask.dims() != [batch, n]
         {
             return Err(SparseAttentionError::Shape {
@@ -232,35 +311,50 @@ impl MultiHeadSparseAttention {
             });
         }
         let layout = self.pattern.layout(n, self.block_size, self.n_heads)?;
-        let heads = self.n_heads;
+        let (heads, kv_heads) = (self.n_heads, self.n_kv_heads);
         let d = d_model / heads;
         let scale = self.scale.unwrap_or(1.0 / (d as f64).sqrt());
-        let split = |t: Tensor<3>| t.reshape([batch, n, heads, d]).swap_dims(1, 2);
+        let split = |t: Tensor<3>, h: usize| t.reshape([batch, n, h, d]).swap_dims(1, 2);
         let (q, k, v) = (
-            split(self.query.forward(x.clone())),
-            split(self.key.forward(x.clone())),
-            split(self.value.forward(x)),
+            split(self.query.forward(x.clone()), heads),
+            split(self.key.forward(x.clone()), kv_heads),
+            split(self.value.forward(x.clone()), kv_heads),
         );
-        let options = AttentionOptions::with_scale(scale);
-        let attended = match key_padding_mask {
-            None => sparse_attention(q, k, v, &layout, options)?,
-            Some(mask) => {
+        let options = self.options(scale, &x.device());
+        let attended = match padding {
+            Padding::None => sparse_attention(q, k, v, &layout, options)?,
+            Padding::Lengths(lengths) => {
+                sparse_attention(q, k, v, &layout, options.key_lengths(lengths))?
+            }
+            Padding::Mask(mask) => {
                 let device = q.device();
                 let pad = mask.float().reshape([batch, 1, n, 1]);
-                let column = [batch, heads, n, 1];
-                let ones = Tensor::<4>::ones(column, &device);
-                let key_bias = pad.clone().mul_scalar(-PAD_LOGIT / scale).expand(column);
+                let column = |h| [batch, h, n, 1];
+                let ones = Tensor::<4>::ones(column(heads), &device);
+                let key_bias = pad
+                    .clone()
+                    .mul_scalar(-PAD_LOGIT / scale)
+                    .expand(column(kv_heads));
                 let q = Tensor::cat(vec![q, ones], 3);
                 let k = Tensor::cat(vec![k, key_bias], 3);
-                let v = Tensor::cat(vec![v, Tensor::zeros(column, &device)], 3);
+                let v = Tensor::cat(vec![v, Tensor::zeros(column(kv_heads), &device)], 3);
                 let out = sparse_attention(q, k, v, &layout, options)?;
                 let keep = pad.neg().add_scalar(1.0);
                 out.slice([0..batch, 0..heads, 0..n, 0..d]) * keep
             }
         };
         let merged = attended.swap_dims(1, 2).reshape([batch, n, d_model]);
-        Ok(self.output.forward(self.dropout.forward(merged)))
+        Ok(self.output.forward(merged))
     }
+}
+
+/// How a forward marks padding.
+enum Padding<'a> {
+    None,
+    /// Valid tokens per sequence (right padding), handled by the kernels.
+    Lengths(&'a [usize]),
+    /// A `[batch, n]` mask (true = padding), any layout of padded tokens.
+    Mask(Tensor<2, Bool>),
 }
 
 #[cfg(test)]
@@ -270,7 +364,7 @@ mod tests {
 
     use burn::store::ModuleRecord;
     use burn::tensor::{Distribution, TensorData};
-    use sparse_attn_core::reference::{RefShape, reference_forward};
+    use sparse_attn_core::reference::{RefOptions, RefShape, reference_forward_with};
 
     use super::*;
 
@@ -319,41 +413,85 @@ mod tests {
             num_verts: 2,
             vertsize: 1,
         };
-        let layer = layer(pattern.clone(), &device);
-        let (batch, n) = (2, 19);
-        let x = Tensor::<3>::random([batch, n, 16], Distribution::Normal(0.0, 1.0), &device);
-        let got = host(layer.forward(x.clone()).unwrap());
-        let [q, k, v] = [&layer.query, &layer.key, &layer.value]
-            .map(|l| split(&host(l.forward(x.clone())), batch, n, 4, 4, false));
-        let shape = RefShape {
-            batch,
-            heads: 4,
-            seq_len: n,
-            head_dim: 4,
+        // Plain multi-head, grouped-query and multi-query attention.
+        for kv_heads in [4, 2, 1] {
+            let layer = MultiHeadSparseAttentionConfig::new(16, 4, pattern.clone())
+                .with_block_size(4)
+                .with_n_kv_heads(Some(kv_heads))
+                .init(&device)
+                .unwrap();
+            let (batch, n) = (2, 19);
+            let x = Tensor::<3>::random([batch, n, 16], Distribution::Normal(0.0, 1.0), &device);
+            let got = host(layer.forward(x.clone()).unwrap());
+            let q = split(&host(layer.query.forward(x.clone())), batch, n, 4, 4, false);
+            let [k, v] = [&layer.key, &layer.value]
+                .map(|l| split(&host(l.forward(x.clone())), batch, n, kv_heads, 4, false));
+            let shape = RefShape {
+                batch,
+                heads: 4,
+                seq_len: n,
+                head_dim: 4,
+            };
+            let options = RefOptions {
+                kv_heads: Some(kv_heads),
+                ..RefOptions::default()
+            };
+            let pattern = pattern.build(n, 4).unwrap();
+            let reference =
+                reference_forward_with(pattern.as_ref(), shape, &options, &q, &k, &v, 0.5);
+            let merged = split(&reference.out, batch, n, 4, 4, true);
+            let merged: Vec<f32> = merged.iter().map(|&x| x as f32).collect();
+            let want = host(layer.output.forward(Tensor::from_data(
+                TensorData::new(merged, [batch, n, 16]),
+                &device,
+            )));
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                worst < 1e-5,
+                "kv heads {kv_heads}: layer differs from the dense masked reference by {worst}"
+            );
+        }
+    }
+
+    #[test]
+    fn attention_dropout_only_in_training_and_reproducible_by_seed() {
+        let config = MultiHeadSparseAttentionConfig::new(16, 4, PatternConfig::Local { ctx: 8 })
+            .with_block_size(4)
+            .with_dropout(0.5);
+        let device = Device::ndarray().autodiff();
+        let layer = config.init(&device).unwrap();
+        let plain = MultiHeadSparseAttention {
+            dropout: DropoutConfig::new(0.0).init(),
+            ..layer.clone()
         };
-        let reference = reference_forward(
-            pattern.build(n, 4).unwrap().as_ref(),
-            shape,
-            &q,
-            &k,
-            &v,
-            0.5,
+        let x = Tensor::<3>::random([1, 12, 16], Distribution::Normal(0.0, 1.0), &device);
+        let run = |l: &MultiHeadSparseAttention| host(l.forward(x.clone()).unwrap());
+        crate::seed_attention_dropout(3);
+        let first = run(&layer);
+        let second = run(&layer);
+        assert_ne!(first, second, "each training forward draws a new mask");
+        assert_ne!(first, run(&plain), "dropout is on in training");
+        crate::seed_attention_dropout(3);
+        assert_eq!(
+            first,
+            run(&layer),
+            "the same seed sequence gives the same masks"
         );
-        let merged = split(&reference.out, batch, n, 4, 4, true);
-        let merged: Vec<f32> = merged.iter().map(|&x| x as f32).collect();
-        let want = host(layer.output.forward(Tensor::from_data(
-            TensorData::new(merged, [batch, n, 16]),
-            &device,
-        )));
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
-        assert!(
-            worst < 1e-5,
-            "layer differs from the dense masked reference by {worst}"
-        );
+        // Gradients flow through the kernels' dropout.
+        let grads = layer.forward(x.clone()).unwrap().sum().backward();
+        assert!(layer.query.weight.val().grad(&grads).is_some());
+        // Off without autodiff (inference), as Burn's dropout.
+        let inference = Device::ndarray();
+        let xi = Tensor::<3>::from_data(x.to_data(), &inference);
+        let [a, b] = [&layer, &plain].map(|l| {
+            let l = l.clone().fork(&inference);
+            host(l.forward(xi.clone()).unwrap())
+        });
+        assert_eq!(a, b, "dropout must be off on a device without autodiff");
     }
 
     #[test]
@@ -420,43 +558,50 @@ mod tests {
             &device,
         );
         let weights = Tensor::<3>::random([2, n, 16], Distribution::Normal(0.0, 1.0), &device);
-        let out = layer.forward_padded(x.clone(), Some(mask)).unwrap();
-        let grads = (out.clone() * weights.clone()).sum().backward();
-        let dx = x.grad(&grads).unwrap();
-        for (b, &len) in lengths.iter().enumerate() {
-            let xb = x.clone().slice([b..b + 1, 0..len, 0..16]).into_data();
-            let xb = Tensor::<3>::from_data(xb, &device).require_grad();
-            let wb = weights.clone().slice([b..b + 1, 0..len, 0..16]);
-            let alone = layer.forward(xb.clone()).unwrap();
-            let grads_alone = (alone.clone() * wb).sum().backward();
-            let fwd = worst(&rows(out.clone(), b, len), &host(alone));
-            let grad = worst(
-                &rows(dx.clone(), b, len),
-                &host(xb.grad(&grads_alone).unwrap()),
-            );
-            assert!(
-                fwd < 1e-5 && grad < 1e-5,
-                "sequence {b}: fwd {fwd}, grad {grad}"
-            );
-            let pad = rows(out.clone(), b, n)[len * 16..]
-                .iter()
-                .fold(0.0, |m, v| v.abs().max(m));
-            let pad_grad = rows(dx.clone(), b, n)[len * 16..]
-                .iter()
-                .fold(0.0, |m, v| v.abs().max(m));
-            // Padded rows: zero attention output (the output bias remains), no gradient.
-            let bias = host(
-                layer
-                    .output
-                    .bias
-                    .as_ref()
-                    .unwrap()
-                    .val()
-                    .reshape([1, 1, 16]),
-            );
-            let bias_max = bias.iter().fold(0.0, |m: f64, v| v.abs().max(m));
-            assert!(pad <= bias_max + 1e-6, "padded rows of sequence {b}");
-            assert_eq!(pad_grad, 0.0, "gradient reached padding of sequence {b}");
+        // The mask (any padding) and the lengths (right padding, in the kernels).
+        for by_lengths in [false, true] {
+            let out = if by_lengths {
+                layer.forward_lengths(x.clone(), &lengths).unwrap()
+            } else {
+                layer.forward_padded(x.clone(), Some(mask.clone())).unwrap()
+            };
+            let grads = (out.clone() * weights.clone()).sum().backward();
+            let dx = x.grad(&grads).unwrap();
+            for (b, &len) in lengths.iter().enumerate() {
+                let xb = x.clone().slice([b..b + 1, 0..len, 0..16]).into_data();
+                let xb = Tensor::<3>::from_data(xb, &device).require_grad();
+                let wb = weights.clone().slice([b..b + 1, 0..len, 0..16]);
+                let alone = layer.forward(xb.clone()).unwrap();
+                let grads_alone = (alone.clone() * wb).sum().backward();
+                let fwd = worst(&rows(out.clone(), b, len), &host(alone));
+                let grad = worst(
+                    &rows(dx.clone(), b, len),
+                    &host(xb.grad(&grads_alone).unwrap()),
+                );
+                assert!(
+                    fwd < 1e-5 && grad < 1e-5,
+                    "sequence {b}: fwd {fwd}, grad {grad}"
+                );
+                let pad = rows(out.clone(), b, n)[len * 16..]
+                    .iter()
+                    .fold(0.0, |m, v| v.abs().max(m));
+                let pad_grad = rows(dx.clone(), b, n)[len * 16..]
+                    .iter()
+                    .fold(0.0, |m, v| v.abs().max(m));
+                // Padded rows: zero attention output (the output bias remains), no gradient.
+                let bias = host(
+                    layer
+                        .output
+                        .bias
+                        .as_ref()
+                        .unwrap()
+                        .val()
+                        .reshape([1, 1, 16]),
+                );
+                let bias_max = bias.iter().fold(0.0, |m: f64, v| v.abs().max(m));
+                assert!(pad <= bias_max + 1e-6, "padded rows of sequence {b}");
+                assert_eq!(pad_grad, 0.0, "gradient reached padding of sequence {b}");
+            }
         }
     }
 
@@ -524,5 +669,26 @@ mod tests {
             .init(&device)
             .unwrap_err();
         assert!(matches!(err, SparseAttentionError::Probability { .. }));
+        for kv_heads in [0, 3] {
+            let err = MultiHeadSparseAttentionConfig::new(12, 4, PatternConfig::All)
+                .with_n_kv_heads(Some(kv_heads))
+                .init(&device)
+                .unwrap_err();
+            assert_eq!(err, SparseAttentionError::KvHeads { heads: 4, kv_heads });
+        }
+        let err = layer
+            .forward_lengths(Tensor::zeros([2, 6, 8], &device), &[6, 7])
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            SparseAttentionError::KeyLength { row: 1, .. }
+        ));
+        let err = layer
+            .forward_lengths(Tensor::zeros([2, 6, 8], &device), &[6])
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            SparseAttentionError::KeyLengths { got: 1, batch: 2 }
+        ));
     }
 }

@@ -61,7 +61,8 @@ impl SparseTransformerBlockConfig {
     ///
     /// # Errors
     /// As [`MultiHeadSparseAttentionConfig::init`]; a zero `mlp_ratio`; a dropout outside
-    /// `[0, 1)`.
+    /// `[0, 1)`; grouped key/value heads with `dense` (Burn's dense attention has one
+    /// key/value head per query head).
     pub fn init(&self, device: &Device) -> Result<SparseTransformerBlock> {
         if self.mlp_ratio == 0 {
             return Err(SparseAttentionError::Zero { name: "mlp_ratio" });
@@ -75,6 +76,14 @@ impl SparseTransformerBlockConfig {
         // Validates heads, block size, pattern and attention dropout for both variants.
         let sparse = self.attention.init(device)?;
         let a = &self.attention;
+        let kv_heads = a.n_kv_heads.unwrap_or(a.n_heads);
+        if self.dense && kv_heads != a.n_heads {
+            return Err(SparseAttentionError::LayoutMismatch {
+                what: "n_kv_heads",
+                layout: kv_heads,
+                input: a.n_heads,
+            });
+        }
         let attention = if self.dense {
             SelfAttention::Dense(
                 MultiHeadAttentionConfig::new(a.d_model, a.n_heads)

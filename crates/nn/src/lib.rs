@@ -3,9 +3,9 @@
 //! - [`PatternConfig`]: a serializable choice among the built-in patterns (and per-head
 //!   lists of them), what a model config stores;
 //! - [`MultiHeadSparseAttention`]: multi-head self-attention whose attention runs through
-//!   `sparse_attn_core::sparse_attention` (fused kernels, real backward), with an optional
-//!   key padding mask; layouts are built once per `(pattern, sequence length, block,
-//!   heads)` and shared process-wide;
+//!   `sparse_attn_core::sparse_attention` (fused kernels, real backward), with attention
+//!   dropout, key padding (lengths or a mask) and grouped-query attention; layouts are
+//!   built once per `(pattern, sequence length, block, heads)` and shared process-wide;
 //! - [`SparseTransformerBlock`]: pre-norm attention + MLP block (or Burn's dense attention
 //!   in the same block, for comparison);
 //! - [`SparseTransformer`]: a decoder-only language model of such blocks.
@@ -17,10 +17,12 @@
 
 mod attention;
 mod block;
+mod dropout_seed;
 mod pattern_config;
 mod transformer;
 
 pub use attention::{MultiHeadSparseAttention, MultiHeadSparseAttentionConfig};
 pub use block::{SelfAttention, SparseTransformerBlock, SparseTransformerBlockConfig};
+pub use dropout_seed::seed_attention_dropout;
 pub use pattern_config::{PatternConfig, PatternFactory, register_pattern};
 pub use transformer::{PositionEncoding, Positions, SparseTransformer, SparseTransformerConfig};
