@@ -270,7 +270,7 @@ impl MultiHeadSparseAttention {
     ) -> Result<Tensor<3>> {
         match key_padding_mask {
             None => self.attend(x, Padding::None),
-            Some(mask) => self.attend(x, Padding::Mask(mask)),
+            Some(mask) => self.attend(x, Padding::Mask(Box::new(mask))),
         }
     }
 
@@ -354,7 +354,7 @@ enum Padding<'a> {
     /// Valid tokens per sequence (right padding), handled by the kernels.
     Lengths(&'a [usize]),
     /// A `[batch, n]` mask (true = padding), any layout of padded tokens.
-    Mask(Tensor<2, Bool>),
+    Mask(Box<Tensor<2, Bool>>),
 }
 
 #[cfg(test)]

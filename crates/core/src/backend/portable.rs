@@ -240,7 +240,7 @@ fn gather<B: Backend>(
     let full = Shape::from(vec![batch, hg, nb, b, p.degree * b]);
     let keep = params.dropout.as_ref().map(|mask| {
         let factors = dropout_factors(layout, &p, mask, batch, heads);
-        let data = TensorData::new(factors, full.clone()).convert_dtype(q.dtype().into());
+        let data = TensorData::new(factors, full.clone()).convert_dtype(q.dtype());
         B::float_from_data(data, &device)
     });
     let padding = params.key_lengths.as_ref().map(|lengths| {
