@@ -9,7 +9,7 @@
 //! operation for operation; the conformance tests compare both with the reference.
 
 /// Wellons' `lowbias32` integer hash: a bijection of `u32` with near-ideal avalanche.
-#[inline]
+#[inline(always)]
 pub fn mix(mut x: u32) -> u32 {
     x ^= x >> 16;
     x = x.wrapping_mul(0x7feb_352d);
@@ -76,7 +76,7 @@ impl DropoutMask {
     }
 
     /// Whether key token `j` is kept in the row of `row_key`.
-    #[inline]
+    #[inline(always)]
     pub fn keeps(&self, row_key: u32, j: usize) -> bool {
         mix(row_key ^ (j as u32).wrapping_mul(KEY_SPREAD)) >= self.threshold
     }
