@@ -55,6 +55,10 @@ struct Args {
     /// FlexAttention results (JSON rows from `xtask/flex_attention.py`) to put beside ours.
     #[arg(long)]
     flex: Option<PathBuf>,
+    /// Also time dropout (p = 0.1), key padding (one padded token) and grouped-query
+    /// attention (heads / 4 key/value heads), printed in a second table.
+    #[arg(long)]
+    extras: bool,
     /// JSON output.
     #[arg(long, default_value = "target/bench/gpu.json")]
     out: PathBuf,
@@ -86,6 +90,11 @@ struct Row {
     dense_fwd_bwd_ms: Option<f64>,
     flex_fwd_ms: Option<f64>,
     flex_fwd_bwd_ms: Option<f64>,
+    /// `(fwd_ms, fwd_bwd_ms)` with dropout 0.1, with one padded token, with heads / 4
+    /// key/value heads (with `--extras`).
+    dropout: Option<(f64, f64)>,
+    padded: Option<(f64, f64)>,
+    gqa: Option<(f64, f64)>,
 }
 
 /// Median wall time in ms of `f` over `reps` runs after a warm-up of at least three runs
@@ -107,24 +116,29 @@ fn float_dtype(name: &str) -> Result<FloatDType, String> {
     }
 }
 
-/// Forward and forward+backward medians of `attend` on `[1, heads, n, d]` inputs of `dtype`.
+/// Forward and forward+backward medians of `attend` on `q` of `dims` and `k`, `v` of
+/// `kv_dims`, of `dtype`.
 fn time_pair(
     device: &Device,
-    dims: [usize; 4],
+    [dims, kv_dims]: [[usize; 4]; 2],
     dtype: FloatDType,
     reps: usize,
     attend: impl Fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>,
 ) -> (f64, f64) {
     let sync = |d: &Device| d.sync().expect("device synchronisation");
-    let x = |d: &Device| Tensor::<4>::random(dims, Distribution::Normal(0.0, 1.0), d).cast(dtype);
-    let (q, k, v) = (x(device), x(device), x(device));
+    let random = |dims: [usize; 4], d: &Device| {
+        Tensor::<4>::random(dims, Distribution::Normal(0.0, 1.0), d).cast(dtype)
+    };
+    let x = |d: &Device| random(dims, d);
+    let (q, k, v) = (x(device), random(kv_dims, device), random(kv_dims, device));
     let fwd = median_ms(reps, || {
         let _out = attend(q.clone(), k.clone(), v.clone());
         sync(device);
     });
     let ad = device.clone().autodiff();
     let g = x(&ad);
-    let [qa, ka, va] = [(); 3].map(|_| x(&ad).require_grad());
+    let qa = x(&ad).require_grad();
+    let [ka, va] = [(); 2].map(|_| random(kv_dims, &ad).require_grad());
     let fwd_bwd = median_ms(reps, || {
         let out = attend(qa.clone(), ka.clone(), va.clone());
         let grads = (out * g.clone()).sum().backward();
@@ -172,7 +186,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 sparse_attention(q, k, v, &layout, AttentionOptions::default())
                     .expect("valid inputs")
             };
-            let (fwd_ms, fwd_bwd_ms) = time_pair(&device, dims, dtype, args.reps, ours);
+            let same = [dims, dims];
+            let (fwd_ms, fwd_bwd_ms) = time_pair(&device, same, dtype, args.reps, ours);
+            let with = |kv_dims, options: AttentionOptions| {
+                time_pair(&device, [dims, kv_dims], dtype, args.reps, |q, k, v| {
+                    sparse_attention(q, k, v, &layout, options.clone()).expect("valid inputs")
+                })
+            };
+            let (dropout, padded, gqa) = if args.extras {
+                let plain = AttentionOptions::default();
+                (
+                    Some(with(dims, plain.clone().dropout(0.1, 7))),
+                    Some(with(dims, plain.clone().key_lengths([n - 1]))),
+                    Some(with([1, (h / 4).max(1), n, d], plain)),
+                )
+            } else {
+                (None, None, None)
+            };
             let options = AttentionModuleOptions {
                 scale: None,
                 softcap: None,
@@ -180,7 +210,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             let dense = (n <= args.dense_max_n).then(|| {
                 let reps = args.reps.min(3);
-                time_pair(&device, dims, dtype, reps, |q, k, v| {
+                time_pair(&device, same, dtype, reps, |q, k, v| {
                     attention(q, k, v, None, None, options)
                 })
             });
@@ -212,7 +242,37 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 dense_fwd_bwd_ms: dense.map(|x| x.1),
                 flex_fwd_ms: fl.map(|f| f.fwd_ms),
                 flex_fwd_bwd_ms: fl.map(|f| f.fwd_bwd_ms),
+                dropout,
+                padded,
+                gqa,
             });
+        }
+    }
+    if args.extras {
+        println!(
+            "\n| dtype | n | fwd / fwd+bwd ms | dropout 0.1 | padded (n - 1) | GQA (H/4 kv heads) |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for r in &rows {
+            let cell = |x: Option<(f64, f64)>| {
+                x.map_or("-".to_string(), |(f, fb)| {
+                    format!(
+                        "{f:.2} / {fb:.2} ({:+.0}% / {:+.0}%)",
+                        100.0 * (f - r.fwd_ms) / r.fwd_ms,
+                        100.0 * (fb - r.fwd_bwd_ms) / r.fwd_bwd_ms
+                    )
+                })
+            };
+            println!(
+                "| {} | {} | {:.2} / {:.2} | {} | {} | {} |",
+                r.dtype,
+                r.n,
+                r.fwd_ms,
+                r.fwd_bwd_ms,
+                cell(r.dropout),
+                cell(r.padded),
+                cell(r.gqa)
+            );
         }
     }
     if let Some(dir) = args.out.parent() {
