@@ -57,15 +57,27 @@ impl<'a> HeadExtras<'a> {
         bk: usize,
     ) {
         let Some(len) = self.len else { return };
+        // Without a token order, a tile inside the valid prefix needs nothing.
+        if self.layout.order.is_none() && qs + bq <= len && ks + bk <= len {
+            return;
+        }
         let valid = |p: usize| self.layout.token(p) < len;
+        // Columns' validity once per tile (blocks hold at most 128 tokens).
+        let mut columns = [true; 128];
+        let columns = &mut columns[..bk];
+        columns
+            .iter_mut()
+            .enumerate()
+            .for_each(|(j, c)| *c = valid(ks + j));
+        let all_columns = columns.iter().all(|&c| c);
         for (i, row) in s.chunks_mut(bk).take(bq).enumerate() {
             if !valid(qs + i) {
                 row.fill(T::NEG_INFINITY);
-                continue;
-            }
-            for (j, x) in row.iter_mut().enumerate() {
-                if !valid(ks + j) {
-                    *x = T::NEG_INFINITY;
+            } else if !all_columns {
+                for (x, &ok) in row.iter_mut().zip(columns.iter()) {
+                    if !ok {
+                        *x = T::NEG_INFINITY;
+                    }
                 }
             }
         }
@@ -78,68 +90,81 @@ impl<'a> HeadExtras<'a> {
             return;
         };
         let scale = T::from_f64(mask.scale());
+        let keys = match self.layout.order {
+            None => KeyTokens::From(ks),
+            Some(order) => KeyTokens::Order(&order[ks..ks + bk]),
+        };
         for (i, row) in t.chunks_mut(bk).take(bq).enumerate() {
             let row_key = DropoutMask::row_key(head_key, self.layout.token(qs + i));
-            match self.layout.order {
-                None => drop_contiguous(row, &mask, row_key, ks, scale),
-                Some(order) => {
-                    for (x, &tok) in row.iter_mut().zip(&order[ks..ks + bk]) {
-                        *x = if mask.keeps(row_key, tok) {
-                            *x * scale
-                        } else {
-                            T::ZERO
-                        };
-                    }
-                }
-            }
+            drop_row(row, &mask, row_key, keys, scale);
         }
     }
 }
 
-/// Dropout of one row whose key tokens are `first, first + 1, ...`: a branch-free loop of
-/// 32-bit hashes that the compiler vectorises; with AVX2 (detected at run time) eight
-/// hashes per instruction.
-fn drop_contiguous<T: Real>(
+/// The key tokens of a tile's columns.
+#[derive(Clone, Copy)]
+enum KeyTokens<'a> {
+    /// `first, first + 1, ...` (no token order).
+    From(usize),
+    /// The layout's order over the tile's positions.
+    Order(&'a [usize]),
+}
+
+/// Dropout of one row: branch-free loops of 32-bit hashes that the compiler vectorises;
+/// with AVX2 (detected at run time) eight hashes per instruction.
+fn drop_row<T: Real>(
     row: &mut [T],
     mask: &DropoutMask,
     row_key: u32,
-    first: usize,
+    keys: KeyTokens<'_>,
     scale: T,
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is available on this CPU (checked just above).
-        unsafe { drop_contiguous_avx2(row, mask, row_key, first, scale) };
+        unsafe { drop_row_avx2(row, mask, row_key, keys, scale) };
         return;
     }
-    drop_contiguous_portable(row, mask, row_key, first, scale);
+    drop_row_portable(row, mask, row_key, keys, scale);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn drop_contiguous_avx2<T: Real>(
+fn drop_row_avx2<T: Real>(
     row: &mut [T],
     mask: &DropoutMask,
     row_key: u32,
-    first: usize,
+    keys: KeyTokens<'_>,
     scale: T,
 ) {
-    drop_contiguous_portable(row, mask, row_key, first, scale);
+    drop_row_portable(row, mask, row_key, keys, scale);
 }
 
 #[inline(always)]
-fn drop_contiguous_portable<T: Real>(
+fn drop_row_portable<T: Real>(
     row: &mut [T],
     mask: &DropoutMask,
     row_key: u32,
-    first: usize,
+    keys: KeyTokens<'_>,
     scale: T,
 ) {
-    for (j, x) in row.iter_mut().enumerate() {
-        *x = if mask.keeps(row_key, first + j) {
+    let apply = |x: &mut T, tok: usize| {
+        *x = if mask.keeps(row_key, tok) {
             *x * scale
         } else {
             T::ZERO
         };
+    };
+    match keys {
+        KeyTokens::From(first) => {
+            for (j, x) in row.iter_mut().enumerate() {
+                apply(x, first + j);
+            }
+        }
+        KeyTokens::Order(tokens) => {
+            for (x, &tok) in row.iter_mut().zip(tokens) {
+                apply(x, tok);
+            }
+        }
     }
 }
