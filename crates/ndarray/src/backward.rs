@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use crate::extras::{Extras, HeadExtras};
 use crate::layout::{AttentionShape, CsrLayout};
 use crate::real::Real;
+use crate::simd::avx2_dispatch;
 use crate::tile::{gemm, probabilities, scores};
 
 /// Largest `P`/`dS` tile cache (bytes) the backward pass allocates for one head; above
@@ -248,6 +249,7 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 }
 
 /// `ds = p * (dp - delta_i)`, in place in `dp`.
+#[inline(always)]
 fn softmax_grad<T: Real>(p: &[T], dp: &mut [T], delta: &[T], bk: usize) {
     for ((dp_row, p_row), &dl) in dp.chunks_mut(bk).zip(p.chunks(bk)).zip(delta) {
         for (g, &pr) in dp_row.iter_mut().zip(p_row) {
@@ -256,8 +258,8 @@ fn softmax_grad<T: Real>(p: &[T], dp: &mut [T], delta: &[T], bk: usize) {
     }
 }
 
+avx2_dispatch! {
 /// `dQ` of query block `r`: sum over its key blocks of `dS K * scale`.
-#[allow(clippy::too_many_arguments)]
 fn dq_block<T: Real>(
     x: &Slices<'_, T>,
     d: usize,
@@ -266,8 +268,9 @@ fn dq_block<T: Real>(
     r: usize,
     scale: T,
     dq: &mut [T],
-    mut cache: Option<&mut [T]>,
+    cache: Option<&mut [T]>,
 ) {
+    let mut cache = cache;
     let b = layout.block;
     let (qs, qe) = layout.block_range(r);
     let bq = qe - qs;
@@ -316,10 +319,11 @@ fn dq_block<T: Real>(
         }
     }
 }
+}
 
+avx2_dispatch! {
 /// Adds to `dK` and `dV` of key block `c` from the `P` and `dS` tiles the `dQ` pass cached
 /// (`cache` holds the tiles of this layout head's entries, from entry `first_entry` on).
-#[allow(clippy::too_many_arguments)]
 fn dkv_block_cached<T: Real>(
     x: &Slices<'_, T>,
     d: usize,
@@ -369,10 +373,11 @@ fn dkv_block_cached<T: Real>(
         );
     }
 }
+}
 
+avx2_dispatch! {
 /// Adds to `dK` and `dV` of key block `c` the sums over the query blocks of `head` that
 /// attend it.
-#[allow(clippy::too_many_arguments)]
 fn dkv_block<T: Real>(
     x: &Slices<'_, T>,
     d: usize,
@@ -412,4 +417,5 @@ fn dkv_block<T: Real>(
         // dK += dSᵀ Q * scale
         gemm(bk, bq, d, scale, (dp, 1, bk), (q, d, 1), T::ONE, dk, d);
     }
+}
 }

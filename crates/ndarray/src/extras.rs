@@ -48,6 +48,7 @@ impl<'a> HeadExtras<'a> {
 
     /// Sets the scores of invalid query rows and key columns of the tile (query positions
     /// `qs..qs + bq`, key positions `ks..ks + bk`) to `-inf`.
+    #[inline(always)]
     pub(crate) fn mask_padding<T: Real>(
         &self,
         s: &mut [T],

@@ -5,6 +5,7 @@ use rayon::prelude::*;
 use crate::extras::{Extras, HeadExtras};
 use crate::layout::{AttentionShape, CsrLayout};
 use crate::real::Real;
+use crate::simd::avx2_dispatch;
 use crate::tile::{exp_shifted_sum, gemm, row_max, scores};
 
 /// Block-sparse attention forward.
@@ -89,9 +90,9 @@ pub fn forward<T: Real>(
         });
 }
 
+avx2_dispatch! {
 /// One query block `r` of one `(batch, head)`: `o` is its `[bq, d]` output, `l` its `bq`
 /// log-sum-exps.
-#[allow(clippy::too_many_arguments)]
 fn query_block<T: Real>(
     q: &[T],
     k: &[T],
@@ -185,4 +186,5 @@ fn query_block<T: Real>(
             l[i] = T::NEG_INFINITY;
         }
     }
+}
 }

@@ -13,8 +13,9 @@
 //!   `dK`/`dV` in a pass over the transposed (key-block-major) lists. Every output element is
 //!   written by exactly one task in a fixed order, so results are bit-identical run to run.
 //!
-//! Tiles go through the `gemm` crate's SIMD GEMM; element masks are applied to partial
-//! blocks only; work is spread over rayon's pool.
+//! Tiles go through the `gemm` crate's SIMD GEMM; the softmax, mask and dropout loops around
+//! them run in AVX2 copies when the CPU has it (run-time dispatch); element masks are applied
+//! to partial blocks only; work is spread over rayon's pool.
 //!
 //! Rows with no allowed key produce zeros and a log-sum-exp of `-inf`, never NaN.
 
@@ -25,6 +26,7 @@ mod extras;
 mod forward;
 mod layout;
 mod real;
+mod simd;
 mod tile;
 
 pub use backward::{TILE_CACHE_BYTES, backward, backward_with_tile_cache};

@@ -50,6 +50,7 @@ pub(crate) fn gemm<T: Real>(
 /// Scores `s[bq x bk] = scale * q kᵀ` for `bq` query rows and `bk` key rows of width `d`,
 /// with disallowed elements (per `mask`, bit `i * block + j`) set to `-inf`.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 pub(crate) fn scores<T: Real>(
     q: &[T],
     k: &[T],
@@ -77,6 +78,7 @@ pub(crate) fn scores<T: Real>(
 
 /// Probabilities `p = exp(s - lse_i)` in place; rows whose log-sum-exp is `-inf` (no allowed
 /// key) become zero.
+#[inline(always)]
 pub(crate) fn probabilities<T: Real>(s: &mut [T], lse: &[T], bk: usize) {
     for (row, &l) in s.chunks_mut(bk).zip(lse) {
         if l == T::NEG_INFINITY {
@@ -92,6 +94,7 @@ pub(crate) fn probabilities<T: Real>(s: &mut [T], lse: &[T], bk: usize) {
 const LANES: usize = 8;
 
 /// Largest element (NaN-ignoring, as `f32::max`); `-inf` for an empty or fully masked row.
+#[inline(always)]
 pub(crate) fn row_max<T: Real>(x: &[T]) -> T {
     let mut acc = [T::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -106,6 +109,7 @@ pub(crate) fn row_max<T: Real>(x: &[T]) -> T {
 }
 
 /// `x <- exp(x - shift)` in place; returns the sum of the new values.
+#[inline(always)]
 pub(crate) fn exp_shifted_sum<T: Real>(x: &mut [T], shift: T) -> T {
     let mut acc = [T::ZERO; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
