@@ -21,8 +21,10 @@ use sparse_attn::pattern::{Band, BigBird, BigBirdConfig, Fixed, Strided};
 #[path = "common/timing.rs"]
 mod timing;
 
+use burn::backend::Dispatch;
 use sparse_attn::{
-    AttentionOptions, BlockLayout, Pattern, sparse_attention, sparse_attention_portable,
+    AttentionOptions, AttentionParams, BlockLayout, Pattern, SparseAttentionBackend,
+    sparse_attention, sparse_attention_portable,
 };
 
 #[derive(Parser)]
@@ -62,6 +64,10 @@ struct Args {
     /// Largest n for the portable path (Burn tensor ops over gathered blocks).
     #[arg(long, default_value_t = 8192)]
     portable_max_n: usize,
+    /// Only measure the peak memory of one forward+backward (first pattern, n, block):
+    /// prints the process's peak resident set (`VmHWM`) before and after.
+    #[arg(long)]
+    memory: bool,
     /// Also time the forward with dropout and with key padding.
     #[arg(long)]
     extras: bool,
@@ -82,6 +88,8 @@ struct Row {
     density: f64,
     fwd_ms: f64,
     fwd_bwd_ms: Option<f64>,
+    /// The backward op alone (no autodiff graph, no loss): what `bwd_fwd` compares.
+    bwd_ms: Option<f64>,
     useful_gflops: f64,
     dense_fwd_ms: Option<f64>,
     portable_fwd_ms: Option<f64>,
@@ -137,6 +145,40 @@ fn time_attention(
     (fwd_ms, fwd_bwd_ms)
 }
 
+/// Median time in ms of the fused backward op alone (`sparse_attention_backward` of the
+/// backend, given the forward's output and log-sum-exp and a random output gradient).
+fn time_backward_op(qkv: [&Tensor<4>; 3], layout: &BlockLayout, reps: usize) -> f64 {
+    let d = qkv[0].dims()[3];
+    let params = AttentionParams::plain(1.0 / (d as f64).sqrt());
+    let [q, k, v] = qkv.map(|t| t.clone().into_dispatch());
+    let (out, lse) = <Dispatch as SparseAttentionBackend>::sparse_attention_forward(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        layout.clone(),
+        params.clone(),
+    );
+    let dout = Tensor::<4>::random(
+        qkv[0].dims(),
+        Distribution::Normal(0.0, 1.0),
+        &qkv[0].device(),
+    )
+    .into_dispatch();
+    median_ms(reps, || {
+        let (dq, _dk, _dv) = <Dispatch as SparseAttentionBackend>::sparse_attention_backward(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            out.clone(),
+            lse.clone(),
+            dout.clone(),
+            layout.clone(),
+            params.clone(),
+        );
+        sync(Tensor::from_dispatch(dq));
+    })
+}
+
 /// Median wall time in ms of `f` over `reps` runs after one warm-up run.
 fn median_ms(reps: usize, f: impl FnMut()) -> f64 {
     timing::median_ms(reps, 1, Duration::ZERO, f)
@@ -184,9 +226,50 @@ fn gemm_gflops(device: &Device) -> f64 {
     2.0 * (m as f64).powi(3) / (ms * 1e6)
 }
 
+/// The process's peak resident set in MiB (`VmHWM` of `/proc/self/status`; Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// One forward+backward of `pattern` on an autodiff device: the peak memory a training
+/// step of the attention needs (inputs, output, gradients and the kernels' scratch).
+fn measure_memory(args: &Args, device: &Device) -> Result<(), Box<dyn std::error::Error>> {
+    let (name, n, block) = (&args.patterns[0], args.n[0], args.block[0]);
+    let (h, d) = (args.heads, args.head_dim);
+    let layout = BlockLayout::build(pattern(name, n).as_ref(), n, block, h)?;
+    let before = peak_rss_mib().unwrap_or(f64::NAN);
+    let ad = device.clone().autodiff();
+    let x =
+        || Tensor::<4>::random([1, h, n, d], Distribution::Normal(0.0, 1.0), &ad).require_grad();
+    let (q, k, v) = (x(), x(), x());
+    let out = sparse_attention(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        &layout,
+        AttentionOptions::default(),
+    )?;
+    let grads = out.sum().backward();
+    for t in [&q, &k, &v] {
+        sync(t.grad(&grads).expect("tracked"));
+    }
+    let tensor_mib = (h * n * d * 4) as f64 / (1024.0 * 1024.0);
+    println!(
+        "{name} n={n} b={block} H={h} d={d}: peak RSS {:.0} MiB (before the inputs: {before:.0} MiB; one [1, H, n, d] f32 tensor: {tensor_mib:.0} MiB)",
+        peak_rss_mib().unwrap_or(f64::NAN)
+    );
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let device = sparse_attn::backends::device(&args.backend)?;
+    if args.memory {
+        return measure_memory(&args, &device);
+    }
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
     let gemm = gemm_gflops(&device);
     println!(
@@ -194,9 +277,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.backend
     );
     println!(
-        "| pattern | n | b | density | fwd ms | fwd+bwd ms | bwd/fwd | useful GFLOP/s | % GEMM | dense fwd ms | speedup | 0.7/density | portable fwd ms | portable fwd+bwd ms |"
+        "| pattern | n | b | density | fwd ms | bwd ms (op) | bwd/fwd | fwd+bwd ms (autodiff) | useful GFLOP/s | % GEMM | dense fwd ms | speedup | 0.7/density | portable fwd ms | portable fwd+bwd ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let (h, d) = (args.heads, args.head_dim);
     let mut rows = Vec::new();
     // Burn's dense attention does not depend on the pattern: time it once per n.
@@ -219,6 +302,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     reps,
                     args.forward_only,
                 );
+                let bwd_ms =
+                    (!args.forward_only).then(|| time_backward_op([&q, &k, &v], &layout, reps));
                 let (portable_fwd_ms, portable_fwd_bwd_ms) = if n <= args.portable_max_n {
                     let (f, fb) = time_attention(
                         sparse_attention_portable,
@@ -262,9 +347,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let useful = 4.0 * pairs as f64 * d as f64 / (fwd_ms * 1e6);
                 let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
                 println!(
-                    "| {name} | {n} | {block} | {density:.4} | {fwd_ms:.2} | {} | {} | {useful:.1} | {:.0}% | {} | {} | {:.1} | {} | {} |",
+                    "| {name} | {n} | {block} | {density:.4} | {fwd_ms:.2} | {} | {} | {} | {useful:.1} | {:.0}% | {} | {} | {:.1} | {} | {} |",
+                    fmt(bwd_ms),
+                    fmt(bwd_ms.map(|t| t / fwd_ms)),
                     fmt(fwd_bwd_ms),
-                    fmt(fwd_bwd_ms.map(|t| (t - fwd_ms) / fwd_ms)),
                     100.0 * useful / gemm,
                     fmt(dense_fwd_ms),
                     fmt(dense_fwd_ms.map(|t| t / fwd_ms)),
@@ -283,6 +369,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     density,
                     fwd_ms,
                     fwd_bwd_ms,
+                    bwd_ms,
                     useful_gflops: useful,
                     dense_fwd_ms,
                     portable_fwd_ms,

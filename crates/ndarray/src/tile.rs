@@ -65,14 +65,29 @@ pub(crate) fn scores<T: Real>(
     gemm(bq, d, bk, scale, (q, d, 1), (k, 1, d), T::ZERO, s, bk);
     if let Some(bits) = mask {
         for i in 0..bq {
-            let row = &mut s[i * bk..(i + 1) * bk];
-            for (j, x) in row.iter_mut().enumerate() {
-                let bit = i * block + j;
-                if bits[bit / 64] >> (bit % 64) & 1 == 0 {
-                    *x = T::NEG_INFINITY;
-                }
-            }
+            apply_mask_row(&mut s[i * bk..(i + 1) * bk], bits, i * block);
         }
+    }
+}
+
+/// Sets `row[j]` to `-inf` where bit `first + j` of `bits` is clear: one 64-bit word per run
+/// of columns and a branch-free select per element (mask bits are data, not predictable
+/// branches).
+#[inline(always)]
+fn apply_mask_row<T: Real>(row: &mut [T], bits: &[u64], first: usize) {
+    let mut j = 0;
+    while j < row.len() {
+        let bit = first + j;
+        let (word, offset) = (bits[bit / 64] >> (bit % 64), bit % 64);
+        let run = (64 - offset).min(row.len() - j);
+        for (t, x) in row[j..j + run].iter_mut().enumerate() {
+            *x = if (word >> t) & 1 == 1 {
+                *x
+            } else {
+                T::NEG_INFINITY
+            };
+        }
+        j += run;
     }
 }
 
