@@ -3,9 +3,13 @@
 //! `P` is recomputed from the saved log-sum-exp, so nothing of size `n x n` is stored, and
 //! every gradient element is owned by one task: no atomics, deterministic results.
 //!
-//! When the `P` and `dS` tiles of one head's active blocks fit in [`TILE_CACHE_BYTES`]
-//! (sparse layouts), the `dQ` pass keeps them and the `dK`/`dV` pass reads them back:
-//! 5 tile GEMMs per active block. Otherwise both passes recompute them: 7 GEMMs.
+//! The `dQ` pass keeps the `P` and `dS` tiles it computes and the `dK`/`dV` pass reads them
+//! back: 5 tile GEMMs per active block instead of 7. The cache holds at most
+//! [`TILE_CACHE_BYTES`]: each head is processed in chunks of key-block columns whose tiles
+//! fit (the `dQ` pass accumulates over the chunks in a fixed order), so memory stays
+//! bounded at any `n`; only a layout with a single column over the budget recomputes.
+
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -15,9 +19,9 @@ use crate::real::Real;
 use crate::simd::avx2_dispatch;
 use crate::tile::{gemm, probabilities, scores};
 
-/// Largest `P`/`dS` tile cache (bytes) the backward pass allocates for one head; above
-/// it (dense-like layouts at large `n`) both passes recompute the tiles instead.
-pub const TILE_CACHE_BYTES: usize = 256 << 20;
+/// Largest `P`/`dS` tile cache (bytes) the backward pass allocates: heads are processed in
+/// column chunks whose tiles fit.
+pub const TILE_CACHE_BYTES: usize = 32 << 20;
 
 /// Inputs shared by every task of the backward pass, for one `(batch, head)` slice (`k`
 /// and `v` of the key/value head it reads).
@@ -76,7 +80,8 @@ pub fn backward<T: Real>(
 
 /// [`backward`] with an explicit tile-cache budget in bytes (0: always recompute).
 ///
-/// Writes what [`backward`] writes.
+/// Writes what [`backward`] writes, with an explicit tile-cache budget in bytes (0: always
+/// recompute the tiles).
 ///
 /// # Panics
 /// If a slice length disagrees with `shape` (the caller validates shapes).
@@ -86,6 +91,78 @@ pub fn backward_with_tile_cache<T: Real>(
     k: &[T],
     v: &[T],
     out: &[T],
+    lse: &[T],
+    dout: &[T],
+    shape: AttentionShape,
+    layout: &CsrLayout<'_>,
+    scale: T,
+    extras: &Extras<'_>,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+    tile_cache_bytes: usize,
+) {
+    assert_eq!(
+        out.len(),
+        shape.numel(),
+        "backward: `out` has the wrong length"
+    );
+    assert_eq!(
+        dout.len(),
+        shape.numel(),
+        "backward: `dout` has the wrong length"
+    );
+    let delta = row_deltas(out, dout, shape.head_dim);
+    backward_with_deltas(
+        q,
+        k,
+        v,
+        &delta,
+        lse,
+        dout,
+        shape,
+        layout,
+        scale,
+        extras,
+        dq,
+        dk,
+        dv,
+        tile_cache_bytes,
+    );
+}
+
+/// `delta_i = dout_i . out_i` of every row (rows of `d` elements): the softmax-backward row
+/// correction, all the backward pass needs of the forward's output. Computing it first lets
+/// a caller free `out` before the gradients are allocated.
+pub fn row_deltas<T: Real>(out: &[T], dout: &[T], d: usize) -> Vec<T> {
+    assert_eq!(
+        out.len(),
+        dout.len(),
+        "row_deltas: `out` and `dout` differ in length"
+    );
+    let mut delta = vec![T::ZERO; out.len() / d.max(1)];
+    delta
+        .par_chunks_mut(4096)
+        .enumerate()
+        .for_each(|(chunk, dl)| {
+            for (i, x) in dl.iter_mut().enumerate() {
+                let at = (chunk * 4096 + i) * d;
+                *x = dot(&dout[at..at + d], &out[at..at + d]);
+            }
+        });
+    delta
+}
+
+/// [`backward_with_tile_cache`] from the [`row_deltas`] instead of the forward's output.
+///
+/// # Panics
+/// If a slice length disagrees with `shape` (the caller validates shapes).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_with_deltas<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    delta: &[T],
     lse: &[T],
     dout: &[T],
     shape: AttentionShape,
@@ -108,7 +185,6 @@ pub fn backward_with_tile_cache<T: Real>(
         ("q", q.len(), numel),
         ("k", k.len(), kv_numel),
         ("v", v.len(), kv_numel),
-        ("out", out.len(), numel),
         ("dout", dout.len(), numel),
         ("dq", dq.len(), numel),
         ("dk", dk.len(), kv_numel),
@@ -123,11 +199,9 @@ pub fn backward_with_tile_cache<T: Real>(
             "backward: one key length per batch row"
         );
     }
-    assert_eq!(
-        lse.len(),
-        shape.rows(),
-        "backward: `lse` has the wrong length"
-    );
+    for (name, len) in [("lse", lse.len()), ("delta", delta.len())] {
+        assert_eq!(len, shape.rows(), "backward: `{name}` has the wrong length");
+    }
     assert_eq!(
         layout.seq_len, n,
         "backward: layout built for another sequence length"
@@ -135,20 +209,11 @@ pub fn backward_with_tile_cache<T: Real>(
     if shape.numel() == 0 {
         return;
     }
-    // dK and dV sum over the query heads of a group: zeroed here, accumulated per head.
-    dk.par_iter_mut().for_each(|x| *x = T::ZERO);
-    dv.par_iter_mut().for_each(|x| *x = T::ZERO);
-    // delta_i = dout_i . out_i, the softmax-backward row correction.
-    let mut delta = vec![T::ZERO; shape.rows()];
-    delta
-        .par_chunks_mut(n.max(1))
-        .enumerate()
-        .for_each(|(bh, dl)| {
-            for (i, x) in dl.iter_mut().enumerate() {
-                let at = (bh * n + i) * d;
-                *x = dot(&dout[at..at + d], &out[at..at + d]);
-            }
-        });
+    // Every gradient is accumulated: dQ over column chunks, dK and dV over the query heads
+    // of a group.
+    for g in [&mut *dq, &mut *dk, &mut *dv] {
+        g.par_iter_mut().for_each(|x| *x = T::ZERO);
+    }
     let b = layout.block;
     let slices = |bh: usize| {
         let (base, rows, kv_base) = (bh * n * d, bh * n, shape.kv_slice(bh) * n * d);
@@ -163,53 +228,71 @@ pub fn backward_with_tile_cache<T: Real>(
         }
     };
     let nb = layout.n_blocks;
-    let entries = |lh: usize| (layout.row_ptr[(lh + 1) * nb] - layout.row_ptr[lh * nb]) as usize;
-    let most = (0..layout.layout_heads).map(entries).max().unwrap_or(0);
-    let tile_elems = most * 2 * b * b;
-    if tile_elems * std::mem::size_of::<T>() <= tile_cache_bytes && tile_elems > 0 {
-        // One (batch, head) at a time: the dQ pass caches P and dS per active block, the
-        // dK/dV pass reuses them (5 tile GEMMs per block instead of 7).
-        let mut cache = vec![T::ZERO; tile_elems];
+    let column = |lh: usize, c: usize| {
+        (layout.col_ptr[lh * nb + c + 1] - layout.col_ptr[lh * nb + c]) as usize
+    };
+    let tile = 2 * b * b;
+    let budget = tile_cache_bytes / (tile * std::mem::size_of::<T>());
+    let widest = (0..layout.layout_heads)
+        .flat_map(|lh| (0..nb).map(move |c| (lh, c)))
+        .map(|(lh, c)| column(lh, c))
+        .max()
+        .unwrap_or(0);
+    if widest > 0 && widest <= budget {
+        let total = layout.cols.len();
+        let mut cache = vec![T::ZERO; budget.min(total) * tile];
         for bh in 0..shape.batch * heads {
             let x = slices(bh);
             let (head, lh) = (bh % heads, layout.layout_head(bh % heads));
-            let first_entry = layout.row_ptr[lh * nb] as usize;
-            let mut rows = Vec::with_capacity(nb);
-            let mut rest = &mut cache[..];
-            for r in 0..nb {
-                let count = layout.row_entries(head, r).len();
-                let (mine, tail) = rest.split_at_mut(count * 2 * b * b);
-                rows.push(mine);
-                rest = tail;
+            let dq_bh = &mut dq[bh * n * d..(bh + 1) * n * d];
+            let kv = shape.kv_slice(bh) * n * d..(shape.kv_slice(bh) + 1) * n * d;
+            let (dk_bh, dv_bh) = (&mut dk[kv.clone()], &mut dv[kv]);
+            let mut c0 = 0;
+            while c0 < nb {
+                // The widest run of columns whose tiles fit (at least one: widest <= budget).
+                let (mut c1, mut count) = (c0, 0);
+                while c1 < nb && count + column(lh, c1) <= budget {
+                    count += column(lh, c1);
+                    c1 += 1;
+                }
+                let slots = ChunkSlots::new(layout, head, c0..c1);
+                let mut rows = Vec::with_capacity(nb);
+                let mut rest = &mut cache[..];
+                for r in 0..nb {
+                    let (mine, tail) = rest.split_at_mut(slots.rows[r].len() * tile);
+                    rows.push(mine);
+                    rest = tail;
+                }
+                dq_bh
+                    .par_chunks_mut(b * d)
+                    .zip(rows.into_par_iter())
+                    .zip(slots.rows.par_iter())
+                    .enumerate()
+                    .for_each(|(r, ((dq_r, tiles), entries))| {
+                        dq_block(&x, d, layout, r, entries.clone(), scale, dq_r, Some(tiles))
+                    });
+                let cache = &cache[..];
+                let end = (c1 * b).min(n) * d;
+                dk_bh[c0 * b * d..end]
+                    .par_chunks_mut(b * d)
+                    .zip(dv_bh[c0 * b * d..end].par_chunks_mut(b * d))
+                    .enumerate()
+                    .for_each(|(i, (dk_c, dv_c))| {
+                        dkv_block_cached(
+                            &x,
+                            d,
+                            layout,
+                            head,
+                            c0 + i,
+                            scale,
+                            cache,
+                            &slots,
+                            dk_c,
+                            dv_c,
+                        )
+                    });
+                c0 = c1;
             }
-            let range = bh * n * d..(bh + 1) * n * d;
-            let kv_range = shape.kv_slice(bh) * n * d..(shape.kv_slice(bh) + 1) * n * d;
-            dq[range]
-                .par_chunks_mut(b * d)
-                .zip(rows.into_par_iter())
-                .enumerate()
-                .for_each(|(r, (dq_r, tiles))| {
-                    dq_block(&x, d, layout, head, r, scale, dq_r, Some(tiles))
-                });
-            let cache = &cache[..];
-            dk[kv_range.clone()]
-                .par_chunks_mut(b * d)
-                .zip(dv[kv_range].par_chunks_mut(b * d))
-                .enumerate()
-                .for_each(|(c, (dk_c, dv_c))| {
-                    dkv_block_cached(
-                        &x,
-                        d,
-                        layout,
-                        head,
-                        c,
-                        scale,
-                        cache,
-                        first_entry,
-                        dk_c,
-                        dv_c,
-                    )
-                });
         }
         return;
     }
@@ -221,7 +304,8 @@ pub fn backward_with_tile_cache<T: Real>(
                 .par_chunks_mut(b * d)
                 .enumerate()
                 .for_each(|(r, dq_r)| {
-                    dq_block(&x, d, layout, bh % heads, r, scale, dq_r, None);
+                    let entries = layout.row_entries(bh % heads, r);
+                    dq_block(&x, d, layout, r, entries, scale, dq_r, None);
                 });
         });
     let group = shape.group();
@@ -258,14 +342,45 @@ fn softmax_grad<T: Real>(p: &[T], dp: &mut [T], delta: &[T], bk: usize) {
     }
 }
 
+/// Where the `dQ` pass of one chunk of key-block columns caches its tiles: row `r`'s
+/// entries in the chunk are `rows[r]` (a sub-range of its CSR row, columns being sorted),
+/// cached in order from slot `starts[r]` on.
+struct ChunkSlots {
+    rows: Vec<Range<usize>>,
+    starts: Vec<usize>,
+}
+
+impl ChunkSlots {
+    fn new(layout: &CsrLayout<'_>, head: usize, columns: Range<usize>) -> Self {
+        let nb = layout.n_blocks;
+        let (mut rows, mut starts, mut next) = (Vec::with_capacity(nb), Vec::with_capacity(nb), 0);
+        for r in 0..nb {
+            let all = layout.row_entries(head, r);
+            let cols = &layout.cols[all.clone()];
+            let lo = all.start + cols.partition_point(|&c| (c as usize) < columns.start);
+            let hi = all.start + cols.partition_point(|&c| (c as usize) < columns.end);
+            rows.push(lo..hi);
+            starts.push(next);
+            next += hi - lo;
+        }
+        Self { rows, starts }
+    }
+
+    /// Cache slot of entry `e` of row `r`.
+    fn slot(&self, r: usize, e: usize) -> usize {
+        self.starts[r] + (e - self.rows[r].start)
+    }
+}
+
 avx2_dispatch! {
-/// `dQ` of query block `r`: sum over its key blocks of `dS K * scale`.
+/// Adds to `dQ` of query block `r` the sum over its `entries` (key blocks) of `dS K * scale`;
+/// with a cache, stores each entry's `P` (after dropout) and `dS` tiles in order.
 fn dq_block<T: Real>(
     x: &Slices<'_, T>,
     d: usize,
     layout: &CsrLayout<'_>,
-    head: usize,
     r: usize,
+    entries: Range<usize>,
     scale: T,
     dq: &mut [T],
     cache: Option<&mut [T]>,
@@ -274,9 +389,7 @@ fn dq_block<T: Real>(
     let b = layout.block;
     let (qs, qe) = layout.block_range(r);
     let bq = qe - qs;
-    let entries = layout.row_entries(head, r);
     let e0 = entries.start;
-    dq.fill(T::ZERO);
     let (mut p, mut dp) = (vec![T::ZERO; bq * b], vec![T::ZERO; bq * b]);
     for e in entries {
         // Padded-out tiles (without a token order) have P = 0: skipped, cache slot unused.
@@ -323,7 +436,7 @@ fn dq_block<T: Real>(
 
 avx2_dispatch! {
 /// Adds to `dK` and `dV` of key block `c` from the `P` and `dS` tiles the `dQ` pass cached
-/// (`cache` holds the tiles of this layout head's entries, from entry `first_entry` on).
+/// for the chunk holding `c` (slots in `slots`).
 fn dkv_block_cached<T: Real>(
     x: &Slices<'_, T>,
     d: usize,
@@ -332,7 +445,7 @@ fn dkv_block_cached<T: Real>(
     c: usize,
     scale: T,
     cache: &[T],
-    first_entry: usize,
+    slots: &ChunkSlots,
     dk: &mut [T],
     dv: &mut [T],
 ) {
@@ -347,7 +460,7 @@ fn dkv_block_cached<T: Real>(
         }
         let (qs, qe) = layout.block_range(r);
         let bq = qe - qs;
-        let slot = &cache[(layout.t_entries[t] as usize - first_entry) * 2 * b * b..];
+        let slot = &cache[slots.slot(r, layout.t_entries[t] as usize) * 2 * b * b..];
         let (p, ds) = (&slot[..bq * bk], &slot[b * b..b * b + bq * bk]);
         gemm(
             bk,

@@ -29,7 +29,9 @@ mod real;
 mod simd;
 mod tile;
 
-pub use backward::{TILE_CACHE_BYTES, backward, backward_with_tile_cache};
+pub use backward::{
+    TILE_CACHE_BYTES, backward, backward_with_deltas, backward_with_tile_cache, row_deltas,
+};
 pub use dropout::DropoutMask;
 pub use extras::Extras;
 pub use forward::forward;

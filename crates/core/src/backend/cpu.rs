@@ -321,10 +321,11 @@ fn backward_in<B: HostBuffers, T: HostElement>(
         positions::<B, T>(&k, layout, d),
         positions::<B, T>(&v, layout, d),
     );
-    let (out, dout) = (
-        positions::<B, T>(&out, layout, d),
-        positions::<B, T>(&dout, layout, d),
-    );
+    let dout = positions::<B, T>(&dout, layout, d);
+    // The forward's output is only needed for the row deltas: compute them and free it
+    // (when the autodiff graph held the last reference) before the gradients exist.
+    let delta = sparse_attn_ndarray::row_deltas(&positions::<B, T>(&out, layout, d), &dout, d);
+    drop(out);
     let lse = positions::<B, T>(&lse, layout, 1);
     let mut dq = vec![T::ZERO; shape.numel()];
     let (mut dk, mut dv) = (
@@ -333,8 +334,21 @@ fn backward_in<B: HostBuffers, T: HostElement>(
     );
     let (scale, extras) = (T::from_f64(params.scale), params.extras());
     let (view, grads) = (&csr(layout), (&mut dq[..], &mut dk[..], &mut dv[..]));
-    sparse_attn_ndarray::backward(
-        &q, &k, &v, &out, &lse, &dout, shape, view, scale, &extras, grads.0, grads.1, grads.2,
+    sparse_attn_ndarray::backward_with_deltas(
+        &q,
+        &k,
+        &v,
+        &delta,
+        &lse,
+        &dout,
+        shape,
+        view,
+        scale,
+        &extras,
+        grads.0,
+        grads.1,
+        grads.2,
+        sparse_attn_ndarray::TILE_CACHE_BYTES,
     );
     let AttentionShape {
         batch,
