@@ -390,7 +390,10 @@ fn dq_block<T: Real>(
     let (qs, qe) = layout.block_range(r);
     let bq = qe - qs;
     let e0 = entries.start;
-    let (mut p, mut dp) = (vec![T::ZERO; bq * b], vec![T::ZERO; bq * b]);
+    // Without a cache the tiles live in scratch buffers; with one, directly in their slots.
+    let cached = cache.is_some();
+    let scratch_len = if cached { 0 } else { bq * b };
+    let (mut p_scratch, mut dp_scratch) = (vec![T::ZERO; scratch_len], vec![T::ZERO; scratch_len]);
     for e in entries {
         // Padded-out tiles (without a token order) have P = 0: skipped, cache slot unused.
         let c = layout.cols[e] as usize;
@@ -399,7 +402,14 @@ fn dq_block<T: Real>(
         }
         let (ks, ke) = layout.block_range(c);
         let bk = ke - ks;
-        let (p, dp) = (&mut p[..bq * bk], &mut dp[..bq * bk]);
+        let (p, dp) = match cache.as_deref_mut() {
+            Some(cache) => {
+                let slot = &mut cache[(e - e0) * 2 * b * b..(e - e0 + 1) * 2 * b * b];
+                let (p, dp) = slot.split_at_mut(b * b);
+                (&mut p[..bq * bk], &mut dp[..bq * bk])
+            }
+            None => (&mut p_scratch[..bq * bk], &mut dp_scratch[..bq * bk]),
+        };
         let (q, k, v) = (
             &x.q[qs * d..qe * d],
             &x.k[ks * d..ke * d],
@@ -423,12 +433,9 @@ fn dq_block<T: Real>(
         x.extras.drop(dp, qs, bq, ks, bk);
         softmax_grad(p, dp, &x.delta[qs..qe], bk);
         gemm(bq, bk, d, scale, (dp, bk, 1), (k, d, 1), T::ONE, dq, d);
-        if let Some(cache) = cache.as_deref_mut() {
+        if cached {
             // dV needs the probabilities as the forward used them: after dropout.
             x.extras.drop(p, qs, bq, ks, bk);
-            let slot = &mut cache[(e - e0) * 2 * b * b..];
-            slot[..bq * bk].copy_from_slice(p);
-            slot[b * b..b * b + bq * bk].copy_from_slice(dp);
         }
     }
 }
