@@ -416,7 +416,7 @@ fn dq_block<T: Real>(
             &x.v[ks * d..ke * d],
         );
         scores(q, k, bq, bk, d, scale, layout.mask_of(e), b, p);
-        x.extras.mask_padding(p, qs, bq, ks, bk);
+        x.extras.mask_padding(p, bk, qs, bq, ks, bk);
         probabilities(p, &x.lse[qs..qe], bk);
         gemm(
             bq,
@@ -430,12 +430,12 @@ fn dq_block<T: Real>(
             bk,
         );
         // With dropout, dP of the kept (scaled) probabilities: dO Vᵀ times the keep factor.
-        x.extras.drop(dp, qs, bq, ks, bk);
+        x.extras.drop(dp, bk, qs, bq, ks, bk);
         softmax_grad(p, dp, &x.delta[qs..qe], bk);
         gemm(bq, bk, d, scale, (dp, bk, 1), (k, d, 1), T::ONE, dq, d);
         if cached {
             // dV needs the probabilities as the forward used them: after dropout.
-            x.extras.drop(p, qs, bq, ks, bk);
+            x.extras.drop(p, bk, qs, bq, ks, bk);
         }
     }
 }
@@ -525,14 +525,14 @@ fn dkv_block<T: Real>(
         let (q, dout) = (&x.q[qs * d..qe * d], &x.dout[qs * d..qe * d]);
         let entry = layout.t_entries[t] as usize;
         scores(q, k, bq, bk, d, scale, layout.mask_of(entry), b, p);
-        x.extras.mask_padding(p, qs, bq, ks, bk);
+        x.extras.mask_padding(p, bk, qs, bq, ks, bk);
         probabilities(p, &x.lse[qs..qe], bk);
         // dP = dO Vᵀ (times the keep factor under dropout), dS = P (dP - delta)
         gemm(bq, d, bk, T::ONE, (dout, d, 1), (v, 1, d), T::ZERO, dp, bk);
-        x.extras.drop(dp, qs, bq, ks, bk);
+        x.extras.drop(dp, bk, qs, bq, ks, bk);
         softmax_grad(p, dp, &x.delta[qs..qe], bk);
         // dV += Pᵀ dO, P after dropout
-        x.extras.drop(p, qs, bq, ks, bk);
+        x.extras.drop(p, bk, qs, bq, ks, bk);
         gemm(bk, bq, d, T::ONE, (p, 1, bk), (dout, d, 1), T::ONE, dv, d);
         // dK += dSᵀ Q * scale
         gemm(bk, bq, d, scale, (dp, 1, bk), (q, d, 1), T::ONE, dk, d);

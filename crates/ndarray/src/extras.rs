@@ -47,11 +47,13 @@ impl<'a> HeadExtras<'a> {
     }
 
     /// Sets the scores of invalid query rows and key columns of the tile (query positions
-    /// `qs..qs + bq`, key positions `ks..ks + bk`) to `-inf`.
+    /// `qs..qs + bq`, key positions `ks..ks + bk`; row `i` at `s[i * ld..]`) to `-inf`.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn mask_padding<T: Real>(
         &self,
         s: &mut [T],
+        ld: usize,
         qs: usize,
         bq: usize,
         ks: usize,
@@ -71,7 +73,8 @@ impl<'a> HeadExtras<'a> {
             .enumerate()
             .for_each(|(j, c)| *c = valid(ks + j));
         let all_columns = columns.iter().all(|&c| c);
-        for (i, row) in s.chunks_mut(bk).take(bq).enumerate() {
+        for (i, row) in s.chunks_mut(ld).take(bq).enumerate() {
+            let row = &mut row[..bk];
             if !valid(qs + i) {
                 row.fill(T::NEG_INFINITY);
             } else if !all_columns {
@@ -84,9 +87,18 @@ impl<'a> HeadExtras<'a> {
         }
     }
 
-    /// Applies dropout to a probability-shaped tile in place: dropped pairs become 0, kept
-    /// ones are multiplied by `1 / (1 - p)`.
-    pub(crate) fn drop<T: Real>(&self, t: &mut [T], qs: usize, bq: usize, ks: usize, bk: usize) {
+    /// Applies dropout to a probability-shaped tile in place (row `i` at `t[i * ld..]`):
+    /// dropped pairs become 0, kept ones are multiplied by `1 / (1 - p)`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn drop<T: Real>(
+        &self,
+        t: &mut [T],
+        ld: usize,
+        qs: usize,
+        bq: usize,
+        ks: usize,
+        bk: usize,
+    ) {
         let Some((mask, head_key)) = self.dropout else {
             return;
         };
@@ -95,9 +107,9 @@ impl<'a> HeadExtras<'a> {
             None => KeyTokens::From(ks),
             Some(order) => KeyTokens::Order(&order[ks..ks + bk]),
         };
-        for (i, row) in t.chunks_mut(bk).take(bq).enumerate() {
+        for (i, row) in t.chunks_mut(ld).take(bq).enumerate() {
             let row_key = DropoutMask::row_key(head_key, self.layout.token(qs + i));
-            drop_row(row, &mask, row_key, keys, scale);
+            drop_row(&mut row[..bk], &mask, row_key, keys, scale);
         }
     }
 }

@@ -140,7 +140,7 @@ fn query_block<T: Real>(
             b,
             s,
         );
-        x.mask_padding(s, qs, bq, ks, bk);
+        x.mask_padding(s, bk, qs, bq, ks, bk);
         for i in 0..bq {
             let srow = &mut s[i * bk..(i + 1) * bk];
             let tile_max = row_max(srow);
@@ -161,7 +161,7 @@ fn query_block<T: Real>(
         }
         // Dropout acts on the probabilities after the softmax sum: the normaliser keeps
         // every allowed term, the output only the kept ones (scaled by 1 / (1 - p)).
-        x.drop(s, qs, bq, ks, bk);
+        x.drop(s, bk, qs, bq, ks, bk);
         gemm(
             bq,
             bk,

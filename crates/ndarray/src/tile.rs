@@ -64,9 +64,23 @@ pub(crate) fn scores<T: Real>(
 ) {
     gemm(bq, d, bk, scale, (q, d, 1), (k, 1, d), T::ZERO, s, bk);
     if let Some(bits) = mask {
-        for i in 0..bq {
-            apply_mask_row(&mut s[i * bk..(i + 1) * bk], bits, i * block);
-        }
+        mask_tile(s, bk, bq, bk, bits, block);
+    }
+}
+
+/// Sets the disallowed elements of a `bq x bk` tile (row `i` at `s[i * ld..]`) to `-inf`,
+/// per `bits` (bit `i * block + j` set when allowed).
+#[inline(always)]
+pub(crate) fn mask_tile<T: Real>(
+    s: &mut [T],
+    ld: usize,
+    bq: usize,
+    bk: usize,
+    bits: &[u64],
+    block: usize,
+) {
+    for (i, row) in s.chunks_mut(ld).take(bq).enumerate() {
+        apply_mask_row(&mut row[..bk], bits, i * block);
     }
 }
 
