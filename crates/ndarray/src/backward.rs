@@ -17,7 +17,7 @@ use crate::extras::{Extras, HeadExtras};
 use crate::layout::{AttentionShape, CsrLayout};
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
-use crate::tile::{gemm, probabilities, scores};
+use crate::tile::{gemm, mask_tile, probabilities, scores};
 
 /// Largest `P`/`dS` tile cache (bytes) the backward pass allocates: heads are processed in
 /// column chunks whose tiles fit.
@@ -348,6 +348,8 @@ fn softmax_grad<T: Real>(p: &[T], dp: &mut [T], delta: &[T], bk: usize) {
 struct ChunkSlots {
     rows: Vec<Range<usize>>,
     starts: Vec<usize>,
+    /// Keys of each row's entries in the chunk (its panels' width).
+    widths: Vec<usize>,
 }
 
 impl ChunkSlots {
@@ -363,18 +365,37 @@ impl ChunkSlots {
             starts.push(next);
             next += hi - lo;
         }
-        Self { rows, starts }
+        let widths = rows
+            .iter()
+            .map(|row| panel_width(layout, row.clone()))
+            .collect();
+        Self {
+            rows,
+            starts,
+            widths,
+        }
     }
 
-    /// Cache slot of entry `e` of row `r`.
-    fn slot(&self, r: usize, e: usize) -> usize {
-        self.starts[r] + (e - self.rows[r].start)
+    /// Where entry `e` of row `r` is cached: `(start of the row's panels, panel width,
+    /// column of the tile)`; `P` is at `start`, `dS` at `start + bq * width`.
+    fn tile(&self, layout: &CsrLayout<'_>, r: usize, e: usize) -> (usize, usize, usize) {
+        let b = layout.block;
+        (
+            self.starts[r] * 2 * b * b,
+            self.widths[r],
+            (e - self.rows[r].start) * b,
+        )
     }
 }
 
-avx2_dispatch! {
-/// Adds to `dQ` of query block `r` the sum over its `entries` (key blocks) of `dS K * scale`;
-/// with a cache, stores each entry's `P` (after dropout) and `dS` tiles in order.
+/// Most key blocks of one `dQ` panel without a cache (its scratch is `b x 16 b`).
+const PANEL_BLOCKS: usize = 16;
+
+/// Adds to `dQ` of query block `r` the sum over its `entries` (key blocks) of `dS K * scale`.
+/// With a cache (`tiles`, the row's slots), `P` (after dropout) and `dS` stay there as two
+/// `[bq x width]` panels (width: the entries' keys; entry `e`'s tile at column `(e - start)
+/// * block`); without, they are recomputed in panels of [`PANEL_BLOCKS`] in scratch.
+#[allow(clippy::too_many_arguments)]
 fn dq_block<T: Real>(
     x: &Slices<'_, T>,
     d: usize,
@@ -383,59 +404,136 @@ fn dq_block<T: Real>(
     entries: Range<usize>,
     scale: T,
     dq: &mut [T],
-    cache: Option<&mut [T]>,
+    tiles: Option<&mut [T]>,
 ) {
-    let mut cache = cache;
+    // Rows past the valid length (no token order): P = 0, nothing to add or cache.
+    if entries.is_empty() || x.extras.block_past_end(r) {
+        return;
+    }
+    let (qs, qe) = layout.block_range(r);
+    let bq = qe - qs;
+    match tiles {
+        Some(tiles) => {
+            let width = panel_width(layout, entries.clone());
+            let (p, ds) = tiles.split_at_mut(bq * width);
+            dq_panel(
+                x,
+                d,
+                layout,
+                r,
+                entries,
+                scale,
+                dq,
+                p,
+                &mut ds[..bq * width],
+                true,
+            );
+        }
+        None => {
+            let b = layout.block;
+            let mut p = vec![T::ZERO; bq * PANEL_BLOCKS * b];
+            let mut ds = vec![T::ZERO; bq * PANEL_BLOCKS * b];
+            for lo in entries.clone().step_by(PANEL_BLOCKS) {
+                let part = lo..(lo + PANEL_BLOCKS).min(entries.end);
+                let width = panel_width(layout, part.clone());
+                let (p, ds) = (&mut p[..bq * width], &mut ds[..bq * width]);
+                dq_panel(x, d, layout, r, part, scale, dq, p, ds, false);
+            }
+        }
+    }
+}
+
+/// Keys of the blocks of `entries`.
+fn panel_width(layout: &CsrLayout<'_>, entries: Range<usize>) -> usize {
+    entries
+        .map(|e| {
+            let (ks, ke) = layout.block_range(layout.cols[e] as usize);
+            ke - ks
+        })
+        .sum()
+}
+
+/// Runs of consecutive key blocks among `entries`: `(first entry, end entry)`; each run's
+/// keys are contiguous rows of `K` and `V`, so one GEMM serves the whole run.
+fn runs<'a>(
+    layout: &'a CsrLayout<'_>,
+    entries: Range<usize>,
+) -> impl Iterator<Item = Range<usize>> + 'a {
+    let mut next = entries.start;
+    std::iter::from_fn(move || {
+        (next < entries.end).then(|| {
+            let start = next;
+            next += 1;
+            while next < entries.end && layout.cols[next] == layout.cols[next - 1] + 1 {
+                next += 1;
+            }
+            start..next
+        })
+    })
+}
+
+avx2_dispatch! {
+/// The `dQ` work of one panel: `P` and `dS` of `entries` as `[bq x width]` panels in `p` and
+/// `ds` (row stride `width`), with a GEMM per run of consecutive key blocks for the scores,
+/// for `dP` and for `dQ`. With `keep_dropped_p`, `p` ends holding `P` after dropout (what
+/// the `dK`/`dV` pass needs).
+fn dq_panel<T: Real>(
+    x: &Slices<'_, T>,
+    d: usize,
+    layout: &CsrLayout<'_>,
+    r: usize,
+    entries: Range<usize>,
+    scale: T,
+    dq: &mut [T],
+    p: &mut [T],
+    ds: &mut [T],
+    keep_dropped_p: bool,
+) {
     let b = layout.block;
     let (qs, qe) = layout.block_range(r);
     let bq = qe - qs;
+    let width = p.len() / bq;
     let e0 = entries.start;
-    // Without a cache the tiles live in scratch buffers; with one, directly in their slots.
-    let cached = cache.is_some();
-    let scratch_len = if cached { 0 } else { bq * b };
-    let (mut p_scratch, mut dp_scratch) = (vec![T::ZERO; scratch_len], vec![T::ZERO; scratch_len]);
-    for e in entries {
-        // Padded-out tiles (without a token order) have P = 0: skipped, cache slot unused.
-        let c = layout.cols[e] as usize;
-        if x.extras.block_past_end(r) || x.extras.block_past_end(c) {
-            continue;
+    let (q, dout) = (&x.q[qs * d..qe * d], &x.dout[qs * d..qe * d]);
+    let keys = |run: &Range<usize>| {
+        let (ks, _) = layout.block_range(layout.cols[run.start] as usize);
+        let (_, ke) = layout.block_range(layout.cols[run.end - 1] as usize);
+        ((run.start - e0) * b, ks, ke)
+    };
+    // S = Q Kᵀ * scale and dP = dO Vᵀ, one GEMM each per run.
+    for run in runs(layout, entries.clone()) {
+        let (off, ks, ke) = keys(&run);
+        let (k, v) = (&x.k[ks * d..ke * d], &x.v[ks * d..ke * d]);
+        gemm(bq, d, ke - ks, scale, (q, d, 1), (k, 1, d), T::ZERO, &mut p[off..], width);
+        gemm(bq, d, ke - ks, T::ONE, (dout, d, 1), (v, 1, d), T::ZERO, &mut ds[off..], width);
+    }
+    // Masks and padding per tile; P over whole rows.
+    for e in entries.clone() {
+        let (ks, ke) = layout.block_range(layout.cols[e] as usize);
+        let off = (e - e0) * b;
+        if let Some(bits) = layout.mask_of(e) {
+            mask_tile(&mut p[off..], width, bq, ke - ks, bits, b);
         }
-        let (ks, ke) = layout.block_range(c);
-        let bk = ke - ks;
-        let (p, dp) = match cache.as_deref_mut() {
-            Some(cache) => {
-                let slot = &mut cache[(e - e0) * 2 * b * b..(e - e0 + 1) * 2 * b * b];
-                let (p, dp) = slot.split_at_mut(b * b);
-                (&mut p[..bq * bk], &mut dp[..bq * bk])
-            }
-            None => (&mut p_scratch[..bq * bk], &mut dp_scratch[..bq * bk]),
-        };
-        let (q, k, v) = (
-            &x.q[qs * d..qe * d],
-            &x.k[ks * d..ke * d],
-            &x.v[ks * d..ke * d],
-        );
-        scores(q, k, bq, bk, d, scale, layout.mask_of(e), b, p);
-        x.extras.mask_padding(p, bk, qs, bq, ks, bk);
-        probabilities(p, &x.lse[qs..qe], bk);
-        gemm(
-            bq,
-            d,
-            bk,
-            T::ONE,
-            (&x.dout[qs * d..qe * d], d, 1),
-            (v, 1, d),
-            T::ZERO,
-            dp,
-            bk,
-        );
-        // With dropout, dP of the kept (scaled) probabilities: dO Vᵀ times the keep factor.
-        x.extras.drop(dp, bk, qs, bq, ks, bk);
-        softmax_grad(p, dp, &x.delta[qs..qe], bk);
-        gemm(bq, bk, d, scale, (dp, bk, 1), (k, d, 1), T::ONE, dq, d);
-        if cached {
-            // dV needs the probabilities as the forward used them: after dropout.
-            x.extras.drop(p, bk, qs, bq, ks, bk);
+        x.extras.mask_padding(&mut p[off..], width, qs, bq, ks, ke - ks);
+    }
+    probabilities(p, &x.lse[qs..qe], width);
+    // With dropout, dP of the kept (scaled) probabilities: dO Vᵀ times the keep factor.
+    for e in entries.clone() {
+        let (ks, ke) = layout.block_range(layout.cols[e] as usize);
+        x.extras.drop(&mut ds[(e - e0) * b..], width, qs, bq, ks, ke - ks);
+    }
+    softmax_grad(p, ds, &x.delta[qs..qe], width);
+    // dQ += dS K * scale, one GEMM per run.
+    for run in runs(layout, entries.clone()) {
+        let (off, ks, ke) = keys(&run);
+        let k = &x.k[ks * d..ke * d];
+        gemm(bq, ke - ks, d, scale, (&ds[off..], width, 1), (k, d, 1), T::ONE, dq, d);
+    }
+    if keep_dropped_p {
+        // dV needs the probabilities as the forward used them: after dropout.
+        for e in entries {
+            let (ks, ke) = layout.block_range(layout.cols[e] as usize);
+            x.extras.drop(&mut p[(e - e0) * b..], width, qs, bq, ks, ke - ks);
         }
     }
 }
@@ -456,7 +554,6 @@ fn dkv_block_cached<T: Real>(
     dk: &mut [T],
     dv: &mut [T],
 ) {
-    let b = layout.block;
     let (ks, ke) = layout.block_range(c);
     let bk = ke - ks;
     let column = layout.column_entries(head, c);
@@ -467,14 +564,15 @@ fn dkv_block_cached<T: Real>(
         }
         let (qs, qe) = layout.block_range(r);
         let bq = qe - qs;
-        let slot = &cache[slots.slot(r, layout.t_entries[t] as usize) * 2 * b * b..];
-        let (p, ds) = (&slot[..bq * bk], &slot[b * b..b * b + bq * bk]);
+        let (region, width, off) = slots.tile(layout, r, layout.t_entries[t] as usize);
+        let panels = &cache[region..];
+        let (p, ds) = (&panels[off..], &panels[bq * width + off..]);
         gemm(
             bk,
             bq,
             d,
             T::ONE,
-            (p, 1, bk),
+            (p, 1, width),
             (&x.dout[qs * d..qe * d], d, 1),
             T::ONE,
             dv,
@@ -485,7 +583,7 @@ fn dkv_block_cached<T: Real>(
             bq,
             d,
             scale,
-            (ds, 1, bk),
+            (ds, 1, width),
             (&x.q[qs * d..qe * d], d, 1),
             T::ONE,
             dk,
