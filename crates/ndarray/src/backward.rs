@@ -240,7 +240,7 @@ pub fn backward_with_deltas<T: Real>(
         .unwrap_or(0);
     if widest > 0 && widest <= budget {
         let total = layout.cols.len();
-        let mut cache = vec![T::ZERO; budget.min(total) * tile];
+        let mut cache = crate::buffer::zeroed::<T>(budget.min(total) * tile);
         for bh in 0..shape.batch * heads {
             let x = slices(bh);
             let (head, lh) = (bh % heads, layout.layout_head(bh % heads));

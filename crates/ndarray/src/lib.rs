@@ -20,6 +20,7 @@
 //! Rows with no allowed key produce zeros and a log-sum-exp of `-inf`, never NaN.
 
 mod backward;
+mod buffer;
 pub mod dropout;
 mod exp;
 mod extras;
@@ -32,6 +33,7 @@ mod tile;
 pub use backward::{
     TILE_CACHE_BYTES, backward, backward_with_deltas, backward_with_tile_cache, row_deltas,
 };
+pub use buffer::zeroed;
 pub use dropout::DropoutMask;
 pub use extras::Extras;
 pub use forward::forward;

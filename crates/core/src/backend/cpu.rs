@@ -265,7 +265,7 @@ fn forward_in<B: HostBuffers, T: HostElement>(
         positions::<B, T>(&k, layout, d),
         positions::<B, T>(&v, layout, d),
     );
-    let mut out = vec![T::ZERO; shape.numel()];
+    let mut out = sparse_attn_ndarray::zeroed::<T>(shape.numel());
     let mut lse = vec![T::ZERO; shape.rows()];
     let (scale, extras) = (T::from_f64(params.scale), params.extras());
     let view = csr(layout);
@@ -327,10 +327,10 @@ fn backward_in<B: HostBuffers, T: HostElement>(
     let delta = sparse_attn_ndarray::row_deltas(&positions::<B, T>(&out, layout, d), &dout, d);
     drop(out);
     let lse = positions::<B, T>(&lse, layout, 1);
-    let mut dq = vec![T::ZERO; shape.numel()];
+    let mut dq = sparse_attn_ndarray::zeroed::<T>(shape.numel());
     let (mut dk, mut dv) = (
-        vec![T::ZERO; shape.kv_numel()],
-        vec![T::ZERO; shape.kv_numel()],
+        sparse_attn_ndarray::zeroed::<T>(shape.kv_numel()),
+        sparse_attn_ndarray::zeroed::<T>(shape.kv_numel()),
     );
     let (scale, extras) = (T::from_f64(params.scale), params.extras());
     let (view, grads) = (&csr(layout), (&mut dq[..], &mut dk[..], &mut dv[..]));
