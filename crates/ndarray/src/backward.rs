@@ -365,10 +365,7 @@ impl ChunkSlots {
             starts.push(next);
             next += hi - lo;
         }
-        let widths = rows
-            .iter()
-            .map(|row| panel_width(layout, row.clone()))
-            .collect();
+        let widths = rows.iter().map(|row| layout.width(row.clone())).collect();
         Self {
             rows,
             starts,
@@ -414,7 +411,7 @@ fn dq_block<T: Real>(
     let bq = qe - qs;
     match tiles {
         Some(tiles) => {
-            let width = panel_width(layout, entries.clone());
+            let width = layout.width(entries.clone());
             let (p, ds) = tiles.split_at_mut(bq * width);
             dq_panel(
                 x,
@@ -435,41 +432,12 @@ fn dq_block<T: Real>(
             let mut ds = vec![T::ZERO; bq * PANEL_BLOCKS * b];
             for lo in entries.clone().step_by(PANEL_BLOCKS) {
                 let part = lo..(lo + PANEL_BLOCKS).min(entries.end);
-                let width = panel_width(layout, part.clone());
+                let width = layout.width(part.clone());
                 let (p, ds) = (&mut p[..bq * width], &mut ds[..bq * width]);
                 dq_panel(x, d, layout, r, part, scale, dq, p, ds, false);
             }
         }
     }
-}
-
-/// Keys of the blocks of `entries`.
-fn panel_width(layout: &CsrLayout<'_>, entries: Range<usize>) -> usize {
-    entries
-        .map(|e| {
-            let (ks, ke) = layout.block_range(layout.cols[e] as usize);
-            ke - ks
-        })
-        .sum()
-}
-
-/// Runs of consecutive key blocks among `entries`: `(first entry, end entry)`; each run's
-/// keys are contiguous rows of `K` and `V`, so one GEMM serves the whole run.
-fn runs<'a>(
-    layout: &'a CsrLayout<'_>,
-    entries: Range<usize>,
-) -> impl Iterator<Item = Range<usize>> + 'a {
-    let mut next = entries.start;
-    std::iter::from_fn(move || {
-        (next < entries.end).then(|| {
-            let start = next;
-            next += 1;
-            while next < entries.end && layout.cols[next] == layout.cols[next - 1] + 1 {
-                next += 1;
-            }
-            start..next
-        })
-    })
 }
 
 avx2_dispatch! {
@@ -501,7 +469,7 @@ fn dq_panel<T: Real>(
         ((run.start - e0) * b, ks, ke)
     };
     // S = Q Kᵀ * scale and dP = dO Vᵀ, one GEMM each per run.
-    for run in runs(layout, entries.clone()) {
+    for run in layout.runs(entries.clone(), usize::MAX) {
         let (off, ks, ke) = keys(&run);
         let (k, v) = (&x.k[ks * d..ke * d], &x.v[ks * d..ke * d]);
         gemm(bq, d, ke - ks, scale, (q, d, 1), (k, 1, d), T::ZERO, &mut p[off..], width);
@@ -524,7 +492,7 @@ fn dq_panel<T: Real>(
     }
     softmax_grad(p, ds, &x.delta[qs..qe], width);
     // dQ += dS K * scale, one GEMM per run.
-    for run in runs(layout, entries.clone()) {
+    for run in layout.runs(entries.clone(), usize::MAX) {
         let (off, ks, ke) = keys(&run);
         let k = &x.k[ks * d..ke * d];
         gemm(bq, ke - ks, d, scale, (&ds[off..], width, 1), (k, d, 1), T::ONE, dq, d);

@@ -6,7 +6,7 @@ use crate::extras::{Extras, HeadExtras};
 use crate::layout::{AttentionShape, CsrLayout};
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
-use crate::tile::{exp_shifted_sum, gemm, row_max, scores};
+use crate::tile::{exp_shifted_sum, gemm, mask_tile, row_max};
 
 /// Block-sparse attention forward.
 ///
@@ -90,6 +90,9 @@ pub fn forward<T: Real>(
         });
 }
 
+/// Most key blocks of one forward panel (a run of consecutive blocks scored by one GEMM).
+const PANEL_BLOCKS: usize = 8;
+
 avx2_dispatch! {
 /// One query block `r` of one `(batch, head)`: `o` is its `[bq, d]` output, `l` its `bq`
 /// log-sum-exps.
@@ -114,35 +117,34 @@ fn query_block<T: Real>(
         l.fill(T::NEG_INFINITY);
         return;
     }
-    let entries = layout.row_entries(head, r);
+    // Key blocks past the valid length (no token order) sort last: drop them.
+    let mut entries = layout.row_entries(head, r);
+    while !entries.is_empty() && x.block_past_end(layout.cols[entries.end - 1] as usize) {
+        entries.end -= 1;
+    }
 
     let mut max = vec![T::NEG_INFINITY; bq];
     let mut sum = vec![T::ZERO; bq];
     o.fill(T::ZERO);
-    let mut s = vec![T::ZERO; bq * b];
+    let mut s = vec![T::ZERO; bq * PANEL_BLOCKS * b];
     let q_tile = &q[qs * d..qe * d];
-    for e in entries {
-        let c = layout.cols[e] as usize;
-        if x.block_past_end(c) {
-            continue;
+    // One panel per run of consecutive key blocks: one GEMM for its scores, one for P V.
+    for run in layout.runs(entries, PANEL_BLOCKS) {
+        let (ks, _) = layout.block_range(layout.cols[run.start] as usize);
+        let (_, ke) = layout.block_range(layout.cols[run.end - 1] as usize);
+        let w = ke - ks;
+        let s = &mut s[..bq * w];
+        gemm(bq, d, w, scale, (q_tile, d, 1), (&k[ks * d..ke * d], 1, d), T::ZERO, s, w);
+        for e in run.clone() {
+            let (cs, ce) = layout.block_range(layout.cols[e] as usize);
+            let off = cs - ks;
+            if let Some(bits) = layout.mask_of(e) {
+                mask_tile(&mut s[off..], w, bq, ce - cs, bits, b);
+            }
+            x.mask_padding(&mut s[off..], w, qs, bq, cs, ce - cs);
         }
-        let (ks, ke) = layout.block_range(c);
-        let bk = ke - ks;
-        let s = &mut s[..bq * bk];
-        scores(
-            q_tile,
-            &k[ks * d..ke * d],
-            bq,
-            bk,
-            d,
-            scale,
-            layout.mask_of(e),
-            b,
-            s,
-        );
-        x.mask_padding(s, bk, qs, bq, ks, bk);
         for i in 0..bq {
-            let srow = &mut s[i * bk..(i + 1) * bk];
+            let srow = &mut s[i * w..(i + 1) * w];
             let tile_max = row_max(srow);
             let new_max = max[i].max(tile_max);
             if new_max == T::NEG_INFINITY {
@@ -161,18 +163,11 @@ fn query_block<T: Real>(
         }
         // Dropout acts on the probabilities after the softmax sum: the normaliser keeps
         // every allowed term, the output only the kept ones (scaled by 1 / (1 - p)).
-        x.drop(s, bk, qs, bq, ks, bk);
-        gemm(
-            bq,
-            bk,
-            d,
-            T::ONE,
-            (s, bk, 1),
-            (&v[ks * d..ke * d], d, 1),
-            T::ONE,
-            o,
-            d,
-        );
+        for e in run {
+            let (cs, ce) = layout.block_range(layout.cols[e] as usize);
+            x.drop(&mut s[cs - ks..], w, qs, bq, cs, ce - cs);
+        }
+        gemm(bq, w, d, T::ONE, (s, w, 1), (&v[ks * d..ke * d], d, 1), T::ONE, o, d);
     }
     for i in 0..bq {
         // `max` stays -inf only for rows without any allowed key; a NaN sum (NaN input)

@@ -1,5 +1,7 @@
 //! The plain-data view of a block layout and of a problem's shape that the kernels read.
 
+use std::ops::Range;
+
 /// Marker stored in [`CsrLayout::masks`] for a block whose every element is allowed.
 pub const FULL_BLOCK: u32 = u32::MAX;
 
@@ -127,6 +129,39 @@ impl CsrLayout<'_> {
     #[inline]
     pub(crate) fn token(&self, pos: usize) -> usize {
         self.order.map_or(pos, |order| order[pos])
+    }
+
+    /// Keys of the blocks of `entries`.
+    pub(crate) fn width(&self, entries: Range<usize>) -> usize {
+        entries
+            .map(|e| {
+                let (ks, ke) = self.block_range(self.cols[e] as usize);
+                ke - ks
+            })
+            .sum()
+    }
+
+    /// Runs of at most `max_blocks` consecutive key blocks among `entries` (ranges of
+    /// entries): each run's keys are contiguous rows of `K` and `V`, so one GEMM serves it.
+    pub(crate) fn runs(
+        &self,
+        entries: Range<usize>,
+        max_blocks: usize,
+    ) -> impl Iterator<Item = Range<usize>> + '_ {
+        let mut next = entries.start;
+        std::iter::from_fn(move || {
+            (next < entries.end).then(|| {
+                let start = next;
+                next += 1;
+                while next < entries.end
+                    && next - start < max_blocks
+                    && self.cols[next] == self.cols[next - 1] + 1
+                {
+                    next += 1;
+                }
+                start..next
+            })
+        })
     }
 
     /// The bitmap of entry `e`, or `None` for a full block.
