@@ -188,10 +188,25 @@ fn sync(t: Tensor<4>) {
     let _ = t.slice([0..1, 0..1, 0..1, 0..1]).into_data();
 }
 
-fn pattern(name: &str, n: usize) -> Box<dyn Pattern> {
+/// The stride of `strided` at `n` tokens in blocks of `block`: the one nearest `sqrt(n)`
+/// among those the original code accepts (its `strided_transpose` asserts that `n / stride`
+/// is a multiple of the block size); `sqrt(n)` itself when none divides.
+fn stride(n: usize, block: usize) -> usize {
+    let root = (n as f64).sqrt();
+    (1..=n)
+        .filter(|s| n.is_multiple_of(*s) && (n / s).is_multiple_of(block))
+        .min_by(|a, b| {
+            (*a as f64 - root)
+                .abs()
+                .total_cmp(&(*b as f64 - root).abs())
+        })
+        .unwrap_or(root as usize)
+}
+
+fn pattern(name: &str, n: usize, block: usize) -> Box<dyn Pattern> {
     match name {
         "local" => Box::new(Band::sliding_window(256).expect("valid")),
-        "strided" => Box::new(Strided::new((n as f64).sqrt() as usize).expect("valid")),
+        "strided" => Box::new(Strided::new(stride(n, block)).expect("valid")),
         "fixed" => Box::new(Fixed::new(256, 4, 32).expect("valid")),
         "bigbird" => Box::new(
             BigBird::new(
@@ -239,7 +254,7 @@ fn peak_rss_mib() -> Option<f64> {
 fn measure_memory(args: &Args, device: &Device) -> Result<(), Box<dyn std::error::Error>> {
     let (name, n, block) = (&args.patterns[0], args.n[0], args.block[0]);
     let (h, d) = (args.heads, args.head_dim);
-    let layout = BlockLayout::build(pattern(name, n).as_ref(), n, block, h)?;
+    let layout = BlockLayout::build(pattern(name, n, block).as_ref(), n, block, h)?;
     let before = peak_rss_mib().unwrap_or(f64::NAN);
     let ad = device.clone().autodiff();
     let x =
@@ -287,7 +302,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for name in &args.patterns {
         for &block in &args.block {
             for &n in &args.n {
-                let p = pattern(name, n);
+                let p = pattern(name, n, block);
                 let layout = BlockLayout::build(p.as_ref(), n, block, h)?;
                 let pairs: u64 = (0..h).map(|head| layout.stats(head).allowed_pairs).sum();
                 let density = pairs as f64 / (h as f64 * n as f64 * n as f64);

@@ -15,10 +15,20 @@ const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
 /// A zeroed buffer of `len` elements; large ones ask the OS for transparent huge pages
 /// before they are first touched.
 pub fn zeroed<T: Real>(len: usize) -> Vec<T> {
-    let mut buffer = Vec::<T>::with_capacity(len);
-    #[cfg(target_os = "linux")]
-    advise_huge_pages(buffer.as_ptr() as usize, len * std::mem::size_of::<T>());
+    let mut buffer = with_capacity(len);
     buffer.resize(len, T::ZERO);
+    buffer
+}
+
+/// An empty buffer with room for `capacity` elements, to be filled by pushing (a gather);
+/// large ones ask the OS for transparent huge pages before they are first touched.
+pub fn with_capacity<T>(capacity: usize) -> Vec<T> {
+    let buffer = Vec::<T>::with_capacity(capacity);
+    #[cfg(target_os = "linux")]
+    advise_huge_pages(
+        buffer.as_ptr() as usize,
+        capacity * std::mem::size_of::<T>(),
+    );
     buffer
 }
 

@@ -33,7 +33,7 @@ mod tile;
 pub use backward::{
     TILE_CACHE_BYTES, backward, backward_with_deltas, backward_with_tile_cache, row_deltas,
 };
-pub use buffer::zeroed;
+pub use buffer::{with_capacity, zeroed};
 pub use dropout::DropoutMask;
 pub use extras::Extras;
 pub use forward::forward;

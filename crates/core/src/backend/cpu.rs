@@ -126,7 +126,7 @@ fn gather_rows<T: Copy>(
 ) -> Vec<T> {
     let [d0, d1, rows, width] = shape;
     let [s0, s1, s2, s3] = view.strides;
-    let mut out = Vec::with_capacity(d0 * d1 * rows * width);
+    let mut out = sparse_attn_ndarray::with_capacity(d0 * d1 * rows * width);
     for a in 0..d0 {
         for b in 0..d1 {
             for p in 0..rows {
