@@ -179,9 +179,12 @@ fn time_backward_op(qkv: [&Tensor<4>; 3], layout: &BlockLayout, reps: usize) -> 
     })
 }
 
-/// Median wall time in ms of `f` over `reps` runs after one warm-up run.
+/// Median wall time in ms of `f` over `reps` runs after a warm-up.
 fn median_ms(reps: usize, f: impl FnMut()) -> f64 {
-    timing::median_ms(reps, 1, Duration::ZERO, f)
+    // Two runs and a quarter second of warm-up: first runs pay for page faults of fresh
+    // buffers and the rayon pool waking up (on this shared machine a single warm-up run
+    // left the first rows of a table up to 2x slow).
+    timing::median_ms(reps, 2, Duration::from_millis(250), f)
 }
 
 fn sync(t: Tensor<4>) {
@@ -306,7 +309,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let layout = BlockLayout::build(p.as_ref(), n, block, h)?;
                 let pairs: u64 = (0..h).map(|head| layout.stats(head).allowed_pairs).sum();
                 let density = pairs as f64 / (h as f64 * n as f64 * n as f64);
-                let reps = if n >= 32768 { 3 } else { 5 };
+                let reps = match n {
+                    ..=8192 => 7,
+                    ..=16384 => 5,
+                    _ => 3,
+                };
                 let x =
                     || Tensor::<4>::random([1, h, n, d], Distribution::Normal(0.0, 1.0), &device);
                 let (q, k, v) = (x(), x(), x());
