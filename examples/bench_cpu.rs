@@ -309,10 +309,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let layout = BlockLayout::build(p.as_ref(), n, block, h)?;
                 let pairs: u64 = (0..h).map(|head| layout.stats(head).allowed_pairs).sum();
                 let density = pairs as f64 / (h as f64 * n as f64 * n as f64);
-                let reps = match n {
-                    ..=8192 => 7,
-                    ..=16384 => 5,
-                    _ => 3,
+                let reps = if n <= 8192 {
+                    7
+                } else if n <= 16384 {
+                    5
+                } else {
+                    3
                 };
                 let x =
                     || Tensor::<4>::random([1, h, n, d], Distribution::Normal(0.0, 1.0), &device);
