@@ -44,7 +44,8 @@ pub struct SparseTransformerConfig {
     /// MLP width as a multiple of `d_model`. Default: 4.
     #[config(default = 4)]
     pub mlp_ratio: usize,
-    /// Dropout on residual branches and attended values. Default: 0.
+    /// Dropout on residual branches and on attention probabilities (inside the kernels).
+    /// Default: 0.
     #[config(default = 0.0)]
     pub dropout: f64,
     /// Position encoding. Default: learned.
