@@ -4,6 +4,7 @@
 use crate::dropout::DropoutMask;
 use crate::layout::CsrLayout;
 use crate::real::Real;
+use crate::simd::avx2_dispatch;
 
 /// Options of one kernel call; the default is plain attention.
 #[derive(Debug, Clone, Copy, Default)]
@@ -123,38 +124,10 @@ enum KeyTokens<'a> {
     Order(&'a [usize]),
 }
 
+avx2_dispatch! {
 /// Dropout of one row: branch-free loops of 32-bit hashes that the compiler vectorises;
 /// with AVX2 (detected at run time) eight hashes per instruction.
 fn drop_row<T: Real>(
-    row: &mut [T],
-    mask: &DropoutMask,
-    row_key: u32,
-    keys: KeyTokens<'_>,
-    scale: T,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is available on this CPU (checked just above).
-        unsafe { drop_row_avx2(row, mask, row_key, keys, scale) };
-        return;
-    }
-    drop_row_portable(row, mask, row_key, keys, scale);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn drop_row_avx2<T: Real>(
-    row: &mut [T],
-    mask: &DropoutMask,
-    row_key: u32,
-    keys: KeyTokens<'_>,
-    scale: T,
-) {
-    drop_row_portable(row, mask, row_key, keys, scale);
-}
-
-#[inline(always)]
-fn drop_row_portable<T: Real>(
     row: &mut [T],
     mask: &DropoutMask,
     row_key: u32,
@@ -180,4 +153,5 @@ fn drop_row_portable<T: Real>(
             }
         }
     }
+}
 }
