@@ -5,7 +5,7 @@
 
 use cubecl::prelude::*;
 
-use crate::options::{head_key, in_length, keep_factor, row_key};
+use crate::options::{head_key, in_length, keep_factor, query_row, row_key};
 use crate::tiles::{
     UNROLL_MAX, allowed, head_row, lane_sum, load_tiles, merge_sums, row_unit, span, token,
 };
@@ -68,12 +68,10 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
     let (bh, row, u, lane, valid, base, tok) =
         (at.bh, at.list, at.u, at.lane, at.valid, at.base, at.tok);
     let unit = UNIT_POS_X as usize;
-    let batch = bh / heads;
-    let row_ok = valid && in_length(lengths, batch, tok, padded);
-    let mut keys = 0u32;
-    if dropout {
-        keys = row_key(head_key(seed_lo, seed_hi, batch, bh % heads), tok);
-    }
+    let query = query_row(
+        lengths, seed_lo, seed_hi, bh, heads, tok, valid, padded, dropout,
+    );
+    let (batch, row_ok, keys) = (query.batch, query.ok, query.key);
 
     let mut q_row = Array::<Vector<f32, N>>::new(vecs);
     let mut do_row = Array::<Vector<f32, N>>::new(vecs);

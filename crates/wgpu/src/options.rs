@@ -80,3 +80,42 @@ pub(crate) fn in_length(
     }
     ok
 }
+
+/// What the options make of one query row: its batch row, whether it is a query at all
+/// (exists and lies within its batch row's length) and its dropout row key (0 without
+/// dropout).
+#[derive(CubeType, Clone, Copy)]
+pub(crate) struct QueryRow {
+    /// Batch row.
+    pub batch: usize,
+    /// Whether the row attends at all.
+    pub ok: bool,
+    /// Dropout key of the row.
+    pub key: u32,
+}
+
+/// The [`QueryRow`] of token `tok` of `(batch, head)` pair `bh` (`valid`: the row exists).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn query_row(
+    lengths: &[u32],
+    seed_lo: u32,
+    seed_hi: u32,
+    bh: usize,
+    heads: usize,
+    tok: usize,
+    valid: bool,
+    #[comptime] padded: bool,
+    #[comptime] dropout: bool,
+) -> QueryRow {
+    let batch = bh / heads;
+    let mut key = 0u32;
+    if dropout {
+        key = row_key(head_key(seed_lo, seed_hi, batch, bh % heads), tok);
+    }
+    QueryRow {
+        batch,
+        ok: valid && in_length(lengths, batch, tok, padded),
+        key,
+    }
+}
