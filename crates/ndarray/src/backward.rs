@@ -464,8 +464,7 @@ fn dq_panel<T: Real>(
     let e0 = entries.start;
     let (q, dout) = (&x.q[qs * d..qe * d], &x.dout[qs * d..qe * d]);
     let keys = |run: &Range<usize>| {
-        let (ks, _) = layout.block_range(layout.cols[run.start] as usize);
-        let (_, ke) = layout.block_range(layout.cols[run.end - 1] as usize);
+        let (ks, ke) = layout.run_range(run);
         ((run.start - e0) * b, ks, ke)
     };
     // S = Q Kᵀ * scale and dP = dO Vᵀ, one GEMM each per run.

@@ -130,8 +130,7 @@ fn query_block<T: Real>(
     let q_tile = &q[qs * d..qe * d];
     // One panel per run of consecutive key blocks: one GEMM for its scores, one for P V.
     for run in layout.runs(entries, PANEL_BLOCKS) {
-        let (ks, _) = layout.block_range(layout.cols[run.start] as usize);
-        let (_, ke) = layout.block_range(layout.cols[run.end - 1] as usize);
+        let (ks, ke) = layout.run_range(&run);
         let w = ke - ks;
         let s = &mut s[..bq * w];
         gemm(bq, d, w, scale, (q_tile, d, 1), (&k[ks * d..ke * d], 1, d), T::ZERO, s, w);

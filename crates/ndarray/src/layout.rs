@@ -141,6 +141,13 @@ impl CsrLayout<'_> {
             .sum()
     }
 
+    /// Token range `[start, end)` of a run of consecutive key blocks (entries `run`).
+    pub(crate) fn run_range(&self, run: &Range<usize>) -> (usize, usize) {
+        let (start, _) = self.block_range(self.cols[run.start] as usize);
+        let (_, end) = self.block_range(self.cols[run.end - 1] as usize);
+        (start, end)
+    }
+
     /// Runs of at most `max_blocks` consecutive key blocks among `entries` (ranges of
     /// entries): each run's keys are contiguous rows of `K` and `V`, so one GEMM serves it.
     pub(crate) fn runs(
