@@ -71,6 +71,13 @@ struct Args {
     /// Also time the forward with dropout and with key padding.
     #[arg(long)]
     extras: bool,
+    /// Only time the forward op of the first pattern and block at every n, round robin,
+    /// and print t(n) / t(previous n).
+    #[arg(long)]
+    scaling: bool,
+    /// Timed runs (rounds) per figure; default 7 up to n = 8192, 5 up to 16384, then 3.
+    #[arg(long)]
+    reps: Option<usize>,
     /// JSON output.
     #[arg(long, default_value = "target/bench/cpu.json")]
     out: PathBuf,
@@ -88,8 +95,12 @@ struct Row {
     density: f64,
     fwd_ms: f64,
     fwd_bwd_ms: Option<f64>,
-    /// The backward op alone (no autodiff graph, no loss): what `bwd_fwd` compares.
+    /// The forward op alone, timed alternately with `bwd_ms`.
+    fwd_op_ms: Option<f64>,
+    /// The backward op alone (no autodiff graph, no loss).
     bwd_ms: Option<f64>,
+    /// Median over rounds of backward op / forward op time (each round one of each).
+    bwd_fwd: Option<f64>,
     useful_gflops: f64,
     dense_fwd_ms: Option<f64>,
     portable_fwd_ms: Option<f64>,
@@ -145,26 +156,43 @@ fn time_attention(
     (fwd_ms, fwd_bwd_ms)
 }
 
-/// Median time in ms of the fused backward op alone (`sparse_attention_backward` of the
-/// backend, given the forward's output and log-sum-exp and a random output gradient).
-fn time_backward_op(qkv: [&Tensor<4>; 3], layout: &BlockLayout, reps: usize) -> f64 {
+/// The fused ops alone, timed alternately.
+struct OpTimes {
+    /// Median forward op (`sparse_attention_forward` of the backend) in ms.
+    fwd_ms: f64,
+    /// Median backward op (`sparse_attention_backward`, given the forward's output and
+    /// log-sum-exp and a random output gradient) in ms.
+    bwd_ms: f64,
+    /// Median over rounds of backward / forward, each round timing one forward then one
+    /// backward: load from other tenants of a shared machine changes over seconds, so
+    /// ratios of neighbouring runs are steadier than ratios of separate medians.
+    bwd_fwd: f64,
+}
+
+/// Times the forward and backward ops of the backend alternately (no autodiff graph, no
+/// validation): `reps` rounds after a warm-up.
+fn time_ops(qkv: [&Tensor<4>; 3], layout: &BlockLayout, reps: usize) -> OpTimes {
     let d = qkv[0].dims()[3];
     let params = AttentionParams::plain(1.0 / (d as f64).sqrt());
     let [q, k, v] = qkv.map(|t| t.clone().into_dispatch());
-    let (out, lse) = <Dispatch as SparseAttentionBackend>::sparse_attention_forward(
-        q.clone(),
-        k.clone(),
-        v.clone(),
-        layout.clone(),
-        params.clone(),
-    );
+    let forward = || {
+        <Dispatch as SparseAttentionBackend>::sparse_attention_forward(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            layout.clone(),
+            params.clone(),
+        )
+    };
+    let (out, lse) = forward();
     let dout = Tensor::<4>::random(
         qkv[0].dims(),
         Distribution::Normal(0.0, 1.0),
         &qkv[0].device(),
     )
     .into_dispatch();
-    median_ms(reps, || {
+    let mut run_forward = || sync(Tensor::from_dispatch(forward().0));
+    let mut run_backward = || {
         let (dq, _dk, _dv) = <Dispatch as SparseAttentionBackend>::sparse_attention_backward(
             q.clone(),
             k.clone(),
@@ -176,7 +204,90 @@ fn time_backward_op(qkv: [&Tensor<4>; 3], layout: &BlockLayout, reps: usize) -> 
             params.clone(),
         );
         sync(Tensor::from_dispatch(dq));
-    })
+    };
+    let rounds = interleaved_ms(reps, &mut [&mut run_forward, &mut run_backward]);
+    let ratios: Vec<f64> = rounds.iter().map(|t| t[1] / t[0]).collect();
+    OpTimes {
+        fwd_ms: median(rounds.iter().map(|t| t[0]).collect()),
+        bwd_ms: median(rounds.iter().map(|t| t[1]).collect()),
+        bwd_fwd: median(ratios),
+    }
+}
+
+/// Runs every function once per round, in order, for `reps` rounds after a warm-up (two
+/// rounds and at least a quarter second); returns each round's times in ms.
+fn interleaved_ms(reps: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<Vec<f64>> {
+    let mut round = || -> Vec<f64> {
+        fs.iter_mut()
+            .map(|f| {
+                let start = std::time::Instant::now();
+                f();
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect()
+    };
+    let start = std::time::Instant::now();
+    let mut warm = 0;
+    while warm < 2 || start.elapsed() < Duration::from_millis(250) {
+        round();
+        warm += 1;
+    }
+    (0..reps.max(1)).map(|_| round()).collect()
+}
+
+fn median(mut x: Vec<f64>) -> f64 {
+    x.sort_by(f64::total_cmp);
+    x[x.len() / 2]
+}
+
+/// `--scaling`: the forward op of the first pattern and block at every `n`, timed round
+/// robin (one run per `n` per round), with `t(n) / t(n / 2)` as the median over rounds of
+/// each round's ratio.
+fn measure_scaling(args: &Args, device: &Device) -> Result<(), Box<dyn std::error::Error>> {
+    let (name, block, h, d) = (&args.patterns[0], args.block[0], args.heads, args.head_dim);
+    let mut cases = Vec::new();
+    for &n in &args.n {
+        let layout = BlockLayout::build(pattern(name, n, block).as_ref(), n, block, h)?;
+        let x = || {
+            Tensor::<4>::random([1, h, n, d], Distribution::Normal(0.0, 1.0), device)
+                .into_dispatch()
+        };
+        cases.push((n, layout, [x(), x(), x()]));
+    }
+    let params = AttentionParams::plain(1.0 / (d as f64).sqrt());
+    let mut runs: Vec<_> = cases
+        .iter()
+        .map(|(_, layout, [q, k, v])| {
+            let params = params.clone();
+            move || {
+                let (out, _) = <Dispatch as SparseAttentionBackend>::sparse_attention_forward(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    layout.clone(),
+                    params.clone(),
+                );
+                sync(Tensor::from_dispatch(out));
+            }
+        })
+        .collect();
+    let mut fs: Vec<&mut dyn FnMut()> = runs.iter_mut().map(|f| f as &mut dyn FnMut()).collect();
+    let rounds = interleaved_ms(args.reps.unwrap_or(7), &mut fs);
+    println!(
+        "{name}, b = {block}, H = {h}, d = {d}, forward op, {} rounds\n",
+        rounds.len()
+    );
+    println!("| n | fwd ms | t(n) / t(previous n) |");
+    println!("|---|---|---|");
+    for (i, (n, _, _)) in cases.iter().enumerate() {
+        let t = median(rounds.iter().map(|r| r[i]).collect());
+        let ratio = (i > 0).then(|| median(rounds.iter().map(|r| r[i] / r[i - 1]).collect()));
+        println!(
+            "| {n} | {t:.2} | {} |",
+            ratio.map_or("-".to_string(), |r| format!("{r:.3}"))
+        );
+    }
+    Ok(())
 }
 
 /// Median wall time in ms of `f` over `reps` runs after a warm-up.
@@ -288,6 +399,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if args.memory {
         return measure_memory(&args, &device);
     }
+    if args.scaling {
+        return measure_scaling(&args, &device);
+    }
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
     let gemm = gemm_gflops(&device);
     println!(
@@ -295,7 +409,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.backend
     );
     println!(
-        "| pattern | n | b | density | fwd ms | bwd ms (op) | bwd/fwd | fwd+bwd ms (autodiff) | useful GFLOP/s | % GEMM | dense fwd ms | speedup | 0.7/density | portable fwd ms | portable fwd+bwd ms |"
+        "| pattern | n | b | density | fwd ms | bwd ms (op) | bwd/fwd (ops) | fwd+bwd ms (autodiff) | useful GFLOP/s | % GEMM | dense fwd ms | speedup | 0.7/density | portable fwd ms | portable fwd+bwd ms |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let (h, d) = (args.heads, args.head_dim);
@@ -309,13 +423,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let layout = BlockLayout::build(p.as_ref(), n, block, h)?;
                 let pairs: u64 = (0..h).map(|head| layout.stats(head).allowed_pairs).sum();
                 let density = pairs as f64 / (h as f64 * n as f64 * n as f64);
-                let reps = if n <= 8192 {
+                let reps = args.reps.unwrap_or(if n <= 8192 {
                     7
                 } else if n <= 16384 {
                     5
                 } else {
                     3
-                };
+                });
                 let x =
                     || Tensor::<4>::random([1, h, n, d], Distribution::Normal(0.0, 1.0), &device);
                 let (q, k, v) = (x(), x(), x());
@@ -326,8 +440,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     reps,
                     args.forward_only,
                 );
-                let bwd_ms =
-                    (!args.forward_only).then(|| time_backward_op([&q, &k, &v], &layout, reps));
+                let ops = (!args.forward_only).then(|| time_ops([&q, &k, &v], &layout, reps));
                 let (portable_fwd_ms, portable_fwd_bwd_ms) = if n <= args.portable_max_n {
                     let (f, fb) = time_attention(
                         sparse_attention_portable,
@@ -372,8 +485,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
                 println!(
                     "| {name} | {n} | {block} | {density:.4} | {fwd_ms:.2} | {} | {} | {} | {useful:.1} | {:.0}% | {} | {} | {:.1} | {} | {} |",
-                    fmt(bwd_ms),
-                    fmt(bwd_ms.map(|t| t / fwd_ms)),
+                    fmt(ops.as_ref().map(|o| o.bwd_ms)),
+                    fmt(ops.as_ref().map(|o| o.bwd_fwd)),
                     fmt(fwd_bwd_ms),
                     100.0 * useful / gemm,
                     fmt(dense_fwd_ms),
@@ -393,7 +506,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     density,
                     fwd_ms,
                     fwd_bwd_ms,
-                    bwd_ms,
+                    fwd_op_ms: ops.as_ref().map(|o| o.fwd_ms),
+                    bwd_ms: ops.as_ref().map(|o| o.bwd_ms),
+                    bwd_fwd: ops.as_ref().map(|o| o.bwd_fwd),
                     useful_gflops: useful,
                     dense_fwd_ms,
                     portable_fwd_ms,

@@ -209,12 +209,10 @@ pub fn backward_with_deltas<T: Real>(
     if shape.numel() == 0 {
         return;
     }
-    // Every gradient is accumulated: dQ over column chunks, dK and dV over the query heads
-    // of a group.
-    for g in [&mut *dq, &mut *dk, &mut *dv] {
-        g.par_iter_mut().for_each(|x| *x = T::ZERO);
-    }
-    let b = layout.block;
+    // Every gradient is accumulated (dQ over column chunks, dK and dV over the query heads
+    // of a group), from zero: each task zeroes its block of rows before its first
+    // contribution, so the memory is touched once, by the thread that fills it.
+    let (b, group) = (layout.block, shape.group());
     let slices = |bh: usize| {
         let (base, rows, kv_base) = (bh * n * d, bh * n, shape.kv_slice(bh) * n * d);
         Slices {
@@ -269,6 +267,9 @@ pub fn backward_with_deltas<T: Real>(
                     .zip(slots.rows.par_iter())
                     .enumerate()
                     .for_each(|(r, ((dq_r, tiles), entries))| {
+                        if c0 == 0 {
+                            dq_r.fill(T::ZERO);
+                        }
                         dq_block(&x, d, layout, r, entries.clone(), scale, dq_r, Some(tiles))
                     });
                 let cache = &cache[..];
@@ -278,6 +279,10 @@ pub fn backward_with_deltas<T: Real>(
                     .zip(dv_bh[c0 * b * d..end].par_chunks_mut(b * d))
                     .enumerate()
                     .for_each(|(i, (dk_c, dv_c))| {
+                        if head % group == 0 {
+                            dk_c.fill(T::ZERO);
+                            dv_c.fill(T::ZERO);
+                        }
                         dkv_block_cached(
                             &x,
                             d,
@@ -304,11 +309,11 @@ pub fn backward_with_deltas<T: Real>(
                 .par_chunks_mut(b * d)
                 .enumerate()
                 .for_each(|(r, dq_r)| {
+                    dq_r.fill(T::ZERO);
                     let entries = layout.row_entries(bh % heads, r);
                     dq_block(&x, d, layout, r, entries, scale, dq_r, None);
                 });
         });
-    let group = shape.group();
     dk.par_chunks_mut(n * d)
         .zip(dv.par_chunks_mut(n * d))
         .enumerate()
@@ -321,6 +326,8 @@ pub fn backward_with_deltas<T: Real>(
                 .zip(dv_bkv.par_chunks_mut(b * d))
                 .enumerate()
                 .for_each(|(c, (dk_c, dv_c))| {
+                    dk_c.fill(T::ZERO);
+                    dv_c.fill(T::ZERO);
                     for (bh, x) in (first..).zip(&xs) {
                         dkv_block(x, d, layout, bh % heads, c, scale, dk_c, dv_c);
                     }

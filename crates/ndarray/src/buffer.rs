@@ -15,8 +15,9 @@ const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
 /// A zeroed buffer of `len` elements; large ones ask the OS for transparent huge pages
 /// before they are first touched.
 pub fn zeroed<T: Real>(len: usize) -> Vec<T> {
-    let mut buffer = with_capacity(len);
-    buffer.resize(len, T::ZERO);
+    let buffer = vec![T::ZERO; len];
+    #[cfg(target_os = "linux")]
+    advise_huge_pages(buffer.as_ptr() as usize, len * std::mem::size_of::<T>());
     buffer
 }
 

@@ -80,13 +80,18 @@ pub fn forward<T: Real>(
                 &v[kv_base..kv_base + n * d],
             );
             let x = HeadExtras::new(extras, layout, bh / heads, head);
+            // One score panel of scratch per rayon job, not per query block.
             out_bh
                 .par_chunks_mut(b * d)
                 .zip(lse_bh.par_chunks_mut(b))
                 .enumerate()
-                .for_each(|(r, (o, l))| {
-                    query_block(q_bh, k_bh, v_bh, d, layout, head, r, scale, &x, o, l);
-                });
+                .for_each_init(
+                    || vec![T::ZERO; b * PANEL_BLOCKS * b],
+                    |s, (r, (o, l))| {
+                        let kv = (k_bh, v_bh);
+                        query_block(q_bh, kv, d, layout, head, r, scale, &x, o, l, s);
+                    },
+                );
         });
 }
 
@@ -95,11 +100,11 @@ const PANEL_BLOCKS: usize = 8;
 
 avx2_dispatch! {
 /// One query block `r` of one `(batch, head)`: `o` is its `[bq, d]` output, `l` its `bq`
-/// log-sum-exps.
+/// log-sum-exps; `kv` the keys and values of its key/value head; `s` scratch for a panel of
+/// scores (`b x PANEL_BLOCKS * b`).
 fn query_block<T: Real>(
     q: &[T],
-    k: &[T],
-    v: &[T],
+    kv: (&[T], &[T]),
     d: usize,
     layout: &CsrLayout<'_>,
     head: usize,
@@ -108,8 +113,9 @@ fn query_block<T: Real>(
     x: &HeadExtras<'_>,
     o: &mut [T],
     l: &mut [T],
+    s: &mut [T],
 ) {
-    let b = layout.block;
+    let (b, (k, v)) = (layout.block, kv);
     let (qs, qe) = layout.block_range(r);
     let bq = qe - qs;
     if x.block_past_end(r) {
@@ -126,7 +132,6 @@ fn query_block<T: Real>(
     let mut max = vec![T::NEG_INFINITY; bq];
     let mut sum = vec![T::ZERO; bq];
     o.fill(T::ZERO);
-    let mut s = vec![T::ZERO; bq * PANEL_BLOCKS * b];
     let q_tile = &q[qs * d..qe * d];
     // One panel per run of consecutive key blocks: one GEMM for its scores, one for P V.
     for run in layout.runs(entries, PANEL_BLOCKS) {
