@@ -3,11 +3,16 @@
 //! `P` is recomputed from the saved log-sum-exp, so nothing of size `n x n` is stored, and
 //! every gradient element is owned by one task: no atomics, deterministic results.
 //!
-//! The `dQ` pass keeps the `P` and `dS` tiles it computes and the `dK`/`dV` pass reads them
-//! back: 5 tile GEMMs per active block instead of 7. The cache holds at most
-//! [`TILE_CACHE_BYTES`]: each head is processed in chunks of key-block columns whose tiles
-//! fit (the `dQ` pass accumulates over the chunks in a fixed order), so memory stays
-//! bounded at any `n`; only a layout with a single column over the budget recomputes.
+//! The `dQ` pass works on row panels (a query block and up to [`PANEL_BLOCKS`] of its key
+//! blocks): with `P` and `dS` of the panel in hand it also computes the panel's `dV` and
+//! `dK` contributions (`Pᵀ dO` and `dSᵀ Q`, one GEMM each for the whole panel, while `P`,
+//! `dS`, `Q` and `dO` are in cache) and stores them; the `dK`/`dV` pass then only sums the
+//! contributions of each key block in a fixed order. 5 GEMMs per active block, as many as
+//! flash attention's backward, but all of panel size. The store holds at most
+//! [`TILE_CACHE_BYTES`]: each head is processed in chunks of key-block columns whose
+//! contributions fit (the `dQ` pass accumulates over the chunks in a fixed order), so memory
+//! stays bounded at any `n`; only a layout with a single column over the budget recomputes
+//! `P` and `dS` in the `dK`/`dV` pass (7 GEMMs per block).
 
 use std::ops::Range;
 
@@ -19,9 +24,12 @@ use crate::real::Real;
 use crate::simd::avx2_dispatch;
 use crate::tile::{gemm, mask_tile, probabilities, scores};
 
-/// Largest `P`/`dS` tile cache (bytes) the backward pass allocates: heads are processed in
-/// column chunks whose tiles fit.
-pub const TILE_CACHE_BYTES: usize = 32 << 20;
+/// Largest store of `dK`/`dV` contributions (bytes) the backward pass allocates: heads are
+/// processed in column chunks whose contributions fit. Small enough to stay in a server
+/// CPU's last-level cache between the `dQ` pass that writes it and the `dK`/`dV` pass that
+/// reads it (on the 2-core development machine, with 32 MiB of L3, 4 and 8 MiB ran the
+/// backward 2-4% faster than 32 MiB; 2 MiB, with many more chunks, 15% slower).
+pub const TILE_CACHE_BYTES: usize = 8 << 20;
 
 /// Inputs shared by every task of the backward pass, for one `(batch, head)` slice (`k`
 /// and `v` of the key/value head it reads).
@@ -226,10 +234,17 @@ pub fn backward_with_deltas<T: Real>(
         }
     };
     let nb = layout.n_blocks;
+    // Blocks of the longest row, the widest panel the dQ pass needs scratch for.
+    let longest = (0..layout.layout_heads * nb)
+        .map(|row| (layout.row_ptr[row + 1] - layout.row_ptr[row]) as usize)
+        .max()
+        .unwrap_or(0);
+    let scratch = || PanelScratch::new(b, longest);
     let column = |lh: usize, c: usize| {
         (layout.col_ptr[lh * nb + c + 1] - layout.col_ptr[lh * nb + c]) as usize
     };
-    let tile = 2 * b * b;
+    // The dK and dV contributions of one active block.
+    let tile = 2 * b * d;
     let budget = tile_cache_bytes / (tile * std::mem::size_of::<T>());
     let widest = (0..layout.layout_heads)
         .flat_map(|lh| (0..nb).map(move |c| (lh, c)))
@@ -266,11 +281,12 @@ pub fn backward_with_deltas<T: Real>(
                     .zip(rows.into_par_iter())
                     .zip(slots.rows.par_iter())
                     .enumerate()
-                    .for_each(|(r, ((dq_r, tiles), entries))| {
+                    .for_each_init(scratch, |scratch, (r, ((dq_r, store), entries))| {
                         if c0 == 0 {
                             dq_r.fill(T::ZERO);
                         }
-                        dq_block(&x, d, layout, r, entries.clone(), scale, dq_r, Some(tiles))
+                        let entries = entries.clone();
+                        dq_block(&x, d, layout, r, entries, scale, dq_r, scratch, Some(store))
                     });
                 let cache = &cache[..];
                 let end = (c1 * b).min(n) * d;
@@ -283,18 +299,8 @@ pub fn backward_with_deltas<T: Real>(
                             dk_c.fill(T::ZERO);
                             dv_c.fill(T::ZERO);
                         }
-                        dkv_block_cached(
-                            &x,
-                            d,
-                            layout,
-                            head,
-                            c0 + i,
-                            scale,
-                            cache,
-                            &slots,
-                            dk_c,
-                            dv_c,
-                        )
+                        let c = c0 + i;
+                        dkv_block_stored(&x, d, layout, head, c, cache, &slots, dk_c, dv_c)
                     });
                 c0 = c1;
             }
@@ -308,10 +314,10 @@ pub fn backward_with_deltas<T: Real>(
             dq_bh
                 .par_chunks_mut(b * d)
                 .enumerate()
-                .for_each(|(r, dq_r)| {
+                .for_each_init(scratch, |scratch, (r, dq_r)| {
                     dq_r.fill(T::ZERO);
                     let entries = layout.row_entries(bh % heads, r);
-                    dq_block(&x, d, layout, r, entries, scale, dq_r, None);
+                    dq_block(&x, d, layout, r, entries, scale, dq_r, scratch, None);
                 });
         });
     dk.par_chunks_mut(n * d)
@@ -349,13 +355,13 @@ fn softmax_grad<T: Real>(p: &[T], dp: &mut [T], delta: &[T], bk: usize) {
     }
 }
 
-/// Where the `dQ` pass of one chunk of key-block columns caches its tiles: row `r`'s
-/// entries in the chunk are `rows[r]` (a sub-range of its CSR row, columns being sorted),
-/// cached in order from slot `starts[r]` on.
+/// Where the `dQ` pass of one chunk of key-block columns stores its contributions: row
+/// `r`'s entries in the chunk are `rows[r]` (a sub-range of its CSR row, columns being
+/// sorted), stored in order from slot `starts[r]` on (a slot is `2 * block * d` elements).
 struct ChunkSlots {
     rows: Vec<Range<usize>>,
     starts: Vec<usize>,
-    /// Keys of each row's entries in the chunk (its panels' width).
+    /// Keys of each row's entries in the chunk.
     widths: Vec<usize>,
 }
 
@@ -380,25 +386,45 @@ impl ChunkSlots {
         }
     }
 
-    /// Where entry `e` of row `r` is cached: `(start of the row's panels, panel width,
-    /// column of the tile)`; `P` is at `start`, `dS` at `start + bq * width`.
-    fn tile(&self, layout: &CsrLayout<'_>, r: usize, e: usize) -> (usize, usize, usize) {
+    /// Where the contributions of entry `e` of row `r` are: its `dV` contribution is the
+    /// `[bk, d]` block at the returned offset, its `dK` contribution the one `width * d`
+    /// further (row `r` stores all its `dV` contributions, then all its `dK` ones).
+    fn tile(&self, layout: &CsrLayout<'_>, d: usize, r: usize, e: usize) -> (usize, usize) {
         let b = layout.block;
+        // Only the last key block can be partial, and it sorts last: every block before
+        // `e` has `b` keys.
+        let keys_before = (e - self.rows[r].start) * b;
         (
-            self.starts[r] * 2 * b * b,
-            self.widths[r],
-            (e - self.rows[r].start) * b,
+            self.starts[r] * 2 * b * d + keys_before * d,
+            self.widths[r] * d,
         )
     }
 }
 
-/// Most key blocks of one `dQ` panel without a cache (its scratch is `b x 16 b`).
+/// Most key blocks of one `dQ` panel (its scratch is two `b x PANEL_BLOCKS * b` tiles).
 const PANEL_BLOCKS: usize = 16;
 
-/// Adds to `dQ` of query block `r` the sum over its `entries` (key blocks) of `dS K * scale`.
-/// With a cache (`tiles`, the row's slots), `P` (after dropout) and `dS` stay there as two
-/// `[bq x width]` panels (width: the entries' keys; entry `e`'s tile at column `(e - start)
-/// * block`); without, they are recomputed in panels of [`PANEL_BLOCKS`] in scratch.
+/// Scratch of one task of the `dQ` pass: `P` and `dS` of a panel.
+struct PanelScratch<T> {
+    p: Vec<T>,
+    ds: Vec<T>,
+}
+
+impl<T: Real> PanelScratch<T> {
+    /// Scratch for panels of up to `blocks` (at most [`PANEL_BLOCKS`]) blocks of `block`.
+    fn new(block: usize, blocks: usize) -> Self {
+        let len = block * blocks.min(PANEL_BLOCKS) * block;
+        Self {
+            p: vec![T::ZERO; len],
+            ds: vec![T::ZERO; len],
+        }
+    }
+}
+
+/// Adds to `dQ` of query block `r` the sum over its `entries` (key blocks) of `dS K * scale`,
+/// panel by panel of at most [`PANEL_BLOCKS`] blocks. With a `store` (the row's slots:
+/// `[width, d]` of `dV` contributions then `[width, d]` of `dK` ones, width the entries'
+/// keys), also writes there each panel's `Pᵀ dO` and `dSᵀ Q * scale`.
 #[allow(clippy::too_many_arguments)]
 fn dq_block<T: Real>(
     x: &Slices<'_, T>,
@@ -408,50 +434,38 @@ fn dq_block<T: Real>(
     entries: Range<usize>,
     scale: T,
     dq: &mut [T],
-    tiles: Option<&mut [T]>,
+    scratch: &mut PanelScratch<T>,
+    mut store: Option<&mut [T]>,
 ) {
-    // Rows past the valid length (no token order): P = 0, nothing to add or cache.
+    // Rows past the valid length (no token order): P = 0, nothing to add or store.
     if entries.is_empty() || x.extras.block_past_end(r) {
         return;
     }
     let (qs, qe) = layout.block_range(r);
     let bq = qe - qs;
-    match tiles {
-        Some(tiles) => {
-            let width = layout.width(entries.clone());
-            let (p, ds) = tiles.split_at_mut(bq * width);
-            dq_panel(
-                x,
-                d,
-                layout,
-                r,
-                entries,
-                scale,
-                dq,
-                p,
-                &mut ds[..bq * width],
-                true,
-            );
-        }
-        None => {
-            let b = layout.block;
-            let mut p = vec![T::ZERO; bq * PANEL_BLOCKS * b];
-            let mut ds = vec![T::ZERO; bq * PANEL_BLOCKS * b];
-            for lo in entries.clone().step_by(PANEL_BLOCKS) {
-                let part = lo..(lo + PANEL_BLOCKS).min(entries.end);
-                let width = layout.width(part.clone());
-                let (p, ds) = (&mut p[..bq * width], &mut ds[..bq * width]);
-                dq_panel(x, d, layout, r, part, scale, dq, p, ds, false);
-            }
-        }
+    let width = layout.width(entries.clone());
+    let mut done = 0;
+    for lo in entries.clone().step_by(PANEL_BLOCKS) {
+        let part = lo..(lo + PANEL_BLOCKS).min(entries.end);
+        let w = layout.width(part.clone());
+        let (p, ds) = (&mut scratch.p[..bq * w], &mut scratch.ds[..bq * w]);
+        let contributions = store.as_deref_mut().map(|store| {
+            let (dv, dk) = store.split_at_mut(width * d);
+            (
+                &mut dv[done * d..(done + w) * d],
+                &mut dk[done * d..(done + w) * d],
+            )
+        });
+        dq_panel(x, d, layout, r, part, scale, dq, p, ds, contributions);
+        done += w;
     }
 }
 
 avx2_dispatch! {
 /// The `dQ` work of one panel: `P` and `dS` of `entries` as `[bq x width]` panels in `p` and
 /// `ds` (row stride `width`), with a GEMM per run of consecutive key blocks for the scores,
-/// for `dP` and for `dQ`. With `keep_dropped_p`, `p` ends holding `P` after dropout (what
-/// the `dK`/`dV` pass needs).
+/// for `dP` and for `dQ`. With `contributions` (`[width, d]` each), also the panel's `dV`
+/// and `dK` contributions: `Pᵀ dO` (`P` after dropout) and `dSᵀ Q * scale`.
 fn dq_panel<T: Real>(
     x: &Slices<'_, T>,
     d: usize,
@@ -462,7 +476,7 @@ fn dq_panel<T: Real>(
     dq: &mut [T],
     p: &mut [T],
     ds: &mut [T],
-    keep_dropped_p: bool,
+    contributions: Option<(&mut [T], &mut [T])>,
 ) {
     let b = layout.block;
     let (qs, qe) = layout.block_range(r);
@@ -503,66 +517,48 @@ fn dq_panel<T: Real>(
         let k = &x.k[ks * d..ke * d];
         gemm(bq, ke - ks, d, scale, (&ds[off..], width, 1), (k, d, 1), T::ONE, dq, d);
     }
-    if keep_dropped_p {
+    if let Some((dv, dk)) = contributions {
         // dV needs the probabilities as the forward used them: after dropout.
         for e in entries {
             let (ks, ke) = layout.block_range(layout.cols[e] as usize);
             x.extras.drop(&mut p[(e - e0) * b..], width, qs, bq, ks, ke - ks);
         }
+        gemm(width, bq, d, T::ONE, (p, 1, width), (dout, d, 1), T::ZERO, dv, d);
+        gemm(width, bq, d, scale, (ds, 1, width), (q, d, 1), T::ZERO, dk, d);
     }
 }
 }
 
 avx2_dispatch! {
-/// Adds to `dK` and `dV` of key block `c` from the `P` and `dS` tiles the `dQ` pass cached
-/// for the chunk holding `c` (slots in `slots`).
-fn dkv_block_cached<T: Real>(
+/// Adds to `dK` and `dV` of key block `c` the contributions the `dQ` pass stored for it (in
+/// `store`, slots in `slots`), in the order of the query blocks.
+fn dkv_block_stored<T: Real>(
     x: &Slices<'_, T>,
     d: usize,
     layout: &CsrLayout<'_>,
     head: usize,
     c: usize,
-    scale: T,
-    cache: &[T],
+    store: &[T],
     slots: &ChunkSlots,
     dk: &mut [T],
     dv: &mut [T],
 ) {
-    let (ks, ke) = layout.block_range(c);
-    let bk = ke - ks;
-    let column = layout.column_entries(head, c);
-    for t in column {
+    if x.extras.block_past_end(c) {
+        return;
+    }
+    let len = dk.len();
+    for t in layout.column_entries(head, c) {
         let r = layout.t_rows[t] as usize;
-        if x.extras.block_past_end(r) || x.extras.block_past_end(c) {
+        if x.extras.block_past_end(r) {
             continue;
         }
-        let (qs, qe) = layout.block_range(r);
-        let bq = qe - qs;
-        let (region, width, off) = slots.tile(layout, r, layout.t_entries[t] as usize);
-        let panels = &cache[region..];
-        let (p, ds) = (&panels[off..], &panels[bq * width + off..]);
-        gemm(
-            bk,
-            bq,
-            d,
-            T::ONE,
-            (p, 1, width),
-            (&x.dout[qs * d..qe * d], d, 1),
-            T::ONE,
-            dv,
-            d,
-        );
-        gemm(
-            bk,
-            bq,
-            d,
-            scale,
-            (ds, 1, width),
-            (&x.q[qs * d..qe * d], d, 1),
-            T::ONE,
-            dk,
-            d,
-        );
+        let (at, dk_offset) = slots.tile(layout, d, r, layout.t_entries[t] as usize);
+        for (g, &y) in dv.iter_mut().zip(&store[at..at + len]) {
+            *g += y;
+        }
+        for (g, &y) in dk.iter_mut().zip(&store[at + dk_offset..at + dk_offset + len]) {
+            *g += y;
+        }
     }
 }
 }
