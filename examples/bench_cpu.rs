@@ -6,8 +6,15 @@
 //! `cargo xtask bench cpu` (release build) prints a markdown table and writes
 //! `target/bench/cpu.json`. With `--extras`, each row also times the forward with 10%
 //! dropout and with key padding (one padded token, so every tile checks validity), and a
-//! second table gives their cost relative to the plain forward of the same run. Every timing is the median of several runs after a warm-up;
-//! CPU backends execute eagerly and each timed region ends by reading a result back.
+//! second table gives their cost relative to the plain forward of the same run.
+//!
+//! Every timing is the median of several runs after a warm-up; CPU backends execute eagerly
+//! and each timed region ends by reading a result back. Ratios that targets are stated in
+//! are measured on neighbouring runs, since load on a shared machine drifts over seconds:
+//! `bwd/fwd` times the forward and backward ops alternately and takes the median of the
+//! per-round ratios, and `--scaling` times the forward at every `n` round robin and gives
+//! `t(n) / t(previous n)` the same way. `--memory` measures the peak memory of one training
+//! step instead.
 
 use std::path::PathBuf;
 use std::time::Duration;

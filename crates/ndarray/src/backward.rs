@@ -86,10 +86,11 @@ pub fn backward<T: Real>(
     )
 }
 
-/// [`backward`] with an explicit tile-cache budget in bytes (0: always recompute).
+/// [`backward`] with an explicit budget in bytes for the store of `dK`/`dV` contributions
+/// ([`TILE_CACHE_BYTES`] in [`backward`]).
 ///
-/// Writes what [`backward`] writes, with an explicit tile-cache budget in bytes (0: always
-/// recompute the tiles).
+/// Writes what [`backward`] writes. With a budget of 0 (or under one key-block column's
+/// contributions) the `dK`/`dV` pass recomputes `P` and `dS` instead.
 ///
 /// # Panics
 /// If a slice length disagrees with `shape` (the caller validates shapes).

@@ -293,13 +293,14 @@ fn check_case(
     };
     let (out, lse) = run_forward();
     close(&out, &want_out, &format!("{what} out"));
-    // Both backward strategies: cached P/dS tiles (all columns in one chunk, and chunks of
-    // the widest column's size), and recompute (budget 0).
+    // Both backward strategies: stored dK/dV contributions (all columns in one chunk, and
+    // chunks of the widest column's size), and recompute (budget 0).
     let widest = o.col_ptr.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as usize;
-    let one_column = widest * 2 * o.block * o.block * std::mem::size_of::<f32>();
+    let slot = 2 * o.block * shape.head_dim * std::mem::size_of::<f32>();
+    let one_column = widest * slot;
     for budget in [TILE_CACHE_BYTES, one_column, 0] {
-        let mut dq = vec![0.0f32; shape.numel()];
-        // Garbage in dk/dv: the kernel must overwrite, not add to, what is there.
+        // Garbage in the gradients: the kernel must overwrite, not add to, what is there.
+        let mut dq = vec![9.0f32; shape.numel()];
         let (mut dk, mut dv) = (
             vec![9.0f32; shape.kv_numel()],
             vec![9.0f32; shape.kv_numel()],
