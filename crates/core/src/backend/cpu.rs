@@ -7,6 +7,8 @@
 
 use std::borrow::Cow;
 
+use rayon::prelude::*;
+
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, DType, Element, TensorData, TensorMetadata, read_sync};
 use sparse_attn_ndarray::{AttentionShape, CsrLayout, Real};
@@ -118,34 +120,49 @@ impl HostElement for f64 {
 
 /// Rows of every `(batch, head)` slice gathered into a row-major buffer: row `p` of slice
 /// `(a, b)` is row `index[p]` (or `p` without an index) of `view`; `width` elements per
-/// row, copied as one run when the row is contiguous.
-fn gather_rows<T: Copy>(
+/// row, copied as one run when the row is contiguous. One task per slice: the buffer's
+/// pages are first touched (and zeroed by the OS) by the threads that fill them.
+fn gather_rows<T: Copy + Send + Sync>(
     view: &HostView<'_, T>,
     shape: [usize; 4],
     index: Option<&[usize]>,
 ) -> Vec<T> {
     let [d0, d1, rows, width] = shape;
     let [s0, s1, s2, s3] = view.strides;
-    let mut out = sparse_attn_ndarray::with_capacity(d0 * d1 * rows * width);
-    for a in 0..d0 {
-        for b in 0..d1 {
-            for p in 0..rows {
+    let (len, slice) = (d0 * d1 * rows * width, rows * width);
+    let mut out = sparse_attn_ndarray::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(slice.max(1))
+        .enumerate()
+        .for_each(|(ab, dst)| {
+            let (a, b) = (ab / d1, ab % d1);
+            for (p, dst) in dst.chunks_mut(width).enumerate() {
                 let row = index.map_or(p, |index| index[p]);
                 let start = view.offset + a * s0 + b * s1 + row * s2;
                 if s3 == 1 || width == 1 {
-                    out.extend_from_slice(&view.data[start..start + width]);
+                    for (x, &y) in dst.iter_mut().zip(&view.data[start..start + width]) {
+                        x.write(y);
+                    }
                 } else {
-                    out.extend((0..width).map(|e| view.data[start + e * s3]));
+                    for (e, x) in dst.iter_mut().enumerate() {
+                        x.write(view.data[start + e * s3]);
+                    }
                 }
             }
-        }
-    }
+        });
+    // SAFETY: the tasks above wrote all `len` elements (every row of every slice).
+    unsafe { out.set_len(len) };
     out
 }
 
 /// Rows of every `rows`-row slice of the row-major `src` reordered by [`gather_rows`]: row
 /// `p` of the result is row `index[p]` (`width` elements per row).
-fn reorder_rows<T: Copy>(src: &[T], rows: usize, width: usize, index: &[usize]) -> Vec<T> {
+fn reorder_rows<T: Copy + Send + Sync>(
+    src: &[T],
+    rows: usize,
+    width: usize,
+    index: &[usize],
+) -> Vec<T> {
     let shape = [src.len() / (rows * width), 1, rows, width];
     let view = HostView {
         data: src,
@@ -189,7 +206,7 @@ fn positions<'a, B: HostBuffers, T: HostElement>(
 }
 
 /// Kernel outputs back in token order.
-fn tokens<T: Copy>(values: Vec<T>, layout: &BlockLayout, width: usize) -> Vec<T> {
+fn tokens<T: Copy + Send + Sync>(values: Vec<T>, layout: &BlockLayout, width: usize) -> Vec<T> {
     match layout.order() {
         None => values,
         Some((_, inverse)) => reorder_rows(&values, layout.seq_len(), width, inverse),
