@@ -18,8 +18,10 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use crate::buffer::zeroed;
 use crate::extras::{Extras, HeadExtras};
 use crate::layout::{AttentionShape, CsrLayout};
+use crate::order::{all_to_positions, all_to_tokens, gather};
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
 use crate::tile::{gemm, mask_tile, probabilities, scores};
@@ -49,6 +51,7 @@ struct Slices<'a, T> {
 /// loss with respect to `out`) and the forward's `extras`, writes `dq` (`[batch, heads,
 /// seq_len, head_dim]` row-major), `dk` and `dv` (`[batch, kv_heads, seq_len, head_dim]`,
 /// summed over the query heads of each group). Dropout masks are regenerated, not stored.
+/// Every tensor is in token order, as in [`forward`](crate::forward()).
 ///
 /// # Panics
 /// If a slice length disagrees with `shape` (the caller validates shapes).
@@ -183,12 +186,7 @@ pub fn backward_with_deltas<T: Real>(
     dv: &mut [T],
     tile_cache_bytes: usize,
 ) {
-    let AttentionShape {
-        heads,
-        seq_len: n,
-        head_dim: d,
-        ..
-    } = shape;
+    let (n, d) = (shape.seq_len, shape.head_dim);
     let (numel, kv_numel) = (shape.numel(), shape.kv_numel());
     for (name, len, want) in [
         ("q", q.len(), numel),
@@ -218,13 +216,147 @@ pub fn backward_with_deltas<T: Real>(
     if shape.numel() == 0 {
         return;
     }
-    // Every gradient is accumulated (dQ over column chunks, dK and dV over the query heads
-    // of a group), from zero: each task zeroes its block of rows before its first
-    // contribution, so the memory is touched once, by the thread that fills it.
-    let (b, group) = (layout.block, shape.group());
-    let slices = |bh: usize| {
+    let inputs = [q, k, v, delta, lse, dout];
+    let plan = Plan::new(shape, layout, tile_cache_bytes, std::mem::size_of::<T>());
+    match (layout.order, plan.budget) {
+        (None, Some(_)) => stored(inputs, shape, layout, scale, extras, &plan, dq, dk, dv),
+        (Some(order), Some(_)) => {
+            stored_permuted(
+                inputs, order, shape, layout, scale, extras, &plan, dq, dk, dv,
+            );
+        }
+        (None, None) => recompute(inputs, shape, layout, scale, extras, &plan, (dq, dk, dv)),
+        (Some(order), None) => {
+            // Inputs gathered to positions once, gradients scattered back.
+            let widths = [d, d, d, 1, 1, d];
+            let [q, k, v, delta, lse, dout] =
+                std::array::from_fn(|i| all_to_positions(inputs[i], order, widths[i]));
+            let [mut dq_p, mut dk_p, mut dv_p] = [numel, kv_numel, kv_numel].map(zeroed::<T>);
+            let grads = (&mut dq_p[..], &mut dk_p[..], &mut dv_p[..]);
+            let inputs = [&q[..], &k, &v, &delta, &lse, &dout];
+            recompute(inputs, shape, layout, scale, extras, &plan, grads);
+            for (g, dst) in [(&dq_p, dq), (&dk_p, dk), (&dv_p, dv)] {
+                all_to_tokens(g, order, d, dst);
+            }
+        }
+    }
+}
+
+/// How one backward call runs: the panel scratch size and, when every key-block column's
+/// contributions fit the store, the store's size in slots.
+struct Plan {
+    /// Blocks of the longest row (the widest panel the dQ pass needs scratch for).
+    longest: usize,
+    /// Slots (one block's dK and dV contributions, `2 * block * d` elements) of the store,
+    /// `None` to recompute instead.
+    budget: Option<usize>,
+    /// Active blocks of the layout (the most slots a chunk can need).
+    total: usize,
+}
+
+impl Plan {
+    fn new(shape: AttentionShape, layout: &CsrLayout<'_>, bytes: usize, elem: usize) -> Self {
+        let nb = layout.n_blocks;
+        let count = |ptr: &[u32], i: usize| (ptr[i + 1] - ptr[i]) as usize;
+        let rows = 0..layout.layout_heads * nb;
+        let longest = rows.clone().map(|i| count(layout.row_ptr, i)).max();
+        let widest = rows.map(|i| count(layout.col_ptr, i)).max().unwrap_or(0);
+        let budget = bytes / (2 * layout.block * shape.head_dim * elem);
+        Self {
+            longest: longest.unwrap_or(0),
+            budget: (widest > 0 && widest <= budget).then_some(budget),
+            total: layout.cols.len(),
+        }
+    }
+
+    fn scratch<T: Real>(&self, block: usize) -> PanelScratch<T> {
+        PanelScratch::new(block, self.longest)
+    }
+
+    /// The contribution store (empty without a budget).
+    fn store<T: Real>(&self, block: usize, d: usize) -> Vec<T> {
+        let slots = self.budget.map_or(0, |budget| budget.min(self.total));
+        zeroed(slots * 2 * block * d)
+    }
+}
+
+/// The backward pass of a permuted layout through the contribution store: each head's rows
+/// gathered to positions in reused buffers (its key/value head's once per group), its
+/// gradients scattered back to token order.
+#[allow(clippy::too_many_arguments)]
+fn stored_permuted<T: Real>(
+    [q, k, v, delta, lse, dout]: [&[T]; 6],
+    order: &[usize],
+    shape: AttentionShape,
+    layout: &CsrLayout<'_>,
+    scale: T,
+    extras: &Extras<'_>,
+    plan: &Plan,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    let (n, d, group) = (shape.seq_len, shape.head_dim, shape.group());
+    let mut inverse = vec![0; n];
+    for (p, &t) in order.iter().enumerate() {
+        inverse[t] = p;
+    }
+    let mut pos = [n * d, n * d, n * d, n, n, n * d].map(|len| zeroed::<T>(len));
+    let mut store = plan.store::<T>(layout.block, d);
+    let [mut dq_p, mut dk_p, mut dv_p] = [0; 3].map(|_| zeroed::<T>(n * d));
+    for bh in 0..shape.batch * shape.heads {
+        let kv = shape.kv_slice(bh);
+        let (rows, kv_rows) = (bh * n..(bh + 1) * n, kv * n..(kv + 1) * n);
+        let first_of_group = (bh % shape.heads).is_multiple_of(group);
+        // This head's rows in positions; its key/value head's once per group.
+        let sources = [
+            (q, d, false),
+            (k, d, true),
+            (v, d, true),
+            (delta, 1, false),
+            (lse, 1, false),
+            (dout, d, false),
+        ];
+        for ((src, width, is_kv), dst) in sources.into_iter().zip(&mut pos) {
+            let at = if is_kv { &kv_rows } else { &rows };
+            if !is_kv || first_of_group {
+                gather(&src[at.start * width..at.end * width], order, width, dst);
+            }
+        }
+        let x = Slices::head(pos.each_ref().map(|x| &x[..]), bh, shape, layout, extras);
+        let grads = (&mut dq_p[..], &mut dk_p[..], &mut dv_p[..]);
+        stored_head(
+            &x,
+            bh % shape.heads,
+            shape,
+            layout,
+            scale,
+            plan,
+            &mut store,
+            grads,
+        );
+        gather(&dq_p, &inverse, d, &mut dq[rows.start * d..rows.end * d]);
+        if (bh % shape.heads) % group == group - 1 {
+            let at = kv_rows.start * d..kv_rows.end * d;
+            gather(&dk_p, &inverse, d, &mut dk[at.clone()]);
+            gather(&dv_p, &inverse, d, &mut dv[at]);
+        }
+    }
+}
+
+impl<'a, T: Real> Slices<'a, T> {
+    /// Slice `bh` of the problem's inputs `[q, k, v, delta, lse, dout]` (`k`, `v` of its
+    /// key/value head).
+    fn of(
+        [q, k, v, delta, lse, dout]: [&'a [T]; 6],
+        bh: usize,
+        shape: AttentionShape,
+        layout: &CsrLayout<'a>,
+        extras: &Extras<'_>,
+    ) -> Self {
+        let (n, d, heads) = (shape.seq_len, shape.head_dim, shape.heads);
         let (base, rows, kv_base) = (bh * n * d, bh * n, shape.kv_slice(bh) * n * d);
-        Slices {
+        Self {
             q: &q[base..base + n * d],
             k: &k[kv_base..kv_base + n * d],
             v: &v[kv_base..kv_base + n * d],
@@ -233,93 +365,167 @@ pub fn backward_with_deltas<T: Real>(
             delta: &delta[rows..rows + n],
             extras: HeadExtras::new(extras, layout, bh / heads, bh % heads),
         }
-    };
-    let nb = layout.n_blocks;
-    // Blocks of the longest row, the widest panel the dQ pass needs scratch for.
-    let longest = (0..layout.layout_heads * nb)
-        .map(|row| (layout.row_ptr[row + 1] - layout.row_ptr[row]) as usize)
-        .max()
-        .unwrap_or(0);
-    let scratch = || PanelScratch::new(b, longest);
-    let column = |lh: usize, c: usize| {
-        (layout.col_ptr[lh * nb + c + 1] - layout.col_ptr[lh * nb + c]) as usize
-    };
-    // The dK and dV contributions of one active block.
-    let tile = 2 * b * d;
-    let budget = tile_cache_bytes / (tile * std::mem::size_of::<T>());
-    let widest = (0..layout.layout_heads)
-        .flat_map(|lh| (0..nb).map(move |c| (lh, c)))
-        .map(|(lh, c)| column(lh, c))
-        .max()
-        .unwrap_or(0);
-    if widest > 0 && widest <= budget {
-        let total = layout.cols.len();
-        let mut cache = crate::buffer::zeroed::<T>(budget.min(total) * tile);
-        for bh in 0..shape.batch * heads {
-            let x = slices(bh);
-            let (head, lh) = (bh % heads, layout.layout_head(bh % heads));
-            let dq_bh = &mut dq[bh * n * d..(bh + 1) * n * d];
-            let kv = shape.kv_slice(bh) * n * d..(shape.kv_slice(bh) + 1) * n * d;
-            let (dk_bh, dv_bh) = (&mut dk[kv.clone()], &mut dv[kv]);
-            let mut c0 = 0;
-            while c0 < nb {
-                // The widest run of columns whose tiles fit (at least one: widest <= budget).
-                let (mut c1, mut count) = (c0, 0);
-                while c1 < nb && count + column(lh, c1) <= budget {
-                    count += column(lh, c1);
-                    c1 += 1;
-                }
-                let slots = ChunkSlots::new(layout, head, c0..c1);
-                let mut rows = Vec::with_capacity(nb);
-                let mut rest = &mut cache[..];
-                for r in 0..nb {
-                    let (mine, tail) = rest.split_at_mut(slots.rows[r].len() * tile);
-                    rows.push(mine);
-                    rest = tail;
-                }
-                dq_bh
-                    .par_chunks_mut(b * d)
-                    .zip(rows.into_par_iter())
-                    .zip(slots.rows.par_iter())
-                    .enumerate()
-                    .for_each_init(scratch, |scratch, (r, ((dq_r, store), entries))| {
-                        if c0 == 0 {
-                            dq_r.fill(T::ZERO);
-                        }
-                        let entries = entries.clone();
-                        dq_block(&x, d, layout, r, entries, scale, dq_r, scratch, Some(store))
-                    });
-                let cache = &cache[..];
-                let end = (c1 * b).min(n) * d;
-                dk_bh[c0 * b * d..end]
-                    .par_chunks_mut(b * d)
-                    .zip(dv_bh[c0 * b * d..end].par_chunks_mut(b * d))
-                    .enumerate()
-                    .for_each(|(i, (dk_c, dv_c))| {
-                        if head % group == 0 {
-                            dk_c.fill(T::ZERO);
-                            dv_c.fill(T::ZERO);
-                        }
-                        let c = c0 + i;
-                        dkv_block_stored(&x, d, layout, head, c, cache, &slots, dk_c, dv_c)
-                    });
-                c0 = c1;
-            }
-        }
-        return;
     }
+
+    /// The inputs of slice `bh` given as one head's rows (`[q, k, v, delta, lse, dout]`,
+    /// already cut to `bh` and its key/value head).
+    fn head(
+        [q, k, v, delta, lse, dout]: [&'a [T]; 6],
+        bh: usize,
+        shape: AttentionShape,
+        layout: &CsrLayout<'a>,
+        extras: &Extras<'_>,
+    ) -> Self {
+        let heads = shape.heads;
+        Self {
+            q,
+            k,
+            v,
+            delta,
+            lse,
+            dout,
+            extras: HeadExtras::new(extras, layout, bh / heads, bh % heads),
+        }
+    }
+}
+
+/// The backward pass through the contribution store, head after head (each head's passes
+/// in parallel): gradients of slice `bh` at `bh` (dQ) and its key/value slice (dK, dV).
+#[allow(clippy::too_many_arguments)]
+fn stored<T: Real>(
+    inputs: [&[T]; 6],
+    shape: AttentionShape,
+    layout: &CsrLayout<'_>,
+    scale: T,
+    extras: &Extras<'_>,
+    plan: &Plan,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    let (n, d) = (shape.seq_len, shape.head_dim);
+    let mut store = plan.store::<T>(layout.block, d);
+    for bh in 0..shape.batch * shape.heads {
+        let x = Slices::of(inputs, bh, shape, layout, extras);
+        let kv = shape.kv_slice(bh) * n * d..(shape.kv_slice(bh) + 1) * n * d;
+        let grads = (
+            &mut dq[bh * n * d..(bh + 1) * n * d],
+            &mut dk[kv.clone()],
+            &mut dv[kv],
+        );
+        stored_head(
+            &x,
+            bh % shape.heads,
+            shape,
+            layout,
+            scale,
+            plan,
+            &mut store,
+            grads,
+        );
+    }
+}
+
+/// One head of [`stored`]: adds its dQ to `dq` and its dK, dV to `dk`, `dv` (`[n, d]`
+/// each), zeroing dK and dV first when `head` is the first of its key/value group.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn stored_head<T: Real>(
+    x: &Slices<'_, T>,
+    head: usize,
+    shape: AttentionShape,
+    layout: &CsrLayout<'_>,
+    scale: T,
+    plan: &Plan,
+    store: &mut [T],
+    (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
+) {
+    let (n, d, b, nb) = (shape.seq_len, shape.head_dim, layout.block, layout.n_blocks);
+    let (lh, first_of_group) = (layout.layout_head(head), head.is_multiple_of(shape.group()));
+    let column =
+        |c: usize| (layout.col_ptr[lh * nb + c + 1] - layout.col_ptr[lh * nb + c]) as usize;
+    let (budget, tile) = (plan.budget.unwrap_or(0), 2 * b * d);
+    let mut c0 = 0;
+    while c0 < nb {
+        // The widest run of columns whose contributions fit (at least one: the plan checked
+        // the widest column).
+        let (mut c1, mut count) = (c0, 0);
+        while c1 < nb && count + column(c1) <= budget {
+            count += column(c1);
+            c1 += 1;
+        }
+        let slots = ChunkSlots::new(layout, head, c0..c1);
+        let mut rows = Vec::with_capacity(nb);
+        let mut rest = &mut store[..];
+        for r in 0..nb {
+            let (mine, tail) = rest.split_at_mut(slots.rows[r].len() * tile);
+            rows.push(mine);
+            rest = tail;
+        }
+        dq.par_chunks_mut(b * d)
+            .zip(rows.into_par_iter())
+            .zip(slots.rows.par_iter())
+            .enumerate()
+            .for_each_init(
+                || plan.scratch(b),
+                |scratch, (r, ((dq_r, store), entries))| {
+                    // dQ accumulates over the chunks, from zero.
+                    if c0 == 0 {
+                        dq_r.fill(T::ZERO);
+                    }
+                    let entries = entries.clone();
+                    dq_block(x, d, layout, r, entries, scale, dq_r, scratch, Some(store))
+                },
+            );
+        let store = &store[..];
+        let end = (c1 * b).min(n) * d;
+        dk[c0 * b * d..end]
+            .par_chunks_mut(b * d)
+            .zip(dv[c0 * b * d..end].par_chunks_mut(b * d))
+            .enumerate()
+            .for_each(|(i, (dk_c, dv_c))| {
+                // dK and dV accumulate over the query heads of a group, from zero.
+                if first_of_group {
+                    dk_c.fill(T::ZERO);
+                    dv_c.fill(T::ZERO);
+                }
+                dkv_block_stored(x, d, layout, head, c0 + i, store, &slots, dk_c, dv_c)
+            });
+        c0 = c1;
+    }
+}
+
+/// The backward pass without a store (a key-block column's contributions exceed the
+/// budget): dQ over the rows, then dK and dV over the columns recomputing `P` and `dS`.
+#[allow(clippy::type_complexity)]
+fn recompute<T: Real>(
+    inputs: [&[T]; 6],
+    shape: AttentionShape,
+    layout: &CsrLayout<'_>,
+    scale: T,
+    extras: &Extras<'_>,
+    plan: &Plan,
+    (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
+) {
+    let (n, d, b, heads, group) = (
+        shape.seq_len,
+        shape.head_dim,
+        layout.block,
+        shape.heads,
+        shape.group(),
+    );
+    let slices = |bh: usize| Slices::of(inputs, bh, shape, layout, extras);
     dq.par_chunks_mut(n * d)
         .enumerate()
         .for_each(|(bh, dq_bh)| {
             let x = slices(bh);
-            dq_bh
-                .par_chunks_mut(b * d)
-                .enumerate()
-                .for_each_init(scratch, |scratch, (r, dq_r)| {
+            dq_bh.par_chunks_mut(b * d).enumerate().for_each_init(
+                || plan.scratch(b),
+                |scratch, (r, dq_r)| {
                     dq_r.fill(T::ZERO);
                     let entries = layout.row_entries(bh % heads, r);
                     dq_block(&x, d, layout, r, entries, scale, dq_r, scratch, None);
-                });
+                },
+            );
         });
     dk.par_chunks_mut(n * d)
         .zip(dv.par_chunks_mut(n * d))

@@ -4,6 +4,7 @@ use rayon::prelude::*;
 
 use crate::extras::{Extras, HeadExtras};
 use crate::layout::{AttentionShape, CsrLayout};
+use crate::order::{to_positions, to_tokens};
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
 use crate::tile::{exp_shifted_sum, gemm, mask_tile, row_max};
@@ -15,7 +16,9 @@ use crate::tile::{exp_shifted_sum, gemm, mask_tile, row_max};
 /// sum_j softmax_j(scale * q_i . k_j) v_j` over the keys the layout allows (and the valid
 /// keys of `extras.key_lengths`; with dropout, each term times the pair's keep factor), and
 /// `lse[b, h, i]` is the natural log of the softmax denominator (before dropout). A row with
-/// no allowed key gets zeros and `-inf`.
+/// no allowed key gets zeros and `-inf`. Rows are tokens: with a token order in the layout
+/// (`layout.order`), each head's rows are gathered to layout positions in scratch the task
+/// reuses, and its results scattered back.
 ///
 /// # Panics
 /// If a slice length disagrees with `shape`, the layout's sequence length differs from
@@ -67,11 +70,10 @@ pub fn forward<T: Real>(
         lse.fill(T::NEG_INFINITY);
         return;
     }
-    let b = layout.block;
     out.par_chunks_mut(n * d)
         .zip(lse.par_chunks_mut(n))
         .enumerate()
-        .for_each(|(bh, (out_bh, lse_bh))| {
+        .for_each_init(HeadScratch::default, |scratch, (bh, (out_bh, lse_bh))| {
             let head = bh % heads;
             let (base, kv_base) = (bh * n * d, shape.kv_slice(bh) * n * d);
             let (q_bh, k_bh, v_bh) = (
@@ -80,19 +82,83 @@ pub fn forward<T: Real>(
                 &v[kv_base..kv_base + n * d],
             );
             let x = HeadExtras::new(extras, layout, bh / heads, head);
-            // One score panel of scratch per rayon job, not per query block.
-            out_bh
-                .par_chunks_mut(b * d)
-                .zip(lse_bh.par_chunks_mut(b))
-                .enumerate()
-                .for_each_init(
-                    || vec![T::ZERO; b * PANEL_BLOCKS * b],
-                    |s, (r, (o, l))| {
-                        let kv = (k_bh, v_bh);
-                        query_block(q_bh, kv, d, layout, head, r, scale, &x, o, l, s);
-                    },
+            let Some(order) = layout.order else {
+                return head_blocks(
+                    [q_bh, k_bh, v_bh],
+                    d,
+                    layout,
+                    head,
+                    scale,
+                    &x,
+                    out_bh,
+                    lse_bh,
                 );
+            };
+            // A permuted layout: this head's rows in position order, in scratch the task
+            // reuses for its next head; results scattered back to token order.
+            let HeadScratch { q, k, v, out, lse } = scratch;
+            for (buffer, len) in [
+                (&mut *q, n * d),
+                (k, n * d),
+                (v, n * d),
+                (out, n * d),
+                (lse, n),
+            ] {
+                buffer.resize(len, T::ZERO);
+            }
+            for (src, dst) in [(q_bh, &mut *q), (k_bh, &mut *k), (v_bh, &mut *v)] {
+                to_positions(src, order, d, dst);
+            }
+            head_blocks([q, k, v], d, layout, head, scale, &x, out, lse);
+            to_tokens(out, order, d, out_bh);
+            to_tokens(lse, order, 1, lse_bh);
         });
+}
+
+/// Reused buffers of one forward task for heads of a permuted layout (empty until used).
+struct HeadScratch<T> {
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    out: Vec<T>,
+    lse: Vec<T>,
+}
+
+impl<T> Default for HeadScratch<T> {
+    fn default() -> Self {
+        Self {
+            q: Vec::new(),
+            k: Vec::new(),
+            v: Vec::new(),
+            out: Vec::new(),
+            lse: Vec::new(),
+        }
+    }
+}
+
+/// Every query block of one `(batch, head)` whose `q`, `k`, `v` (`[n, d]`, positions of the
+/// layout) are `qkv`: writes `out_bh` (`[n, d]`) and `lse_bh` (`n`).
+#[allow(clippy::too_many_arguments)]
+fn head_blocks<T: Real>(
+    [q, k, v]: [&[T]; 3],
+    d: usize,
+    layout: &CsrLayout<'_>,
+    head: usize,
+    scale: T,
+    x: &HeadExtras<'_>,
+    out_bh: &mut [T],
+    lse_bh: &mut [T],
+) {
+    let b = layout.block;
+    // One score panel of scratch per rayon job, not per query block.
+    out_bh
+        .par_chunks_mut(b * d)
+        .zip(lse_bh.par_chunks_mut(b))
+        .enumerate()
+        .for_each_init(
+            || vec![T::ZERO; b * PANEL_BLOCKS * b],
+            |s, (r, (o, l))| query_block(q, (k, v), d, layout, head, r, scale, x, o, l, s),
+        );
 }
 
 /// Most key blocks of one forward panel (a run of consecutive blocks scored by one GEMM).

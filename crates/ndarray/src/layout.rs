@@ -95,8 +95,9 @@ pub struct CsrLayout<'a> {
     pub mask_bits: &'a [u64],
     /// Words per mask, `(block * block).div_ceil(64)`.
     pub mask_words: usize,
-    /// Token at each layout position, when the layout reorders tokens (the kernels' inputs
-    /// are then in layout positions; dropout and padding are defined on tokens).
+    /// Token at each layout position, when the layout reorders tokens: block `r` of the
+    /// lists covers tokens `order[r * block..]`. The kernels take and return tensors in
+    /// token order and apply it inside; dropout and padding are defined on tokens.
     pub order: Option<&'a [usize]>,
 }
 

@@ -26,6 +26,7 @@ mod exp;
 mod extras;
 mod forward;
 mod layout;
+mod order;
 mod real;
 mod simd;
 mod tile;

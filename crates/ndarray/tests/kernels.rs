@@ -1,6 +1,7 @@
 //! The fused kernels against a simple dense f64 implementation over awkward sizes
 //! (n = 1, b - 1, b, b + 1, non-multiples; d = 1, 3; shared and per-head layouts), with
-//! random block sets and random partial masks from a seeded generator.
+//! random block sets and random partial masks from a seeded generator, each layout also
+//! over a random token order (the kernels' permuted path).
 
 use sparse_attn_ndarray::{
     AttentionShape, CsrLayout, DropoutMask, Extras, FULL_BLOCK, TILE_CACHE_BYTES,
@@ -34,6 +35,9 @@ struct Owned {
     t_entries: Vec<u32>,
     bits: Vec<u64>,
     words: usize,
+    /// Token at each layout position, for a permuted layout.
+    order: Option<Vec<usize>>,
+    /// Truth table in token space.
     allowed: Vec<bool>,
 }
 
@@ -53,6 +57,7 @@ impl Owned {
             t_entries: vec![],
             bits: vec![],
             words,
+            order: None,
             allowed: vec![false; heads * n * n],
         };
         for h in 0..heads {
@@ -100,6 +105,36 @@ impl Owned {
         o
     }
 
+    /// The same blocks over a random token order: position `p` holds token `order[p]`, so
+    /// the truth table moves to `allowed[order[i]][order[j]]`.
+    fn permuted(&self, rng: &mut Rng) -> Self {
+        let n = self.n;
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            order.swap(i, rng.next() as usize % (i + 1));
+        }
+        let mut allowed = vec![false; self.allowed.len()];
+        for h in 0..self.heads {
+            for i in 0..n {
+                for j in 0..n {
+                    allowed[(h * n + order[i]) * n + order[j]] = self.allowed[(h * n + i) * n + j];
+                }
+            }
+        }
+        Self {
+            row_ptr: self.row_ptr.clone(),
+            cols: self.cols.clone(),
+            masks: self.masks.clone(),
+            col_ptr: self.col_ptr.clone(),
+            t_rows: self.t_rows.clone(),
+            t_entries: self.t_entries.clone(),
+            bits: self.bits.clone(),
+            order: Some(order),
+            allowed,
+            ..*self
+        }
+    }
+
     fn view(&self) -> CsrLayout<'_> {
         CsrLayout {
             seq_len: self.n,
@@ -114,7 +149,7 @@ impl Owned {
             t_entries: &self.t_entries,
             mask_bits: &self.bits,
             mask_words: self.words,
-            order: None,
+            order: self.order.as_deref(),
         }
     }
 }
@@ -230,6 +265,7 @@ fn fused_kernels_match_simple_dense_over_awkward_sizes() {
         {
             for d in [1, 3, 16] {
                 let o = Owned::random(&mut rng, n, block, layout_heads);
+                let permuted = o.permuted(&mut rng);
                 let shape = AttentionShape {
                     batch: 2,
                     heads,
@@ -258,6 +294,8 @@ fn fused_kernels_match_simple_dense_over_awkward_sizes() {
                         "n={n} b={block} h={heads}/{kv_heads}/{layout_heads} d={d} lengths={with_lengths} dropout={with_dropout}"
                     );
                     check_case(&o, shape, &extras, [&q, &k, &v, &g], &what);
+                    let what = format!("{what} permuted");
+                    check_case(&permuted, shape, &extras, [&q, &k, &v, &g], &what);
                 }
             }
         }

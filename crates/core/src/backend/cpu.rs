@@ -118,15 +118,11 @@ impl HostElement for f64 {
     }
 }
 
-/// Rows of every `(batch, head)` slice gathered into a row-major buffer: row `p` of slice
-/// `(a, b)` is row `index[p]` (or `p` without an index) of `view`; `width` elements per
-/// row, copied as one run when the row is contiguous. One task per slice: the buffer's
-/// pages are first touched (and zeroed by the OS) by the threads that fill them.
-fn gather_rows<T: Copy + Send + Sync>(
-    view: &HostView<'_, T>,
-    shape: [usize; 4],
-    index: Option<&[usize]>,
-) -> Vec<T> {
+/// The rows of every `(batch, head)` slice of `view` gathered into a row-major buffer,
+/// `width` elements per row, copied as one run when the row is contiguous. One task per
+/// slice: the buffer's pages are first touched (and zeroed by the OS) by the threads that
+/// fill them.
+fn gather_rows<T: Copy + Send + Sync>(view: &HostView<'_, T>, shape: [usize; 4]) -> Vec<T> {
     let [d0, d1, rows, width] = shape;
     let [s0, s1, s2, s3] = view.strides;
     let (len, slice) = (d0 * d1 * rows * width, rows * width);
@@ -136,8 +132,7 @@ fn gather_rows<T: Copy + Send + Sync>(
         .enumerate()
         .for_each(|(ab, dst)| {
             let (a, b) = (ab / d1, ab % d1);
-            for (p, dst) in dst.chunks_mut(width).enumerate() {
-                let row = index.map_or(p, |index| index[p]);
+            for (row, dst) in dst.chunks_mut(width).enumerate() {
                 let start = view.offset + a * s0 + b * s1 + row * s2;
                 if s3 == 1 || width == 1 {
                     for (x, &y) in dst.iter_mut().zip(&view.data[start..start + width]) {
@@ -155,62 +150,29 @@ fn gather_rows<T: Copy + Send + Sync>(
     out
 }
 
-/// Rows of every `rows`-row slice of the row-major `src` reordered by [`gather_rows`]: row
-/// `p` of the result is row `index[p]` (`width` elements per row).
-fn reorder_rows<T: Copy + Send + Sync>(
-    src: &[T],
-    rows: usize,
-    width: usize,
-    index: &[usize],
-) -> Vec<T> {
-    let shape = [src.len() / (rows * width), 1, rows, width];
-    let view = HostView {
-        data: src,
-        offset: 0,
-        strides: [rows * width, rows * width, width, 1],
-    };
-    gather_rows(&view, shape, Some(index))
-}
-
-/// Kernel inputs in layout positions, row-major `[batch, heads, n, width]`: borrowed when
-/// the backend's buffer already is that, else gathered in one pass from its strided
-/// buffer (transposed views, the layout's token order), else read through `TensorData`
-/// (other dtypes, broadcast views).
-fn positions<'a, B: HostBuffers, T: HostElement>(
-    t: &'a FloatTensor<B>,
-    layout: &BlockLayout,
-    width: usize,
-) -> Cow<'a, [T]> {
+/// Kernel inputs, row-major `[batch, heads, n, width]` in token order (the kernels apply a
+/// layout's token order themselves): borrowed when the backend's buffer already is that,
+/// else gathered in one pass from its strided buffer (transposed views), else read through
+/// `TensorData` (other dtypes, broadcast views).
+fn host<'a, B: HostBuffers, T: HostElement>(t: &'a FloatTensor<B>) -> Cow<'a, [T]> {
     let dims = t.shape();
     let shape = match *dims.as_slice() {
         [a, b, c] => [a, b, c, 1],
         [a, b, c, e] => [a, b, c, e],
         _ => unreachable!("attention tensors are rank 3 or 4, got {dims:?}"),
     };
-    let order = layout.order().map(|(order, _)| order);
     if let Some(view) = T::view::<B>(t) {
-        return match (order, view.row_major(shape)) {
-            (None, Some(slice)) => Cow::Borrowed(slice),
-            _ => Cow::Owned(gather_rows(&view, shape, order)),
+        return match view.row_major(shape) {
+            Some(slice) => Cow::Borrowed(slice),
+            None => Cow::Owned(gather_rows(&view, shape)),
         };
     }
     let data = read_sync(B::float_into_data(t.clone())).expect("reading a CPU tensor cannot fail");
-    let buffer = data
-        .convert::<T>()
-        .try_into_vec::<T>()
-        .expect("converted above");
-    match order {
-        None => Cow::Owned(buffer),
-        Some(order) => Cow::Owned(reorder_rows(&buffer, layout.seq_len(), width, order)),
-    }
-}
-
-/// Kernel outputs back in token order.
-fn tokens<T: Copy + Send + Sync>(values: Vec<T>, layout: &BlockLayout, width: usize) -> Vec<T> {
-    match layout.order() {
-        None => values,
-        Some((_, inverse)) => reorder_rows(&values, layout.seq_len(), width, inverse),
-    }
+    Cow::Owned(
+        data.convert::<T>()
+            .try_into_vec::<T>()
+            .expect("converted above"),
+    )
 }
 
 fn write<B: Backend, T: Real + Element>(
@@ -276,12 +238,7 @@ fn forward_in<B: HostBuffers, T: HostElement>(
     params: &AttentionParams,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let (shape, dtype, device) = (shape_of::<B>(&q, &k), q.dtype(), q.device());
-    let d = shape.head_dim;
-    let (q, k, v) = (
-        positions::<B, T>(&q, layout, d),
-        positions::<B, T>(&k, layout, d),
-        positions::<B, T>(&v, layout, d),
-    );
+    let (q, k, v) = (host::<B, T>(&q), host::<B, T>(&k), host::<B, T>(&v));
     let mut out = sparse_attn_ndarray::zeroed::<T>(shape.numel());
     let mut lse = vec![T::ZERO; shape.rows()];
     let (scale, extras) = (T::from_f64(params.scale), params.extras());
@@ -294,7 +251,6 @@ fn forward_in<B: HostBuffers, T: HostElement>(
         head_dim,
         ..
     } = shape;
-    let (out, lse) = (tokens(out, layout, head_dim), tokens(lse, layout, 1));
     (
         write::<B, T>(out, vec![batch, heads, seq_len, head_dim], dtype, &device),
         write::<B, T>(lse, vec![batch, heads, seq_len], dtype, &device),
@@ -333,17 +289,13 @@ fn backward_in<B: HostBuffers, T: HostElement>(
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let (shape, dtype, device) = (shape_of::<B>(&q, &k), q.dtype(), q.device());
     let d = shape.head_dim;
-    let (q, k, v) = (
-        positions::<B, T>(&q, layout, d),
-        positions::<B, T>(&k, layout, d),
-        positions::<B, T>(&v, layout, d),
-    );
-    let dout = positions::<B, T>(&dout, layout, d);
+    let (q, k, v) = (host::<B, T>(&q), host::<B, T>(&k), host::<B, T>(&v));
+    let dout = host::<B, T>(&dout);
     // The forward's output is only needed for the row deltas: compute them and free it
     // (when the autodiff graph held the last reference) before the gradients exist.
-    let delta = sparse_attn_ndarray::row_deltas(&positions::<B, T>(&out, layout, d), &dout, d);
+    let delta = sparse_attn_ndarray::row_deltas(&host::<B, T>(&out), &dout, d);
     drop(out);
-    let lse = positions::<B, T>(&lse, layout, 1);
+    let lse = host::<B, T>(&lse);
     let mut dq = sparse_attn_ndarray::zeroed::<T>(shape.numel());
     let (mut dk, mut dv) = (
         sparse_attn_ndarray::zeroed::<T>(shape.kv_numel()),
@@ -374,7 +326,6 @@ fn backward_in<B: HostBuffers, T: HostElement>(
         seq_len,
         head_dim,
     } = shape;
-    let [dq, dk, dv] = [dq, dk, dv].map(|g| tokens(g, layout, head_dim));
     let (q_dims, kv_dims) = (
         vec![batch, heads, seq_len, head_dim],
         vec![batch, kv_heads, seq_len, head_dim],

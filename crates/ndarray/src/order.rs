@@ -1,0 +1,71 @@
+//! Layouts with a token order (the strided pattern groups tokens by residue): the kernels
+//! take and return tensors in token order and work in layout positions inside.
+//!
+//! Position `p` of a layout holds token `order[p]`. The forward pass gathers one head's
+//! rows at a time into scratch that its task reuses, so a permuted layout costs no
+//! full-size copies of `q`, `k` and `v`; the backward pass gathers whole tensors once.
+
+use rayon::prelude::*;
+
+use crate::real::Real;
+
+/// `dst` row `p` = `src` row `order[p]` (rows of `width`; `dst` holds `order.len()` rows).
+pub(crate) fn to_positions<T: Real>(src: &[T], order: &[usize], width: usize, dst: &mut [T]) {
+    for (dst, &token) in dst.chunks_exact_mut(width).zip(order) {
+        dst.copy_from_slice(&src[token * width..(token + 1) * width]);
+    }
+}
+
+/// `dst` row `order[p]` = `src` row `p`: the inverse of [`to_positions`].
+pub(crate) fn to_tokens<T: Real>(src: &[T], order: &[usize], width: usize, dst: &mut [T]) {
+    for (src, &token) in src.chunks_exact(width).zip(order) {
+        dst[token * width..(token + 1) * width].copy_from_slice(src);
+    }
+}
+
+/// `dst` row `i` = `src` row `index[i]` (rows of `width`), in parallel over chunks of rows:
+/// [`to_positions`] with `order`, [`to_tokens`] with the inverse order.
+pub(crate) fn gather<T: Real>(src: &[T], index: &[usize], width: usize, dst: &mut [T]) {
+    const ROWS: usize = 256;
+    if width > 0 {
+        dst.par_chunks_mut(ROWS * width)
+            .zip(index.par_chunks(ROWS))
+            .for_each(|(dst, index)| to_positions(src, index, width, dst));
+    }
+}
+
+/// Every `n`-row slice of `src` (token order) in position order, one task per slice.
+pub(crate) fn all_to_positions<T: Real>(src: &[T], order: &[usize], width: usize) -> Vec<T> {
+    let slice = order.len() * width;
+    let mut dst = crate::buffer::zeroed(src.len());
+    if slice > 0 {
+        dst.par_chunks_mut(slice)
+            .zip(src.par_chunks(slice))
+            .for_each(|(dst, src)| to_positions(src, order, width, dst));
+    }
+    dst
+}
+
+/// Every `n`-row slice of `src` (position order) written to `dst` in token order.
+pub(crate) fn all_to_tokens<T: Real>(src: &[T], order: &[usize], width: usize, dst: &mut [T]) {
+    let slice = order.len() * width;
+    if slice > 0 {
+        dst.par_chunks_mut(slice)
+            .zip(src.par_chunks(slice))
+            .for_each(|(dst, src)| to_tokens(src, order, width, dst));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn positions_and_tokens_are_inverse() {
+        let order = [2, 0, 3, 1];
+        let src: Vec<f32> = (0..16).map(|x| x as f32).collect();
+        let positions = super::all_to_positions(&src, &order, 2);
+        assert_eq!(&positions[..8], &[4.0, 5.0, 0.0, 1.0, 6.0, 7.0, 2.0, 3.0]);
+        let mut back = vec![0.0; 16];
+        super::all_to_tokens(&positions, &order, 2, &mut back);
+        assert_eq!(back, src);
+    }
+}
