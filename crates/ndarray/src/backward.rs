@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use crate::buffer::zeroed;
 use crate::extras::{Extras, HeadExtras};
 use crate::layout::{AttentionShape, CsrLayout};
-use crate::order::{all_to_positions, all_to_tokens, gather};
+use crate::order::{all_to_positions, all_to_tokens, gather, gather_into};
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
 use crate::tile::{gemm, mask_tile, probabilities, scores};
@@ -301,7 +301,7 @@ fn stored_permuted<T: Real>(
     for (p, &t) in order.iter().enumerate() {
         inverse[t] = p;
     }
-    let mut pos = [n * d, n * d, n * d, n, n, n * d].map(|len| zeroed::<T>(len));
+    let mut pos: [Vec<T>; 6] = Default::default();
     let mut store = plan.store::<T>(layout.block, d);
     let [mut dq_p, mut dk_p, mut dv_p] = [0; 3].map(|_| zeroed::<T>(n * d));
     for bh in 0..shape.batch * shape.heads {
@@ -320,7 +320,7 @@ fn stored_permuted<T: Real>(
         for ((src, width, is_kv), dst) in sources.into_iter().zip(&mut pos) {
             let at = if is_kv { &kv_rows } else { &rows };
             if !is_kv || first_of_group {
-                gather(&src[at.start * width..at.end * width], order, width, dst);
+                gather_into(&src[at.start * width..at.end * width], order, width, dst);
             }
         }
         let x = Slices::head(pos.each_ref().map(|x| &x[..]), bh, shape, layout, extras);

@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use crate::extras::{Extras, HeadExtras};
 use crate::layout::{AttentionShape, CsrLayout};
-use crate::order::{to_positions, to_tokens};
+use crate::order::{gather_into, to_tokens};
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
 use crate::tile::{exp_shifted_sum, gemm, mask_tile, row_max};
@@ -97,18 +97,12 @@ pub fn forward<T: Real>(
             // A permuted layout: this head's rows in position order, in scratch the task
             // reuses for its next head; results scattered back to token order.
             let HeadScratch { q, k, v, out, lse } = scratch;
-            for (buffer, len) in [
-                (&mut *q, n * d),
-                (k, n * d),
-                (v, n * d),
-                (out, n * d),
-                (lse, n),
-            ] {
-                buffer.resize(len, T::ZERO);
-            }
             for (src, dst) in [(q_bh, &mut *q), (k_bh, &mut *k), (v_bh, &mut *v)] {
-                to_positions(src, order, d, dst);
+                gather_into(src, order, d, dst);
             }
+            // Fully written by every head: zero-filled once per task.
+            out.resize(n * d, T::ZERO);
+            lse.resize(n, T::ZERO);
             head_blocks([q, k, v], d, layout, head, scale, &x, out, lse);
             to_tokens(out, order, d, out_bh);
             to_tokens(lse, order, 1, lse_bh);

@@ -34,6 +34,29 @@ pub(crate) fn gather<T: Real>(src: &[T], index: &[usize], width: usize, dst: &mu
     }
 }
 
+/// `dst` = the rows `index[i]` of `src` (rows of `width`), replacing its contents and
+/// reusing its capacity, in parallel over chunks of rows; never zero-filled first.
+pub(crate) fn gather_into<T: Real>(src: &[T], index: &[usize], width: usize, dst: &mut Vec<T>) {
+    const ROWS: usize = 256;
+    let len = index.len() * width;
+    dst.clear();
+    dst.reserve(len);
+    if width > 0 {
+        dst.spare_capacity_mut()[..len]
+            .par_chunks_mut(ROWS * width)
+            .zip(index.par_chunks(ROWS))
+            .for_each(|(dst, index)| {
+                for (dst, &row) in dst.chunks_exact_mut(width).zip(index) {
+                    for (x, &y) in dst.iter_mut().zip(&src[row * width..(row + 1) * width]) {
+                        x.write(y);
+                    }
+                }
+            });
+    }
+    // SAFETY: the tasks above wrote the first `len` elements (one row per index).
+    unsafe { dst.set_len(len) };
+}
+
 /// Every `n`-row slice of `src` (token order) in position order, one task per slice.
 pub(crate) fn all_to_positions<T: Real>(src: &[T], order: &[usize], width: usize) -> Vec<T> {
     let slice = order.len() * width;
@@ -58,6 +81,20 @@ pub(crate) fn all_to_tokens<T: Real>(src: &[T], order: &[usize], width: usize, d
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn gather_into_replaces_and_reuses() {
+        let src: Vec<f32> = (0..12).map(|x| x as f32).collect();
+        let mut dst = vec![7.0; 100];
+        super::gather_into(&src, &[3, 0, 2], 3, &mut dst);
+        assert_eq!(dst, [9.0, 10.0, 11.0, 0.0, 1.0, 2.0, 6.0, 7.0, 8.0]);
+        let rows: Vec<usize> = (0..600).map(|i| (i * 7) % 4).collect();
+        super::gather_into(&src, &rows, 3, &mut dst);
+        assert_eq!(dst.len(), 1800);
+        for (i, &row) in rows.iter().enumerate() {
+            assert_eq!(&dst[i * 3..i * 3 + 3], &src[row * 3..row * 3 + 3]);
+        }
+    }
+
     #[test]
     fn positions_and_tokens_are_inverse() {
         let order = [2, 0, 3, 1];
