@@ -219,12 +219,7 @@ pub fn backward_with_deltas<T: Real>(
     let inputs = [q, k, v, delta, lse, dout];
     let plan = Plan::new(shape, layout, tile_cache_bytes, std::mem::size_of::<T>());
     match (layout.order, plan.budget) {
-        (None, Some(_)) => stored(inputs, shape, layout, scale, extras, &plan, dq, dk, dv),
-        (Some(order), Some(_)) => {
-            stored_permuted(
-                inputs, order, shape, layout, scale, extras, &plan, dq, dk, dv,
-            );
-        }
+        (_, Some(_)) => stored(inputs, shape, layout, scale, extras, &plan, dq, dk, dv),
         (None, None) => recompute(inputs, shape, layout, scale, extras, &plan, (dq, dk, dv)),
         (Some(order), None) => {
             // Inputs gathered to positions once, gradients scattered back.
@@ -273,74 +268,14 @@ impl Plan {
         PanelScratch::new(block, self.longest)
     }
 
-    /// The contribution store (empty without a budget).
-    fn store<T: Real>(&self, block: usize, d: usize) -> Vec<T> {
-        let slots = self.budget.map_or(0, |budget| budget.min(self.total));
-        zeroed(slots * 2 * block * d)
+    /// Elements of the contribution store (none without a budget).
+    fn store_len(&self, block: usize, d: usize) -> usize {
+        self.budget.map_or(0, |budget| budget.min(self.total)) * 2 * block * d
     }
-}
 
-/// The backward pass of a permuted layout through the contribution store: each head's rows
-/// gathered to positions in reused buffers (its key/value head's once per group), its
-/// gradients scattered back to token order.
-#[allow(clippy::too_many_arguments)]
-fn stored_permuted<T: Real>(
-    [q, k, v, delta, lse, dout]: [&[T]; 6],
-    order: &[usize],
-    shape: AttentionShape,
-    layout: &CsrLayout<'_>,
-    scale: T,
-    extras: &Extras<'_>,
-    plan: &Plan,
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
-) {
-    let (n, d, group) = (shape.seq_len, shape.head_dim, shape.group());
-    let mut inverse = vec![0; n];
-    for (p, &t) in order.iter().enumerate() {
-        inverse[t] = p;
-    }
-    let mut pos: [Vec<T>; 6] = Default::default();
-    let mut store = plan.store::<T>(layout.block, d);
-    let [mut dq_p, mut dk_p, mut dv_p] = [0; 3].map(|_| zeroed::<T>(n * d));
-    for bh in 0..shape.batch * shape.heads {
-        let kv = shape.kv_slice(bh);
-        let (rows, kv_rows) = (bh * n..(bh + 1) * n, kv * n..(kv + 1) * n);
-        let first_of_group = (bh % shape.heads).is_multiple_of(group);
-        // This head's rows in positions; its key/value head's once per group.
-        let sources = [
-            (q, d, false),
-            (k, d, true),
-            (v, d, true),
-            (delta, 1, false),
-            (lse, 1, false),
-            (dout, d, false),
-        ];
-        for ((src, width, is_kv), dst) in sources.into_iter().zip(&mut pos) {
-            let at = if is_kv { &kv_rows } else { &rows };
-            if !is_kv || first_of_group {
-                gather_into(&src[at.start * width..at.end * width], order, width, dst);
-            }
-        }
-        let x = Slices::head(pos.each_ref().map(|x| &x[..]), bh, shape, layout, extras);
-        let grads = (&mut dq_p[..], &mut dk_p[..], &mut dv_p[..]);
-        stored_head(
-            &x,
-            bh % shape.heads,
-            shape,
-            layout,
-            scale,
-            plan,
-            &mut store,
-            grads,
-        );
-        gather(&dq_p, &inverse, d, &mut dq[rows.start * d..rows.end * d]);
-        if (bh % shape.heads) % group == group - 1 {
-            let at = kv_rows.start * d..kv_rows.end * d;
-            gather(&dk_p, &inverse, d, &mut dk[at.clone()]);
-            gather(&dv_p, &inverse, d, &mut dv[at]);
-        }
+    /// The contribution store.
+    fn store<T: Real>(&self, block: usize, d: usize) -> Vec<T> {
+        zeroed(self.store_len(block, d))
     }
 }
 
@@ -389,8 +324,28 @@ impl<'a, T: Real> Slices<'a, T> {
     }
 }
 
-/// The backward pass through the contribution store, head after head (each head's passes
-/// in parallel): gradients of slice `bh` at `bh` (dQ) and its key/value slice (dK, dV).
+/// Memory of all tasks' buffers below which the stored backward runs its key/value groups
+/// in parallel (when a head's contributions also fit the store at once), instead of one
+/// head after another with only each head's blocks in parallel: small problems (few blocks
+/// per head, permuted layouts with their per-head gathers) otherwise spend their time
+/// waiting at each head's barriers.
+const PARALLEL_GROUPS_BYTES: usize = 32 << 20;
+
+/// The buffers of one task of the stored backward.
+struct GroupScratch<T> {
+    /// The contribution store.
+    store: Vec<T>,
+    /// A permuted layout's head in positions: `q`, `k`, `v`, `delta`, `lse`, `dout`.
+    inputs: [Vec<T>; 6],
+    /// A permuted layout's gradients in positions: dQ of a head, dK and dV of its group.
+    grads: [Vec<T>; 3],
+}
+
+/// The backward pass through the contribution store, one key/value group (its query heads
+/// in order: dK and dV sum over them) per task; groups in parallel when each task's buffers
+/// are small, else one after another (each head's blocks in parallel). A permuted layout's
+/// heads are gathered to positions in the task's buffers (the key/value head once per
+/// group) and their gradients scattered back.
 #[allow(clippy::too_many_arguments)]
 fn stored<T: Real>(
     inputs: [&[T]; 6],
@@ -403,16 +358,107 @@ fn stored<T: Real>(
     dk: &mut [T],
     dv: &mut [T],
 ) {
+    let (n, d, group) = (shape.seq_len, shape.head_dim, shape.group());
+    let inverse = layout.order.map(|order| {
+        let mut inverse = vec![0; n];
+        for (p, &t) in order.iter().enumerate() {
+            inverse[t] = p;
+        }
+        inverse
+    });
+    let scratch = || GroupScratch {
+        store: plan.store::<T>(layout.block, d),
+        inputs: Default::default(),
+        grads: Default::default(),
+    };
+    type Group<'g, T> = (usize, ((&'g mut [T], &'g mut [T]), &'g mut [T]));
+    let task = |scratch: &mut GroupScratch<T>, (bkv, ((dq_g, dk_g), dv_g)): Group<'_, T>| {
+        let first = (bkv / shape.kv_heads) * shape.heads + (bkv % shape.kv_heads) * group;
+        let heads = (first..).zip(dq_g.chunks_mut(n * d));
+        match (layout.order, &inverse) {
+            (Some(order), Some(inverse)) => {
+                let dq_dk_dv = (dk_g, dv_g);
+                let context = (shape, layout, scale, extras, plan);
+                group_permuted(
+                    inputs, order, inverse, bkv, heads, dq_dk_dv, context, scratch,
+                );
+            }
+            _ => {
+                for (bh, dq_bh) in heads {
+                    let x = Slices::of(inputs, bh, shape, layout, extras);
+                    let head = bh % shape.heads;
+                    let grads = (dq_bh, &mut *dk_g, &mut *dv_g);
+                    stored_head(
+                        &x,
+                        head,
+                        shape,
+                        layout,
+                        scale,
+                        plan,
+                        &mut scratch.store,
+                        grads,
+                    );
+                }
+            }
+        }
+    };
+    let per_task = std::mem::size_of::<T>()
+        * (plan.store_len(layout.block, d) + if layout.order.is_some() { 7 * n * d } else { 0 });
+    let groups = dq
+        .par_chunks_mut(group * n * d)
+        .zip(dk.par_chunks_mut(n * d))
+        .zip(dv.par_chunks_mut(n * d))
+        .enumerate();
+    // Small problems: a head's contributions fit the store at once, and every task's
+    // buffers together stay small.
+    let one_chunk = plan.budget.is_some_and(|budget| budget >= plan.total);
+    if one_chunk && per_task * rayon::current_num_threads() <= PARALLEL_GROUPS_BYTES {
+        groups.for_each_init(scratch, task);
+    } else {
+        let mut scratch = scratch();
+        groups
+            .collect::<Vec<_>>()
+            .into_iter()
+            .for_each(|item| task(&mut scratch, item));
+    }
+}
+
+/// One key/value group `bkv` of a permuted layout in [`stored`]: its key/value head
+/// gathered to positions once, each query head's rows gathered in turn, gradients scattered
+/// back to token order (`dq` per head, `dk` and `dv` once the group is done).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn group_permuted<'a, T: Real>(
+    [q, k, v, delta, lse, dout]: [&[T]; 6],
+    order: &[usize],
+    inverse: &[usize],
+    bkv: usize,
+    heads: impl Iterator<Item = (usize, &'a mut [T])>,
+    (dk, dv): (&mut [T], &mut [T]),
+    (shape, layout, scale, extras, plan): (AttentionShape, &CsrLayout<'_>, T, &Extras<'_>, &Plan),
+    scratch: &mut GroupScratch<T>,
+) {
     let (n, d) = (shape.seq_len, shape.head_dim);
-    let mut store = plan.store::<T>(layout.block, d);
-    for bh in 0..shape.batch * shape.heads {
-        let x = Slices::of(inputs, bh, shape, layout, extras);
-        let kv = shape.kv_slice(bh) * n * d..(shape.kv_slice(bh) + 1) * n * d;
-        let grads = (
-            &mut dq[bh * n * d..(bh + 1) * n * d],
-            &mut dk[kv.clone()],
-            &mut dv[kv],
-        );
+    let GroupScratch {
+        store,
+        inputs: pos,
+        grads,
+    } = scratch;
+    for g in grads.iter_mut() {
+        // Fully written by every head (dQ) or group (dK, dV): zero-filled once per task.
+        g.resize(n * d, T::ZERO);
+    }
+    let kv = bkv * n * d..(bkv + 1) * n * d;
+    gather_into(&k[kv.clone()], order, d, &mut pos[1]);
+    gather_into(&v[kv], order, d, &mut pos[2]);
+    for (bh, dq_bh) in heads {
+        let (rows, cols) = (bh * n..(bh + 1) * n, bh * n * d..(bh + 1) * n * d);
+        gather_into(&q[cols.clone()], order, d, &mut pos[0]);
+        gather_into(&delta[rows.clone()], order, 1, &mut pos[3]);
+        gather_into(&lse[rows], order, 1, &mut pos[4]);
+        gather_into(&dout[cols], order, d, &mut pos[5]);
+        let x = Slices::head(pos.each_ref().map(|x| &x[..]), bh, shape, layout, extras);
+        let [dq_p, dk_p, dv_p] = grads;
+        let head_grads = (&mut dq_p[..], &mut dk_p[..], &mut dv_p[..]);
         stored_head(
             &x,
             bh % shape.heads,
@@ -420,10 +466,13 @@ fn stored<T: Real>(
             layout,
             scale,
             plan,
-            &mut store,
-            grads,
+            store,
+            head_grads,
         );
+        gather(dq_p, inverse, d, dq_bh);
     }
+    gather(&grads[1], inverse, d, dk);
+    gather(&grads[2], inverse, d, dv);
 }
 
 /// One head of [`stored`]: adds its dQ to `dq` and its dK, dV to `dk`, `dv` (`[n, d]`
