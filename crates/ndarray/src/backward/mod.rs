@@ -1,0 +1,332 @@
+//! The fused backward pass: `dQ` over the CSR rows, `dK`/`dV` over the transposed lists.
+//!
+//! `P` is recomputed from the saved log-sum-exp, so nothing of size `n x n` is stored, and
+//! every gradient element is owned by one task: no atomics, deterministic results.
+//!
+//! The `dQ` pass works on row panels (a query block and up to 16 of its key blocks, in
+//! [`panel`]): with `P` and `dS` of the panel in hand it also computes the panel's `dV` and
+//! `dK` contributions (`Pᵀ dO` and `dSᵀ Q`, one GEMM each for the whole panel, while `P`,
+//! `dS`, `Q` and `dO` are in cache) and stores them; the `dK`/`dV` pass then only sums the
+//! contributions of each key block in a fixed order ([`stored`](mod@stored)). 5 GEMMs per active
+//! block, as many as flash attention's backward, but all of panel size. The store holds at
+//! most [`TILE_CACHE_BYTES`]: each head is processed in chunks of key-block columns whose
+//! contributions fit (the `dQ` pass accumulates over the chunks in a fixed order), so
+//! memory stays bounded at any `n`; only a layout with a single column over the budget
+//! recomputes `P` and `dS` in the `dK`/`dV` pass ([`recompute`](mod@recompute), 7 GEMMs per block).
+
+mod panel;
+mod recompute;
+mod stored;
+
+use rayon::prelude::*;
+
+use crate::buffer::zeroed;
+use crate::extras::{Extras, HeadExtras};
+use crate::layout::{AttentionShape, CsrLayout};
+use crate::order::{all_to_positions, all_to_tokens};
+use crate::real::Real;
+use panel::PanelScratch;
+use recompute::recompute;
+use stored::stored;
+
+/// Largest store of `dK`/`dV` contributions (bytes) the backward pass allocates: heads are
+/// processed in column chunks whose contributions fit. Small enough to stay in a server
+/// CPU's last-level cache between the `dQ` pass that writes it and the `dK`/`dV` pass that
+/// reads it (on the 2-core development machine, with 32 MiB of L3, 4 and 8 MiB ran the
+/// backward 2-4% faster than 32 MiB; 2 MiB, with many more chunks, 15% slower).
+pub const TILE_CACHE_BYTES: usize = 8 << 20;
+
+/// Inputs shared by every task of the backward pass, for one `(batch, head)` slice (`k`
+/// and `v` of the key/value head it reads).
+struct Slices<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    dout: &'a [T],
+    lse: &'a [T],
+    delta: &'a [T],
+    extras: HeadExtras<'a>,
+}
+
+/// Block-sparse attention backward.
+///
+/// Given the forward inputs, the forward's `out` and `lse`, `dout` (the gradient of the
+/// loss with respect to `out`) and the forward's `extras`, writes `dq` (`[batch, heads,
+/// seq_len, head_dim]` row-major), `dk` and `dv` (`[batch, kv_heads, seq_len, head_dim]`,
+/// summed over the query heads of each group). Dropout masks are regenerated, not stored.
+/// Every tensor is in token order, as in [`forward`](crate::forward()).
+///
+/// # Panics
+/// If a slice length disagrees with `shape` (the caller validates shapes).
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    lse: &[T],
+    dout: &[T],
+    shape: AttentionShape,
+    layout: &CsrLayout<'_>,
+    scale: T,
+    extras: &Extras<'_>,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    backward_with_tile_cache(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dout,
+        shape,
+        layout,
+        scale,
+        extras,
+        dq,
+        dk,
+        dv,
+        TILE_CACHE_BYTES,
+    )
+}
+
+/// [`backward`] with an explicit budget in bytes for the store of `dK`/`dV` contributions
+/// ([`TILE_CACHE_BYTES`] in [`backward`]).
+///
+/// Writes what [`backward`] writes. With a budget of 0 (or under one key-block column's
+/// contributions) the `dK`/`dV` pass recomputes `P` and `dS` instead.
+///
+/// # Panics
+/// If a slice length disagrees with `shape` (the caller validates shapes).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_with_tile_cache<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    lse: &[T],
+    dout: &[T],
+    shape: AttentionShape,
+    layout: &CsrLayout<'_>,
+    scale: T,
+    extras: &Extras<'_>,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+    tile_cache_bytes: usize,
+) {
+    assert_eq!(
+        out.len(),
+        shape.numel(),
+        "backward: `out` has the wrong length"
+    );
+    assert_eq!(
+        dout.len(),
+        shape.numel(),
+        "backward: `dout` has the wrong length"
+    );
+    let delta = row_deltas(out, dout, shape.head_dim);
+    backward_with_deltas(
+        q,
+        k,
+        v,
+        &delta,
+        lse,
+        dout,
+        shape,
+        layout,
+        scale,
+        extras,
+        dq,
+        dk,
+        dv,
+        tile_cache_bytes,
+    );
+}
+
+/// `delta_i = dout_i . out_i` of every row (rows of `d` elements): the softmax-backward row
+/// correction, all the backward pass needs of the forward's output. Computing it first lets
+/// a caller free `out` before the gradients are allocated.
+pub fn row_deltas<T: Real>(out: &[T], dout: &[T], d: usize) -> Vec<T> {
+    assert_eq!(
+        out.len(),
+        dout.len(),
+        "row_deltas: `out` and `dout` differ in length"
+    );
+    let mut delta = vec![T::ZERO; out.len() / d.max(1)];
+    delta
+        .par_chunks_mut(4096)
+        .enumerate()
+        .for_each(|(chunk, dl)| {
+            for (i, x) in dl.iter_mut().enumerate() {
+                let at = (chunk * 4096 + i) * d;
+                *x = dot(&dout[at..at + d], &out[at..at + d]);
+            }
+        });
+    delta
+}
+
+/// [`backward_with_tile_cache`] from the [`row_deltas`] instead of the forward's output.
+///
+/// # Panics
+/// If a slice length disagrees with `shape` (the caller validates shapes).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_with_deltas<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    delta: &[T],
+    lse: &[T],
+    dout: &[T],
+    shape: AttentionShape,
+    layout: &CsrLayout<'_>,
+    scale: T,
+    extras: &Extras<'_>,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+    tile_cache_bytes: usize,
+) {
+    let (n, d) = (shape.seq_len, shape.head_dim);
+    let (numel, kv_numel) = (shape.numel(), shape.kv_numel());
+    for (name, len, want) in [
+        ("q", q.len(), numel),
+        ("k", k.len(), kv_numel),
+        ("v", v.len(), kv_numel),
+        ("dout", dout.len(), numel),
+        ("dq", dq.len(), numel),
+        ("dk", dk.len(), kv_numel),
+        ("dv", dv.len(), kv_numel),
+    ] {
+        assert_eq!(len, want, "backward: `{name}` has the wrong length");
+    }
+    if let Some(lengths) = extras.key_lengths {
+        assert_eq!(
+            lengths.len(),
+            shape.batch,
+            "backward: one key length per batch row"
+        );
+    }
+    for (name, len) in [("lse", lse.len()), ("delta", delta.len())] {
+        assert_eq!(len, shape.rows(), "backward: `{name}` has the wrong length");
+    }
+    assert_eq!(
+        layout.seq_len, n,
+        "backward: layout built for another sequence length"
+    );
+    if shape.numel() == 0 {
+        return;
+    }
+    let inputs = [q, k, v, delta, lse, dout];
+    let plan = Plan::new(shape, layout, tile_cache_bytes, std::mem::size_of::<T>());
+    match (layout.order, plan.budget) {
+        (_, Some(_)) => stored(inputs, shape, layout, scale, extras, &plan, dq, dk, dv),
+        (None, None) => recompute(inputs, shape, layout, scale, extras, &plan, (dq, dk, dv)),
+        (Some(order), None) => {
+            // Inputs gathered to positions once, gradients scattered back.
+            let widths = [d, d, d, 1, 1, d];
+            let [q, k, v, delta, lse, dout] =
+                std::array::from_fn(|i| all_to_positions(inputs[i], order, widths[i]));
+            let [mut dq_p, mut dk_p, mut dv_p] = [numel, kv_numel, kv_numel].map(zeroed::<T>);
+            let grads = (&mut dq_p[..], &mut dk_p[..], &mut dv_p[..]);
+            let inputs = [&q[..], &k, &v, &delta, &lse, &dout];
+            recompute(inputs, shape, layout, scale, extras, &plan, grads);
+            for (g, dst) in [(&dq_p, dq), (&dk_p, dk), (&dv_p, dv)] {
+                all_to_tokens(g, order, d, dst);
+            }
+        }
+    }
+}
+
+/// How one backward call runs: the panel scratch size and, when every key-block column's
+/// contributions fit the store, the store's size in slots.
+struct Plan {
+    /// Blocks of the longest row (the widest panel the dQ pass needs scratch for).
+    longest: usize,
+    /// Slots (one block's dK and dV contributions, `2 * block * d` elements) of the store,
+    /// `None` to recompute instead.
+    budget: Option<usize>,
+    /// Active blocks of the layout (the most slots a chunk can need).
+    total: usize,
+}
+
+impl Plan {
+    fn new(shape: AttentionShape, layout: &CsrLayout<'_>, bytes: usize, elem: usize) -> Self {
+        let nb = layout.n_blocks;
+        let count = |ptr: &[u32], i: usize| (ptr[i + 1] - ptr[i]) as usize;
+        let rows = 0..layout.layout_heads * nb;
+        let longest = rows.clone().map(|i| count(layout.row_ptr, i)).max();
+        let widest = rows.map(|i| count(layout.col_ptr, i)).max().unwrap_or(0);
+        let budget = bytes / (2 * layout.block * shape.head_dim * elem);
+        Self {
+            longest: longest.unwrap_or(0),
+            budget: (widest > 0 && widest <= budget).then_some(budget),
+            total: layout.cols.len(),
+        }
+    }
+
+    fn scratch<T: Real>(&self, block: usize) -> PanelScratch<T> {
+        PanelScratch::new(block, self.longest)
+    }
+
+    /// Elements of the contribution store (none without a budget).
+    fn store_len(&self, block: usize, d: usize) -> usize {
+        self.budget.map_or(0, |budget| budget.min(self.total)) * 2 * block * d
+    }
+
+    /// The contribution store.
+    fn store<T: Real>(&self, block: usize, d: usize) -> Vec<T> {
+        zeroed(self.store_len(block, d))
+    }
+}
+
+impl<'a, T: Real> Slices<'a, T> {
+    /// Slice `bh` of the problem's inputs `[q, k, v, delta, lse, dout]` (`k`, `v` of its
+    /// key/value head).
+    fn of(
+        [q, k, v, delta, lse, dout]: [&'a [T]; 6],
+        bh: usize,
+        shape: AttentionShape,
+        layout: &CsrLayout<'a>,
+        extras: &Extras<'_>,
+    ) -> Self {
+        let (n, d, heads) = (shape.seq_len, shape.head_dim, shape.heads);
+        let (base, rows, kv_base) = (bh * n * d, bh * n, shape.kv_slice(bh) * n * d);
+        Self {
+            q: &q[base..base + n * d],
+            k: &k[kv_base..kv_base + n * d],
+            v: &v[kv_base..kv_base + n * d],
+            dout: &dout[base..base + n * d],
+            lse: &lse[rows..rows + n],
+            delta: &delta[rows..rows + n],
+            extras: HeadExtras::new(extras, layout, bh / heads, bh % heads),
+        }
+    }
+
+    /// The inputs of slice `bh` given as one head's rows (`[q, k, v, delta, lse, dout]`,
+    /// already cut to `bh` and its key/value head).
+    fn head(
+        [q, k, v, delta, lse, dout]: [&'a [T]; 6],
+        bh: usize,
+        shape: AttentionShape,
+        layout: &CsrLayout<'a>,
+        extras: &Extras<'_>,
+    ) -> Self {
+        let heads = shape.heads;
+        Self {
+            q,
+            k,
+            v,
+            delta,
+            lse,
+            dout,
+            extras: HeadExtras::new(extras, layout, bh / heads, bh % heads),
+        }
+    }
+}
+
+fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    a.iter().zip(b).map(|(&x, &y)| x * y).sum()
+}

@@ -1,0 +1,111 @@
+//! The backward pass without a store, for layouts with a key-block column whose
+//! contributions exceed the budget: `dK`/`dV` recompute `P` and `dS` (7 GEMMs per block).
+
+use rayon::prelude::*;
+
+use super::panel::{dq_block, softmax_grad};
+use super::{Plan, Slices};
+use crate::extras::Extras;
+use crate::layout::{AttentionShape, CsrLayout};
+use crate::real::Real;
+use crate::simd::avx2_dispatch;
+use crate::tile::{gemm, probabilities, scores};
+
+/// The backward pass without a store (a key-block column's contributions exceed the
+/// budget): dQ over the rows, then dK and dV over the columns recomputing `P` and `dS`.
+#[allow(clippy::type_complexity)]
+pub(super) fn recompute<T: Real>(
+    inputs: [&[T]; 6],
+    shape: AttentionShape,
+    layout: &CsrLayout<'_>,
+    scale: T,
+    extras: &Extras<'_>,
+    plan: &Plan,
+    (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
+) {
+    let (n, d, b, heads, group) = (
+        shape.seq_len,
+        shape.head_dim,
+        layout.block,
+        shape.heads,
+        shape.group(),
+    );
+    let slices = |bh: usize| Slices::of(inputs, bh, shape, layout, extras);
+    dq.par_chunks_mut(n * d)
+        .enumerate()
+        .for_each(|(bh, dq_bh)| {
+            let x = slices(bh);
+            dq_bh.par_chunks_mut(b * d).enumerate().for_each_init(
+                || plan.scratch(b),
+                |scratch, (r, dq_r)| {
+                    dq_r.fill(T::ZERO);
+                    let entries = layout.row_entries(bh % heads, r);
+                    dq_block(&x, d, layout, r, entries, scale, dq_r, scratch, None);
+                },
+            );
+        });
+    dk.par_chunks_mut(n * d)
+        .zip(dv.par_chunks_mut(n * d))
+        .enumerate()
+        .for_each(|(bkv, (dk_bkv, dv_bkv))| {
+            // The query heads reading this key/value head, in order (deterministic sums).
+            let first = (bkv / shape.kv_heads) * heads + (bkv % shape.kv_heads) * group;
+            let xs: Vec<_> = (first..first + group).map(slices).collect();
+            dk_bkv
+                .par_chunks_mut(b * d)
+                .zip(dv_bkv.par_chunks_mut(b * d))
+                .enumerate()
+                .for_each(|(c, (dk_c, dv_c))| {
+                    dk_c.fill(T::ZERO);
+                    dv_c.fill(T::ZERO);
+                    for (bh, x) in (first..).zip(&xs) {
+                        dkv_block(x, d, layout, bh % heads, c, scale, dk_c, dv_c);
+                    }
+                });
+        });
+}
+
+avx2_dispatch! {
+/// Adds to `dK` and `dV` of key block `c` the sums over the query blocks of `head` that
+/// attend it.
+fn dkv_block<T: Real>(
+    x: &Slices<'_, T>,
+    d: usize,
+    layout: &CsrLayout<'_>,
+    head: usize,
+    c: usize,
+    scale: T,
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    let b = layout.block;
+    let (ks, ke) = layout.block_range(c);
+    let bk = ke - ks;
+    let column = layout.column_entries(head, c);
+    let (mut p, mut dp) = (vec![T::ZERO; b * bk], vec![T::ZERO; b * bk]);
+    let (k, v) = (&x.k[ks * d..ke * d], &x.v[ks * d..ke * d]);
+    for t in column {
+        let r = layout.t_rows[t] as usize;
+        if x.extras.block_past_end(r) || x.extras.block_past_end(c) {
+            continue;
+        }
+        let (qs, qe) = layout.block_range(r);
+        let bq = qe - qs;
+        let (p, dp) = (&mut p[..bq * bk], &mut dp[..bq * bk]);
+        let (q, dout) = (&x.q[qs * d..qe * d], &x.dout[qs * d..qe * d]);
+        let entry = layout.t_entries[t] as usize;
+        scores(q, k, bq, bk, d, scale, layout.mask_of(entry), b, p);
+        x.extras.mask_padding(p, bk, qs, bq, ks, bk);
+        probabilities(p, &x.lse[qs..qe], bk);
+        // dP = dO Vᵀ (times the keep factor under dropout), dS = P (dP - delta)
+        gemm(bq, d, bk, T::ONE, (dout, d, 1), (v, 1, d), T::ZERO, dp, bk);
+        x.extras.drop(dp, bk, qs, bq, ks, bk);
+        softmax_grad(p, dp, &x.delta[qs..qe], bk);
+        // dV += Pᵀ dO, P after dropout
+        x.extras.drop(p, bk, qs, bq, ks, bk);
+        gemm(bk, bq, d, T::ONE, (p, 1, bk), (dout, d, 1), T::ONE, dv, d);
+        // dK += dSᵀ Q * scale
+        gemm(bk, bq, d, scale, (dp, 1, bk), (q, d, 1), T::ONE, dk, d);
+    }
+}
+}
