@@ -64,15 +64,15 @@ pub(super) fn stored<T: Real>(
     let task = |scratch: &mut GroupScratch<T>, (bkv, ((dq_g, dk_g), dv_g)): Group<'_, T>| {
         let first = (bkv / shape.kv_heads) * shape.heads + (bkv % shape.kv_heads) * group;
         let heads = (first..).zip(dq_g.chunks_mut(n * d));
-        match (layout.order, &inverse) {
-            (Some(order), Some(inverse)) => {
-                let dq_dk_dv = (dk_g, dv_g);
+        match layout.order.zip(inverse.as_deref()) {
+            Some((order, inverse)) => {
                 let context = (shape, layout, scale, extras, plan);
+                let kv_grads = (dk_g, dv_g);
                 group_permuted(
-                    inputs, order, inverse, bkv, heads, dq_dk_dv, context, scratch,
+                    inputs, order, inverse, bkv, heads, kv_grads, context, scratch,
                 );
             }
-            _ => {
+            None => {
                 for (bh, dq_bh) in heads {
                     let x = Slices::of(inputs, bh, shape, layout, extras);
                     let head = bh % shape.heads;
