@@ -1,9 +1,10 @@
 //! Layouts with a token order (the strided pattern groups tokens by residue): the kernels
 //! take and return tensors in token order and work in layout positions inside.
 //!
-//! Position `p` of a layout holds token `order[p]`. The forward pass gathers one head's
-//! rows at a time into scratch that its task reuses, so a permuted layout costs no
-//! full-size copies of `q`, `k` and `v`; the backward pass gathers whole tensors once.
+//! Position `p` of a layout holds token `order[p]`. The forward pass and the backward pass
+//! through the contribution store gather one head's rows at a time into buffers their task
+//! reuses, so a permuted layout costs no full-size copies of the inputs; only the
+//! backward's recompute fallback gathers whole tensors.
 
 use rayon::prelude::*;
 
