@@ -168,7 +168,8 @@ pub fn row_deltas<T: Real>(out: &[T], dout: &[T], d: usize) -> Vec<T> {
     delta
 }
 
-/// [`backward_with_tile_cache`] from the [`row_deltas`] instead of the forward's output.
+/// [`backward_with_tile_cache`] from the [`row_deltas`] instead of the forward's output
+/// (`delta` in token order, like every other tensor).
 ///
 /// # Panics
 /// If a slice length disagrees with `shape` (the caller validates shapes).
