@@ -1,10 +1,13 @@
 //! Per-call options beyond the layout: key padding (valid lengths per batch row) and
 //! attention dropout, applied to score and probability tiles inside the kernels.
 
+use std::ops::Range;
+
 use crate::dropout::DropoutMask;
 use crate::layout::CsrLayout;
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
+use crate::tile::mask_tile;
 
 /// Options of one kernel call; the default is plain attention.
 #[derive(Debug, Clone, Copy, Default)]
@@ -47,11 +50,54 @@ impl<'a> HeadExtras<'a> {
         self.layout.order.is_none() && self.len.is_some_and(|len| r * self.layout.block >= len)
     }
 
+    /// Sets the disallowed scores of the tiles of `entries` to `-inf`: each block's element
+    /// mask, then the padding. The tiles lie side by side in `s` (row `i` at `s[i * ld..]`,
+    /// entry `e` from column `(e - entries.start) * block` on), for query positions
+    /// `qs..qs + bq`.
+    #[inline(always)]
+    pub(crate) fn mask_tiles<T: Real>(
+        &self,
+        entries: Range<usize>,
+        s: &mut [T],
+        ld: usize,
+        qs: usize,
+        bq: usize,
+    ) {
+        let (layout, e0) = (&self.layout, entries.start);
+        for e in entries {
+            let (ks, ke) = layout.block_range(layout.cols[e] as usize);
+            let tile = &mut s[(e - e0) * layout.block..];
+            if let Some(bits) = layout.mask_of(e) {
+                mask_tile(tile, ld, bq, ke - ks, bits, layout.block);
+            }
+            self.mask_padding(tile, ld, qs, bq, ks, ke - ks);
+        }
+    }
+
+    /// Applies dropout to the probability tiles of `entries`, laid out as in
+    /// [`mask_tiles`](Self::mask_tiles): dropped pairs become 0, kept ones are multiplied by
+    /// `1 / (1 - p)`.
+    #[inline(always)]
+    pub(crate) fn drop_tiles<T: Real>(
+        &self,
+        entries: Range<usize>,
+        t: &mut [T],
+        ld: usize,
+        qs: usize,
+        bq: usize,
+    ) {
+        let (layout, e0) = (&self.layout, entries.start);
+        for e in entries {
+            let (ks, ke) = layout.block_range(layout.cols[e] as usize);
+            self.drop(&mut t[(e - e0) * layout.block..], ld, qs, bq, ks, ke - ks);
+        }
+    }
+
     /// Sets the scores of invalid query rows and key columns of the tile (query positions
     /// `qs..qs + bq`, key positions `ks..ks + bk`; row `i` at `s[i * ld..]`) to `-inf`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn mask_padding<T: Real>(
+    fn mask_padding<T: Real>(
         &self,
         s: &mut [T],
         ld: usize,
@@ -88,18 +134,9 @@ impl<'a> HeadExtras<'a> {
         }
     }
 
-    /// Applies dropout to a probability-shaped tile in place (row `i` at `t[i * ld..]`):
-    /// dropped pairs become 0, kept ones are multiplied by `1 / (1 - p)`.
+    /// Applies dropout to a probability-shaped tile in place (row `i` at `t[i * ld..]`).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn drop<T: Real>(
-        &self,
-        t: &mut [T],
-        ld: usize,
-        qs: usize,
-        bq: usize,
-        ks: usize,
-        bk: usize,
-    ) {
+    fn drop<T: Real>(&self, t: &mut [T], ld: usize, qs: usize, bq: usize, ks: usize, bk: usize) {
         let Some((mask, head_key)) = self.dropout else {
             return;
         };

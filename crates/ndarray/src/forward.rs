@@ -7,7 +7,7 @@ use crate::layout::{AttentionShape, CsrLayout};
 use crate::order::{gather_into, to_tokens};
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
-use crate::tile::{exp_shifted_sum, gemm, mask_tile, row_max};
+use crate::tile::{exp_shifted_sum, gemm, row_max};
 
 /// Block-sparse attention forward.
 ///
@@ -175,7 +175,7 @@ fn query_block<T: Real>(
     l: &mut [T],
     s: &mut [T],
 ) {
-    let (b, (k, v)) = (layout.block, kv);
+    let (k, v) = kv;
     let (qs, qe) = layout.block_range(r);
     let bq = qe - qs;
     if x.block_past_end(r) {
@@ -199,14 +199,7 @@ fn query_block<T: Real>(
         let w = ke - ks;
         let s = &mut s[..bq * w];
         gemm(bq, d, w, scale, (q_tile, d, 1), (&k[ks * d..ke * d], 1, d), T::ZERO, s, w);
-        for e in run.clone() {
-            let (cs, ce) = layout.block_range(layout.cols[e] as usize);
-            let off = cs - ks;
-            if let Some(bits) = layout.mask_of(e) {
-                mask_tile(&mut s[off..], w, bq, ce - cs, bits, b);
-            }
-            x.mask_padding(&mut s[off..], w, qs, bq, cs, ce - cs);
-        }
+        x.mask_tiles(run.clone(), s, w, qs, bq);
         for i in 0..bq {
             let srow = &mut s[i * w..(i + 1) * w];
             let tile_max = row_max(srow);
@@ -227,10 +220,7 @@ fn query_block<T: Real>(
         }
         // Dropout acts on the probabilities after the softmax sum: the normaliser keeps
         // every allowed term, the output only the kept ones (scaled by 1 / (1 - p)).
-        for e in run {
-            let (cs, ce) = layout.block_range(layout.cols[e] as usize);
-            x.drop(&mut s[cs - ks..], w, qs, bq, cs, ce - cs);
-        }
+        x.drop_tiles(run, s, w, qs, bq);
         gemm(bq, w, d, T::ONE, (s, w, 1), (&v[ks * d..ke * d], d, 1), T::ONE, o, d);
     }
     for i in 0..bq {

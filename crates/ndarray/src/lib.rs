@@ -6,12 +6,13 @@
 //! functions from its `NdArray` and `Flex` backend impls.
 //!
 //! The algorithm is the flash-attention one (DESIGN.md §5):
-//! - [`forward`](forward()): for each `(batch, head, query block)`, walk the active key blocks, keep a
-//!   running max and sum per row (online softmax), accumulate `P V`, write the output and the
-//!   natural-log log-sum-exp of every row;
-//! - [`backward`](backward()): recompute `P` from the saved log-sum-exp; `dQ` in a pass over the CSR rows,
-//!   `dK`/`dV` in a pass over the transposed (key-block-major) lists. Every output element is
-//!   written by exactly one task in a fixed order, so results are bit-identical run to run.
+//! - [`forward`](forward()): for each `(batch, head, query block)`, walk the active key
+//!   blocks, keep a running max and sum per row (online softmax), accumulate `P V`, write the
+//!   output and the natural-log log-sum-exp of every row;
+//! - [`backward`](backward()): recompute `P` from the saved log-sum-exp; `dQ` in a pass over
+//!   the CSR rows, `dK`/`dV` in a pass over the transposed (key-block-major) lists. Every
+//!   output element is written by exactly one task in a fixed order, so results are
+//!   bit-identical run to run.
 //!
 //! Tiles go through the `gemm` crate's SIMD GEMM; the softmax, mask and dropout loops around
 //! them run in AVX2 copies when the CPU has it (run-time dispatch); element masks are applied

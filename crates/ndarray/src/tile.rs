@@ -1,4 +1,4 @@
-//! Block × block tiles: scaled scores through SIMD GEMM, masks, and the GEMM wrapper.
+//! Block × block tiles: the GEMM wrapper, element masks and the softmax loops.
 
 use crate::real::Real;
 
@@ -44,27 +44,6 @@ pub(crate) fn gemm<T: Real>(
             ldc as isize,
             1,
         );
-    }
-}
-
-/// Scores `s[bq x bk] = scale * q kᵀ` for `bq` query rows and `bk` key rows of width `d`,
-/// with disallowed elements (per `mask`, bit `i * block + j`) set to `-inf`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-pub(crate) fn scores<T: Real>(
-    q: &[T],
-    k: &[T],
-    bq: usize,
-    bk: usize,
-    d: usize,
-    scale: T,
-    mask: Option<&[u64]>,
-    block: usize,
-    s: &mut [T],
-) {
-    gemm(bq, d, bk, scale, (q, d, 1), (k, 1, d), T::ZERO, s, bk);
-    if let Some(bits) = mask {
-        mask_tile(s, bk, bq, bk, bits, block);
     }
 }
 

@@ -293,17 +293,18 @@ impl<'a, T: Real> Slices<'a, T> {
         layout: &CsrLayout<'a>,
         extras: &Extras<'_>,
     ) -> Self {
-        let (n, d, heads) = (shape.seq_len, shape.head_dim, shape.heads);
-        let (base, rows, kv_base) = (bh * n * d, bh * n, shape.kv_slice(bh) * n * d);
-        Self {
-            q: &q[base..base + n * d],
-            k: &k[kv_base..kv_base + n * d],
-            v: &v[kv_base..kv_base + n * d],
-            dout: &dout[base..base + n * d],
-            lse: &lse[rows..rows + n],
-            delta: &delta[rows..rows + n],
-            extras: HeadExtras::new(extras, layout, bh / heads, bh % heads),
-        }
+        let (n, d) = (shape.seq_len, shape.head_dim);
+        let (rows, kv) = (bh * n..(bh + 1) * n, shape.kv_slice(bh));
+        let (cols, kv_cols) = (bh * n * d..(bh + 1) * n * d, kv * n * d..(kv + 1) * n * d);
+        let head = [
+            &q[cols.clone()],
+            &k[kv_cols.clone()],
+            &v[kv_cols],
+            &delta[rows.clone()],
+            &lse[rows],
+            &dout[cols],
+        ];
+        Self::head(head, bh, shape, layout, extras)
     }
 
     /// The inputs of slice `bh` given as one head's rows (`[q, k, v, delta, lse, dout]`,

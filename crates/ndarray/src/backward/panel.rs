@@ -8,7 +8,7 @@ use super::Slices;
 use crate::layout::CsrLayout;
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
-use crate::tile::{gemm, mask_tile, probabilities};
+use crate::tile::{gemm, probabilities};
 
 /// Most key blocks of one `dQ` panel (its scratch is two `b x PANEL_BLOCKS * b` tiles).
 const PANEL_BLOCKS: usize = 16;
@@ -105,20 +105,10 @@ fn dq_panel<T: Real>(
         gemm(bq, d, ke - ks, T::ONE, (dout, d, 1), (v, 1, d), T::ZERO, &mut ds[off..], width);
     }
     // Masks and padding per tile; P over whole rows.
-    for e in entries.clone() {
-        let (ks, ke) = layout.block_range(layout.cols[e] as usize);
-        let off = (e - e0) * b;
-        if let Some(bits) = layout.mask_of(e) {
-            mask_tile(&mut p[off..], width, bq, ke - ks, bits, b);
-        }
-        x.extras.mask_padding(&mut p[off..], width, qs, bq, ks, ke - ks);
-    }
+    x.extras.mask_tiles(entries.clone(), p, width, qs, bq);
     probabilities(p, &x.lse[qs..qe], width);
     // With dropout, dP of the kept (scaled) probabilities: dO Vᵀ times the keep factor.
-    for e in entries.clone() {
-        let (ks, ke) = layout.block_range(layout.cols[e] as usize);
-        x.extras.drop(&mut ds[(e - e0) * b..], width, qs, bq, ks, ke - ks);
-    }
+    x.extras.drop_tiles(entries.clone(), ds, width, qs, bq);
     softmax_grad(p, ds, &x.delta[qs..qe], width);
     // dQ += dS K * scale, one GEMM per run.
     for run in layout.runs(entries.clone(), usize::MAX) {
@@ -128,10 +118,7 @@ fn dq_panel<T: Real>(
     }
     if let Some((dv, dk)) = contributions {
         // dV needs the probabilities as the forward used them: after dropout.
-        for e in entries {
-            let (ks, ke) = layout.block_range(layout.cols[e] as usize);
-            x.extras.drop(&mut p[(e - e0) * b..], width, qs, bq, ks, ke - ks);
-        }
+        x.extras.drop_tiles(entries, p, width, qs, bq);
         gemm(width, bq, d, T::ONE, (p, 1, width), (dout, d, 1), T::ZERO, dv, d);
         gemm(width, bq, d, scale, (ds, 1, width), (q, d, 1), T::ZERO, dk, d);
     }

@@ -9,7 +9,7 @@ use crate::extras::Extras;
 use crate::layout::{AttentionShape, CsrLayout};
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
-use crate::tile::{gemm, probabilities, scores};
+use crate::tile::{gemm, probabilities};
 
 /// The backward pass without a store (a key-block column's contributions exceed the
 /// budget): dQ over the rows, then dK and dV over the columns recomputing `P` and `dS`.
@@ -94,15 +94,16 @@ fn dkv_block<T: Real>(
         let (p, dp) = (&mut p[..bq * bk], &mut dp[..bq * bk]);
         let (q, dout) = (&x.q[qs * d..qe * d], &x.dout[qs * d..qe * d]);
         let entry = layout.t_entries[t] as usize;
-        scores(q, k, bq, bk, d, scale, layout.mask_of(entry), b, p);
-        x.extras.mask_padding(p, bk, qs, bq, ks, bk);
+        let tile = entry..entry + 1;
+        gemm(bq, d, bk, scale, (q, d, 1), (k, 1, d), T::ZERO, p, bk);
+        x.extras.mask_tiles(tile.clone(), p, bk, qs, bq);
         probabilities(p, &x.lse[qs..qe], bk);
         // dP = dO Vᵀ (times the keep factor under dropout), dS = P (dP - delta)
         gemm(bq, d, bk, T::ONE, (dout, d, 1), (v, 1, d), T::ZERO, dp, bk);
-        x.extras.drop(dp, bk, qs, bq, ks, bk);
+        x.extras.drop_tiles(tile.clone(), dp, bk, qs, bq);
         softmax_grad(p, dp, &x.delta[qs..qe], bk);
         // dV += Pᵀ dO, P after dropout
-        x.extras.drop(p, bk, qs, bq, ks, bk);
+        x.extras.drop_tiles(tile, p, bk, qs, bq);
         gemm(bk, bq, d, T::ONE, (p, 1, bk), (dout, d, 1), T::ONE, dv, d);
         // dK += dSᵀ Q * scale
         gemm(bk, bq, d, scale, (dp, 1, bk), (q, d, 1), T::ONE, dk, d);

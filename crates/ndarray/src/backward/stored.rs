@@ -178,9 +178,8 @@ fn stored_head<T: Real>(
     (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
 ) {
     let (n, d, b, nb) = (shape.seq_len, shape.head_dim, layout.block, layout.n_blocks);
-    let (lh, first_of_group) = (layout.layout_head(head), head.is_multiple_of(shape.group()));
-    let column =
-        |c: usize| (layout.col_ptr[lh * nb + c + 1] - layout.col_ptr[lh * nb + c]) as usize;
+    let first_of_group = head.is_multiple_of(shape.group());
+    let column = |c: usize| layout.column_entries(head, c).len();
     let (budget, tile) = (plan.budget.unwrap_or(0), 2 * b * d);
     let mut c0 = 0;
     while c0 < nb {
