@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, DispatchTensor, Distribution, Tensor};
 use clap::Parser;
 use serde::Serialize;
 use sparse_attn::pattern::{Band, BigBird, BigBirdConfig, Fixed, Strided};
@@ -182,15 +182,7 @@ fn time_ops(qkv: [&Tensor<4>; 3], layout: &BlockLayout, reps: usize) -> OpTimes 
     let d = qkv[0].dims()[3];
     let params = AttentionParams::plain(1.0 / (d as f64).sqrt());
     let [q, k, v] = qkv.map(|t| t.clone().into_dispatch());
-    let forward = || {
-        <Dispatch as SparseAttentionBackend>::sparse_attention_forward(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            layout.clone(),
-            params.clone(),
-        )
-    };
+    let forward = || forward_op([&q, &k, &v], layout, &params);
     let (out, lse) = forward();
     let dout = Tensor::<4>::random(
         qkv[0].dims(),
@@ -212,39 +204,33 @@ fn time_ops(qkv: [&Tensor<4>; 3], layout: &BlockLayout, reps: usize) -> OpTimes 
         );
         sync(Tensor::from_dispatch(dq));
     };
-    let rounds = interleaved_ms(reps, &mut [&mut run_forward, &mut run_backward]);
+    let rounds = rounds_ms(reps, &mut [&mut run_forward, &mut run_backward]);
     let ratios: Vec<f64> = rounds.iter().map(|t| t[1] / t[0]).collect();
     OpTimes {
-        fwd_ms: median(rounds.iter().map(|t| t[0]).collect()),
-        bwd_ms: median(rounds.iter().map(|t| t[1]).collect()),
-        bwd_fwd: median(ratios),
+        fwd_ms: timing::median(rounds.iter().map(|t| t[0]).collect()),
+        bwd_ms: timing::median(rounds.iter().map(|t| t[1]).collect()),
+        bwd_fwd: timing::median(ratios),
     }
 }
 
-/// Runs every function once per round, in order, for `reps` rounds after a warm-up (two
-/// rounds and at least a quarter second); returns each round's times in ms.
-fn interleaved_ms(reps: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<Vec<f64>> {
-    let mut round = || -> Vec<f64> {
-        fs.iter_mut()
-            .map(|f| {
-                let start = std::time::Instant::now();
-                f();
-                start.elapsed().as_secs_f64() * 1e3
-            })
-            .collect()
-    };
-    let start = std::time::Instant::now();
-    let mut warm = 0;
-    while warm < 2 || start.elapsed() < Duration::from_millis(250) {
-        round();
-        warm += 1;
-    }
-    (0..reps.max(1)).map(|_| round()).collect()
+/// The backend's forward op alone: output and log-sum-exp.
+fn forward_op(
+    [q, k, v]: [&DispatchTensor; 3],
+    layout: &BlockLayout,
+    params: &AttentionParams,
+) -> (DispatchTensor, DispatchTensor) {
+    <Dispatch as SparseAttentionBackend>::sparse_attention_forward(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        layout.clone(),
+        params.clone(),
+    )
 }
 
-fn median(mut x: Vec<f64>) -> f64 {
-    x.sort_by(f64::total_cmp);
-    x[x.len() / 2]
+/// [`timing::rounds_ms`] with this benchmark's warm-up (two rounds and a quarter second).
+fn rounds_ms(reps: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<Vec<f64>> {
+    timing::rounds_ms(reps, 2, Duration::from_millis(250), fs)
 }
 
 /// `--scaling`: the forward op of the first pattern and block at every `n`, timed round
@@ -267,19 +253,14 @@ fn measure_scaling(args: &Args, device: &Device) -> Result<(), Box<dyn std::erro
         .map(|(_, layout, [q, k, v])| {
             let params = params.clone();
             move || {
-                let (out, _) = <Dispatch as SparseAttentionBackend>::sparse_attention_forward(
-                    q.clone(),
-                    k.clone(),
-                    v.clone(),
-                    layout.clone(),
-                    params.clone(),
-                );
-                sync(Tensor::from_dispatch(out));
+                sync(Tensor::from_dispatch(
+                    forward_op([q, k, v], layout, &params).0,
+                ))
             }
         })
         .collect();
     let mut fs: Vec<&mut dyn FnMut()> = runs.iter_mut().map(|f| f as &mut dyn FnMut()).collect();
-    let rounds = interleaved_ms(args.reps.unwrap_or(7), &mut fs);
+    let rounds = rounds_ms(args.reps.unwrap_or(7), &mut fs);
     println!(
         "{name}, b = {block}, H = {h}, d = {d}, forward op, {} rounds\n",
         rounds.len()
@@ -287,8 +268,9 @@ fn measure_scaling(args: &Args, device: &Device) -> Result<(), Box<dyn std::erro
     println!("| n | fwd ms | t(n) / t(previous n) |");
     println!("|---|---|---|");
     for (i, (n, _, _)) in cases.iter().enumerate() {
-        let t = median(rounds.iter().map(|r| r[i]).collect());
-        let ratio = (i > 0).then(|| median(rounds.iter().map(|r| r[i] / r[i - 1]).collect()));
+        let t = timing::median(rounds.iter().map(|r| r[i]).collect());
+        let ratio =
+            (i > 0).then(|| timing::median(rounds.iter().map(|r| r[i] / r[i - 1]).collect()));
         println!(
             "| {n} | {t:.2} | {} |",
             ratio.map_or("-".to_string(), |r| format!("{r:.3}"))
