@@ -63,15 +63,12 @@ impl<'a> HeadExtras<'a> {
         qs: usize,
         bq: usize,
     ) {
-        let (layout, e0) = (&self.layout, entries.start);
-        for e in entries {
-            let (ks, ke) = layout.block_range(layout.cols[e] as usize);
-            let tile = &mut s[(e - e0) * layout.block..];
-            if let Some(bits) = layout.mask_of(e) {
-                mask_tile(tile, ld, bq, ke - ks, bits, layout.block);
+        self.each_tile(entries, s, |tile, e, ks, bk| {
+            if let Some(bits) = self.layout.mask_of(e) {
+                mask_tile(tile, ld, bq, bk, bits, self.layout.block);
             }
-            self.mask_padding(tile, ld, qs, bq, ks, ke - ks);
-        }
+            self.mask_padding(tile, ld, qs, bq, ks, bk);
+        });
     }
 
     /// Applies dropout to the probability tiles of `entries`, laid out as in
@@ -86,10 +83,25 @@ impl<'a> HeadExtras<'a> {
         qs: usize,
         bq: usize,
     ) {
+        self.each_tile(entries, t, |tile, _, ks, bk| {
+            self.drop(tile, ld, qs, bq, ks, bk)
+        });
+    }
+
+    /// Calls `f(tile, e, ks, bk)` for each entry `e` of a panel laid out as in
+    /// [`mask_tiles`](Self::mask_tiles): `tile` starts at the entry's first column, its keys
+    /// are positions `ks..ks + bk`.
+    #[inline(always)]
+    fn each_tile<T: Real>(
+        &self,
+        entries: Range<usize>,
+        panel: &mut [T],
+        mut f: impl FnMut(&mut [T], usize, usize, usize),
+    ) {
         let (layout, e0) = (&self.layout, entries.start);
         for e in entries {
             let (ks, ke) = layout.block_range(layout.cols[e] as usize);
-            self.drop(&mut t[(e - e0) * layout.block..], ld, qs, bq, ks, ke - ks);
+            f(&mut panel[(e - e0) * layout.block..], e, ks, ke - ks);
         }
     }
 
