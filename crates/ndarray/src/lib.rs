@@ -29,6 +29,7 @@ mod forward;
 mod layout;
 mod order;
 mod real;
+mod rows;
 mod simd;
 mod tile;
 

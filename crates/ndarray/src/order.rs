@@ -24,17 +24,6 @@ pub(crate) fn to_tokens<T: Real>(src: &[T], order: &[usize], width: usize, dst: 
     }
 }
 
-/// `dst` row `i` = `src` row `index[i]` (rows of `width`), in parallel over chunks of rows:
-/// [`to_positions`] with `order`, [`to_tokens`] with the inverse order.
-pub(crate) fn gather<T: Real>(src: &[T], index: &[usize], width: usize, dst: &mut [T]) {
-    const ROWS: usize = 256;
-    if width > 0 {
-        dst.par_chunks_mut(ROWS * width)
-            .zip(index.par_chunks(ROWS))
-            .for_each(|(dst, index)| to_positions(src, index, width, dst));
-    }
-}
-
 /// `dst` = the rows `index[i]` of `src` (rows of `width`), replacing its contents and
 /// reusing its capacity, in parallel over chunks of rows; never zero-filled first.
 pub(crate) fn gather_into<T: Real>(src: &[T], index: &[usize], width: usize, dst: &mut Vec<T>) {

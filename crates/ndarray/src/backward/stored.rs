@@ -9,8 +9,9 @@ use super::panel::dq_block;
 use super::{Plan, Slices};
 use crate::extras::Extras;
 use crate::layout::{AttentionShape, CsrLayout};
-use crate::order::{gather, gather_into};
+use crate::order::gather_into;
 use crate::real::Real;
+use crate::rows::GradRows;
 use crate::simd::avx2_dispatch;
 
 /// Memory of all tasks' buffers below which the stored backward runs its key/value groups
@@ -26,15 +27,14 @@ struct GroupScratch<T> {
     store: Vec<T>,
     /// A permuted layout's head in positions: `q`, `k`, `v`, `delta`, `lse`, `dout`.
     inputs: [Vec<T>; 6],
-    /// A permuted layout's gradients in positions: dQ of a head, dK and dV of its group.
-    grads: [Vec<T>; 3],
 }
 
 /// The backward pass through the contribution store, one key/value group (its query heads
 /// in order: dK and dV sum over them) per task; groups in parallel when each task's buffers
 /// are small, else one after another (each head's blocks in parallel). A permuted layout's
 /// heads are gathered to positions in the task's buffers (the key/value head once per
-/// group) and their gradients scattered back.
+/// group); its gradients are written block by block straight to token order
+/// ([`GradRows`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn stored<T: Real>(
     inputs: [&[T]; 6],
@@ -48,51 +48,47 @@ pub(super) fn stored<T: Real>(
     dv: &mut [T],
 ) {
     let (n, d, group) = (shape.seq_len, shape.head_dim, shape.group());
-    let inverse = layout.order.map(|order| {
-        let mut inverse = vec![0; n];
-        for (p, &t) in order.iter().enumerate() {
-            inverse[t] = p;
-        }
-        inverse
-    });
+    let order = layout.order;
     let scratch = || GroupScratch {
         store: plan.store::<T>(layout.block, d),
         inputs: Default::default(),
-        grads: Default::default(),
     };
     type Group<'g, T> = (usize, ((&'g mut [T], &'g mut [T]), &'g mut [T]));
     let task = |scratch: &mut GroupScratch<T>, (bkv, ((dq_g, dk_g), dv_g)): Group<'_, T>| {
         let first = (bkv / shape.kv_heads) * shape.heads + (bkv % shape.kv_heads) * group;
-        let heads = (first..).zip(dq_g.chunks_mut(n * d));
-        match layout.order.zip(inverse.as_deref()) {
-            Some((order, inverse)) => {
-                let context = (shape, layout, scale, extras, plan);
-                let kv_grads = (dk_g, dv_g);
-                group_permuted(
-                    inputs, order, inverse, bkv, heads, kv_grads, context, scratch,
-                );
-            }
-            None => {
-                for (bh, dq_bh) in heads {
-                    let x = Slices::of(inputs, bh, shape, layout, extras);
-                    let head = bh % shape.heads;
-                    let grads = (dq_bh, &mut *dk_g, &mut *dv_g);
-                    stored_head(
-                        &x,
-                        head,
-                        shape,
-                        layout,
-                        scale,
-                        plan,
-                        &mut scratch.store,
-                        grads,
-                    );
+        let GroupScratch { store, inputs: pos } = scratch;
+        let (mut dk, mut dv) = (GradRows::new(dk_g, d, order), GradRows::new(dv_g, d, order));
+        if let Some(order) = order {
+            let kv = bkv * n * d..(bkv + 1) * n * d;
+            gather_into(&inputs[1][kv.clone()], order, d, &mut pos[1]);
+            gather_into(&inputs[2][kv], order, d, &mut pos[2]);
+        }
+        for (bh, dq_bh) in (first..).zip(dq_g.chunks_mut(n * d)) {
+            let x = match order {
+                Some(order) => {
+                    let [q, _, _, delta, lse, dout] = inputs;
+                    let (rows, cols) = (bh * n..(bh + 1) * n, bh * n * d..(bh + 1) * n * d);
+                    gather_into(&q[cols.clone()], order, d, &mut pos[0]);
+                    gather_into(&delta[rows.clone()], order, 1, &mut pos[3]);
+                    gather_into(&lse[rows], order, 1, &mut pos[4]);
+                    gather_into(&dout[cols], order, d, &mut pos[5]);
+                    Slices::head(pos.each_ref().map(|x| &x[..]), bh, shape, layout, extras)
                 }
-            }
+                None => Slices::of(inputs, bh, shape, layout, extras),
+            };
+            let dq = GradRows::new(dq_bh, d, order);
+            let grads = (dq, &mut dk, &mut dv);
+            let head = bh % shape.heads;
+            stored_head(&x, head, shape, layout, scale, plan, store, grads);
         }
     };
     let per_task = std::mem::size_of::<T>()
-        * (plan.store_len(layout.block, d) + if layout.order.is_some() { 7 * n * d } else { 0 });
+        * (plan.store_len(layout.block, d)
+            + if order.is_some() {
+                4 * n * d + 2 * n
+            } else {
+                0
+            });
     let groups = dq
         .par_chunks_mut(group * n * d)
         .zip(dk.par_chunks_mut(n * d))
@@ -112,60 +108,9 @@ pub(super) fn stored<T: Real>(
     }
 }
 
-/// One key/value group `bkv` of a permuted layout in [`stored`]: its key/value head
-/// gathered to positions once, each query head's rows gathered in turn, gradients scattered
-/// back to token order (`dq` per head, `dk` and `dv` once the group is done).
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
-fn group_permuted<'a, T: Real>(
-    [q, k, v, delta, lse, dout]: [&[T]; 6],
-    order: &[usize],
-    inverse: &[usize],
-    bkv: usize,
-    heads: impl Iterator<Item = (usize, &'a mut [T])>,
-    (dk, dv): (&mut [T], &mut [T]),
-    (shape, layout, scale, extras, plan): (AttentionShape, &CsrLayout<'_>, T, &Extras<'_>, &Plan),
-    scratch: &mut GroupScratch<T>,
-) {
-    let (n, d) = (shape.seq_len, shape.head_dim);
-    let GroupScratch {
-        store,
-        inputs: pos,
-        grads,
-    } = scratch;
-    for g in grads.iter_mut() {
-        // Fully written by every head (dQ) or group (dK, dV): zero-filled once per task.
-        g.resize(n * d, T::ZERO);
-    }
-    let kv = bkv * n * d..(bkv + 1) * n * d;
-    gather_into(&k[kv.clone()], order, d, &mut pos[1]);
-    gather_into(&v[kv], order, d, &mut pos[2]);
-    for (bh, dq_bh) in heads {
-        let (rows, cols) = (bh * n..(bh + 1) * n, bh * n * d..(bh + 1) * n * d);
-        gather_into(&q[cols.clone()], order, d, &mut pos[0]);
-        gather_into(&delta[rows.clone()], order, 1, &mut pos[3]);
-        gather_into(&lse[rows], order, 1, &mut pos[4]);
-        gather_into(&dout[cols], order, d, &mut pos[5]);
-        let x = Slices::head(pos.each_ref().map(|x| &x[..]), bh, shape, layout, extras);
-        let [dq_p, dk_p, dv_p] = grads;
-        let head_grads = (&mut dq_p[..], &mut dk_p[..], &mut dv_p[..]);
-        stored_head(
-            &x,
-            bh % shape.heads,
-            shape,
-            layout,
-            scale,
-            plan,
-            store,
-            head_grads,
-        );
-        gather(dq_p, inverse, d, dq_bh);
-    }
-    gather(&grads[1], inverse, d, dk);
-    gather(&grads[2], inverse, d, dv);
-}
-
 /// One head of [`stored`]: adds its dQ to `dq` and its dK, dV to `dk`, `dv` (`[n, d]`
-/// each), zeroing dK and dV first when `head` is the first of its key/value group.
+/// each, addressed by position), zeroing dK and dV first when `head` is the first of its
+/// key/value group.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn stored_head<T: Real>(
     x: &Slices<'_, T>,
@@ -175,9 +120,9 @@ fn stored_head<T: Real>(
     scale: T,
     plan: &Plan,
     store: &mut [T],
-    (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
+    (mut dq, dk, dv): (GradRows<'_, T>, &mut GradRows<'_, T>, &mut GradRows<'_, T>),
 ) {
-    let (n, d, b, nb) = (shape.seq_len, shape.head_dim, layout.block, layout.n_blocks);
+    let (d, b, nb) = (shape.head_dim, layout.block, layout.n_blocks);
     let first_of_group = head.is_multiple_of(shape.group());
     let column = |c: usize| layout.column_entries(head, c).len();
     let (budget, tile) = (plan.budget.unwrap_or(0), 2 * b * d);
@@ -198,35 +143,36 @@ fn stored_head<T: Real>(
             rows.push(mine);
             rest = tail;
         }
-        dq.par_chunks_mut(b * d)
+        dq.par_blocks(b, 0..nb)
             .zip(rows.into_par_iter())
             .zip(slots.rows.par_iter())
             .enumerate()
             .for_each_init(
-                || plan.scratch(b),
-                |scratch, (r, ((dq_r, store), entries))| {
+                || (plan.scratch(b), Vec::new()),
+                |(scratch, staging), (r, ((dq_r, store), entries))| {
                     // dQ accumulates over the chunks, from zero.
-                    if c0 == 0 {
-                        dq_r.fill(T::ZERO);
-                    }
-                    let entries = entries.clone();
-                    dq_block(x, d, layout, r, entries, scale, dq_r, scratch, Some(store))
+                    dq_r.update(c0 == 0, staging, |dq_r| {
+                        let entries = entries.clone();
+                        dq_block(x, d, layout, r, entries, scale, dq_r, scratch, Some(store))
+                    })
                 },
             );
         let store = &store[..];
-        let end = (c1 * b).min(n) * d;
-        dk[c0 * b * d..end]
-            .par_chunks_mut(b * d)
-            .zip(dv[c0 * b * d..end].par_chunks_mut(b * d))
+        dk.par_blocks(b, c0..c1)
+            .zip(dv.par_blocks(b, c0..c1))
             .enumerate()
-            .for_each(|(i, (dk_c, dv_c))| {
-                // dK and dV accumulate over the query heads of a group, from zero.
-                if first_of_group {
-                    dk_c.fill(T::ZERO);
-                    dv_c.fill(T::ZERO);
-                }
-                dkv_block_stored(x, d, layout, head, c0 + i, store, &slots, dk_c, dv_c)
-            });
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(dk_staging, dv_staging), (i, (dk_c, dv_c))| {
+                    // dK and dV accumulate over the query heads of a group, from zero.
+                    dk_c.update(first_of_group, dk_staging, |dk_c| {
+                        dv_c.update(first_of_group, dv_staging, |dv_c| {
+                            let c = c0 + i;
+                            dkv_block_stored(x, d, layout, head, c, store, &slots, dk_c, dv_c)
+                        })
+                    })
+                },
+            );
         c0 = c1;
     }
 }
