@@ -4,8 +4,9 @@ use rayon::prelude::*;
 
 use crate::extras::{Extras, HeadExtras};
 use crate::layout::{AttentionShape, CsrLayout};
-use crate::order::{gather_into, to_tokens};
+use crate::order::gather_into;
 use crate::real::Real;
+use crate::rows::PositionRows;
 use crate::simd::avx2_dispatch;
 use crate::tile::{exp_shifted_sum, gemm, row_max};
 
@@ -17,8 +18,8 @@ use crate::tile::{exp_shifted_sum, gemm, row_max};
 /// keys of `extras.key_lengths`; with dropout, each term times the pair's keep factor), and
 /// `lse[b, h, i]` is the natural log of the softmax denominator (before dropout). A row with
 /// no allowed key gets zeros and `-inf`. Rows are tokens: with a token order in the layout
-/// (`layout.order`), each head's rows are gathered to layout positions in scratch the task
-/// reuses, and its results scattered back.
+/// (`layout.order`), each head's inputs are gathered to layout positions in scratch the task
+/// reuses, and its results written block by block to their tokens' rows.
 ///
 /// # Panics
 /// If a slice length disagrees with `shape`, the layout's sequence length differs from
@@ -82,40 +83,30 @@ pub fn forward<T: Real>(
                 &v[kv_base..kv_base + n * d],
             );
             let x = HeadExtras::new(extras, layout, bh / heads, head);
-            let Some(order) = layout.order else {
-                return head_blocks(
-                    [q_bh, k_bh, v_bh],
-                    d,
-                    layout,
-                    head,
-                    scale,
-                    &x,
-                    out_bh,
-                    lse_bh,
-                );
+            let order = layout.order;
+            let (out, lse) = (
+                PositionRows::new(out_bh, d, order),
+                PositionRows::new(lse_bh, 1, order),
+            );
+            let Some(order) = order else {
+                return head_blocks([q_bh, k_bh, v_bh], d, layout, head, scale, &x, out, lse);
             };
-            // A permuted layout: this head's rows in position order, in scratch the task
-            // reuses for its next head; results scattered back to token order.
-            let HeadScratch { q, k, v, out, lse } = scratch;
+            // A permuted layout: this head's inputs in position order, in scratch the task
+            // reuses for its next head; results written block by block to token order.
+            let HeadScratch { q, k, v } = scratch;
             for (src, dst) in [(q_bh, &mut *q), (k_bh, &mut *k), (v_bh, &mut *v)] {
                 gather_into(src, order, d, dst);
             }
-            // Fully written by every head: zero-filled once per task.
-            out.resize(n * d, T::ZERO);
-            lse.resize(n, T::ZERO);
             head_blocks([q, k, v], d, layout, head, scale, &x, out, lse);
-            to_tokens(out, order, d, out_bh);
-            to_tokens(lse, order, 1, lse_bh);
         });
 }
 
-/// Reused buffers of one forward task for heads of a permuted layout (empty until used).
+/// Reused buffers of one forward task for heads of a permuted layout (empty until used):
+/// `q`, `k`, `v` of a head in position order.
 struct HeadScratch<T> {
     q: Vec<T>,
     k: Vec<T>,
     v: Vec<T>,
-    out: Vec<T>,
-    lse: Vec<T>,
 }
 
 impl<T> Default for HeadScratch<T> {
@@ -124,14 +115,12 @@ impl<T> Default for HeadScratch<T> {
             q: Vec::new(),
             k: Vec::new(),
             v: Vec::new(),
-            out: Vec::new(),
-            lse: Vec::new(),
         }
     }
 }
 
 /// Every query block of one `(batch, head)` whose `q`, `k`, `v` (`[n, d]`, positions of the
-/// layout) are `qkv`: writes `out_bh` (`[n, d]`) and `lse_bh` (`n`).
+/// layout) are `qkv`: writes `out_bh` (`[n, d]`) and `lse_bh` (`n`), addressed by position.
 #[allow(clippy::too_many_arguments)]
 fn head_blocks<T: Real>(
     [q, k, v]: [&[T]; 3],
@@ -140,18 +129,25 @@ fn head_blocks<T: Real>(
     head: usize,
     scale: T,
     x: &HeadExtras<'_>,
-    out_bh: &mut [T],
-    lse_bh: &mut [T],
+    mut out_bh: PositionRows<'_, T>,
+    mut lse_bh: PositionRows<'_, T>,
 ) {
-    let b = layout.block;
-    // One score panel of scratch per rayon job, not per query block.
+    let (b, nb) = (layout.block, layout.n_blocks);
+    // One score panel of scratch per rayon job, not per query block (and staging for the
+    // blocks of a permuted layout).
     out_bh
-        .par_chunks_mut(b * d)
-        .zip(lse_bh.par_chunks_mut(b))
+        .par_blocks(b, 0..nb)
+        .zip(lse_bh.par_blocks(b, 0..nb))
         .enumerate()
         .for_each_init(
-            || vec![T::ZERO; b * PANEL_BLOCKS * b],
-            |s, (r, (o, l))| query_block(q, (k, v), d, layout, head, r, scale, x, o, l, s),
+            || (vec![T::ZERO; b * PANEL_BLOCKS * b], Vec::new(), Vec::new()),
+            |(s, o_staging, l_staging), (r, (o, l))| {
+                o.overwrite(o_staging, |o| {
+                    l.overwrite(l_staging, |l| {
+                        query_block(q, (k, v), d, layout, head, r, scale, x, o, l, s)
+                    })
+                })
+            },
         );
 }
 

@@ -1,28 +1,28 @@
-//! Gradient rows of one head, written block by block in layout positions, whether the head
-//! is stored in positions (contiguous) or in token order under a permuted layout.
+//! Output rows of one head (the forward's output and log-sum-exp, the backward's
+//! gradients), written block by block in layout positions, whether the head is stored in
+//! positions (contiguous) or in token order under a permuted layout.
 //!
-//! The backward pass through the contribution store writes each gradient block from one
-//! task. Under a permuted layout the rows of a position block are scattered over the head's
-//! token-ordered output: rather than computing a whole head in position order into a buffer
-//! of its own and scattering it afterwards (three `[n, d]` buffers per task: 48 MiB per
-//! head at n = 65536, d = 64), each block is gathered into a `block x d` buffer, updated and
-//! scattered straight back. The rows are borrowed as distinct `&mut` slices, so no two
-//! tasks can write the same row.
+//! Under a permuted layout the rows of a position block are scattered over the head's
+//! token-ordered tensor: rather than computing a whole head in position order into a
+//! buffer of its own and scattering it afterwards (for the backward, three `[n, d]` buffers
+//! per task: 48 MiB per head at n = 65536, d = 64), each block is staged in a
+//! `block x width` buffer, updated and written straight back. The rows are borrowed as
+//! distinct `&mut` slices, so no two tasks can write the same row.
 
 use rayon::iter::Either;
 use rayon::prelude::*;
 
 use crate::real::Real;
 
-/// The `[n, d]` gradient of one head (or key/value head), addressed by layout position.
-pub(crate) enum GradRows<'a, T> {
+/// The `[n, width]` output of one head (or key/value head), addressed by layout position.
+pub(crate) enum PositionRows<'a, T> {
     /// Stored in position order (no token order, or positions are tokens).
     Contiguous { rows: &'a mut [T], width: usize },
     /// Stored in token order: entry `p` is the row of token `order[p]`.
     Scattered(Vec<&'a mut [T]>),
 }
 
-impl<'a, T: Real> GradRows<'a, T> {
+impl<'a, T: Real> PositionRows<'a, T> {
     /// `rows` (`[n, width]`, token order) addressed through `order` (position `p` holds
     /// token `order[p]`), or directly without an order.
     ///
@@ -47,7 +47,7 @@ impl<'a, T: Real> GradRows<'a, T> {
         &mut self,
         block: usize,
         blocks: std::ops::Range<usize>,
-    ) -> impl IndexedParallelIterator<Item = GradBlock<'_, 'a, T>> {
+    ) -> impl IndexedParallelIterator<Item = PositionBlock<'_, 'a, T>> {
         match self {
             Self::Contiguous { rows, width } => {
                 let n = rows.len() / *width;
@@ -55,48 +55,73 @@ impl<'a, T: Real> GradRows<'a, T> {
                 Either::Left(
                     rows[span]
                         .par_chunks_mut(block * *width)
-                        .map(GradBlock::Contiguous),
+                        .map(PositionBlock::Contiguous),
                 )
             }
             Self::Scattered(rows) => {
                 let span = blocks.start * block..(blocks.end * block).min(rows.len());
-                Either::Right(rows[span].par_chunks_mut(block).map(GradBlock::Scattered))
+                Either::Right(
+                    rows[span]
+                        .par_chunks_mut(block)
+                        .map(PositionBlock::Scattered),
+                )
             }
         }
     }
 }
 
-/// One block of [`GradRows`].
-pub(crate) enum GradBlock<'r, 'a, T> {
+/// One block of [`PositionRows`].
+pub(crate) enum PositionBlock<'r, 'a, T> {
     /// The block's rows, contiguous.
     Contiguous(&'r mut [T]),
     /// The block's rows, one slice each.
     Scattered(&'r mut [&'a mut [T]]),
 }
 
-impl<T: Real> GradBlock<'_, '_, T> {
+/// What a block's rows hold when its update starts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// Zeros.
+    Zero,
+    /// The block's current values.
+    Current,
+    /// Anything: the update writes every element.
+    Unspecified,
+}
+
+impl<T: Real> PositionBlock<'_, '_, T> {
     /// Runs `update` on the block's rows as one contiguous `[rows, width]` slice, zeroed
     /// first when `zero` (else holding the block's current values); a scattered block goes
     /// through `staging` and is written back afterwards.
     pub(crate) fn update(self, zero: bool, staging: &mut Vec<T>, update: impl FnOnce(&mut [T])) {
+        let start = if zero { Start::Zero } else { Start::Current };
+        self.staged(start, staging, update)
+    }
+
+    /// Runs `write` on the block's rows as one contiguous `[rows, width]` slice whose
+    /// contents are unspecified (`write` must set every element); a scattered block goes
+    /// through `staging` and is written back afterwards.
+    pub(crate) fn overwrite(self, staging: &mut Vec<T>, write: impl FnOnce(&mut [T])) {
+        self.staged(Start::Unspecified, staging, write)
+    }
+
+    fn staged(self, start: Start, staging: &mut Vec<T>, f: impl FnOnce(&mut [T])) {
         match self {
             Self::Contiguous(rows) => {
-                if zero {
+                if start == Start::Zero {
                     rows.fill(T::ZERO);
                 }
-                update(rows);
+                f(rows);
             }
             Self::Scattered(rows) => {
                 let width = rows.first().map_or(0, |row| row.len());
                 staging.clear();
-                if zero {
-                    staging.resize(rows.len() * width, T::ZERO);
+                if start == Start::Current {
+                    rows.iter().for_each(|row| staging.extend_from_slice(row));
                 } else {
-                    for row in rows.iter() {
-                        staging.extend_from_slice(row);
-                    }
+                    staging.resize(rows.len() * width, T::ZERO);
                 }
-                update(staging);
+                f(staging);
                 for (row, values) in rows.iter_mut().zip(staging.chunks_exact(width)) {
                     row.copy_from_slice(values);
                 }
@@ -109,7 +134,7 @@ impl<T: Real> GradBlock<'_, '_, T> {
 mod tests {
     use rayon::prelude::*;
 
-    use super::GradRows;
+    use super::PositionRows;
 
     /// Every block of a scattered head writes the rows of its positions' tokens, and sees
     /// their current values.
@@ -117,7 +142,7 @@ mod tests {
     fn scattered_blocks_write_their_tokens() {
         let order = [3, 0, 4, 1, 2];
         let mut tokens: Vec<f32> = (0..10).map(|x| x as f32).collect();
-        let mut rows = GradRows::new(&mut tokens, 2, Some(&order));
+        let mut rows = PositionRows::new(&mut tokens, 2, Some(&order));
         rows.par_blocks(2, 0..3).enumerate().for_each(|(i, block)| {
             let mut staging = Vec::new();
             block.update(i == 1, &mut staging, |values| {
@@ -134,7 +159,7 @@ mod tests {
     #[test]
     fn contiguous_blocks_cover_a_column_range() {
         let mut values = vec![1.0f64; 7];
-        let mut rows = GradRows::new(&mut values, 1, None);
+        let mut rows = PositionRows::new(&mut values, 1, None);
         let blocks: Vec<usize> = rows
             .par_blocks(3, 1..3)
             .map(|block| {

@@ -11,7 +11,7 @@ use crate::extras::Extras;
 use crate::layout::{AttentionShape, CsrLayout};
 use crate::order::gather_into;
 use crate::real::Real;
-use crate::rows::GradRows;
+use crate::rows::PositionRows;
 use crate::simd::avx2_dispatch;
 
 /// Memory of all tasks' buffers below which the stored backward runs its key/value groups
@@ -34,7 +34,7 @@ struct GroupScratch<T> {
 /// are small, else one after another (each head's blocks in parallel). A permuted layout's
 /// heads are gathered to positions in the task's buffers (the key/value head once per
 /// group); its gradients are written block by block straight to token order
-/// ([`GradRows`]).
+/// ([`PositionRows`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn stored<T: Real>(
     inputs: [&[T]; 6],
@@ -57,7 +57,10 @@ pub(super) fn stored<T: Real>(
     let task = |scratch: &mut GroupScratch<T>, (bkv, ((dq_g, dk_g), dv_g)): Group<'_, T>| {
         let first = (bkv / shape.kv_heads) * shape.heads + (bkv % shape.kv_heads) * group;
         let GroupScratch { store, inputs: pos } = scratch;
-        let (mut dk, mut dv) = (GradRows::new(dk_g, d, order), GradRows::new(dv_g, d, order));
+        let (mut dk, mut dv) = (
+            PositionRows::new(dk_g, d, order),
+            PositionRows::new(dv_g, d, order),
+        );
         if let Some(order) = order {
             let kv = bkv * n * d..(bkv + 1) * n * d;
             gather_into(&inputs[1][kv.clone()], order, d, &mut pos[1]);
@@ -76,7 +79,7 @@ pub(super) fn stored<T: Real>(
                 }
                 None => Slices::of(inputs, bh, shape, layout, extras),
             };
-            let dq = GradRows::new(dq_bh, d, order);
+            let dq = PositionRows::new(dq_bh, d, order);
             let grads = (dq, &mut dk, &mut dv);
             let head = bh % shape.heads;
             stored_head(&x, head, shape, layout, scale, plan, store, grads);
@@ -120,7 +123,11 @@ fn stored_head<T: Real>(
     scale: T,
     plan: &Plan,
     store: &mut [T],
-    (mut dq, dk, dv): (GradRows<'_, T>, &mut GradRows<'_, T>, &mut GradRows<'_, T>),
+    (mut dq, dk, dv): (
+        PositionRows<'_, T>,
+        &mut PositionRows<'_, T>,
+        &mut PositionRows<'_, T>,
+    ),
 ) {
     let (d, b, nb) = (shape.head_dim, layout.block, layout.n_blocks);
     let first_of_group = head.is_multiple_of(shape.group());
