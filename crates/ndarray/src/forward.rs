@@ -142,8 +142,8 @@ fn head_blocks<T: Real>(
         .for_each_init(
             || (vec![T::ZERO; b * PANEL_BLOCKS * b], Vec::new(), Vec::new()),
             |(s, o_staging, l_staging), (r, (o, l))| {
-                o.overwrite(o_staging, |o| {
-                    l.overwrite(l_staging, |l| {
+                o.update(true, o_staging, |o| {
+                    l.update(true, l_staging, |l| {
                         query_block(q, (k, v), d, layout, head, r, scale, x, o, l, s)
                     })
                 })

@@ -78,50 +78,22 @@ pub(crate) enum PositionBlock<'r, 'a, T> {
     Scattered(&'r mut [&'a mut [T]]),
 }
 
-/// What a block's rows hold when its update starts.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Start {
-    /// Zeros.
-    Zero,
-    /// The block's current values.
-    Current,
-    /// Anything: the update writes every element.
-    Unspecified,
-}
-
 impl<T: Real> PositionBlock<'_, '_, T> {
-    /// Runs `update` on the block's rows as one contiguous `[rows, width]` slice, zeroed
-    /// first when `zero` (else holding the block's current values); a scattered block goes
-    /// through `staging` and is written back afterwards.
-    pub(crate) fn update(self, zero: bool, staging: &mut Vec<T>, update: impl FnOnce(&mut [T])) {
-        let start = if zero { Start::Zero } else { Start::Current };
-        self.staged(start, staging, update)
-    }
-
-    /// Runs `write` on the block's rows as one contiguous `[rows, width]` slice whose
-    /// contents are unspecified (`write` must set every element); a scattered block goes
-    /// through `staging` and is written back afterwards.
-    pub(crate) fn overwrite(self, staging: &mut Vec<T>, write: impl FnOnce(&mut [T])) {
-        self.staged(Start::Unspecified, staging, write)
-    }
-
-    fn staged(self, start: Start, staging: &mut Vec<T>, f: impl FnOnce(&mut [T])) {
+    /// Runs `update` on the block's rows as one contiguous `[rows, width]` slice holding the
+    /// block's current values, or, when `fresh`, anything (`update` must then write every
+    /// element); a scattered block goes through `staging` and is written back afterwards.
+    pub(crate) fn update(self, fresh: bool, staging: &mut Vec<T>, update: impl FnOnce(&mut [T])) {
         match self {
-            Self::Contiguous(rows) => {
-                if start == Start::Zero {
-                    rows.fill(T::ZERO);
-                }
-                f(rows);
-            }
+            Self::Contiguous(rows) => update(rows),
             Self::Scattered(rows) => {
                 let width = rows.first().map_or(0, |row| row.len());
                 staging.clear();
-                if start == Start::Current {
-                    rows.iter().for_each(|row| staging.extend_from_slice(row));
-                } else {
+                if fresh {
                     staging.resize(rows.len() * width, T::ZERO);
+                } else {
+                    rows.iter().for_each(|row| staging.extend_from_slice(row));
                 }
-                f(staging);
+                update(staging);
                 for (row, values) in rows.iter_mut().zip(staging.chunks_exact(width)) {
                     row.copy_from_slice(values);
                 }
@@ -137,7 +109,7 @@ mod tests {
     use super::PositionRows;
 
     /// Every block of a scattered head writes the rows of its positions' tokens, and sees
-    /// their current values.
+    /// their current values unless fresh.
     #[test]
     fn scattered_blocks_write_their_tokens() {
         let order = [3, 0, 4, 1, 2];
@@ -147,11 +119,11 @@ mod tests {
             let mut staging = Vec::new();
             block.update(i == 1, &mut staging, |values| {
                 for x in values.iter_mut() {
-                    *x += 100.0;
+                    *x = if i == 1 { 100.0 } else { *x + 100.0 };
                 }
             });
         });
-        // Positions 2 and 3 (tokens 4 and 1) were zeroed first.
+        // Positions 2 and 3 (tokens 4 and 1) were written fresh.
         let want = [100., 101., 100., 100., 104., 105., 106., 107., 100., 100.];
         assert_eq!(tokens, want);
     }
@@ -164,7 +136,10 @@ mod tests {
             .par_blocks(3, 1..3)
             .map(|block| {
                 let mut len = 0;
-                block.update(true, &mut Vec::new(), |v| len = v.len());
+                block.update(true, &mut Vec::new(), |v| {
+                    len = v.len();
+                    v.fill(0.0);
+                });
                 len
             })
             .collect();

@@ -31,7 +31,8 @@ impl<T: Real> PanelScratch<T> {
 }
 
 /// Adds to `dQ` of query block `r` the sum over its `entries` (key blocks) of `dS K * scale`,
-/// panel by panel of at most [`PANEL_BLOCKS`] blocks. With a `store` (the row's slots:
+/// panel by panel of at most [`PANEL_BLOCKS`] blocks; with `fresh`, writes the sum instead
+/// (whatever `dq` held: the first GEMM overwrites it, or zeros). With a `store` (the row's slots:
 /// `[width, d]` of `dV` contributions then `[width, d]` of `dK` ones, width the entries'
 /// keys), also writes there each panel's `Pᵀ dO` and `dSᵀ Q * scale`.
 #[allow(clippy::too_many_arguments)]
@@ -42,12 +43,15 @@ pub(super) fn dq_block<T: Real>(
     r: usize,
     entries: Range<usize>,
     scale: T,
-    dq: &mut [T],
+    (dq, fresh): (&mut [T], bool),
     scratch: &mut PanelScratch<T>,
     mut store: Option<&mut [T]>,
 ) {
     // Rows past the valid length (no token order): P = 0, nothing to add or store.
     if entries.is_empty() || x.extras.block_past_end(r) {
+        if fresh {
+            dq.fill(T::ZERO);
+        }
         return;
     }
     let (qs, qe) = layout.block_range(r);
@@ -65,7 +69,20 @@ pub(super) fn dq_block<T: Real>(
                 &mut dk[done * d..(done + w) * d],
             )
         });
-        dq_panel(x, d, layout, r, part, scale, dq, p, ds, contributions);
+        let fresh = fresh && done == 0;
+        dq_panel(
+            x,
+            d,
+            layout,
+            r,
+            part,
+            scale,
+            dq,
+            fresh,
+            p,
+            ds,
+            contributions,
+        );
         done += w;
     }
 }
@@ -73,7 +90,8 @@ pub(super) fn dq_block<T: Real>(
 avx2_dispatch! {
 /// The `dQ` work of one panel: `P` and `dS` of `entries` as `[bq x width]` panels in `p` and
 /// `ds` (row stride `width`), with a GEMM per run of consecutive key blocks for the scores,
-/// for `dP` and for `dQ`. With `contributions` (`[width, d]` each), also the panel's `dV`
+/// for `dP` and for `dQ` (the first of which overwrites `dq` when `fresh`, else adds to it).
+/// With `contributions` (`[width, d]` each), also the panel's `dV`
 /// and `dK` contributions: `Pᵀ dO` (`P` after dropout) and `dSᵀ Q * scale`.
 fn dq_panel<T: Real>(
     x: &Slices<'_, T>,
@@ -83,6 +101,7 @@ fn dq_panel<T: Real>(
     entries: Range<usize>,
     scale: T,
     dq: &mut [T],
+    fresh: bool,
     p: &mut [T],
     ds: &mut [T],
     contributions: Option<(&mut [T], &mut [T])>,
@@ -111,10 +130,11 @@ fn dq_panel<T: Real>(
     x.extras.drop_tiles(entries.clone(), ds, width, qs, bq);
     softmax_grad(p, ds, &x.delta[qs..qe], width);
     // dQ += dS K * scale, one GEMM per run.
-    for run in layout.runs(entries.clone(), usize::MAX) {
+    for (i, run) in layout.runs(entries.clone(), usize::MAX).enumerate() {
         let (off, ks, ke) = keys(&run);
         let k = &x.k[ks * d..ke * d];
-        gemm(bq, ke - ks, d, scale, (&ds[off..], width, 1), (k, d, 1), T::ONE, dq, d);
+        let beta = if fresh && i == 0 { T::ZERO } else { T::ONE };
+        gemm(bq, ke - ks, d, scale, (&ds[off..], width, 1), (k, d, 1), beta, dq, d);
     }
     if let Some((dv, dk)) = contributions {
         // dV needs the probabilities as the forward used them: after dropout.

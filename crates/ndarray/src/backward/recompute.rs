@@ -38,9 +38,18 @@ pub(super) fn recompute<T: Real>(
             dq_bh.par_chunks_mut(b * d).enumerate().for_each_init(
                 || plan.scratch(b),
                 |scratch, (r, dq_r)| {
-                    dq_r.fill(T::ZERO);
                     let entries = layout.row_entries(bh % heads, r);
-                    dq_block(&x, d, layout, r, entries, scale, dq_r, scratch, None);
+                    dq_block(
+                        &x,
+                        d,
+                        layout,
+                        r,
+                        entries,
+                        scale,
+                        (dq_r, true),
+                        scratch,
+                        None,
+                    );
                 },
             );
         });

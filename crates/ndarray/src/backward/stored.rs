@@ -112,8 +112,8 @@ pub(super) fn stored<T: Real>(
 }
 
 /// One head of [`stored`]: adds its dQ to `dq` and its dK, dV to `dk`, `dv` (`[n, d]`
-/// each, addressed by position), zeroing dK and dV first when `head` is the first of its
-/// key/value group.
+/// each, addressed by position), writing dK and dV instead when `head` is the first of
+/// its key/value group.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn stored_head<T: Real>(
     x: &Slices<'_, T>,
@@ -157,9 +157,10 @@ fn stored_head<T: Real>(
             .for_each_init(
                 || (plan.scratch(b), Vec::new()),
                 |(scratch, staging), (r, ((dq_r, store), entries))| {
-                    // dQ accumulates over the chunks, from zero.
-                    dq_r.update(c0 == 0, staging, |dq_r| {
-                        let entries = entries.clone();
+                    // dQ accumulates over the chunks; the first one writes it.
+                    let fresh = c0 == 0;
+                    dq_r.update(fresh, staging, |dq_r| {
+                        let (entries, dq_r) = (entries.clone(), (dq_r, fresh));
                         dq_block(x, d, layout, r, entries, scale, dq_r, scratch, Some(store))
                     })
                 },
@@ -171,12 +172,15 @@ fn stored_head<T: Real>(
             .for_each_init(
                 || (Vec::new(), Vec::new()),
                 |(dk_staging, dv_staging), (i, (dk_c, dv_c))| {
-                    // dK and dV accumulate over the query heads of a group, from zero.
-                    dk_c.update(first_of_group, dk_staging, |dk_c| {
-                        dv_c.update(first_of_group, dv_staging, |dv_c| {
-                            let c = c0 + i;
-                            dkv_block_stored(x, d, layout, head, c, store, &slots, dk_c, dv_c)
-                        })
+                    // dK and dV accumulate over the query heads of a group; the first one
+                    // writes them.
+                    let fresh = first_of_group;
+                    let sum = |dk_c: &mut [T], dv_c: &mut [T]| {
+                        let c = c0 + i;
+                        dkv_block_stored(x, d, layout, head, c, store, &slots, dk_c, dv_c, fresh)
+                    };
+                    dk_c.update(fresh, dk_staging, |dk_c| {
+                        dv_c.update(fresh, dv_staging, |dv_c| sum(dk_c, dv_c))
                     })
                 },
             );
@@ -230,9 +234,14 @@ impl ChunkSlots {
     }
 }
 
+/// Elements of a `dK`/`dV` block summed at a time over all its contributions: the partial
+/// sum stays in L1 while the contributions stream from the store.
+const SUM_CHUNK: usize = 256;
+
 avx2_dispatch! {
 /// Adds to `dK` and `dV` of key block `c` the contributions the `dQ` pass stored for it (in
-/// `store`, slots in `slots`), in the order of the query blocks.
+/// `store`, slots in `slots`), in the order of the query blocks; with `fresh`, writes their
+/// sum instead (whatever `dk` and `dv` held).
 fn dkv_block_stored<T: Real>(
     x: &Slices<'_, T>,
     d: usize,
@@ -243,22 +252,37 @@ fn dkv_block_stored<T: Real>(
     slots: &ChunkSlots,
     dk: &mut [T],
     dv: &mut [T],
+    fresh: bool,
 ) {
-    if x.extras.block_past_end(c) {
-        return;
-    }
     let len = dk.len();
-    for t in layout.column_entries(head, c) {
-        let r = layout.t_rows[t] as usize;
-        if x.extras.block_past_end(r) {
-            continue;
+    // Where each contribution's dV block starts (its dK block is `dk_offset` further).
+    let mut tiles = Vec::new();
+    if !x.extras.block_past_end(c) {
+        for t in layout.column_entries(head, c) {
+            let r = layout.t_rows[t] as usize;
+            if !x.extras.block_past_end(r) {
+                tiles.push(slots.tile(layout, d, r, layout.t_entries[t] as usize));
+            }
         }
-        let (at, dk_offset) = slots.tile(layout, d, r, layout.t_entries[t] as usize);
-        for (g, &y) in dv.iter_mut().zip(&store[at..at + len]) {
-            *g += y;
-        }
-        for (g, &y) in dk.iter_mut().zip(&store[at + dk_offset..at + dk_offset + len]) {
-            *g += y;
+    }
+    for (grad, dk_part) in [(dv, false), (dk, true)] {
+        for (start, chunk) in (0..len).step_by(SUM_CHUNK).zip(grad.chunks_mut(SUM_CHUNK)) {
+            let mut added = !fresh;
+            for &(at, dk_offset) in &tiles {
+                let at = at + start + if dk_part { dk_offset } else { 0 };
+                let part = &store[at..at + chunk.len()];
+                if added {
+                    for (g, &y) in chunk.iter_mut().zip(part) {
+                        *g += y;
+                    }
+                } else {
+                    chunk.copy_from_slice(part);
+                    added = true;
+                }
+            }
+            if !added {
+                chunk.fill(T::ZERO);
+            }
         }
     }
 }
