@@ -12,7 +12,8 @@
 //! and each timed region ends by reading a result back. Ratios that targets are stated in
 //! are measured on neighbouring runs, since load on a shared machine drifts over seconds:
 //! `bwd/fwd` times the forward and backward ops alternately and takes the median of the
-//! per-round ratios, and `--scaling` times the forward at every `n` round robin and gives
+//! per-round ratios (and, in brackets, the fastest backward over the fastest forward: load
+//! only adds time), and `--scaling` times the forward at every `n` round robin and gives
 //! `t(n) / t(previous n)` the same way. `--memory` measures the peak memory of one training
 //! step instead.
 
@@ -108,6 +109,9 @@ struct Row {
     bwd_ms: Option<f64>,
     /// Median over rounds of backward op / forward op time (each round one of each).
     bwd_fwd: Option<f64>,
+    /// Fastest backward op / fastest forward op over the same rounds: load from other
+    /// tenants only adds time, so the fastest runs are the closest to the ops' own cost.
+    bwd_fwd_best: Option<f64>,
     useful_gflops: f64,
     dense_fwd_ms: Option<f64>,
     portable_fwd_ms: Option<f64>,
@@ -174,6 +178,8 @@ struct OpTimes {
     /// backward: load from other tenants of a shared machine changes over seconds, so
     /// ratios of neighbouring runs are steadier than ratios of separate medians.
     bwd_fwd: f64,
+    /// Fastest backward / fastest forward over the same rounds.
+    bwd_fwd_best: f64,
 }
 
 /// Times the forward and backward ops of the backend alternately (no autodiff graph, no
@@ -206,10 +212,12 @@ fn time_ops(qkv: [&Tensor<4>; 3], layout: &BlockLayout, reps: usize) -> OpTimes 
     };
     let rounds = rounds_ms(reps, &mut [&mut run_forward, &mut run_backward]);
     let ratios: Vec<f64> = rounds.iter().map(|t| t[1] / t[0]).collect();
+    let fastest = |i: usize| rounds.iter().map(|t| t[i]).fold(f64::INFINITY, f64::min);
     OpTimes {
         fwd_ms: timing::median(rounds.iter().map(|t| t[0]).collect()),
         bwd_ms: timing::median(rounds.iter().map(|t| t[1]).collect()),
         bwd_fwd: timing::median(ratios),
+        bwd_fwd_best: fastest(1) / fastest(0),
     }
 }
 
@@ -398,7 +406,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.backend
     );
     println!(
-        "| pattern | n | b | density | fwd ms | bwd ms (op) | bwd/fwd (ops) | fwd+bwd ms (autodiff) | useful GFLOP/s | % GEMM | dense fwd ms | speedup | 0.7/density | portable fwd ms | portable fwd+bwd ms |"
+        "| pattern | n | b | density | fwd ms | bwd ms (op) | bwd/fwd (ops: median (best)) | fwd+bwd ms (autodiff) | useful GFLOP/s | % GEMM | dense fwd ms | speedup | 0.7/density | portable fwd ms | portable fwd+bwd ms |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let (h, d) = (args.heads, args.head_dim);
@@ -475,7 +483,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 println!(
                     "| {name} | {n} | {block} | {density:.4} | {fwd_ms:.2} | {} | {} | {} | {useful:.1} | {:.0}% | {} | {} | {:.1} | {} | {} |",
                     fmt(ops.as_ref().map(|o| o.bwd_ms)),
-                    fmt(ops.as_ref().map(|o| o.bwd_fwd)),
+                    ops.as_ref().map_or("-".to_string(), |o| format!(
+                        "{:.2} ({:.2})",
+                        o.bwd_fwd, o.bwd_fwd_best
+                    )),
                     fmt(fwd_bwd_ms),
                     100.0 * useful / gemm,
                     fmt(dense_fwd_ms),
@@ -498,6 +509,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     fwd_op_ms: ops.as_ref().map(|o| o.fwd_ms),
                     bwd_ms: ops.as_ref().map(|o| o.bwd_ms),
                     bwd_fwd: ops.as_ref().map(|o| o.bwd_fwd),
+                    bwd_fwd_best: ops.as_ref().map(|o| o.bwd_fwd_best),
                     useful_gflops: useful,
                     dense_fwd_ms,
                     portable_fwd_ms,

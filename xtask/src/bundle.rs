@@ -71,10 +71,25 @@ fn pack(exe: &Path, dir: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Builds and packs both binaries into `.gpu/`.
+/// Builds and packs the binaries into `.gpu/`: the GPU benchmark, the conformance tests and
+/// the CPU benchmark (the GPU machine's host is a quieter many-core CPU).
 pub fn gpu_bundle() -> Result<()> {
     let dir = Path::new(".gpu");
     std::fs::create_dir_all(dir)?;
+    let cpu_bench = build(
+        &[
+            "build",
+            "--release",
+            "-p",
+            "sparse-attn",
+            "--features",
+            "flex",
+            "--example",
+            "bench_cpu",
+        ],
+        "bench_cpu",
+    )?;
+    pack(&cpu_bench, dir, "bench_cpu")?;
     let bench = build(
         &[
             "build",

@@ -35,8 +35,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Build the GPU benchmark and the conformance tests (release, `vulkan`), stripped and
-    /// xz-compressed into `.gpu/`, for a GPU machine without a Rust toolchain.
+    /// Build the GPU benchmark and the conformance tests (release, `vulkan`) and the CPU
+    /// benchmark, stripped and xz-compressed into `.gpu/`, for a GPU machine without a Rust
+    /// toolchain.
     GpuBundle,
 }
 

@@ -23,12 +23,13 @@ pub(crate) enum PositionRows<'a, T> {
 }
 
 impl<'a, T: Real> PositionRows<'a, T> {
-    /// `rows` (`[n, width]`, token order) addressed through `order` (position `p` holds
-    /// token `order[p]`), or directly without an order.
+    /// `rows` (`[n, width]`, token order, `width > 0`) addressed through `order` (position
+    /// `p` holds token `order[p]`), or directly without an order.
     ///
     /// # Panics
-    /// If `order` is not a permutation of the rows.
+    /// If `order` is not a permutation of the rows, or `width` is 0.
     pub(crate) fn new(rows: &'a mut [T], width: usize, order: Option<&[usize]>) -> Self {
+        assert!(width > 0, "PositionRows: rows of no elements");
         let Some(order) = order else {
             return Self::Contiguous { rows, width };
         };
