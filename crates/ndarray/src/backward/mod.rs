@@ -190,7 +190,7 @@ pub fn backward_with_deltas<T: Real>(
     dv: &mut [T],
     tile_cache_bytes: usize,
 ) {
-    let (n, d) = (shape.seq_len, shape.head_dim);
+    let n = shape.seq_len;
     let (numel, kv_numel) = (shape.numel(), shape.kv_numel());
     for (name, len, want) in [
         ("q", q.len(), numel),
@@ -222,9 +222,24 @@ pub fn backward_with_deltas<T: Real>(
     }
     let inputs = [q, k, v, delta, lse, dout];
     let plan = Plan::new(shape, layout, tile_cache_bytes, std::mem::size_of::<T>());
+    run(inputs, shape, layout, scale, extras, &plan, (dq, dk, dv));
+}
+
+/// The backward pass of validated inputs `[q, k, v, delta, lse, dout]` as `plan` says.
+#[allow(clippy::type_complexity)]
+fn run<T: Real>(
+    inputs: [&[T]; 6],
+    shape: AttentionShape,
+    layout: &CsrLayout<'_>,
+    scale: T,
+    extras: &Extras<'_>,
+    plan: &Plan,
+    (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
+) {
+    let (d, numel, kv_numel) = (shape.head_dim, shape.numel(), shape.kv_numel());
     match (layout.order, plan.budget) {
-        (_, Some(_)) => stored(inputs, shape, layout, scale, extras, &plan, dq, dk, dv),
-        (None, None) => recompute(inputs, shape, layout, scale, extras, &plan, (dq, dk, dv)),
+        (_, Some(_)) => stored(inputs, shape, layout, scale, extras, plan, dq, dk, dv),
+        (None, None) => recompute(inputs, shape, layout, scale, extras, plan, (dq, dk, dv)),
         (Some(order), None) => {
             // Inputs gathered to positions once, gradients scattered back.
             let widths = [d, d, d, 1, 1, d];
@@ -233,7 +248,7 @@ pub fn backward_with_deltas<T: Real>(
             let [mut dq_p, mut dk_p, mut dv_p] = [numel, kv_numel, kv_numel].map(zeroed::<T>);
             let grads = (&mut dq_p[..], &mut dk_p[..], &mut dv_p[..]);
             let inputs = [&q[..], &k, &v, &delta, &lse, &dout];
-            recompute(inputs, shape, layout, scale, extras, &plan, grads);
+            recompute(inputs, shape, layout, scale, extras, plan, grads);
             for (g, dst) in [(&dq_p, dq), (&dk_p, dk), (&dv_p, dv)] {
                 all_to_tokens(g, order, d, dst);
             }
@@ -251,6 +266,9 @@ struct Plan {
     budget: Option<usize>,
     /// Active blocks of the layout (the most slots a chunk can need).
     total: usize,
+    /// Largest buffers of one task for which the stored pass runs key/value groups in
+    /// parallel ([`stored::PARALLEL_TASK_BYTES`]).
+    parallel_task_bytes: usize,
 }
 
 impl Plan {
@@ -265,6 +283,7 @@ impl Plan {
             longest: longest.unwrap_or(0),
             budget: (widest > 0 && widest <= budget).then_some(budget),
             total: layout.cols.len(),
+            parallel_task_bytes: stored::PARALLEL_TASK_BYTES,
         }
     }
 
@@ -331,4 +350,89 @@ impl<'a, T: Real> Slices<'a, T> {
 
 fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     a.iter().zip(b).map(|(&x, &y)| x * y).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Plan, row_deltas, run};
+    use crate::extras::Extras;
+    use crate::layout::{AttentionShape, CsrLayout, FULL_BLOCK};
+
+    /// The stored pass gives the same bits with key/value groups in parallel (each task its
+    /// own store) and one after another (one shared store, each head's blocks in
+    /// parallel), with and without a token order, over two column chunks per head.
+    #[test]
+    fn groups_in_parallel_or_in_turn_agree_bit_for_bit() {
+        let (n, b, d) = (40, 8, 3);
+        let nb = n / b;
+        // Every block of every row (the `all` pattern); column c lists rows in order.
+        let row_ptr: Vec<u32> = (0..=nb as u32).map(|r| r * nb as u32).collect();
+        let cols: Vec<u32> = (0..nb * nb).map(|e| (e % nb) as u32).collect();
+        let masks = vec![FULL_BLOCK; nb * nb];
+        let t_rows: Vec<u32> = (0..nb * nb).map(|t| (t % nb) as u32).collect();
+        let t_entries: Vec<u32> = (0..nb * nb)
+            .map(|t| ((t % nb) * nb + t / nb) as u32)
+            .collect();
+        let order: Vec<usize> = (0..n).map(|p| (p * 7) % n).collect();
+        let shape = AttentionShape {
+            batch: 2,
+            heads: 4,
+            kv_heads: 2,
+            seq_len: n,
+            head_dim: d,
+        };
+        let mut seed = 5u64;
+        let mut random = |len: usize| -> Vec<f64> {
+            (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+                })
+                .collect()
+        };
+        let (q, k, v, dout) = (
+            random(shape.numel()),
+            random(shape.kv_numel()),
+            random(shape.kv_numel()),
+            random(shape.numel()),
+        );
+        for order in [None, Some(&order[..])] {
+            let layout = CsrLayout {
+                seq_len: n,
+                block: b,
+                n_blocks: nb,
+                layout_heads: 1,
+                row_ptr: &row_ptr,
+                cols: &cols,
+                masks: &masks,
+                col_ptr: &row_ptr,
+                t_rows: &t_rows,
+                t_entries: &t_entries,
+                mask_bits: &[],
+                mask_words: 0,
+                order,
+            };
+            let extras = Extras::default();
+            let (mut out, mut lse) = (vec![0.0; shape.numel()], vec![0.0; shape.rows()]);
+            crate::forward(&q, &k, &v, shape, &layout, 0.5, &extras, &mut out, &mut lse);
+            let delta = row_deltas(&out, &dout, d);
+            // Three columns' contributions per chunk: two chunks per head.
+            let bytes = 3 * nb * 2 * b * d * std::mem::size_of::<f64>();
+            let grads = |parallel_task_bytes: usize| {
+                let mut plan = Plan::new(shape, &layout, bytes, std::mem::size_of::<f64>());
+                plan.parallel_task_bytes = parallel_task_bytes;
+                // Garbage in the gradients: every element must be written.
+                let mut dq = vec![f64::NAN; shape.numel()];
+                let (mut dk, mut dv) =
+                    (dq[..shape.kv_numel()].to_vec(), vec![1e9; shape.kv_numel()]);
+                let inputs = [&q[..], &k, &v, &delta, &lse, &dout];
+                let grads = (&mut dq[..], &mut dk[..], &mut dv[..]);
+                run(inputs, shape, &layout, 0.5, &extras, &plan, grads);
+                [dq, dk, dv].map(|g| g.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+            };
+            let (parallel, in_turn) = (grads(usize::MAX), grads(0));
+            assert!(parallel[0].iter().all(|&x| f64::from_bits(x).is_finite()));
+            assert_eq!(parallel, in_turn, "order {:?}", order.is_some());
+        }
+    }
 }
