@@ -222,24 +222,45 @@ pub fn backward_with_deltas<T: Real>(
     }
     let inputs = [q, k, v, delta, lse, dout];
     let plan = Plan::new(shape, layout, tile_cache_bytes, std::mem::size_of::<T>());
-    run(inputs, shape, layout, scale, extras, &plan, (dq, dk, dv));
+    let problem = Problem {
+        inputs,
+        shape,
+        layout,
+        scale,
+        extras,
+        plan: &plan,
+    };
+    run(problem, (dq, dk, dv));
 }
 
-/// The backward pass of validated inputs `[q, k, v, delta, lse, dout]` as `plan` says.
-#[allow(clippy::type_complexity)]
-fn run<T: Real>(
-    inputs: [&[T]; 6],
+/// One validated backward problem, as every pass reads it.
+#[derive(Clone, Copy)]
+struct Problem<'a, T> {
+    /// `[q, k, v, delta, lse, dout]`, in token order.
+    inputs: [&'a [T]; 6],
     shape: AttentionShape,
-    layout: &CsrLayout<'_>,
+    layout: &'a CsrLayout<'a>,
     scale: T,
-    extras: &Extras<'_>,
-    plan: &Plan,
-    (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
-) {
+    extras: &'a Extras<'a>,
+    plan: &'a Plan,
+}
+
+/// The gradients `(dq, dk, dv)` a pass writes.
+type Grads<'g, T> = (&'g mut [T], &'g mut [T], &'g mut [T]);
+
+/// The backward pass of `problem` as its plan says.
+fn run<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_, T>) {
+    let Problem {
+        inputs,
+        shape,
+        layout,
+        plan,
+        ..
+    } = problem;
     let (d, numel, kv_numel) = (shape.head_dim, shape.numel(), shape.kv_numel());
     match (layout.order, plan.budget) {
-        (_, Some(_)) => stored(inputs, shape, layout, scale, extras, plan, dq, dk, dv),
-        (None, None) => recompute(inputs, shape, layout, scale, extras, plan, (dq, dk, dv)),
+        (_, Some(_)) => stored(problem, (dq, dk, dv)),
+        (None, None) => recompute(problem, (dq, dk, dv)),
         (Some(order), None) => {
             // Inputs gathered to positions once, gradients scattered back.
             let widths = [d, d, d, 1, 1, d];
@@ -248,7 +269,7 @@ fn run<T: Real>(
             let [mut dq_p, mut dk_p, mut dv_p] = [numel, kv_numel, kv_numel].map(zeroed::<T>);
             let grads = (&mut dq_p[..], &mut dk_p[..], &mut dv_p[..]);
             let inputs = [&q[..], &k, &v, &delta, &lse, &dout];
-            recompute(inputs, shape, layout, scale, extras, plan, grads);
+            recompute(Problem { inputs, ..problem }, grads);
             for (g, dst) in [(&dq_p, dq), (&dk_p, dk), (&dv_p, dv)] {
                 all_to_tokens(g, order, d, dst);
             }
@@ -354,7 +375,7 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 
 #[cfg(test)]
 mod tests {
-    use super::{Plan, row_deltas, run};
+    use super::{Plan, Problem, row_deltas, run};
     use crate::extras::Extras;
     use crate::layout::{AttentionShape, CsrLayout, FULL_BLOCK};
 
@@ -425,9 +446,15 @@ mod tests {
                 let mut dq = vec![f64::NAN; shape.numel()];
                 let (mut dk, mut dv) =
                     (dq[..shape.kv_numel()].to_vec(), vec![1e9; shape.kv_numel()]);
-                let inputs = [&q[..], &k, &v, &delta, &lse, &dout];
-                let grads = (&mut dq[..], &mut dk[..], &mut dv[..]);
-                run(inputs, shape, &layout, 0.5, &extras, &plan, grads);
+                let problem = Problem {
+                    inputs: [&q[..], &k, &v, &delta, &lse, &dout],
+                    shape,
+                    layout: &layout,
+                    scale: 0.5,
+                    extras: &extras,
+                    plan: &plan,
+                };
+                run(problem, (&mut dq[..], &mut dk[..], &mut dv[..]));
                 [dq, dk, dv].map(|g| g.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
             };
             let (parallel, in_turn) = (grads(usize::MAX), grads(0));

@@ -4,25 +4,23 @@
 use rayon::prelude::*;
 
 use super::panel::{dq_block, softmax_grad};
-use super::{Plan, Slices};
-use crate::extras::Extras;
-use crate::layout::{AttentionShape, CsrLayout};
+use super::{Grads, Problem, Slices};
+use crate::layout::CsrLayout;
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
 use crate::tile::{gemm, probabilities};
 
 /// The backward pass without a store (a key-block column's contributions exceed the
 /// budget): dQ over the rows, then dK and dV over the columns recomputing `P` and `dS`.
-#[allow(clippy::type_complexity)]
-pub(super) fn recompute<T: Real>(
-    inputs: [&[T]; 6],
-    shape: AttentionShape,
-    layout: &CsrLayout<'_>,
-    scale: T,
-    extras: &Extras<'_>,
-    plan: &Plan,
-    (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
-) {
+pub(super) fn recompute<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_, T>) {
+    let Problem {
+        inputs,
+        shape,
+        layout,
+        scale,
+        extras,
+        plan,
+    } = problem;
     let (n, d, b, heads, group) = (
         shape.seq_len,
         shape.head_dim,

@@ -6,8 +6,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::panel::dq_block;
-use super::{Plan, Slices};
-use crate::extras::Extras;
+use super::{Grads, Plan, Problem, Slices};
 use crate::layout::{AttentionShape, CsrLayout};
 use crate::order::gather_into;
 use crate::real::Real;
@@ -37,18 +36,15 @@ struct GroupScratch<T> {
 /// heads are gathered to positions in the task's buffers (the key/value head once per
 /// group); its gradients are written block by block straight to token order
 /// ([`PositionRows`]).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn stored<T: Real>(
-    inputs: [&[T]; 6],
-    shape: AttentionShape,
-    layout: &CsrLayout<'_>,
-    scale: T,
-    extras: &Extras<'_>,
-    plan: &Plan,
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
-) {
+pub(super) fn stored<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_, T>) {
+    let Problem {
+        inputs,
+        shape,
+        layout,
+        scale,
+        extras,
+        plan,
+    } = problem;
     let (n, d, group) = (shape.seq_len, shape.head_dim, shape.group());
     let order = layout.order;
     let scratch = || GroupScratch {
