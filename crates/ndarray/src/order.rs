@@ -1,10 +1,12 @@
 //! Layouts with a token order (the strided pattern groups tokens by residue): the kernels
 //! take and return tensors in token order and work in layout positions inside.
 //!
-//! Position `p` of a layout holds token `order[p]`. The forward pass and the backward pass
-//! through the contribution store gather one head's rows at a time into buffers their task
-//! reuses, so a permuted layout costs no full-size copies of the inputs; only the
-//! backward's recompute fallback gathers whole tensors.
+//! Position `p` of a layout holds token `order[p]`. The forward pass gathers one head's
+//! rows at a time into buffers its task reuses, the backward pass through the contribution
+//! store one key/value head per task and one query block's rows at a time, so a permuted
+//! layout costs no full-size copies of the inputs; only the backward's recompute fallback
+//! gathers whole tensors. Outputs are written block by block to their tokens' rows
+//! ([`crate::rows`]).
 
 use rayon::prelude::*;
 
@@ -45,6 +47,15 @@ pub(crate) fn gather_into<T: Real>(src: &[T], index: &[usize], width: usize, dst
     }
     // SAFETY: the tasks above wrote the first `len` elements (one row per index).
     unsafe { dst.set_len(len) };
+}
+
+/// `dst` = the rows `index[i]` of `src` (rows of `width`), replacing its contents and
+/// reusing its capacity, sequentially (a block's rows, inside a task).
+pub(crate) fn extend_rows<T: Real>(src: &[T], index: &[usize], width: usize, dst: &mut Vec<T>) {
+    dst.clear();
+    for &row in index {
+        dst.extend_from_slice(&src[row * width..(row + 1) * width]);
+    }
 }
 
 /// Every `n`-row slice of `src` (token order) in position order, one task per slice.

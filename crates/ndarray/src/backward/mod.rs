@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use crate::buffer::zeroed;
 use crate::extras::{Extras, HeadExtras};
 use crate::layout::{AttentionShape, CsrLayout};
-use crate::order::{all_to_positions, all_to_tokens};
+use crate::order::{all_to_positions, all_to_tokens, extend_rows};
 use crate::real::Real;
 use panel::PanelScratch;
 use recompute::recompute;
@@ -37,7 +37,11 @@ use stored::stored;
 pub const TILE_CACHE_BYTES: usize = 8 << 20;
 
 /// Inputs shared by every task of the backward pass, for one `(batch, head)` slice (`k`
-/// and `v` of the key/value head it reads).
+/// and `v` of the key/value head it reads, in layout positions).
+///
+/// The query-side rows (`q`, `dout`, `lse`, `delta`) hold positions `first_row..` in
+/// position order, or, with a `query_order`, the head's rows in token order: the `dQ` pass
+/// reads one query block at a time, so [`Slices::block_rows`] gathers just that block.
 struct Slices<'a, T> {
     q: &'a [T],
     k: &'a [T],
@@ -45,7 +49,30 @@ struct Slices<'a, T> {
     dout: &'a [T],
     lse: &'a [T],
     delta: &'a [T],
+    /// Position of the first query-side row (0 for a whole head).
+    first_row: usize,
+    /// The layout's token order when the query-side rows are in token order.
+    query_order: Option<&'a [usize]>,
     extras: HeadExtras<'a>,
+}
+
+/// Buffers one task gathers a query block's rows into ([`Slices::block_rows`]).
+pub(super) struct RowStaging<T> {
+    q: Vec<T>,
+    dout: Vec<T>,
+    lse: Vec<T>,
+    delta: Vec<T>,
+}
+
+impl<T> Default for RowStaging<T> {
+    fn default() -> Self {
+        Self {
+            q: Vec::new(),
+            dout: Vec::new(),
+            lse: Vec::new(),
+            delta: Vec::new(),
+        }
+    }
 }
 
 /// Block-sparse attention backward.
@@ -364,7 +391,78 @@ impl<'a, T: Real> Slices<'a, T> {
             delta,
             lse,
             dout,
+            first_row: 0,
+            query_order: None,
             extras: HeadExtras::new(extras, layout, bh / heads, bh % heads),
+        }
+    }
+
+    /// [`Slices::head`] with the query-side rows (`q`, `delta`, `lse`, `dout`) in token
+    /// order (`order` of the layout), `k` and `v` in positions.
+    #[allow(clippy::too_many_arguments)]
+    fn head_in_tokens(
+        head: [&'a [T]; 6],
+        order: &'a [usize],
+        bh: usize,
+        shape: AttentionShape,
+        layout: &CsrLayout<'a>,
+        extras: &Extras<'_>,
+    ) -> Self {
+        Self {
+            query_order: Some(order),
+            ..Self::head(head, bh, shape, layout, extras)
+        }
+    }
+
+    /// `q`, `dout` (`[qe - qs, d]`), `lse` and `delta` of positions `qs..qe`, which these
+    /// slices hold in position order.
+    fn query_rows(&self, qs: usize, qe: usize, d: usize) -> [&'a [T]; 4] {
+        debug_assert!(self.query_order.is_none() && qs >= self.first_row);
+        let (s, e) = (qs - self.first_row, qe - self.first_row);
+        [
+            &self.q[s * d..e * d],
+            &self.dout[s * d..e * d],
+            &self.lse[s..e],
+            &self.delta[s..e],
+        ]
+    }
+
+    /// These slices with the query-side rows cut to positions `qs..qe` (gathered into
+    /// `staging` under a query order).
+    fn block_rows<'s>(
+        &'s self,
+        qs: usize,
+        qe: usize,
+        d: usize,
+        staging: &'s mut RowStaging<T>,
+    ) -> Slices<'s, T> {
+        let [q, dout, lse, delta] = match self.query_order {
+            None => self.query_rows(qs, qe, d),
+            Some(order) => {
+                let tokens = &order[qs..qe];
+                let RowStaging {
+                    q,
+                    dout,
+                    lse,
+                    delta,
+                } = staging;
+                extend_rows(self.q, tokens, d, q);
+                extend_rows(self.dout, tokens, d, dout);
+                extend_rows(self.lse, tokens, 1, lse);
+                extend_rows(self.delta, tokens, 1, delta);
+                [&q[..], &dout[..], &lse[..], &delta[..]]
+            }
+        };
+        Slices {
+            q,
+            k: self.k,
+            v: self.v,
+            dout,
+            lse,
+            delta,
+            first_row: qs,
+            query_order: None,
+            extras: self.extras,
         }
     }
 }

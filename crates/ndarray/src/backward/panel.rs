@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use super::Slices;
+use super::{RowStaging, Slices};
 use crate::layout::CsrLayout;
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
@@ -13,10 +13,12 @@ use crate::tile::{gemm, probabilities};
 /// Most key blocks of one `dQ` panel (its scratch is two `b x PANEL_BLOCKS * b` tiles).
 const PANEL_BLOCKS: usize = 16;
 
-/// Scratch of one task of the `dQ` pass: `P` and `dS` of a panel.
+/// Scratch of one task of the `dQ` pass: `P` and `dS` of a panel, and the query block's
+/// rows when they need gathering.
 pub(super) struct PanelScratch<T> {
     p: Vec<T>,
     ds: Vec<T>,
+    rows: RowStaging<T>,
 }
 
 impl<T: Real> PanelScratch<T> {
@@ -26,6 +28,7 @@ impl<T: Real> PanelScratch<T> {
         Self {
             p: vec![T::ZERO; len],
             ds: vec![T::ZERO; len],
+            rows: RowStaging::default(),
         }
     }
 }
@@ -57,11 +60,13 @@ pub(super) fn dq_block<T: Real>(
     let (qs, qe) = layout.block_range(r);
     let bq = qe - qs;
     let width = layout.width(entries.clone());
+    let PanelScratch { p, ds, rows } = scratch;
+    let x = &x.block_rows(qs, qe, d, rows);
     let mut done = 0;
     for lo in entries.clone().step_by(PANEL_BLOCKS) {
         let part = lo..(lo + PANEL_BLOCKS).min(entries.end);
         let w = layout.width(part.clone());
-        let (p, ds) = (&mut scratch.p[..bq * w], &mut scratch.ds[..bq * w]);
+        let (p, ds) = (&mut p[..bq * w], &mut ds[..bq * w]);
         let contributions = store.as_deref_mut().map(|store| {
             let (dv, dk) = store.split_at_mut(width * d);
             (
@@ -111,7 +116,7 @@ fn dq_panel<T: Real>(
     let bq = qe - qs;
     let width = p.len() / bq;
     let e0 = entries.start;
-    let (q, dout) = (&x.q[qs * d..qe * d], &x.dout[qs * d..qe * d]);
+    let [q, dout, lse, delta] = x.query_rows(qs, qe, d);
     let keys = |run: &Range<usize>| {
         let (ks, ke) = layout.run_range(run);
         ((run.start - e0) * b, ks, ke)
@@ -125,10 +130,10 @@ fn dq_panel<T: Real>(
     }
     // Masks and padding per tile; P over whole rows.
     x.extras.mask_tiles(entries.clone(), p, width, qs, bq);
-    probabilities(p, &x.lse[qs..qe], width);
+    probabilities(p, lse, width);
     // With dropout, dP of the kept (scaled) probabilities: dO Vᵀ times the keep factor.
     x.extras.drop_tiles(entries.clone(), ds, width, qs, bq);
-    softmax_grad(p, ds, &x.delta[qs..qe], width);
+    softmax_grad(p, ds, delta, width);
     // dQ += dS K * scale, one GEMM per run.
     for (i, run) in layout.runs(entries.clone(), usize::MAX).enumerate() {
         let (off, ks, ke) = keys(&run);

@@ -14,7 +14,7 @@ use crate::rows::PositionRows;
 use crate::simd::avx2_dispatch;
 
 /// Largest buffers of one task of the stored backward (its store and, under a permuted
-/// layout, one head's gathered rows) for which key/value groups run in parallel, each
+/// layout, its key/value head's rows in positions) for which key/value groups run in parallel, each
 /// concurrent task with buffers of its own; above it (permuted layouts at large `n`) groups
 /// run one after another, so the scratch stays one task's worth. One head after another,
 /// with only each head's blocks in parallel, waits at two barriers per column chunk: on a
@@ -26,16 +26,16 @@ pub(super) const PARALLEL_TASK_BYTES: usize = 20 << 20;
 struct GroupScratch<T> {
     /// The contribution store.
     store: Vec<T>,
-    /// A permuted layout's head in positions: `q`, `k`, `v`, `delta`, `lse`, `dout`.
-    inputs: [Vec<T>; 6],
+    /// A permuted layout's key/value head in positions: `k`, `v`.
+    kv: [Vec<T>; 2],
 }
 
 /// The backward pass through the contribution store, one key/value group (its query heads
 /// in order: dK and dV sum over them) per task; groups in parallel when each task's buffers
 /// are small, else one after another (each head's blocks in parallel). A permuted layout's
-/// heads are gathered to positions in the task's buffers (the key/value head once per
-/// group); its gradients are written block by block straight to token order
-/// ([`PositionRows`]).
+/// key/value head is gathered to positions in the task's buffers once per group, its
+/// query-side rows a block at a time by the dQ pass; its gradients are written block by
+/// block straight to token order ([`PositionRows`]).
 pub(super) fn stored<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_, T>) {
     let Problem {
         inputs,
@@ -49,31 +49,36 @@ pub(super) fn stored<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_, T
     let order = layout.order;
     let scratch = || GroupScratch {
         store: plan.store::<T>(layout.block, d),
-        inputs: Default::default(),
+        kv: Default::default(),
     };
     type Group<'g, T> = (usize, ((&'g mut [T], &'g mut [T]), &'g mut [T]));
     let task = |scratch: &mut GroupScratch<T>, (bkv, ((dq_g, dk_g), dv_g)): Group<'_, T>| {
         let first = (bkv / shape.kv_heads) * shape.heads + (bkv % shape.kv_heads) * group;
-        let GroupScratch { store, inputs: pos } = scratch;
+        let GroupScratch { store, kv } = scratch;
         let (mut dk, mut dv) = (
             PositionRows::new(dk_g, d, order),
             PositionRows::new(dv_g, d, order),
         );
         if let Some(order) = order {
-            let kv = bkv * n * d..(bkv + 1) * n * d;
-            gather_into(&inputs[1][kv.clone()], order, d, &mut pos[1]);
-            gather_into(&inputs[2][kv], order, d, &mut pos[2]);
+            let kv_rows = bkv * n * d..(bkv + 1) * n * d;
+            gather_into(&inputs[1][kv_rows.clone()], order, d, &mut kv[0]);
+            gather_into(&inputs[2][kv_rows], order, d, &mut kv[1]);
         }
         for (bh, dq_bh) in (first..).zip(dq_g.chunks_mut(n * d)) {
             let x = match order {
                 Some(order) => {
+                    // Query-side rows stay in token order: the dQ pass gathers a block's.
                     let [q, _, _, delta, lse, dout] = inputs;
                     let (rows, cols) = (bh * n..(bh + 1) * n, bh * n * d..(bh + 1) * n * d);
-                    gather_into(&q[cols.clone()], order, d, &mut pos[0]);
-                    gather_into(&delta[rows.clone()], order, 1, &mut pos[3]);
-                    gather_into(&lse[rows], order, 1, &mut pos[4]);
-                    gather_into(&dout[cols], order, d, &mut pos[5]);
-                    Slices::head(pos.each_ref().map(|x| &x[..]), bh, shape, layout, extras)
+                    let head = [
+                        &q[cols.clone()],
+                        &kv[0],
+                        &kv[1],
+                        &delta[rows.clone()],
+                        &lse[rows],
+                        &dout[cols],
+                    ];
+                    Slices::head_in_tokens(head, order, bh, shape, layout, extras)
                 }
                 None => Slices::of(inputs, bh, shape, layout, extras),
             };
@@ -84,12 +89,7 @@ pub(super) fn stored<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_, T
         }
     };
     let per_task = std::mem::size_of::<T>()
-        * (plan.store_len(layout.block, d)
-            + if order.is_some() {
-                4 * n * d + 2 * n
-            } else {
-                0
-            });
+        * (plan.store_len(layout.block, d) + if order.is_some() { 2 * n * d } else { 0 });
     let groups = dq
         .par_chunks_mut(group * n * d)
         .zip(dk.par_chunks_mut(n * d))
