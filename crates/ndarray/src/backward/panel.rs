@@ -35,9 +35,10 @@ impl<T: Real> PanelScratch<T> {
 
 /// Adds to `dQ` of query block `r` the sum over its `entries` (key blocks) of `dS K * scale`,
 /// panel by panel of at most [`PANEL_BLOCKS`] blocks; with `fresh`, writes the sum instead
-/// (whatever `dq` held: the first GEMM overwrites it, or zeros). With a `store` (the row's slots:
-/// `[width, d]` of `dV` contributions then `[width, d]` of `dK` ones, width the entries'
-/// keys), also writes there each panel's `Pᵀ dO` and `dSᵀ Q * scale`.
+/// (whatever `dq` held: the first GEMM overwrites it, or zeros). With a `store` (the row's
+/// slots: `[width, d]` of `dV` contributions then `[width, d]` of `dK` ones, width the
+/// entries' keys), also writes there each panel's `Pᵀ dO` and `dSᵀ Q * scale`. The query
+/// block's rows are gathered into the scratch when `x` holds them in token order.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn dq_block<T: Real>(
     x: &Slices<'_, T>,
@@ -95,9 +96,9 @@ pub(super) fn dq_block<T: Real>(
 avx2_dispatch! {
 /// The `dQ` work of one panel: `P` and `dS` of `entries` as `[bq x width]` panels in `p` and
 /// `ds` (row stride `width`), with a GEMM per run of consecutive key blocks for the scores,
-/// for `dP` and for `dQ` (the first of which overwrites `dq` when `fresh`, else adds to it).
-/// With `contributions` (`[width, d]` each), also the panel's `dV`
-/// and `dK` contributions: `Pᵀ dO` (`P` after dropout) and `dSᵀ Q * scale`.
+/// for `dP` and for `dQ` (the first of which overwrites `dq` when `fresh`, else adds to
+/// it). With `contributions` (`[width, d]` each), also the panel's `dV` and `dK`
+/// contributions: `Pᵀ dO` (`P` after dropout) and `dSᵀ Q * scale`.
 fn dq_panel<T: Real>(
     x: &Slices<'_, T>,
     d: usize,
