@@ -363,54 +363,16 @@ impl<'a, T: Real> Slices<'a, T> {
         let (n, d) = (shape.seq_len, shape.head_dim);
         let (rows, kv) = (bh * n..(bh + 1) * n, shape.kv_slice(bh));
         let (cols, kv_cols) = (bh * n * d..(bh + 1) * n * d, kv * n * d..(kv + 1) * n * d);
-        let head = [
-            &q[cols.clone()],
-            &k[kv_cols.clone()],
-            &v[kv_cols],
-            &delta[rows.clone()],
-            &lse[rows],
-            &dout[cols],
-        ];
-        Self::head(head, bh, shape, layout, extras)
-    }
-
-    /// The inputs of slice `bh` given as one head's rows (`[q, k, v, delta, lse, dout]`,
-    /// already cut to `bh` and its key/value head).
-    fn head(
-        [q, k, v, delta, lse, dout]: [&'a [T]; 6],
-        bh: usize,
-        shape: AttentionShape,
-        layout: &CsrLayout<'a>,
-        extras: &Extras<'_>,
-    ) -> Self {
-        let heads = shape.heads;
         Self {
-            q,
-            k,
-            v,
-            delta,
-            lse,
-            dout,
+            q: &q[cols.clone()],
+            k: &k[kv_cols.clone()],
+            v: &v[kv_cols],
+            dout: &dout[cols],
+            lse: &lse[rows.clone()],
+            delta: &delta[rows],
             first_row: 0,
             query_order: None,
-            extras: HeadExtras::new(extras, layout, bh / heads, bh % heads),
-        }
-    }
-
-    /// [`Slices::head`] with the query-side rows (`q`, `delta`, `lse`, `dout`) in token
-    /// order (`order` of the layout), `k` and `v` in positions.
-    #[allow(clippy::too_many_arguments)]
-    fn head_in_tokens(
-        head: [&'a [T]; 6],
-        order: &'a [usize],
-        bh: usize,
-        shape: AttentionShape,
-        layout: &CsrLayout<'a>,
-        extras: &Extras<'_>,
-    ) -> Self {
-        Self {
-            query_order: Some(order),
-            ..Self::head(head, bh, shape, layout, extras)
+            extras: HeadExtras::new(extras, layout, bh / shape.heads, bh % shape.heads),
         }
     }
 

@@ -65,22 +65,17 @@ pub(super) fn stored<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_, T
             gather_into(&inputs[2][kv_rows], order, d, &mut kv[1]);
         }
         for (bh, dq_bh) in (first..).zip(dq_g.chunks_mut(n * d)) {
+            let x = Slices::of(inputs, bh, shape, layout, extras);
             let x = match order {
-                Some(order) => {
-                    // Query-side rows stay in token order: the dQ pass gathers a block's.
-                    let [q, _, _, delta, lse, dout] = inputs;
-                    let (rows, cols) = (bh * n..(bh + 1) * n, bh * n * d..(bh + 1) * n * d);
-                    let head = [
-                        &q[cols.clone()],
-                        &kv[0],
-                        &kv[1],
-                        &delta[rows.clone()],
-                        &lse[rows],
-                        &dout[cols],
-                    ];
-                    Slices::head_in_tokens(head, order, bh, shape, layout, extras)
-                }
-                None => Slices::of(inputs, bh, shape, layout, extras),
+                // Query-side rows stay in token order (the dQ pass gathers a block's);
+                // keys and values come from the group's gathered head.
+                Some(order) => Slices {
+                    k: &kv[0],
+                    v: &kv[1],
+                    query_order: Some(order),
+                    ..x
+                },
+                None => x,
             };
             let dq = PositionRows::new(dq_bh, d, order);
             let grads = (dq, &mut dk, &mut dv);
