@@ -1,7 +1,9 @@
-//! GPU benchmark of the fused CubeCL kernels on a causal sliding window: forward and
-//! forward+backward time and useful TFLOP/s (FLOPs of allowed query-key pairs only), next to
-//! Burn's dense attention on the same device and, when given the JSON that
-//! `xtask/flex_attention.py` wrote on the same GPU, PyTorch FlexAttention on the same mask.
+//! GPU benchmark of the fused CubeCL kernels over patterns, dtypes, block sizes and lengths:
+//! forward and forward+backward time, the kernels that ran (tensor-core or FMA) and useful
+//! TFLOP/s (FLOPs of allowed query-key pairs only), next to Burn's dense attention on the same
+//! device and, when given the JSON that `xtask/flex_attention.py` wrote on the same GPU,
+//! PyTorch FlexAttention on the same mask. A cell whose runs failed says why instead of
+//! showing a time: after the timed runs every cell reads a value of its output back.
 //!
 //! `cargo xtask bench gpu` builds and runs it (release, `vulkan` feature); `cargo xtask
 //! gpu-bundle` packs it for a machine without a Rust toolchain. Every timing is the median of
@@ -20,8 +22,9 @@ use serde::{Deserialize, Serialize};
 #[path = "common/timing.rs"]
 mod timing;
 
-use sparse_attn::pattern::Band;
-use sparse_attn::{AttentionOptions, BlockLayout, sparse_attention};
+use sparse_attn::cubecl_kernels::{LaunchCounts, launch_counts};
+use sparse_attn::pattern::{Band, BigBird, BigBirdConfig, Fixed, Strided};
+use sparse_attn::{AttentionOptions, BlockLayout, Pattern, sparse_attention};
 
 #[derive(Parser)]
 struct Args {
@@ -31,12 +34,22 @@ struct Args {
     /// Sequence lengths.
     #[arg(long, value_delimiter = ',', default_value = "8192,32768,131072")]
     n: Vec<usize>,
+    /// Patterns: window (causal sliding window), strided (`j <= i`, `(i - j) % stride == 0`;
+    /// block-sparse in our permuted order), fixed (windows of `2 * window` plus the last
+    /// `window / 8` tokens of every earlier window), bigbird (causal window, token 0 global,
+    /// 2 seeded random blocks of 128 tokens per query block of 128). `xtask/flex_attention.py`
+    /// builds the same masks.
+    #[arg(long, value_delimiter = ',', default_value = "window")]
+    patterns: Vec<String>,
     /// Causal window (keys per query, the query included).
     #[arg(long, default_value_t = 512)]
     window: usize,
-    /// Block size of the layout (128 ran fastest on the H200; FlexAttention's default too).
-    #[arg(long, default_value_t = 128)]
-    block: usize,
+    /// Stride of the strided pattern.
+    #[arg(long, default_value_t = 256)]
+    stride: usize,
+    /// Block sizes of the layout.
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    blocks: Vec<usize>,
     /// Heads.
     #[arg(long, default_value_t = 16)]
     heads: usize,
@@ -64,13 +77,17 @@ struct Args {
     out: PathBuf,
 }
 
-/// One FlexAttention measurement, as `flex_attention.py` writes it.
+/// One FlexAttention measurement, as `flex_attention.py` writes it (a failed one has a
+/// reason instead of times).
 #[derive(Deserialize)]
 struct FlexRow {
+    pattern: String,
     dtype: String,
     n: usize,
-    fwd_ms: f64,
-    fwd_bwd_ms: f64,
+    block: usize,
+    fwd_ms: Option<f64>,
+    fwd_bwd_ms: Option<f64>,
+    failed: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -83,18 +100,20 @@ struct Row {
     heads: usize,
     head_dim: usize,
     block: usize,
-    fwd_ms: f64,
-    fwd_bwd_ms: f64,
-    useful_tflops: f64,
-    dense_fwd_ms: Option<f64>,
-    dense_fwd_bwd_ms: Option<f64>,
+    /// Which kernels ran our forward and backward (`tensor-core`, `fma`).
+    kernels: String,
+    /// Our forward and forward+backward ms, or why they failed.
+    ours: Result<(f64, f64), String>,
+    useful_tflops: Option<f64>,
+    /// Burn's dense attention (up to `--dense-max-n`).
+    dense: Option<Result<(f64, f64), String>>,
     flex_fwd_ms: Option<f64>,
     flex_fwd_bwd_ms: Option<f64>,
-    /// `(fwd_ms, fwd_bwd_ms)` with dropout 0.1, with one padded token, with heads / 4
-    /// key/value heads (with `--extras`).
-    dropout: Option<(f64, f64)>,
-    padded: Option<(f64, f64)>,
-    gqa: Option<(f64, f64)>,
+    flex_failed: Option<String>,
+    /// With dropout 0.1, with one padded token, with heads / 4 key/value heads (`--extras`).
+    dropout: Option<Result<(f64, f64), String>>,
+    padded: Option<Result<(f64, f64), String>>,
+    gqa: Option<Result<(f64, f64), String>>,
 }
 
 /// Median wall time in ms of `f` over `reps` runs after a warm-up of at least three runs
@@ -117,161 +136,284 @@ fn float_dtype(name: &str) -> Result<FloatDType, String> {
 }
 
 /// Forward and forward+backward medians of `attend` on `q` of `dims` and `k`, `v` of
-/// `kv_dims`, of `dtype`.
+/// `kv_dims`, of `dtype`; `Err(reason)` when the runs failed. A device synchronisation does
+/// not surface a failed launch (Burn's dense attention asking for more than a buffer can
+/// hold), so after the timed runs a value of the output and of the gradient is read back;
+/// a panic inside the cell is caught and reported the same way.
 fn time_pair(
     device: &Device,
     [dims, kv_dims]: [[usize; 4]; 2],
     dtype: FloatDType,
     reps: usize,
     attend: impl Fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>,
-) -> (f64, f64) {
-    let sync = |d: &Device| d.sync().expect("device synchronisation");
-    let random = |dims: [usize; 4], d: &Device| {
-        Tensor::<4>::random(dims, Distribution::Normal(0.0, 1.0), d).cast(dtype)
-    };
-    let x = |d: &Device| random(dims, d);
-    let (q, k, v) = (x(device), random(kv_dims, device), random(kv_dims, device));
-    let fwd = median_ms(reps, || {
-        let _out = attend(q.clone(), k.clone(), v.clone());
-        sync(device);
-    });
-    let ad = device.clone().autodiff();
-    let g = x(&ad);
-    let qa = x(&ad).require_grad();
-    let [ka, va] = [(); 2].map(|_| random(kv_dims, &ad).require_grad());
-    let fwd_bwd = median_ms(reps, || {
+) -> Result<(f64, f64), String> {
+    let cell = || -> Result<(f64, f64), String> {
+        let sync = |d: &Device| d.sync().map_err(|e| format!("synchronisation: {e:?}"));
+        let random = |dims: [usize; 4], d: &Device| {
+            Tensor::<4>::random(dims, Distribution::Normal(0.0, 1.0), d).cast(dtype)
+        };
+        let x = |d: &Device| random(dims, d);
+        let (q, k, v) = (x(device), random(kv_dims, device), random(kv_dims, device));
+        let mut failed = None;
+        let fwd = median_ms(reps, || {
+            let _out = attend(q.clone(), k.clone(), v.clone());
+            if let Err(e) = sync(device) {
+                failed.get_or_insert(e);
+            }
+        });
+        let ad = device.clone().autodiff();
+        let g = x(&ad);
+        let qa = x(&ad).require_grad();
+        let [ka, va] = [(); 2].map(|_| random(kv_dims, &ad).require_grad());
+        let fwd_bwd = median_ms(reps, || {
+            let out = attend(qa.clone(), ka.clone(), va.clone());
+            let grads = (out * g.clone()).sum().backward();
+            let _dq = qa.grad(&grads).expect("tracked");
+            if let Err(e) = sync(&ad) {
+                failed.get_or_insert(e);
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let read = |t: Tensor<4>, what: &str| {
+            t.sum()
+                .try_into_data()
+                .map(|_| ())
+                .map_err(|e| format!("{what}: {e:?}"))
+        };
+        read(attend(q.clone(), k.clone(), v.clone()), "forward")?;
         let out = attend(qa.clone(), ka.clone(), va.clone());
         let grads = (out * g.clone()).sum().backward();
-        let _dq = qa.grad(&grads).expect("tracked");
-        sync(&ad);
-    });
-    (fwd, fwd_bwd)
+        read(qa.grad(&grads).expect("tracked"), "backward")?;
+        Ok((fwd, fwd_bwd))
+    };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(cell)).unwrap_or_else(|panic| {
+        let reason = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".to_string());
+        Err(reason)
+    })
+}
+
+/// A cell of the table: the time, or why the runs failed (first line, shortened).
+fn cell_text(x: &Result<f64, String>) -> String {
+    match x {
+        Ok(ms) => format!("{ms:.2}"),
+        Err(reason) => {
+            let line = reason.lines().next().unwrap_or_default();
+            format!("failed: {}", line.chars().take(80).collect::<String>())
+        }
+    }
+}
+
+/// The benchmark pattern `name` for sequences of `n` tokens.
+fn bench_pattern(name: &str, args: &Args, n: usize) -> Result<Box<dyn Pattern>, String> {
+    let w = args.window;
+    let err = |e: sparse_attn::SparseAttentionError| e.to_string();
+    Ok(match name {
+        "window" => Box::new(Band::sliding_window(w).map_err(err)?),
+        "strided" => Box::new(Strided::new(args.stride).map_err(err)?),
+        "fixed" => Box::new(Fixed::new(2 * w, 1, (w / 8).max(1)).map_err(err)?),
+        "bigbird" => Box::new(
+            BigBird::new(
+                BigBirdConfig {
+                    window: w,
+                    global_tokens: vec![0],
+                    random_blocks: 2,
+                    random_block: 128,
+                    seed: 7,
+                    causal: true,
+                },
+                n,
+            )
+            .map_err(err)?,
+        ),
+        other => {
+            return Err(format!(
+                "unknown pattern `{other}`: expected window, strided, fixed or bigbird"
+            ));
+        }
+    })
+}
+
+/// The kernel families that ran between two launch counts.
+fn kernels_between(before: LaunchCounts, after: LaunchCounts) -> String {
+    match (after.tensor_core > before.tensor_core, after.fma > before.fma) {
+        (true, false) => "tensor-core",
+        (false, true) => "fma",
+        (true, true) => "tensor-core+fma",
+        (false, false) => "-",
+    }
+    .to_string()
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let device = sparse_attn::backends::device(&args.backend)?;
     let device_name = format!("{device:?}");
-    let flex: HashMap<(String, usize), FlexRow> = match &args.flex {
+    let flex: HashMap<(String, String, usize, usize), FlexRow> = match &args.flex {
         Some(path) => {
             let rows: Vec<FlexRow> = serde_json::from_str(&std::fs::read_to_string(path)?)?;
             rows.into_iter()
-                .map(|r| ((r.dtype.clone(), r.n), r))
+                .map(|r| ((r.pattern.clone(), r.dtype.clone(), r.n, r.block), r))
                 .collect()
         }
         None => HashMap::new(),
     };
     let (h, d, w) = (args.heads, args.head_dim, args.window);
     println!(
-        "{} on {device_name}: causal window {w}, B=1, H={h}, d={d}, block {}\n",
-        args.backend, args.block
+        "{} on {device_name}: B=1, H={h}, d={d}, window {w}, stride {}, blocks {:?}\n",
+        args.backend, args.stride, args.blocks
     );
     println!(
-        "| dtype | n | fwd ms | fwd+bwd ms | useful TFLOP/s (fwd) | dense fwd ms | dense fwd+bwd ms | flex fwd ms | flex fwd+bwd ms | flex/ours fwd | flex/ours fwd+bwd |"
+        "| pattern | dtype | block | n | kernels | fwd ms | fwd+bwd ms | useful TFLOP/s (fwd) | dense fwd ms | dense fwd+bwd ms | flex fwd ms | flex fwd+bwd ms | flex/ours fwd | flex/ours fwd+bwd | dense/ours fwd | dense/ours fwd+bwd |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    let pattern = Band::sliding_window(w)?;
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
-    for name in &args.dtypes {
-        let dtype = float_dtype(name)?;
-        if !device.supports_dtype(DType::from(dtype)) {
-            println!("| {name} | - | the device does not support {name} | | | | | | | | |");
-            continue;
-        }
-        for &n in &args.n {
-            let layout = BlockLayout::build(&pattern, n, args.block, h)?;
-            let pairs: u64 = (0..h).map(|head| layout.stats(head).allowed_pairs).sum();
-            let dims = [1, h, n, d];
-            let ours = |q, k, v| {
-                sparse_attention(q, k, v, &layout, AttentionOptions::default())
-                    .expect("valid inputs")
-            };
-            let same = [dims, dims];
-            let (fwd_ms, fwd_bwd_ms) = time_pair(&device, same, dtype, args.reps, ours);
-            let with = |kv_dims, options: AttentionOptions| {
-                time_pair(&device, [dims, kv_dims], dtype, args.reps, |q, k, v| {
-                    sparse_attention(q, k, v, &layout, options.clone()).expect("valid inputs")
-                })
-            };
-            let (dropout, padded, gqa) = if args.extras {
-                let plain = AttentionOptions::default();
-                (
-                    Some(with(dims, plain.clone().dropout(0.1, 7))),
-                    Some(with(dims, plain.clone().key_lengths([n - 1]))),
-                    Some(with([1, (h / 4).max(1), n, d], plain)),
-                )
-            } else {
-                (None, None, None)
-            };
-            let options = AttentionModuleOptions {
-                scale: None,
-                softcap: None,
-                is_causal: true,
-            };
-            let dense = (n <= args.dense_max_n).then(|| {
-                let reps = args.reps.min(3);
-                time_pair(&device, same, dtype, reps, |q, k, v| {
-                    attention(q, k, v, None, None, options)
-                })
-            });
-            let useful = 4.0 * pairs as f64 * d as f64 / (fwd_ms * 1e9);
-            let fl = flex.get(&(name.clone(), n));
-            let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
-            println!(
-                "| {name} | {n} | {fwd_ms:.2} | {fwd_bwd_ms:.2} | {useful:.2} | {} | {} | {} | {} | {} | {} |",
-                fmt(dense.map(|x| x.0)),
-                fmt(dense.map(|x| x.1)),
-                fmt(fl.map(|f| f.fwd_ms)),
-                fmt(fl.map(|f| f.fwd_bwd_ms)),
-                fmt(fl.map(|f| f.fwd_ms / fwd_ms)),
-                fmt(fl.map(|f| f.fwd_bwd_ms / fwd_bwd_ms)),
-            );
-            rows.push(Row {
-                backend: args.backend.clone(),
-                device: device_name.clone(),
-                dtype: name.clone(),
-                pattern: format!("causal window {w}"),
-                n,
-                heads: h,
-                head_dim: d,
-                block: args.block,
-                fwd_ms,
-                fwd_bwd_ms,
-                useful_tflops: useful,
-                dense_fwd_ms: dense.map(|x| x.0),
-                dense_fwd_bwd_ms: dense.map(|x| x.1),
-                flex_fwd_ms: fl.map(|f| f.fwd_ms),
-                flex_fwd_bwd_ms: fl.map(|f| f.fwd_bwd_ms),
-                dropout,
-                padded,
-                gqa,
-            });
+    for pattern_name in &args.patterns {
+        for name in &args.dtypes {
+            let dtype = float_dtype(name)?;
+            if !device.supports_dtype(DType::from(dtype)) {
+                println!("| {pattern_name} | {name} | - | - | the device does not support {name} | | | | | | | | | | | |");
+                continue;
+            }
+            for &block in &args.blocks {
+                for &n in &args.n {
+                    let pattern = bench_pattern(pattern_name, &args, n)?;
+                    let layout = BlockLayout::build(pattern.as_ref(), n, block, h)?;
+                    let pairs: u64 = (0..h).map(|head| layout.stats(head).allowed_pairs).sum();
+                    let dims = [1, h, n, d];
+                    let ours = |q, k, v| {
+                        sparse_attention(q, k, v, &layout, AttentionOptions::default())
+                            .expect("valid inputs")
+                    };
+                    let same = [dims, dims];
+                    let before = launch_counts();
+                    let timed = time_pair(&device, same, dtype, args.reps, ours);
+                    let kernels = kernels_between(before, launch_counts());
+                    let with = |kv_dims, options: AttentionOptions| {
+                        time_pair(&device, [dims, kv_dims], dtype, args.reps, |q, k, v| {
+                            sparse_attention(q, k, v, &layout, options.clone())
+                                .expect("valid inputs")
+                        })
+                    };
+                    let (dropout, padded, gqa) = if args.extras {
+                        let plain = AttentionOptions::default();
+                        (
+                            Some(with(dims, plain.clone().dropout(0.1, 7))),
+                            Some(with(dims, plain.clone().key_lengths([n - 1]))),
+                            Some(with([1, (h / 4).max(1), n, d], plain)),
+                        )
+                    } else {
+                        (None, None, None)
+                    };
+                    // Burn's dense attention: causal mask only; it computes every pair.
+                    let options = AttentionModuleOptions {
+                        scale: None,
+                        softcap: None,
+                        is_causal: true,
+                    };
+                    let dense = (n <= args.dense_max_n).then(|| {
+                        time_pair(&device, same, dtype, args.reps.min(3), |q, k, v| {
+                            attention(q, k, v, None, None, options)
+                        })
+                    });
+                    let useful = timed
+                        .as_ref()
+                        .ok()
+                        .map(|(f, _)| 4.0 * pairs as f64 * d as f64 / (f * 1e9));
+                    let fl = flex.get(&(pattern_name.clone(), name.clone(), n, block));
+                    let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
+                    let part = |x: &Result<(f64, f64), String>, i: usize| {
+                        cell_text(&x.clone().map(|t| if i == 0 { t.0 } else { t.1 }))
+                    };
+                    let opt_part = |x: &Option<Result<(f64, f64), String>>, i: usize| {
+                        x.as_ref().map_or("-".to_string(), |x| part(x, i))
+                    };
+                    let ratio = |peer: Option<f64>, i: usize| {
+                        let ours = timed.as_ref().ok().map(|t| if i == 0 { t.0 } else { t.1 });
+                        fmt(peer.zip(ours).map(|(p, o)| p / o))
+                    };
+                    let dense_ok = |i: usize| {
+                        dense
+                            .as_ref()
+                            .and_then(|x| x.as_ref().ok())
+                            .map(|t| if i == 0 { t.0 } else { t.1 })
+                    };
+                    let flex_cell = |x: Option<f64>| match fl.and_then(|f| f.failed.as_ref()) {
+                        Some(reason) => format!("failed: {}", reason.chars().take(60).collect::<String>()),
+                        None => fmt(x),
+                    };
+                    let (flex_fwd, flex_fwd_bwd) = (
+                        fl.and_then(|f| f.fwd_ms),
+                        fl.and_then(|f| f.fwd_bwd_ms),
+                    );
+                    println!(
+                        "| {pattern_name} | {name} | {block} | {n} | {kernels} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        part(&timed, 0),
+                        part(&timed, 1),
+                        fmt(useful),
+                        opt_part(&dense, 0),
+                        opt_part(&dense, 1),
+                        flex_cell(flex_fwd),
+                        flex_cell(flex_fwd_bwd),
+                        ratio(flex_fwd, 0),
+                        ratio(flex_fwd_bwd, 1),
+                        ratio(dense_ok(0), 0),
+                        ratio(dense_ok(1), 1),
+                    );
+                    rows.push(Row {
+                        backend: args.backend.clone(),
+                        device: device_name.clone(),
+                        dtype: name.clone(),
+                        pattern: pattern.name(),
+                        n,
+                        heads: h,
+                        head_dim: d,
+                        block,
+                        kernels,
+                        ours: timed,
+                        useful_tflops: useful,
+                        dense,
+                        flex_fwd_ms: flex_fwd,
+                        flex_fwd_bwd_ms: flex_fwd_bwd,
+                        flex_failed: fl.and_then(|f| f.failed.clone()),
+                        dropout,
+                        padded,
+                        gqa,
+                    });
+                }
+            }
         }
     }
     if args.extras {
         println!(
-            "\n| dtype | n | fwd / fwd+bwd ms | dropout 0.1 | padded (n - 1) | GQA (H/4 kv heads) |"
+            "\n| pattern | dtype | block | n | fwd / fwd+bwd ms | dropout 0.1 | padded (n - 1) | GQA (H/4 kv heads) |"
         );
-        println!("|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|");
         for r in &rows {
-            let cell = |x: Option<(f64, f64)>| {
-                x.map_or("-".to_string(), |(f, fb)| {
-                    format!(
-                        "{f:.2} / {fb:.2} ({:+.0}% / {:+.0}%)",
-                        100.0 * (f - r.fwd_ms) / r.fwd_ms,
-                        100.0 * (fb - r.fwd_bwd_ms) / r.fwd_bwd_ms
-                    )
-                })
+            let Ok((fwd, fwd_bwd)) = r.ours else { continue };
+            let cell = |x: &Option<Result<(f64, f64), String>>| match x {
+                Some(Ok((f, fb))) => format!(
+                    "{f:.2} / {fb:.2} ({:+.0}% / {:+.0}%)",
+                    100.0 * (f - fwd) / fwd,
+                    100.0 * (fb - fwd_bwd) / fwd_bwd
+                ),
+                Some(Err(reason)) => cell_text(&Err(reason.clone())),
+                None => "-".to_string(),
             };
             println!(
-                "| {} | {} | {:.2} / {:.2} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {fwd:.2} / {fwd_bwd:.2} | {} | {} | {} |",
+                r.pattern,
                 r.dtype,
+                r.block,
                 r.n,
-                r.fwd_ms,
-                r.fwd_bwd_ms,
-                cell(r.dropout),
-                cell(r.padded),
-                cell(r.gqa)
+                cell(&r.dropout),
+                cell(&r.padded),
+                cell(&r.gqa)
             );
         }
     }

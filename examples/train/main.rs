@@ -22,7 +22,7 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::{Device, Int, Tensor, TensorData, activation::softmax};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData, activation::softmax};
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -62,6 +62,15 @@ enum Pattern {
     Mixed,
 }
 
+/// `--attention-dtype`: f16 or bf16.
+fn parse_attention_dtype(name: &str) -> Result<FloatDType, String> {
+    match name {
+        "f16" => Ok(FloatDType::F16),
+        "bf16" => Ok(FloatDType::BF16),
+        other => Err(format!("unknown attention dtype `{other}`: expected f16 or bf16")),
+    }
+}
+
 #[derive(Parser)]
 #[command(about = "Train a byte-level sparse transformer language model")]
 struct Args {
@@ -77,6 +86,10 @@ struct Args {
     /// Backend (those compiled in: ndarray by default; flex, wgpu with their features).
     #[arg(long, default_value = "ndarray")]
     backend: String,
+    /// Dtype of the attention itself (f16 or bf16; the model trains in f32): on a GPU with
+    /// tensor cores (`--backend vulkan`) this runs the tensor-core kernels.
+    #[arg(long, value_parser = parse_attention_dtype)]
+    attention_dtype: Option<FloatDType>,
     /// Tokens per training sequence.
     #[arg(long, default_value_t = 256)]
     seq_len: usize,
@@ -203,6 +216,7 @@ impl Args {
         .with_dropout(self.dropout)
         .with_positions(positions)
         .with_dense(self.dense)
+        .with_attention_dtype(self.attention_dtype)
     }
 
     /// Warm-up over the first 10% of the steps, then cosine decay to 10% of the peak.

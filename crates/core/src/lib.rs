@@ -53,3 +53,12 @@ pub use modes::{
 pub use params::{AttentionParams, DropoutMask};
 pub use pattern::{BlockCover, Geometry, Pattern};
 pub use picture::LayoutStats;
+
+/// Which CubeCL kernels serve a GPU problem: the tensor-core kernels (f16/bf16 inputs on a
+/// device with 16x16x16 cooperative matrices, blocks and head dims multiples of 16) or the
+/// FMA kernels (everything else); process-wide counters of the passes each family ran, and
+/// the environment variable that turns the tensor-core kernels off (`0`).
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod cubecl_kernels {
+    pub use sparse_attn_wgpu::{KernelPath, LaunchCounts, TENSOR_CORES_VAR, launch_counts};
+}

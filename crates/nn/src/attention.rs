@@ -7,7 +7,7 @@ use burn::config::Config;
 use burn::module::{Initializer, Module};
 use burn::nn::attention::MultiHeadAttention;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, Device, FloatDType, Tensor};
 use sparse_attn_core::{AttentionOptions, Result, SparseAttentionError, sparse_attention};
 
 use crate::dropout_seed::next_dropout_seed;
@@ -45,6 +45,14 @@ pub struct MultiHeadSparseAttentionConfig {
     /// Longest sequence accepted by `forward`; `None` (default) means no limit.
     #[config(default = "None")]
     pub max_seq_len: Option<usize>,
+    /// Dtype the attention itself runs in: `q`, `k` and `v` are cast to it and the output
+    /// back to the input's dtype (Burn's autodiff carries the gradients through both casts).
+    /// `Some(FloatDType::F16)` (or `BF16`) lets a model that trains in f32 use the GPU's
+    /// tensor-core kernels, whose tile products take 16-bit operands (accumulating in f32);
+    /// the projections, the softmax statistics and everything else keep their precision.
+    /// `None` (default): the input's dtype.
+    #[config(default = "None")]
+    pub attention_dtype: Option<FloatDType>,
     /// Initializer of the projections. Default: Kaiming uniform, as Burn's attention.
     #[config(default = "Initializer::KaimingUniform{gain:1.0/3.0f64.sqrt(), fan_out_only:false}")]
     pub initializer: Initializer,
@@ -81,6 +89,9 @@ pub struct MultiHeadSparseAttention {
     /// Softmax scale (not a parameter; `None` = `1 / sqrt(head_dim)`).
     #[module(skip)]
     pub scale: Option<f64>,
+    /// Dtype of the attention itself (not a parameter; `None` = the input's).
+    #[module(skip)]
+    pub attention_dtype: Option<FloatDType>,
 }
 
 impl MultiHeadSparseAttentionConfig {
@@ -142,12 +153,17 @@ impl MultiHeadSparseAttentionConfig {
             max_seq_len: self.max_seq_len.unwrap_or(0),
             pattern: self.pattern.clone(),
             scale: self.scale,
+            attention_dtype: self.attention_dtype,
         })
     }
 }
 
 /// Logit added to padded keys: `exp(-PAD_LOGIT)` is zero in `f32`.
 const PAD_LOGIT: f64 = 1.0e4;
+
+/// Largest padding bias on a key's extra feature: finite in f16 (whose largest value is
+/// 65504), and with any softmax scale of a head dim up to 4096 still a logit below -900.
+const PAD_BIAS_MAX: f64 = 6.0e4;
 
 impl MultiHeadSparseAttention {
     /// A sparse layer carrying the projections of Burn's dense `MultiHeadAttention`, for
@@ -255,8 +271,9 @@ impl MultiHeadSparseAttention {
     /// Any mask works (not only right padding); for right padding,
     /// [`forward_lengths`](Self::forward_lengths) is cheaper (padding in the kernels). The
     /// mask is applied without an `n x n` tensor: queries gain a column of ones and keys a
-    /// column holding `-1e4 / scale` on padded tokens, so the padded scores are `-1e4` below
-    /// the others and their softmax weight is exactly zero in `f32`.
+    /// column holding `-1e4 / scale` (at most `6e4`, finite in f16) on padded tokens, so the
+    /// padded scores are far below the others and their softmax weight is exactly zero in
+    /// `f32`.
     ///
     /// # Shapes
     /// `x`: `[batch, n, d_model]`, `key_padding_mask`: `[batch, n]` -> `[batch, n, d_model]`.
@@ -314,7 +331,13 @@ impl MultiHeadSparseAttention {
         let (heads, kv_heads) = (self.n_heads, self.n_kv_heads);
         let d = d_model / heads;
         let scale = self.scale.unwrap_or(1.0 / (d as f64).sqrt());
-        let split = |t: Tensor<3>, h: usize| t.reshape([batch, n, h, d]).swap_dims(1, 2);
+        let input_dtype = x.dtype();
+        let compute = |t: Tensor<4>| match self.attention_dtype {
+            Some(dtype) => t.cast(dtype),
+            None => t,
+        };
+        let split =
+            |t: Tensor<3>, h: usize| compute(t.reshape([batch, n, h, d]).swap_dims(1, 2));
         let (q, k, v) = (
             split(self.query.forward(x.clone()), heads),
             split(self.key.forward(x.clone()), kv_heads),
@@ -327,21 +350,27 @@ impl MultiHeadSparseAttention {
                 sparse_attention(q, k, v, &layout, options.key_lengths(lengths))?
             }
             Padding::Mask(mask) => {
-                let device = q.device();
-                let pad = mask.float().reshape([batch, 1, n, 1]);
+                let (device, dtype) = (q.device(), FloatDType::from(q.dtype()));
+                let pad = mask.float().reshape([batch, 1, n, 1]).cast(dtype);
                 let column = |h| [batch, h, n, 1];
-                let ones = Tensor::<4>::ones(column(heads), &device);
+                let ones = Tensor::<4>::ones(column(heads), &device).cast(dtype);
+                // The bias must stay finite in a 16-bit attention dtype.
                 let key_bias = pad
                     .clone()
-                    .mul_scalar(-PAD_LOGIT / scale)
+                    .mul_scalar(-(PAD_LOGIT / scale).min(PAD_BIAS_MAX))
                     .expand(column(kv_heads));
                 let q = Tensor::cat(vec![q, ones], 3);
                 let k = Tensor::cat(vec![k, key_bias], 3);
-                let v = Tensor::cat(vec![v, Tensor::zeros(column(kv_heads), &device)], 3);
+                let zeros = Tensor::<4>::zeros(column(kv_heads), &device).cast(dtype);
+                let v = Tensor::cat(vec![v, zeros], 3);
                 let out = sparse_attention(q, k, v, &layout, options)?;
                 let keep = pad.neg().add_scalar(1.0);
                 out.slice([0..batch, 0..heads, 0..n, 0..d]) * keep
             }
+        };
+        let attended = match self.attention_dtype {
+            Some(_) => attended.cast(FloatDType::from(input_dtype)),
+            None => attended,
         };
         let merged = attended.swap_dims(1, 2).reshape([batch, n, d_model]);
         Ok(self.output.forward(merged))
@@ -454,6 +483,45 @@ mod tests {
                 worst < 1e-5,
                 "kv heads {kv_heads}: layer differs from the dense masked reference by {worst}"
             );
+        }
+    }
+
+    /// The attention dtype casts `q`, `k`, `v` in and the output back, gradients included:
+    /// an f32 model whose attention runs in f64 (the CPU kernels' other precision) gives the
+    /// f32 layer's output and gradients, and the output comes back in f32. Key padding by
+    /// mask (extra features in the attention dtype) works the same.
+    #[test]
+    fn attention_dtype_casts_in_and_out() {
+        let device = Device::ndarray().autodiff();
+        let plain = layer(PatternConfig::Local { ctx: 6 }, &device);
+        let cast = MultiHeadSparseAttention {
+            attention_dtype: Some(FloatDType::F64),
+            ..plain.clone()
+        };
+        let x = Tensor::<3>::random([2, 11, 16], Distribution::Normal(0.0, 1.0), &device);
+        let mask = Tensor::<2, Bool>::from_data(
+            TensorData::new((0..22).map(|i| i % 11 > 8).collect::<Vec<_>>(), [2, 11]),
+            &device,
+        );
+        for masked in [false, true] {
+            let run = |l: &MultiHeadSparseAttention| {
+                let out = if masked {
+                    l.forward_padded(x.clone(), Some(mask.clone())).unwrap()
+                } else {
+                    l.forward(x.clone()).unwrap()
+                };
+                assert_eq!(out.dtype(), burn::tensor::DType::F32);
+                let grads = out.clone().sum().backward();
+                let dw = l.query.weight.val().grad(&grads).unwrap();
+                (host(out), dw.into_data().try_to_vec::<f32>().unwrap())
+            };
+            let ((a, da), (b, db)) = (run(&plain), run(&cast));
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() < 1e-5, "masked={masked}: out {x} vs {y}");
+            }
+            for (x, y) in da.iter().zip(&db) {
+                assert!((x - y).abs() < 1e-4, "masked={masked}: dW {x} vs {y}");
+            }
         }
     }
 

@@ -55,6 +55,12 @@ pub struct SparseTransformerConfig {
     /// baseline). Default: false.
     #[config(default = false)]
     pub dense: bool,
+    /// Dtype the attention runs in (see
+    /// [`MultiHeadSparseAttentionConfig::attention_dtype`]): `Some(FloatDType::F16)` puts a
+    /// model that trains in f32 on a GPU's tensor-core kernels. Default: `None`, the model's
+    /// dtype.
+    #[config(default = "None")]
+    pub attention_dtype: Option<burn::tensor::FloatDType>,
 }
 
 /// Position encoding module of a [`SparseTransformer`].
@@ -107,6 +113,7 @@ impl SparseTransformerConfig {
             MultiHeadSparseAttentionConfig::new(self.d_model, self.n_heads, self.pattern.clone())
                 .with_block_size(self.block_size)
                 .with_dropout(self.dropout)
+                .with_attention_dtype(self.attention_dtype)
                 .with_max_seq_len(Some(self.max_seq_len));
         let block = SparseTransformerBlockConfig::new(attention)
             .with_mlp_ratio(self.mlp_ratio)

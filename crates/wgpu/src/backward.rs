@@ -21,7 +21,7 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
     k: &[Vector<F, N>],
     v: &[Vector<F, N>],
     out: &[Vector<F, N>],
-    lse: &[F],
+    lse: &[f32],
     dout: &[Vector<F, N>],
     dq: &mut [Vector<F, N>],
     delta: &mut [f32],
@@ -93,7 +93,7 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
     }
     if valid {
         delta_i = lane_sum(delta_v);
-        lse_i = f32::cast_from(lse[bh * n + tok]);
+        lse_i = lse[bh * n + tok];
         if lane == 0 {
             delta[bh * n + tok] = delta_i;
         }
@@ -194,7 +194,7 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
     q: &[Vector<F, N>],
     k: &[Vector<F, N>],
     v: &[Vector<F, N>],
-    lse: &[F],
+    lse: &[f32],
     dout: &[Vector<F, N>],
     delta: &[f32],
     dk: &mut [Vector<F, N>],
@@ -312,7 +312,7 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
                 if unit < tile_len {
                     let qtok = token(order, query_start + t0 + unit, permuted);
                     lse_tile[unit] = if in_length(lengths, batch, qtok, padded) {
-                        f32::cast_from(lse[bh * n + qtok])
+                        lse[bh * n + qtok]
                     } else {
                         f32::new(PADDED_LSE)
                     };

@@ -24,7 +24,7 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
     k: &[Vector<F, N>],
     v: &[Vector<F, N>],
     out: &mut [Vector<F, N>],
-    lse: &mut [F],
+    lse: &mut [f32],
     row_ptr: &[u32],
     cols: &[u32],
     masks: &[u32],
@@ -195,11 +195,7 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
         for c in 0..vecs {
             out[base + tok * vecs + c] = Vector::<F, N>::cast_from(acc[c] * inv);
         }
-        lse[bh * n + tok] = if l == 0.0 {
-            F::cast_from(neg_inf)
-        } else {
-            F::cast_from(m + f32::ln(l))
-        };
+        lse[bh * n + tok] = if l == 0.0 { neg_inf } else { m + f32::ln(l) };
     }
 }
 

@@ -1,5 +1,7 @@
 //! Host side: the plain-data layout view, uploads, grid sizes and kernel launches.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use cubecl::client::Client;
 use cubecl::ir::ElemType;
 use cubecl::prelude::*;
@@ -10,6 +12,48 @@ use crate::error::KernelError;
 use crate::forward::forward_kernel;
 use crate::options::KernelOptions;
 use crate::plan::TilePlan;
+use crate::tensor_core::{self, TensorCorePlan};
+
+/// Which kernels ran a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelPath {
+    /// The tensor-core kernels (cooperative matrices, f16/bf16 inputs).
+    TensorCore,
+    /// The FMA kernels (every dtype and device).
+    Fma,
+}
+
+/// Passes run by each kernel family since the process started, forward and backward
+/// counted separately: tests on a GPU read them to show which kernels served their cases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LaunchCounts {
+    /// Passes on the tensor-core kernels.
+    pub tensor_core: usize,
+    /// Passes on the FMA kernels.
+    pub fma: usize,
+}
+
+static TENSOR_CORE_PASSES: AtomicUsize = AtomicUsize::new(0);
+static FMA_PASSES: AtomicUsize = AtomicUsize::new(0);
+
+impl KernelPath {
+    fn counted(self) -> Self {
+        let counter = match self {
+            Self::TensorCore => &TENSOR_CORE_PASSES,
+            Self::Fma => &FMA_PASSES,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self
+    }
+}
+
+/// The passes run so far by each kernel family.
+pub fn launch_counts() -> LaunchCounts {
+    LaunchCounts {
+        tensor_core: TENSOR_CORE_PASSES.load(Ordering::Relaxed),
+        fma: FMA_PASSES.load(Ordering::Relaxed),
+    }
+}
 
 /// Shape of one attention problem: `q`, the output and `dq` are contiguous `[batch, heads,
 /// seq_len, head_dim]`, `k`, `v`, `dk`, `dv` `[batch, kv_heads, seq_len, head_dim]` (query
@@ -30,15 +74,15 @@ pub struct AttentionShape {
 }
 
 impl AttentionShape {
-    fn numel(&self) -> usize {
+    pub(crate) fn numel(&self) -> usize {
         self.batch * self.heads * self.seq_len * self.head_dim
     }
 
-    fn kv_numel(&self) -> usize {
+    pub(crate) fn kv_numel(&self) -> usize {
         self.batch * self.kv_heads * self.seq_len * self.head_dim
     }
 
-    fn rows(&self) -> usize {
+    pub(crate) fn rows(&self) -> usize {
         self.batch * self.heads * self.seq_len
     }
 }
@@ -88,19 +132,19 @@ pub struct CsrView<'a> {
 
 /// The layout's arrays on the device (WGSL has no 64-bit integers: masks go as `u32` words).
 /// The transposed lists are uploaded only for the backward pass, which reads them.
-struct DeviceLayout {
-    row_ptr: (Handle, usize),
-    cols: (Handle, usize),
-    masks: (Handle, usize),
-    mask_bits: (Handle, usize),
-    order: (Handle, usize),
+pub(crate) struct DeviceLayout {
+    pub row_ptr: (Handle, usize),
+    pub cols: (Handle, usize),
+    pub masks: (Handle, usize),
+    pub mask_bits: (Handle, usize),
+    pub order: (Handle, usize),
 }
 
 /// The transposed (key-block-major) lists on the device.
-struct DeviceTranspose {
-    col_ptr: (Handle, usize),
-    t_rows: (Handle, usize),
-    t_entries: (Handle, usize),
+pub(crate) struct DeviceTranspose {
+    pub col_ptr: (Handle, usize),
+    pub t_rows: (Handle, usize),
+    pub t_entries: (Handle, usize),
 }
 
 /// Uploads `data` (at least one element, so that no binding is empty).
@@ -132,14 +176,14 @@ impl DeviceLayout {
 
 /// The per-call options on the device: the lengths buffer (one element when unpadded) and
 /// the dropout scalars (zeros without dropout).
-struct DeviceOptions {
-    lengths: (Handle, usize),
-    padded: bool,
-    dropout: bool,
-    seed_lo: u32,
-    seed_hi: u32,
-    threshold: u32,
-    keep_scale: f32,
+pub(crate) struct DeviceOptions {
+    pub lengths: (Handle, usize),
+    pub padded: bool,
+    pub dropout: bool,
+    pub seed_lo: u32,
+    pub seed_hi: u32,
+    pub threshold: u32,
+    pub keep_scale: f32,
 }
 
 impl DeviceOptions {
@@ -172,7 +216,7 @@ impl DeviceTranspose {
 }
 
 /// A buffer argument over `len` elements of `handle`.
-fn arg((handle, len): &(Handle, usize)) -> BufferArg {
+pub(crate) fn arg((handle, len): &(Handle, usize)) -> BufferArg {
     // SAFETY: every handle passed here holds at least `len` elements: the layout arrays were
     // uploaded with exactly that length and the tensors' lengths are checked by the caller.
     unsafe { BufferArg::from_raw_parts(handle.clone(), *len) }
@@ -212,9 +256,6 @@ impl Grid {
         }
         let plan = TilePlan::for_device(client, dtype, view.block, shape.head_dim)?;
         let tasks = shape.batch * heads * view.n_blocks;
-        let max_x = client.properties().hardware.max_cube_count.0.max(1) as usize;
-        let x = tasks.clamp(1, max_x);
-        let y = tasks.div_ceil(x).max(1);
         let splits = row_splits(tasks * view.block, view.block, plan.tile, client);
         let lanes = [4, 2, 1]
             .into_iter()
@@ -223,7 +264,7 @@ impl Grid {
         Ok(Self {
             lanes,
             vecs: shape.head_dim / lanes,
-            count: CubeCount::Static(x as u32, y as u32, 1),
+            count: grid_count(client, tasks),
             dim: CubeDim::new_1d((view.block * splits) as u32),
             splits,
             tasks,
@@ -233,6 +274,15 @@ impl Grid {
             shared_layout: u32::from(view.layout_heads == 1),
         })
     }
+}
+
+/// A 2D grid of at least `tasks` cubes within the device's limit on the first dimension
+/// (kernels decode `CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X` and skip the excess).
+pub(crate) fn grid_count(client: &Client, tasks: usize) -> CubeCount {
+    let max_x = client.properties().hardware.max_cube_count.0.max(1) as usize;
+    let x = tasks.clamp(1, max_x);
+    let y = tasks.div_ceil(x).max(1);
+    CubeCount::Static(x as u32, y as u32, 1)
 }
 
 /// Below this many units (one per row) a launch gives each row several units.
@@ -258,14 +308,15 @@ fn row_splits(rows: usize, block: usize, tile: usize, client: &Client) -> usize 
 const FUSED_DKDV_MAX_HEAD_DIM: usize = 32;
 
 /// A tensor buffer of `len` elements (vectors for the `[B, H, n, d]` tensors).
-fn tensor(handle: &Handle, len: usize) -> BufferArg {
+pub(crate) fn tensor(handle: &Handle, len: usize) -> BufferArg {
     arg(&(handle.clone(), len))
 }
 
-/// Forward pass: writes `out` (`[B, H, n, d]`) and `lse` (`[B, H, n]`, natural log, `-inf`
-/// for rows with no allowed key, whose output is zero).
+/// Forward pass: writes `out` (`[B, H, n, d]`) and `lse` (`[B, H, n]`, f32 whatever the
+/// input dtype, natural log, `-inf` for rows with no allowed key, whose output is zero).
 ///
-/// `q`, `k`, `v`, `out`, `lse` are contiguous buffers of `dtype` elements, in token order;
+/// `q`, `k`, `v`, `out` are contiguous buffers of `dtype` elements, `lse` of f32, in token
+/// order;
 /// `options` adds key padding and dropout.
 ///
 /// # Errors
@@ -283,10 +334,15 @@ pub fn forward(
     v: &Handle,
     out: &Handle,
     lse: &Handle,
-) -> Result<(), KernelError> {
+) -> Result<KernelPath, KernelError> {
     let grid = Grid::new(client, dtype, &shape, view, shape.heads)?;
     let layout = DeviceLayout::upload(client, view);
     let opts = DeviceOptions::upload(client, options);
+    if let Some(plan) = TensorCorePlan::for_device(client, dtype, view.block, shape.head_dim) {
+        let tensors = [q, k, v, out, lse];
+        tensor_core::forward(client, &plan, dtype, shape, view, scale, &layout, &opts, tensors);
+        return Ok(KernelPath::TensorCore.counted());
+    }
     let (numel, kv_numel, rows) = (
         shape.numel() / grid.lanes,
         shape.kv_numel() / grid.lanes,
@@ -330,7 +386,7 @@ pub fn forward(
         opts.dropout,
         dtype,
     );
-    Ok(())
+    Ok(KernelPath::Fma.counted())
 }
 
 /// Backward pass: writes `dq` (`[B, H, n, d]`), `dk`, `dv` (`[B, H_kv, n, d]`) of `sum(out *
@@ -350,12 +406,19 @@ pub fn backward(
     options: &KernelOptions,
     [q, k, v, out, lse, dout]: [&Handle; 6],
     [dq, dk, dv]: [&Handle; 3],
-) -> Result<(), KernelError> {
+) -> Result<KernelPath, KernelError> {
     let grid = Grid::new(client, dtype, &shape, view, shape.heads)?;
     let kv_grid = Grid::new(client, dtype, &shape, view, shape.kv_heads)?;
     let layout = DeviceLayout::upload(client, view);
     let transpose = DeviceTranspose::upload(client, view);
     let opts = DeviceOptions::upload(client, options);
+    if let Some(plan) = TensorCorePlan::for_device(client, dtype, view.block, shape.head_dim) {
+        let (inputs, grads) = ([q, k, v, out, lse, dout], [dq, dk, dv]);
+        tensor_core::backward(
+            client, &plan, dtype, shape, view, scale, &layout, &transpose, &opts, inputs, grads,
+        );
+        return Ok(KernelPath::TensorCore.counted());
+    }
     let (numel, kv_numel, rows) = (
         shape.numel() / grid.lanes,
         shape.kv_numel() / grid.lanes,
@@ -454,5 +517,5 @@ pub fn backward(
             dtype,
         );
     }
-    Ok(())
+    Ok(KernelPath::Fma.counted())
 }

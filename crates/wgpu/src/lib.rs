@@ -30,9 +30,13 @@ mod forward;
 mod launch;
 mod options;
 mod plan;
+mod tensor_core;
 mod tiles;
 
 pub use error::KernelError;
-pub use launch::{AttentionShape, CsrView, backward, forward};
+pub use launch::{
+    AttentionShape, CsrView, KernelPath, LaunchCounts, backward, forward, launch_counts,
+};
+pub use tensor_core::DISABLE_VAR as TENSOR_CORES_VAR;
 pub use options::{DropoutArgs, KernelOptions};
 pub use plan::{MAX_HEAD_DIM, TilePlan};

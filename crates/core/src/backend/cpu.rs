@@ -253,7 +253,8 @@ fn forward_in<B: HostBuffers, T: HostElement>(
     } = shape;
     (
         write::<B, T>(out, vec![batch, heads, seq_len, head_dim], dtype, &device),
-        write::<B, T>(lse, vec![batch, heads, seq_len], dtype, &device),
+        // The log-sum-exp stays in the kernels' precision (f32, or f64 for f64 inputs).
+        write::<B, T>(lse, vec![batch, heads, seq_len], T::dtype(), &device),
     )
 }
 

@@ -72,7 +72,7 @@ fn empty_like(like: &CubeTensor, dims: Vec<usize>) -> CubeTensor {
     )
 }
 
-/// Fused forward: `(out, lse)`.
+/// Fused forward: `(out, lse)`, the log-sum-exp in f32.
 pub(crate) fn forward(
     q: FloatTensor<CubeBackend>,
     k: FloatTensor<CubeBackend>,
@@ -83,7 +83,12 @@ pub(crate) fn forward(
     let [q, k, v] = [q, k, v].map(into_contiguous);
     let shape = shape_of(&q, &k);
     let out = empty_like(&q, q.shape().to_vec());
-    let lse = empty_like(&q, vec![shape.batch, shape.heads, shape.seq_len]);
+    let lse = empty_device_contiguous_dtype(
+        q.client.clone(),
+        q.device.clone(),
+        burn::tensor::Shape::from(vec![shape.batch, shape.heads, shape.seq_len]),
+        burn::tensor::DType::F32,
+    );
     sparse_attn_wgpu::forward(
         &q.client,
         dtype_to_elem_type(q.dtype),

@@ -31,13 +31,14 @@ use burn::backend::{Backend, backend_extension};
 use crate::layout::BlockLayout;
 use crate::params::AttentionParams;
 
-/// Metadata of the log-sum-exp output: `q`'s shape without its last dim, `q`'s dtype.
+/// Metadata of the log-sum-exp output: `q`'s shape without its last dim, f32 (f64 for f64
+/// inputs).
 #[cfg(feature = "fusion")]
 fn lse_spec(q: &TensorSpec) -> TensorSpec {
     let dims = q.shape.as_slice();
     TensorSpec::new(
         burn::tensor::Shape::from(dims[..dims.len() - 1].to_vec()),
-        q.dtype,
+        portable::lse_dtype(q.dtype).into(),
     )
 }
 
@@ -52,7 +53,7 @@ fn lse_spec(q: &TensorSpec) -> TensorSpec {
 pub trait SparseAttentionBackend: Backend {
     /// Forward pass: `(out [B, H, n, d], lse [B, H, n])`, `lse` being the natural-log
     /// softmax denominator of each row (before dropout; `-inf` for a row with no allowed
-    /// key, whose output is zero). `k` and `v` are `[B, H_kv, n, d]`, `H_kv` dividing `H`.
+    /// key, whose output is zero), in f32 whatever the input dtype (f64 for f64 inputs). `k` and `v` are `[B, H_kv, n, d]`, `H_kv` dividing `H`.
     /// Default: the portable path.
     #[fusion(meta = |q, _k, _v, _layout, _params| (q.clone(), lse_spec(q)))]
     fn sparse_attention_forward(

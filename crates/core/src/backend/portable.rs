@@ -315,8 +315,9 @@ pub fn forward<B: Backend>(
     params: &AttentionParams,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let heads = dims::<B>(&q)[1];
+    let lse_dtype = lse_dtype(q.dtype());
     let (k, v) = (repeat_kv::<B>(k, heads), repeat_kv::<B>(v, heads));
-    match layout.order() {
+    let (out, lse) = match layout.order() {
         None => forward_positions::<B>(q, k, v, layout, params),
         Some((order, inverse)) => {
             let (q, k, v) = (
@@ -327,6 +328,17 @@ pub fn forward<B: Backend>(
             let (out, lse) = forward_positions::<B>(q, k, v, layout, params);
             (reorder::<B>(out, inverse), reorder::<B>(lse, inverse))
         }
+    };
+    (out, B::float_cast(lse, lse_dtype))
+}
+
+/// The dtype of the log-sum-exp for inputs of `dtype` on every backend: f64 for f64
+/// inputs, else f32.
+pub(crate) fn lse_dtype(dtype: burn::tensor::DType) -> burn::tensor::FloatDType {
+    if dtype == burn::tensor::DType::F64 {
+        burn::tensor::FloatDType::F64
+    } else {
+        burn::tensor::FloatDType::F32
     }
 }
 
@@ -388,6 +400,8 @@ pub fn backward<B: Backend>(
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let (heads, kv_heads) = (dims::<B>(&q)[1], dims::<B>(&k)[1]);
     let (k, v) = (repeat_kv::<B>(k, heads), repeat_kv::<B>(v, heads));
+    // The tensor ops below run in the inputs' dtype.
+    let lse = B::float_cast(lse, q.dtype().into());
     let (dq, dk, dv) = match layout.order() {
         None => backward_positions::<B>(q, k, v, out, lse, dout, layout, params),
         Some((order, inverse)) => {

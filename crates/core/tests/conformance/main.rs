@@ -7,6 +7,7 @@
 
 mod bad_input;
 mod common;
+mod half;
 mod layouts;
 mod matrix;
 mod options;

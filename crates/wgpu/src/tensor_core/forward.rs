@@ -1,0 +1,284 @@
+//! The tensor-core forward kernel: `S = Q Kᵀ` and `O += P V` on cooperative matrices, the
+//! online softmax row-wise on a per-plane f32 tile.
+
+use cubecl::cmma;
+use cubecl::prelude::*;
+
+use crate::options::{in_length, keep_factor, query_row};
+use crate::tensor_core::FRAG;
+use crate::tensor_core::stage::{
+    NO_TOKEN, PlaneTask, ProblemArgs, TensorCoreConfig, accumulate_product, load_block_fragments,
+    new_a_fragments, new_accumulators, plane_task, row_max, row_sum, scores_into, stage_rows,
+    tile_column, write_rows,
+};
+use crate::tiles::{MASKED, allowed, head_row, span, token};
+
+/// Forward kernel. Plane `p` of cube `(block r, pair bh)` owns layout positions `r * block +
+/// 16 p ..` (16 rows); it walks the active key blocks of its query block tile by tile (the
+/// cube stages each `K`/`V` tile once), and writes its output rows and f32 log-sum-exp at
+/// their tokens' places.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
+    q: &[Vector<F, N>],
+    k: &[Vector<F, N>],
+    v: &[Vector<F, N>],
+    out: &mut [F],
+    lse: &mut [f32],
+    row_ptr: &[u32],
+    cols: &[u32],
+    masks: &[u32],
+    mask_bits: &[u32],
+    order: &[u32],
+    lengths: &[u32],
+    args: ProblemArgs,
+    #[comptime] config: TensorCoreConfig,
+    #[define(F)] _dtype: ElemType,
+) {
+    let n = args.seq_len;
+    let at = plane_task(args.n_blocks, args.tasks, config.plane);
+    let block = config.block;
+    let d = config.head_dim;
+    let vecs = comptime!(config.vecs());
+    let tile = config.tile;
+    let lpr = comptime!(config.lanes_per_row());
+    let units = comptime!(config.planes() * config.plane);
+    let bh = at.bh;
+    let kv = (bh / args.heads) * args.kv_heads + (bh % args.heads) / (args.heads / args.kv_heads);
+    let base = bh * n * vecs;
+    let kv_base = kv * n * vecs;
+    let block_start = at.blk * block;
+    let block_len = span(n, block_start, block);
+
+    // The unit's score-tile row: query position `block_start + 16 * plane + row`.
+    let local = at.plane * FRAG + at.row;
+    let pos = block_start + local;
+    let valid = pos < n;
+    let tok = if valid {
+        token(order, pos, config.permuted)
+    } else {
+        0usize
+    };
+    let query = query_row(
+        lengths,
+        args.seed_lo,
+        args.seed_hi,
+        bh,
+        args.heads,
+        tok,
+        valid,
+        config.padded,
+        config.dropout,
+    );
+
+    let mut stage = Shared::<[Vector<F, N>]>::new_slice(comptime!(2 * tile * vecs));
+    let mut scratch = Shared::<[f32]>::new_slice(comptime!(block * tile));
+    let mut probs = Shared::<[F]>::new_slice(comptime!(block * tile));
+    let mut key_toks = Shared::<[u32]>::new_slice(tile);
+    let plane_at = at.plane * FRAG * tile;
+
+    let mut q_frags = new_a_fragments::<F>(config.chunks());
+    load_block_fragments(
+        q,
+        &mut stage,
+        &mut q_frags,
+        order,
+        base,
+        block_start,
+        block_len,
+        &at,
+        config,
+    );
+    let mut o_acc = new_accumulators(config.chunks());
+    let mut m = f32::new(MASKED);
+    let mut l = 0.0f32;
+    let mut scores = Array::<f32>::new(comptime!(config.per_lane()));
+
+    let list = head_row(bh, at.blk, args.heads, args.n_blocks, args.shared_layout);
+    let start = row_ptr[list] as usize;
+    let end = row_ptr[list + 1] as usize;
+    for e in start..end {
+        let mask = masks[e];
+        let key_start = cols[e] as usize * block;
+        let key_len = span(n, key_start, block);
+        for t0 in range_stepped(0, key_len, tile) {
+            let tile_len = span(key_len, t0, tile);
+            sync_cube();
+            stage_rows(
+                k,
+                &mut stage,
+                0,
+                order,
+                kv_base,
+                key_start + t0,
+                tile_len,
+                at.unit,
+                tile,
+                vecs,
+                units,
+                config.permuted,
+            );
+            stage_rows(
+                v,
+                &mut stage,
+                comptime!(tile * vecs),
+                order,
+                kv_base,
+                key_start + t0,
+                tile_len,
+                at.unit,
+                tile,
+                vecs,
+                units,
+                config.permuted,
+            );
+            stage_key_tokens(
+                &mut key_toks,
+                order,
+                lengths,
+                query.batch,
+                key_start + t0,
+                tile_len,
+                at.unit,
+                config,
+            );
+            sync_cube();
+            scores_into(&q_frags, &stage, 0, &mut scratch, plane_at, config);
+            sync_plane();
+
+            let mut tile_max = f32::new(MASKED);
+            #[unroll]
+            for i in 0..comptime!(config.per_lane()) {
+                let col = tile_column(i, at.row, at.part, lpr, tile);
+                let key_tok = key_toks[col];
+                let mut s = f32::new(MASKED);
+                if query.ok
+                    && key_tok != NO_TOKEN
+                    && allowed(mask_bits, mask, local, t0 + col, block, config.mask_words)
+                {
+                    s = scratch[plane_at + at.row * tile + col] * args.scale;
+                }
+                scores[i] = s;
+                tile_max = f32::max(tile_max, s);
+            }
+            tile_max = row_max(tile_max, lpr);
+            let m_new = f32::max(m, tile_max);
+            let alpha = f32::exp(m - m_new);
+            l *= alpha;
+            #[unroll]
+            for i in 0..comptime!(config.per_lane()) {
+                let col = tile_column(i, at.row, at.part, lpr, tile);
+                let mut p = 0.0f32;
+                if scores[i] != MASKED {
+                    p = f32::exp(scores[i] - m_new);
+                }
+                l += p;
+                if config.dropout {
+                    let key_tok = key_toks[col];
+                    if key_tok != NO_TOKEN {
+                        p *= keep_factor(query.key, key_tok as usize, args.threshold, args.keep_scale);
+                    }
+                }
+                probs[plane_at + at.row * tile + col] = F::cast_from(p);
+            }
+            m = m_new;
+            sync_plane();
+            if !plane_all(alpha == 1.0f32) {
+                rescale_rows(&mut o_acc, alpha, &mut scratch, plane_at, &at, config);
+            }
+            accumulate_product(&probs, plane_at, &stage, comptime!(tile * vecs), &mut o_acc, config);
+        }
+    }
+
+    // `l == 0` only for a row with no allowed key (its largest term is exp(0) = 1); a NaN sum
+    // (a NaN input this row attends) must propagate, so no `l > 0` test.
+    let l = row_sum(l, lpr);
+    let inv = if l == 0.0 { 0.0f32 } else { 1.0 / l };
+    let dst_row = if valid { tok as u32 } else { NO_TOKEN };
+    write_rows(
+        &o_acc,
+        out,
+        bh * n * d,
+        dst_row,
+        inv,
+        &mut scratch,
+        plane_at,
+        at.lane,
+        config,
+    );
+    if valid && at.part == 0 {
+        lse[bh * n + tok] = if l == 0.0 {
+            args.neg_inf
+        } else {
+            m + f32::ln(l)
+        };
+    }
+}
+
+/// Writes the tokens of the tile's keys (`NO_TOKEN` past the tile's end or a batch row's
+/// length) for the score masks and dropout.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stage_key_tokens(
+    key_toks: &mut Shared<[u32]>,
+    order: &[u32],
+    lengths: &[u32],
+    batch: usize,
+    start: usize,
+    len: usize,
+    unit: usize,
+    #[comptime] config: TensorCoreConfig,
+) {
+    if unit < config.tile {
+        let exists = unit < len;
+        let key_tok = if exists {
+            token(order, start + unit, config.permuted)
+        } else {
+            0usize
+        };
+        key_toks[unit] = if exists && in_length(lengths, batch, key_tok, config.padded) {
+            key_tok as u32
+        } else {
+            u32::MAX
+        };
+    }
+}
+
+/// Multiplies row `r` of the plane's accumulators by the `factor` of lane `r`, through the
+/// plane's f32 tile.
+#[cube]
+fn rescale_rows(
+    acc: &mut Sequence<cmma::Matrix<f32>>,
+    factor: f32,
+    scratch: &mut Shared<[f32]>,
+    scratch_at: usize,
+    at: &PlaneTask,
+    #[comptime] config: TensorCoreConfig,
+) {
+    let frag_stride = comptime!(FRAG as u32);
+    let per_lane = comptime!(FRAG * FRAG / config.plane);
+    #[unroll]
+    for c in 0..config.chunks() {
+        cmma::store(
+            &mut scratch[scratch_at..scratch_at + FRAG * FRAG],
+            &acc[c],
+            frag_stride,
+            cmma::MatrixLayout::RowMajor,
+        );
+        sync_plane();
+        #[unroll]
+        for i in 0..per_lane {
+            let e = at.lane + i * config.plane;
+            let f = plane_shuffle(factor, (e / FRAG) as u32);
+            scratch[scratch_at + e] *= f;
+        }
+        sync_plane();
+        cmma::load_with_layout(
+            &mut acc[c],
+            &scratch[scratch_at..scratch_at + FRAG * FRAG],
+            frag_stride,
+            cmma::MatrixLayout::RowMajor,
+        );
+        sync_plane();
+    }
+}

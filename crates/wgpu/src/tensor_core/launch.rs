@@ -1,0 +1,200 @@
+//! Host side of the tensor-core kernels: grid, comptime configuration and launches.
+
+use cubecl::client::Client;
+use cubecl::ir::ElemType;
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::launch::{
+    AttentionShape, CsrView, DeviceLayout, DeviceOptions, DeviceTranspose, arg, grid_count,
+    tensor,
+};
+use crate::tensor_core::backward::{tc_dkdv_kernel, tc_dq_kernel};
+use crate::tensor_core::forward::tc_forward_kernel;
+use crate::tensor_core::stage::{ProblemArgsLaunch, TensorCoreConfig};
+use crate::tensor_core::{FRAG, TensorCorePlan};
+
+/// Largest head dim whose `dK` and `dV` are computed in one launch.
+const FUSED_DKDV_MAX_HEAD_DIM: usize = 64;
+
+/// One launch's grid and configuration.
+struct TensorCoreGrid {
+    count: CubeCount,
+    dim: CubeDim,
+    tasks: usize,
+    config: TensorCoreConfig,
+}
+
+impl TensorCoreGrid {
+    /// The grid over `heads` heads of each batch row with `tile` rows per staged tile.
+    fn new(
+        client: &Client,
+        plan: &TensorCorePlan,
+        shape: &AttentionShape,
+        view: &CsrView,
+        opts: &DeviceOptions,
+        heads: usize,
+        tile: usize,
+    ) -> Self {
+        let tasks = shape.batch * heads * view.n_blocks;
+        let lanes = [8, 4, 2, 1]
+            .into_iter()
+            .find(|l| shape.head_dim.is_multiple_of(*l))
+            .unwrap_or(1);
+        Self {
+            count: grid_count(client, tasks),
+            dim: CubeDim::new_2d(plan.plane as u32, (view.block / FRAG) as u32),
+            tasks,
+            config: TensorCoreConfig {
+                block: view.block,
+                head_dim: shape.head_dim,
+                tile,
+                plane: plan.plane,
+                lanes,
+                mask_words: 2 * view.mask_words.max(1),
+                permuted: view.order.is_some(),
+                padded: opts.padded,
+                dropout: opts.dropout,
+                with_dk: true,
+                with_dv: true,
+            },
+        }
+    }
+
+    fn args(&self, shape: &AttentionShape, view: &CsrView, scale: f32, opts: &DeviceOptions) -> ProblemArgsLaunch {
+        ProblemArgsLaunch::new(
+            shape.seq_len,
+            view.n_blocks,
+            shape.heads,
+            shape.kv_heads,
+            u32::from(view.layout_heads == 1),
+            self.tasks,
+            scale,
+            f32::NEG_INFINITY,
+            opts.seed_lo,
+            opts.seed_hi,
+            opts.threshold,
+            opts.keep_scale,
+        )
+    }
+}
+
+/// Tensor-core forward; the contract of [`crate::forward`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(
+    client: &Client,
+    plan: &TensorCorePlan,
+    dtype: ElemType,
+    shape: AttentionShape,
+    view: &CsrView,
+    scale: f32,
+    layout: &DeviceLayout,
+    opts: &DeviceOptions,
+    [q, k, v, out, lse]: [&Handle; 5],
+) {
+    let grid = TensorCoreGrid::new(client, plan, &shape, view, opts, shape.heads, plan.forward_tile);
+    let lanes = grid.config.lanes;
+    let (numel, kv_numel, rows) = (shape.numel(), shape.kv_numel(), shape.rows());
+    tc_forward_kernel::launch(
+        client,
+        grid.count.clone(),
+        grid.dim,
+        lanes,
+        tensor(q, numel / lanes),
+        tensor(k, kv_numel / lanes),
+        tensor(v, kv_numel / lanes),
+        tensor(out, numel),
+        tensor(lse, rows),
+        arg(&layout.row_ptr),
+        arg(&layout.cols),
+        arg(&layout.masks),
+        arg(&layout.mask_bits),
+        arg(&layout.order),
+        arg(&opts.lengths),
+        grid.args(&shape, view, scale, opts),
+        grid.config,
+        dtype,
+    );
+}
+
+/// Tensor-core backward; the contract of [`crate::backward`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    client: &Client,
+    plan: &TensorCorePlan,
+    dtype: ElemType,
+    shape: AttentionShape,
+    view: &CsrView,
+    scale: f32,
+    layout: &DeviceLayout,
+    transpose: &DeviceTranspose,
+    opts: &DeviceOptions,
+    [q, k, v, out, lse, dout]: [&Handle; 6],
+    [dq, dk, dv]: [&Handle; 3],
+) {
+    let grid = TensorCoreGrid::new(client, plan, &shape, view, opts, shape.heads, plan.dq_tile);
+    let lanes = grid.config.lanes;
+    let (numel, kv_numel, rows) = (shape.numel(), shape.kv_numel(), shape.rows());
+    let delta = (client.empty(rows * size_of::<f32>()), rows);
+    tc_dq_kernel::launch(
+        client,
+        grid.count.clone(),
+        grid.dim,
+        lanes,
+        tensor(q, numel / lanes),
+        tensor(k, kv_numel / lanes),
+        tensor(v, kv_numel / lanes),
+        tensor(out, numel / lanes),
+        tensor(lse, rows),
+        tensor(dout, numel / lanes),
+        tensor(dq, numel),
+        arg(&delta),
+        arg(&layout.row_ptr),
+        arg(&layout.cols),
+        arg(&layout.masks),
+        arg(&layout.mask_bits),
+        arg(&layout.order),
+        arg(&opts.lengths),
+        grid.args(&shape, view, scale, opts),
+        grid.config,
+        dtype,
+    );
+    let kv_grid =
+        TensorCoreGrid::new(client, plan, &shape, view, opts, shape.kv_heads, plan.dkdv_tile);
+    let passes: &[(bool, bool)] = if shape.head_dim <= FUSED_DKDV_MAX_HEAD_DIM {
+        &[(true, true)]
+    } else {
+        &[(false, true), (true, false)]
+    };
+    for &(with_dk, with_dv) in passes {
+        let config = TensorCoreConfig {
+            with_dk,
+            with_dv,
+            ..kv_grid.config
+        };
+        tc_dkdv_kernel::launch(
+            client,
+            kv_grid.count.clone(),
+            kv_grid.dim,
+            lanes,
+            tensor(q, numel / lanes),
+            tensor(k, kv_numel / lanes),
+            tensor(v, kv_numel / lanes),
+            tensor(lse, rows),
+            tensor(dout, numel / lanes),
+            arg(&delta),
+            tensor(dk, kv_numel),
+            tensor(dv, kv_numel),
+            arg(&transpose.col_ptr),
+            arg(&transpose.t_rows),
+            arg(&transpose.t_entries),
+            arg(&layout.masks),
+            arg(&layout.mask_bits),
+            arg(&layout.order),
+            arg(&opts.lengths),
+            kv_grid.args(&shape, view, scale, opts),
+            config,
+            dtype,
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! Tensor-core kernels: the tile products of the forward and backward passes on the
+//! device's cooperative-matrix instructions (`cubecl::cmma`, 16x16x16, f16 or bf16 operands,
+//! f32 accumulators), for devices that report such a configuration (NVIDIA through
+//! `VK_KHR_cooperative_matrix` with the `vulkan` feature). Everything else runs the FMA
+//! kernels of the parent module.
+//!
+//! One cube serves one `(batch x head, block)` task, as in the FMA kernels, but with one
+//! *plane* per 16 rows of the block instead of one unit per row:
+//! - the plane keeps its 16 rows of `Q` (forward, `dQ`; `dO` too in `dQ`) or of `K`/`V`
+//!   (`dK`/`dV`) as `A` fragments for the whole kernel and its output rows as f32
+//!   accumulator fragments, so the head dim never lives in one unit's registers;
+//! - the cube stages each tile of the other side (`K`/`V`, or `Q`/`dO`) in shared memory in
+//!   the input dtype, every plane reading it as `B` fragments;
+//! - score tiles (`S`, `dP`) are stored from their accumulators into a per-plane f32 tile
+//!   where each row's lanes apply the scale, the element masks, key lengths and dropout and
+//!   run the (online) softmax; the probabilities (or `dS`) go back to shared memory in the
+//!   input dtype as the `A` operand of the next product;
+//! - the forward rescales its output accumulators by the online-softmax factor through the
+//!   same per-plane tile, only when some row's maximum moved.
+//!
+//! The log-sum-exp and `delta` are computed and kept in f32 inside the kernels; a layout's
+//! token order is applied by index when tiles are staged; the last block may be short (its
+//! missing rows are staged as zeros and masked).
+
+mod backward;
+mod forward;
+mod launch;
+mod stage;
+
+pub(crate) use launch::{backward, forward};
+
+use cubecl::client::Client;
+use cubecl::ir::{ElemType, FloatKind};
+use cubecl::ir::features::{MmaConfig, Plane};
+
+/// Side of the cooperative-matrix tiles (`m = n = k = 16`).
+pub(crate) const FRAG: usize = 16;
+
+/// Largest head dimension of the tensor-core kernels.
+const MAX_HEAD_DIM: usize = 256;
+
+/// Largest block: one plane per 16 rows, at most 8 planes per cube.
+const MAX_BLOCK: usize = 128;
+
+/// The environment variable that turns the tensor-core kernels off (`0`), for comparisons
+/// with the FMA kernels on the same device.
+pub const DISABLE_VAR: &str = "SPARSE_ATTN_TENSOR_CORES";
+
+/// Tile sizes of the tensor-core kernels for one problem on one device.
+///
+/// # Invariants
+/// `block` and `head_dim` are multiples of [`FRAG`]; each tile is a power of two, a multiple
+/// of [`FRAG`], at most `block`, and the kernel's shared memory at that tile fits the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TensorCorePlan {
+    /// Units per plane (the device's fixed plane size).
+    pub plane: usize,
+    /// Keys per staged tile in the forward kernel.
+    pub forward_tile: usize,
+    /// Keys per staged tile in the `dQ` kernel.
+    pub dq_tile: usize,
+    /// Queries per staged tile in the `dK`/`dV` kernel.
+    pub dkdv_tile: usize,
+}
+
+impl TensorCorePlan {
+    /// The plan for `dtype` inputs with blocks of `block` tokens and head dim `head_dim`, or
+    /// `None` where the tensor-core kernels cannot serve the problem: a dtype other than
+    /// f16/bf16, no 16x16x16 cooperative matrix of that dtype with f32 accumulators, a plane
+    /// size that is not fixed or not 16, 32 or 64, no plane operations, block or head dim
+    /// not a multiple of 16 (or above 128 / 256), or too little shared memory.
+    pub fn for_device(
+        client: &Client,
+        dtype: ElemType,
+        block: usize,
+        head_dim: usize,
+    ) -> Option<Self> {
+        if std::env::var(DISABLE_VAR).is_ok_and(|v| v == "0") {
+            return None;
+        }
+        if !matches!(dtype, ElemType::Float(FloatKind::F16 | FloatKind::BF16)) {
+            return None;
+        }
+        let props = client.properties();
+        let f32_acc = ElemType::Float(FloatKind::F32);
+        let wanted = MmaConfig {
+            a_type: dtype,
+            b_type: dtype,
+            cd_type: f32_acc,
+            m: FRAG as u32,
+            n: FRAG as u32,
+            k: FRAG as u32,
+        };
+        if !props.features.matmul.cmma.contains(&wanted) {
+            return None;
+        }
+        let hw = &props.hardware;
+        let plane = hw.plane_size_max as usize;
+        let plane_ok = hw.plane_size_min == hw.plane_size_max
+            && (FRAG..=4 * FRAG).contains(&plane)
+            && plane.is_multiple_of(FRAG)
+            && props.features.plane.contains(Plane::Ops)
+            && props.features.plane.contains(Plane::Sync);
+        let shape_ok = block.is_multiple_of(FRAG)
+            && (FRAG..=MAX_BLOCK).contains(&block)
+            && head_dim.is_multiple_of(FRAG)
+            && (FRAG..=MAX_HEAD_DIM).contains(&head_dim);
+        let units = block / FRAG * plane;
+        if !plane_ok || !shape_ok || units > hw.max_units_per_cube as usize {
+            return None;
+        }
+        let available = hw.max_shared_memory_size;
+        let fits = |bytes: fn(usize, usize, usize) -> usize| {
+            largest_tile(block, |tile| bytes(tile, block, head_dim) <= available)
+        };
+        Some(Self {
+            plane,
+            forward_tile: fits(forward_bytes)?,
+            dq_tile: fits(forward_bytes)?,
+            dkdv_tile: fits(dkdv_bytes)?,
+        })
+    }
+}
+
+/// Bytes of a 16-bit element.
+const HALF: usize = 2;
+
+/// Shared memory of the forward and `dQ` kernels: two staged tiles of `tile` rows plus, per
+/// plane, an f32 score tile, a 16-bit probability tile, and the key tokens of the tile.
+pub(crate) fn forward_bytes(tile: usize, block: usize, head_dim: usize) -> usize {
+    2 * tile * head_dim * HALF + block * tile * (4 + HALF) + tile * 4
+}
+
+/// Shared memory of the `dK`/`dV` kernel: [`forward_bytes`] plus the staged queries'
+/// log-sum-exp, `delta` and dropout row keys.
+pub(crate) fn dkdv_bytes(tile: usize, block: usize, head_dim: usize) -> usize {
+    forward_bytes(tile, block, head_dim) + 3 * tile * 4
+}
+
+/// The largest power of two, a multiple of [`FRAG`] and at most `min(block, 64)`, that
+/// `fits`.
+fn largest_tile(block: usize, fits: impl Fn(usize) -> bool) -> Option<usize> {
+    let mut tile = FRAG;
+    while tile * 2 <= block.min(64) {
+        tile *= 2;
+    }
+    while tile > FRAG && !fits(tile) {
+        tile /= 2;
+    }
+    fits(tile).then_some(tile)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_fit_the_shared_memory_they_were_chosen_for() {
+        let kib48 = 48 * 1024;
+        for block in (FRAG..=MAX_BLOCK).step_by(FRAG) {
+            for head_dim in (FRAG..=MAX_HEAD_DIM).step_by(FRAG) {
+                for bytes in [forward_bytes, dkdv_bytes] {
+                    if let Some(tile) = largest_tile(block, |t| bytes(t, block, head_dim) <= kib48)
+                    {
+                        assert!(tile.is_power_of_two() && tile >= FRAG && tile <= block);
+                        assert!(bytes(tile, block, head_dim) <= kib48);
+                    }
+                }
+            }
+        }
+        // The shapes the benchmarks run: every one gets a tile on a 48 KiB device.
+        for (block, head_dim) in [(64, 64), (128, 64), (64, 128), (128, 128), (128, 256)] {
+            assert!(largest_tile(block, |t| dkdv_bytes(t, block, head_dim) <= kib48).is_some());
+        }
+        assert_eq!(largest_tile(64, |t| forward_bytes(t, 64, 64) <= kib48), Some(64));
+        assert_eq!(largest_tile(48, |_| true), Some(32));
+        assert_eq!(largest_tile(16, |_| false), None);
+    }
+}
