@@ -241,7 +241,10 @@ fn bench_pattern(name: &str, args: &Args, n: usize) -> Result<Box<dyn Pattern>, 
 
 /// The kernel families that ran between two launch counts.
 fn kernels_between(before: LaunchCounts, after: LaunchCounts) -> String {
-    match (after.tensor_core > before.tensor_core, after.fma > before.fma) {
+    match (
+        after.tensor_core > before.tensor_core,
+        after.fma > before.fma,
+    ) {
         (true, false) => "tensor-core",
         (false, true) => "fma",
         (true, true) => "tensor-core+fma",
@@ -277,7 +280,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for name in &args.dtypes {
             let dtype = float_dtype(name)?;
             if !device.supports_dtype(DType::from(dtype)) {
-                println!("| {pattern_name} | {name} | - | - | the device does not support {name} | | | | | | | | | | | |");
+                println!(
+                    "| {pattern_name} | {name} | - | - | the device does not support {name} | | | | | | | | | | | |"
+                );
                 continue;
             }
             for &block in &args.blocks {
@@ -344,13 +349,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             .map(|t| if i == 0 { t.0 } else { t.1 })
                     };
                     let flex_cell = |x: Option<f64>| match fl.and_then(|f| f.failed.as_ref()) {
-                        Some(reason) => format!("failed: {}", reason.chars().take(60).collect::<String>()),
+                        Some(reason) => {
+                            format!("failed: {}", reason.chars().take(60).collect::<String>())
+                        }
                         None => fmt(x),
                     };
-                    let (flex_fwd, flex_fwd_bwd) = (
-                        fl.and_then(|f| f.fwd_ms),
-                        fl.and_then(|f| f.fwd_bwd_ms),
-                    );
+                    let (flex_fwd, flex_fwd_bwd) =
+                        (fl.and_then(|f| f.fwd_ms), fl.and_then(|f| f.fwd_bwd_ms));
                     println!(
                         "| {pattern_name} | {name} | {block} | {n} | {kernels} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                         part(&timed, 0),

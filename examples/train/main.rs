@@ -67,7 +67,9 @@ fn parse_attention_dtype(name: &str) -> Result<FloatDType, String> {
     match name {
         "f16" => Ok(FloatDType::F16),
         "bf16" => Ok(FloatDType::BF16),
-        other => Err(format!("unknown attention dtype `{other}`: expected f16 or bf16")),
+        other => Err(format!(
+            "unknown attention dtype `{other}`: expected f16 or bf16"
+        )),
     }
 }
 

@@ -336,8 +336,7 @@ impl MultiHeadSparseAttention {
             Some(dtype) => t.cast(dtype),
             None => t,
         };
-        let split =
-            |t: Tensor<3>, h: usize| compute(t.reshape([batch, n, h, d]).swap_dims(1, 2));
+        let split = |t: Tensor<3>, h: usize| compute(t.reshape([batch, n, h, d]).swap_dims(1, 2));
         let (q, k, v) = (
             split(self.query.forward(x.clone()), heads),
             split(self.key.forward(x.clone()), kv_heads),

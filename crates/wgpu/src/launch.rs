@@ -340,7 +340,9 @@ pub fn forward(
     let opts = DeviceOptions::upload(client, options);
     if let Some(plan) = TensorCorePlan::for_device(client, dtype, view.block, shape.head_dim) {
         let tensors = [q, k, v, out, lse];
-        tensor_core::forward(client, &plan, dtype, shape, view, scale, &layout, &opts, tensors);
+        tensor_core::forward(
+            client, &plan, dtype, shape, view, scale, &layout, &opts, tensors,
+        );
         return Ok(KernelPath::TensorCore.counted());
     }
     let (numel, kv_numel, rows) = (

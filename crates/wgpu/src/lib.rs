@@ -37,6 +37,6 @@ pub use error::KernelError;
 pub use launch::{
     AttentionShape, CsrView, KernelPath, LaunchCounts, backward, forward, launch_counts,
 };
-pub use tensor_core::DISABLE_VAR as TENSOR_CORES_VAR;
 pub use options::{DropoutArgs, KernelOptions};
 pub use plan::{MAX_HEAD_DIM, TilePlan};
+pub use tensor_core::DISABLE_VAR as TENSOR_CORES_VAR;

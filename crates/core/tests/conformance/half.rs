@@ -81,14 +81,15 @@ impl Launches {
     fn check(&self, backend: &str, what: &str) {
         let expect = std::env::var("SPARSE_ATTN_EXPECT_TENSOR_CORES").is_ok_and(|v| v == "1");
         let now = sparse_attn_wgpu::launch_counts();
-        let (tc, fma) = (
-            now.tensor_core - self.0.tensor_core,
-            now.fma - self.0.fma,
-        );
+        let (tc, fma) = (now.tensor_core - self.0.tensor_core, now.fma - self.0.fma);
         if backend == "vulkan" {
             eprintln!("{what}: tensor-core passes {tc}, FMA passes {fma}");
             if expect {
-                assert_eq!((tc, fma), (2, 0), "{what}: expected the tensor-core kernels");
+                assert_eq!(
+                    (tc, fma),
+                    (2, 0),
+                    "{what}: expected the tensor-core kernels"
+                );
             }
         }
     }
@@ -156,11 +157,18 @@ fn half_precision_matrix(
     let dout = rounded(rng.normals(q.len()), dtype);
     let scale = 1.0 / (d as f64).sqrt();
     let want = reference_forward_with(pattern.as_ref(), shape, &reference, &q, &k, &v, scale);
-    let grads =
-        reference_backward_with(pattern.as_ref(), shape, &reference, &q, &k, &v, &dout, scale);
-    let f32s = |t: Tensor<4>| -> Vec<f32> {
-        t.cast(FloatDType::F32).into_data().try_to_vec().unwrap()
-    };
+    let grads = reference_backward_with(
+        pattern.as_ref(),
+        shape,
+        &reference,
+        &q,
+        &k,
+        &v,
+        &dout,
+        scale,
+    );
+    let f32s =
+        |t: Tensor<4>| -> Vec<f32> { t.cast(FloatDType::F32).into_data().try_to_vec().unwrap() };
     for (backend, device) in devices() {
         if !device.supports_dtype(DType::from(dtype)) {
             eprintln!("{backend}: no {dtype:?} on this device, skipped");
@@ -172,10 +180,9 @@ fn half_precision_matrix(
         );
         let launches = Launches::start();
         let tq = to_tensor(&q, q_dims, &device).cast(dtype).require_grad();
-        let [tk, tv] =
-            [&k, &v].map(|x| to_tensor(x, kv_dims, &device).cast(dtype).require_grad());
-        let out = sparse_attention(tq.clone(), tk.clone(), tv.clone(), &layout, options.clone())
-            .unwrap();
+        let [tk, tv] = [&k, &v].map(|x| to_tensor(x, kv_dims, &device).cast(dtype).require_grad());
+        let out =
+            sparse_attention(tq.clone(), tk.clone(), tv.clone(), &layout, options.clone()).unwrap();
         assert_eq!(out.dtype(), DType::from(dtype), "{what}");
         assert_close(&f32s(out.clone()), &want.out, tol, &format!("{what}: out"));
         let g = (out * to_tensor(&dout, q_dims, &device).cast(dtype))

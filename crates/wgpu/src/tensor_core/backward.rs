@@ -81,7 +81,8 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
     if valid {
         for c in range_stepped(at.part, vecs, lpr) {
             let idx = base + tok * vecs + c;
-            let prod = Vector::<f32, N>::cast_from(dout[idx]) * Vector::<f32, N>::cast_from(out[idx]);
+            let prod =
+                Vector::<f32, N>::cast_from(dout[idx]) * Vector::<f32, N>::cast_from(out[idx]);
             #[unroll]
             for x in 0..N::value() {
                 delta_part += prod.extract(x);
@@ -194,7 +195,14 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
                 probs[i] = p;
             }
             sync_plane();
-            scores_into(&do_frags, &stage, comptime!(tile * vecs), &mut scratch, plane_at, config);
+            scores_into(
+                &do_frags,
+                &stage,
+                comptime!(tile * vecs),
+                &mut scratch,
+                plane_at,
+                config,
+            );
             sync_plane();
             #[unroll]
             for i in 0..comptime!(config.per_lane()) {
@@ -205,7 +213,12 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
                 if config.dropout {
                     let key_tok = key_toks[col];
                     if key_tok != NO_TOKEN {
-                        dp *= keep_factor(query.key, key_tok as usize, args.threshold, args.keep_scale);
+                        dp *= keep_factor(
+                            query.key,
+                            key_tok as usize,
+                            args.threshold,
+                            args.keep_scale,
+                        );
                     }
                 }
                 grads[at_col] = F::cast_from(probs[i] * (dp - delta_i));
@@ -304,11 +317,8 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
         &at,
         config,
     );
-    let mut v_frags = new_a_fragments::<F>(comptime!(if config.with_dk {
-        config.chunks()
-    } else {
-        0
-    }));
+    let mut v_frags =
+        new_a_fragments::<F>(comptime!(if config.with_dk { config.chunks() } else { 0 }));
     if config.with_dk {
         load_block_fragments(
             v,

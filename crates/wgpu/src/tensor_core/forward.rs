@@ -176,7 +176,12 @@ pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
                 if config.dropout {
                     let key_tok = key_toks[col];
                     if key_tok != NO_TOKEN {
-                        p *= keep_factor(query.key, key_tok as usize, args.threshold, args.keep_scale);
+                        p *= keep_factor(
+                            query.key,
+                            key_tok as usize,
+                            args.threshold,
+                            args.keep_scale,
+                        );
                     }
                 }
                 probs[plane_at + at.row * tile + col] = F::cast_from(p);
@@ -186,7 +191,14 @@ pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
             if !plane_all(alpha == 1.0f32) {
                 rescale_rows(&mut o_acc, alpha, &mut scratch, plane_at, &at, config);
             }
-            accumulate_product(&probs, plane_at, &stage, comptime!(tile * vecs), &mut o_acc, config);
+            accumulate_product(
+                &probs,
+                plane_at,
+                &stage,
+                comptime!(tile * vecs),
+                &mut o_acc,
+                config,
+            );
         }
     }
 

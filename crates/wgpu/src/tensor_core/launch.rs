@@ -6,8 +6,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::launch::{
-    AttentionShape, CsrView, DeviceLayout, DeviceOptions, DeviceTranspose, arg, grid_count,
-    tensor,
+    AttentionShape, CsrView, DeviceLayout, DeviceOptions, DeviceTranspose, arg, grid_count, tensor,
 };
 use crate::tensor_core::backward::{tc_dkdv_kernel, tc_dq_kernel};
 use crate::tensor_core::forward::tc_forward_kernel;
@@ -61,7 +60,13 @@ impl TensorCoreGrid {
         }
     }
 
-    fn args(&self, shape: &AttentionShape, view: &CsrView, scale: f32, opts: &DeviceOptions) -> ProblemArgsLaunch {
+    fn args(
+        &self,
+        shape: &AttentionShape,
+        view: &CsrView,
+        scale: f32,
+        opts: &DeviceOptions,
+    ) -> ProblemArgsLaunch {
         ProblemArgsLaunch::new(
             shape.seq_len,
             view.n_blocks,
@@ -92,7 +97,15 @@ pub(crate) fn forward(
     opts: &DeviceOptions,
     [q, k, v, out, lse]: [&Handle; 5],
 ) {
-    let grid = TensorCoreGrid::new(client, plan, &shape, view, opts, shape.heads, plan.forward_tile);
+    let grid = TensorCoreGrid::new(
+        client,
+        plan,
+        &shape,
+        view,
+        opts,
+        shape.heads,
+        plan.forward_tile,
+    );
     let lanes = grid.config.lanes;
     let (numel, kv_numel, rows) = (shape.numel(), shape.kv_numel(), shape.rows());
     tc_forward_kernel::launch(
@@ -159,8 +172,15 @@ pub(crate) fn backward(
         grid.config,
         dtype,
     );
-    let kv_grid =
-        TensorCoreGrid::new(client, plan, &shape, view, opts, shape.kv_heads, plan.dkdv_tile);
+    let kv_grid = TensorCoreGrid::new(
+        client,
+        plan,
+        &shape,
+        view,
+        opts,
+        shape.kv_heads,
+        plan.dkdv_tile,
+    );
     let passes: &[(bool, bool)] = if shape.head_dim <= FUSED_DKDV_MAX_HEAD_DIM {
         &[(true, true)]
     } else {

@@ -30,8 +30,8 @@ mod stage;
 pub(crate) use launch::{backward, forward};
 
 use cubecl::client::Client;
-use cubecl::ir::{ElemType, FloatKind};
 use cubecl::ir::features::{MmaConfig, Plane};
+use cubecl::ir::{ElemType, FloatKind};
 
 /// Side of the cooperative-matrix tiles (`m = n = k = 16`).
 pub(crate) const FRAG: usize = 16;
@@ -172,7 +172,10 @@ mod tests {
         for (block, head_dim) in [(64, 64), (128, 64), (64, 128), (128, 128), (128, 256)] {
             assert!(largest_tile(block, |t| dkdv_bytes(t, block, head_dim) <= kib48).is_some());
         }
-        assert_eq!(largest_tile(64, |t| forward_bytes(t, 64, 64) <= kib48), Some(64));
+        assert_eq!(
+            largest_tile(64, |t| forward_bytes(t, 64, 64) <= kib48),
+            Some(64)
+        );
         assert_eq!(largest_tile(48, |_| true), Some(32));
         assert_eq!(largest_tile(16, |_| false), None);
     }
