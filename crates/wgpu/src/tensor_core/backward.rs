@@ -7,11 +7,10 @@ use cubecl::prelude::*;
 
 use crate::options::{head_key, in_length, keep_factor, query_row, row_key};
 use crate::tensor_core::FRAG;
-use crate::tensor_core::forward::stage_key_tokens;
 use crate::tensor_core::stage::{
-    NO_TOKEN, ProblemArgs, TensorCoreConfig, accumulate_product, load_block_fragments,
-    new_a_fragments, new_accumulators, plane_task, row_sum, scores_into, stage_rows, tile_column,
-    write_rows,
+    NO_TOKEN, PairWalk, ProblemArgs, TensorCoreConfig, accumulate_product, key_live,
+    load_block_fragments, new_a_fragments, new_accumulators, next_pair_tile, plane_task, row_sum,
+    scores_into, stage_rows, start_pair_walk, tile_column, write_rows,
 };
 use crate::tiles::{allowed, head_row, span, token};
 
@@ -48,7 +47,7 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
     let vecs = comptime!(config.vecs());
     let tile = config.tile;
     let lpr = comptime!(config.lanes_per_row());
-    let units = comptime!(config.planes() * config.plane);
+    let ts = comptime!(config.tile_stride());
     let bh = at.bh;
     let kv = (bh / args.heads) * args.kv_heads + (bh % args.heads) / (args.heads / args.kv_heads);
     let base = bh * n * vecs;
@@ -98,11 +97,11 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
         }
     }
 
-    let mut stage = Shared::<[Vector<F, N>]>::new_slice(comptime!(2 * tile * vecs));
-    let mut scratch = Shared::<[f32]>::new_slice(comptime!(block * tile));
-    let mut grads = Shared::<[F]>::new_slice(comptime!(block * tile));
+    let mut stage = Shared::<[Vector<F, N>]>::new_slice(comptime!(2 * tile * config.row_vecs()));
+    let mut scratch = Shared::<[f32]>::new_slice(comptime!(block * config.tile_stride()));
+    let mut grads = Shared::<[F]>::new_slice(comptime!(block * config.tile_stride()));
     let mut key_toks = Shared::<[u32]>::new_slice(tile);
-    let plane_at = at.plane * FRAG * tile;
+    let plane_at = at.plane * comptime!(config.plane_tile());
 
     let mut q_frags = new_a_fragments::<F>(config.chunks());
     let mut do_frags = new_a_fragments::<F>(config.chunks());
@@ -134,98 +133,60 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
     let list = head_row(bh, at.blk, args.heads, args.n_blocks, args.shared_layout);
     let start = row_ptr[list] as usize;
     let end = row_ptr[list + 1] as usize;
-    for e in start..end {
-        let mask = masks[e];
-        let key_start = cols[e] as usize * block;
-        let key_len = span(n, key_start, block);
-        for t0 in range_stepped(0, key_len, tile) {
-            let tile_len = span(key_len, t0, tile);
-            sync_cube();
-            stage_rows(
-                k,
-                &mut stage,
-                0,
-                order,
-                kv_base,
-                key_start + t0,
-                tile_len,
-                at.unit,
-                tile,
-                vecs,
-                units,
-                config.permuted,
-            );
-            stage_rows(
-                v,
-                &mut stage,
-                comptime!(tile * vecs),
-                order,
-                kv_base,
-                key_start + t0,
-                tile_len,
-                at.unit,
-                tile,
-                vecs,
-                units,
-                config.permuted,
-            );
-            stage_key_tokens(
-                &mut key_toks,
-                order,
-                lengths,
-                query.batch,
-                key_start + t0,
-                tile_len,
-                at.unit,
-                config,
-            );
-            sync_cube();
-            scores_into(&q_frags, &stage, 0, &mut scratch, plane_at, config);
-            sync_plane();
-            #[unroll]
-            for i in 0..comptime!(config.per_lane()) {
-                let col = tile_column(i, at.row, at.part, lpr, tile);
-                let mut p = 0.0f32;
-                if query.ok
-                    && key_toks[col] != NO_TOKEN
-                    && allowed(mask_bits, mask, local, t0 + col, block, config.mask_words)
-                {
-                    p = f32::exp(scratch[plane_at + at.row * tile + col] * args.scale - lse_i);
-                }
-                probs[i] = p;
+    let walk = PairWalk {
+        first: start,
+        tiles: (end - start) * comptime!(block / tile),
+        n,
+        batch: query.batch,
+        base: kv_base,
+    };
+    let mut regs = start_pair_walk(k, v, cols, order, lengths, &walk, &at, config);
+    for f in 0..walk.tiles {
+        #[rustfmt::skip]
+        let cur = next_pair_tile(k, v, cols, order, lengths, &mut regs, &mut stage, &mut key_toks, &walk, f, &at, config);
+        let mask = masks[cur.entry];
+        let t0 = cur.offset;
+
+        scores_into(&q_frags, &stage, 0, &mut scratch, plane_at, config);
+        sync_plane();
+        #[unroll]
+        for i in 0..comptime!(config.per_lane()) {
+            let col = tile_column(i, at.row, at.part, lpr, tile);
+            let mut p = 0.0f32;
+            if query.ok
+                && key_live(&key_toks, col, cur.len, config)
+                && allowed(mask_bits, mask, local, t0 + col, block, config.mask_words)
+            {
+                p = f32::exp(scratch[plane_at + at.row * ts + col] * args.scale - lse_i);
             }
-            sync_plane();
-            scores_into(
-                &do_frags,
-                &stage,
-                comptime!(tile * vecs),
-                &mut scratch,
-                plane_at,
-                config,
-            );
-            sync_plane();
-            #[unroll]
-            for i in 0..comptime!(config.per_lane()) {
-                let col = tile_column(i, at.row, at.part, lpr, tile);
-                let at_col = plane_at + at.row * tile + col;
-                // Under dropout, dP of the kept, scaled probability.
-                let mut dp = scratch[at_col];
-                if config.dropout {
-                    let key_tok = key_toks[col];
-                    if key_tok != NO_TOKEN {
-                        dp *= keep_factor(
-                            query.key,
-                            key_tok as usize,
-                            args.threshold,
-                            args.keep_scale,
-                        );
-                    }
-                }
-                grads[at_col] = F::cast_from(probs[i] * (dp - delta_i));
-            }
-            sync_plane();
-            accumulate_product(&grads, plane_at, &stage, 0, &mut dq_acc, config);
+            probs[i] = p;
         }
+        sync_plane();
+        scores_into(
+            &do_frags,
+            &stage,
+            comptime!(tile * config.row_vecs()),
+            &mut scratch,
+            plane_at,
+            config,
+        );
+        sync_plane();
+        #[unroll]
+        for i in 0..comptime!(config.per_lane()) {
+            let col = tile_column(i, at.row, at.part, lpr, tile);
+            let at_col = plane_at + at.row * ts + col;
+            // Under dropout, dP of the kept, scaled probability.
+            let mut dp = scratch[at_col];
+            if config.dropout {
+                let key_tok = key_toks[col];
+                if key_tok != NO_TOKEN {
+                    dp *= keep_factor(query.key, key_tok as usize, args.threshold, args.keep_scale);
+                }
+            }
+            grads[at_col] = F::cast_from(probs[i] * (dp - delta_i));
+        }
+        sync_plane();
+        accumulate_product(&grads, plane_at, &stage, 0, &mut dq_acc, config);
     }
     let dst_row = if valid { tok as u32 } else { NO_TOKEN };
     write_rows(
@@ -279,6 +240,8 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
     let tile = config.tile;
     let lpr = comptime!(config.lanes_per_row());
     let units = comptime!(config.planes() * config.plane);
+    let row_vecs = comptime!(config.row_vecs());
+    let ts = comptime!(config.tile_stride());
     let bkv = at.bh;
     let group = args.heads / args.kv_heads;
     let batch = bkv / args.kv_heads;
@@ -297,13 +260,13 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
     // A padded-out key row gets no contribution (its dK and dV are written as zeros).
     let key_ok = valid && in_length(lengths, batch, tok, config.padded);
 
-    let mut stage = Shared::<[Vector<F, N>]>::new_slice(comptime!(2 * tile * vecs));
-    let mut scratch = Shared::<[f32]>::new_slice(comptime!(block * tile));
-    let mut grads = Shared::<[F]>::new_slice(comptime!(block * tile));
+    let mut stage = Shared::<[Vector<F, N>]>::new_slice(comptime!(2 * tile * config.row_vecs()));
+    let mut scratch = Shared::<[f32]>::new_slice(comptime!(block * config.tile_stride()));
+    let mut grads = Shared::<[F]>::new_slice(comptime!(block * config.tile_stride()));
     let mut lse_t = Shared::<[f32]>::new_slice(tile);
     let mut delta_t = Shared::<[f32]>::new_slice(tile);
     let mut keys_t = Shared::<[u32]>::new_slice(tile);
-    let plane_at = at.plane * FRAG * tile;
+    let plane_at = at.plane * comptime!(config.plane_tile());
 
     let mut k_frags = new_a_fragments::<F>(config.chunks());
     load_block_fragments(
@@ -365,13 +328,14 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
                     at.unit,
                     tile,
                     vecs,
+                    row_vecs,
                     units,
                     config.permuted,
                 );
                 stage_rows(
                     dout,
                     &mut stage,
-                    comptime!(tile * vecs),
+                    comptime!(tile * config.row_vecs()),
                     order,
                     q_base,
                     query_start + t0,
@@ -379,6 +343,7 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
                     at.unit,
                     tile,
                     vecs,
+                    row_vecs,
                     units,
                     config.permuted,
                 );
@@ -401,12 +366,13 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
                     keys_t[at.unit] = key_u;
                 }
                 sync_cube();
+
                 scores_into(&k_frags, &stage, 0, &mut scratch, plane_at, config);
                 sync_plane();
                 #[unroll]
                 for i in 0..comptime!(config.per_lane()) {
                     let col = tile_column(i, at.row, at.part, lpr, tile);
-                    let at_col = plane_at + at.row * tile + col;
+                    let at_col = plane_at + at.row * ts + col;
                     let mut p = 0.0f32;
                     if key_ok
                         && col < tile_len
@@ -429,7 +395,7 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
                         &grads,
                         plane_at,
                         &stage,
-                        comptime!(tile * vecs),
+                        comptime!(tile * config.row_vecs()),
                         &mut dv_acc,
                         config,
                     );
@@ -438,7 +404,7 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
                     scores_into(
                         &v_frags,
                         &stage,
-                        comptime!(tile * vecs),
+                        comptime!(tile * config.row_vecs()),
                         &mut scratch,
                         plane_at,
                         config,
@@ -447,7 +413,7 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
                     #[unroll]
                     for i in 0..comptime!(config.per_lane()) {
                         let col = tile_column(i, at.row, at.part, lpr, tile);
-                        let at_col = plane_at + at.row * tile + col;
+                        let at_col = plane_at + at.row * ts + col;
                         let mut dp = scratch[at_col];
                         if config.dropout {
                             dp *= keep_factor(keys_t[col], tok, args.threshold, args.keep_scale);

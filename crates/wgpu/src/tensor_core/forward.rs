@@ -4,12 +4,13 @@
 use cubecl::cmma;
 use cubecl::prelude::*;
 
-use crate::options::{in_length, keep_factor, query_row};
+use crate::options::{keep_factor, query_row};
 use crate::tensor_core::FRAG;
 use crate::tensor_core::stage::{
-    NO_TOKEN, PlaneTask, ProblemArgs, TensorCoreConfig, accumulate_product, load_block_fragments,
-    new_a_fragments, new_accumulators, plane_task, row_max, row_sum, scores_into, stage_rows,
-    tile_column, write_rows,
+    NO_TOKEN, PairWalk, PlaneTask, ProblemArgs, TensorCoreConfig, accumulate_product,
+    fragment_span, key_live, load_block_fragments, new_a_fragments, new_accumulators,
+    next_pair_tile, plane_task, row_max, row_sum, scores_into, start_pair_walk, tile_column,
+    write_rows,
 };
 use crate::tiles::{MASKED, allowed, head_row, span, token};
 
@@ -42,7 +43,7 @@ pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
     let vecs = comptime!(config.vecs());
     let tile = config.tile;
     let lpr = comptime!(config.lanes_per_row());
-    let units = comptime!(config.planes() * config.plane);
+    let ts = comptime!(config.tile_stride());
     let bh = at.bh;
     let kv = (bh / args.heads) * args.kv_heads + (bh % args.heads) / (args.heads / args.kv_heads);
     let base = bh * n * vecs;
@@ -71,11 +72,11 @@ pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
         config.dropout,
     );
 
-    let mut stage = Shared::<[Vector<F, N>]>::new_slice(comptime!(2 * tile * vecs));
-    let mut scratch = Shared::<[f32]>::new_slice(comptime!(block * tile));
-    let mut probs = Shared::<[F]>::new_slice(comptime!(block * tile));
+    let mut stage = Shared::<[Vector<F, N>]>::new_slice(comptime!(2 * tile * config.row_vecs()));
+    let mut scratch = Shared::<[f32]>::new_slice(comptime!(block * config.tile_stride()));
+    let mut probs = Shared::<[F]>::new_slice(comptime!(block * config.tile_stride()));
     let mut key_toks = Shared::<[u32]>::new_slice(tile);
-    let plane_at = at.plane * FRAG * tile;
+    let plane_at = at.plane * comptime!(config.plane_tile());
 
     let mut q_frags = new_a_fragments::<F>(config.chunks());
     load_block_fragments(
@@ -97,109 +98,81 @@ pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
     let list = head_row(bh, at.blk, args.heads, args.n_blocks, args.shared_layout);
     let start = row_ptr[list] as usize;
     let end = row_ptr[list + 1] as usize;
-    for e in start..end {
-        let mask = masks[e];
-        let key_start = cols[e] as usize * block;
-        let key_len = span(n, key_start, block);
-        for t0 in range_stepped(0, key_len, tile) {
-            let tile_len = span(key_len, t0, tile);
-            sync_cube();
-            stage_rows(
-                k,
-                &mut stage,
-                0,
-                order,
-                kv_base,
-                key_start + t0,
-                tile_len,
-                at.unit,
-                tile,
-                vecs,
-                units,
-                config.permuted,
-            );
-            stage_rows(
-                v,
-                &mut stage,
-                comptime!(tile * vecs),
-                order,
-                kv_base,
-                key_start + t0,
-                tile_len,
-                at.unit,
-                tile,
-                vecs,
-                units,
-                config.permuted,
-            );
-            stage_key_tokens(
-                &mut key_toks,
-                order,
-                lengths,
-                query.batch,
-                key_start + t0,
-                tile_len,
-                at.unit,
-                config,
-            );
-            sync_cube();
-            scores_into(&q_frags, &stage, 0, &mut scratch, plane_at, config);
-            sync_plane();
+    let walk = PairWalk {
+        first: start,
+        tiles: (end - start) * comptime!(block / tile),
+        n,
+        batch: query.batch,
+        base: kv_base,
+    };
+    let mut regs = start_pair_walk(k, v, cols, order, lengths, &walk, &at, config);
+    for f in 0..walk.tiles {
+        #[rustfmt::skip]
+        let cur = next_pair_tile(k, v, cols, order, lengths, &mut regs, &mut stage, &mut key_toks, &walk, f, &at, config);
+        let mask = masks[cur.entry];
+        let t0 = cur.offset;
 
-            let mut tile_max = f32::new(MASKED);
-            #[unroll]
-            for i in 0..comptime!(config.per_lane()) {
-                let col = tile_column(i, at.row, at.part, lpr, tile);
-                let key_tok = key_toks[col];
-                let mut s = f32::new(MASKED);
-                if query.ok
-                    && key_tok != NO_TOKEN
-                    && allowed(mask_bits, mask, local, t0 + col, block, config.mask_words)
-                {
-                    s = scratch[plane_at + at.row * tile + col] * args.scale;
-                }
-                scores[i] = s;
-                tile_max = f32::max(tile_max, s);
+        scores_into(&q_frags, &stage, 0, &mut scratch, plane_at, config);
+
+        sync_plane();
+
+        let mut tile_max = f32::new(MASKED);
+        #[unroll]
+        for i in 0..comptime!(config.per_lane()) {
+            let col = tile_column(i, at.row, at.part, lpr, tile);
+            let mut s = f32::new(MASKED);
+            if query.ok
+                && key_live(&key_toks, col, cur.len, config)
+                && allowed(mask_bits, mask, local, t0 + col, block, config.mask_words)
+            {
+                s = scratch[plane_at + at.row * ts + col] * args.scale;
             }
-            tile_max = row_max(tile_max, lpr);
-            let m_new = f32::max(m, tile_max);
-            let alpha = f32::exp(m - m_new);
-            l *= alpha;
-            #[unroll]
-            for i in 0..comptime!(config.per_lane()) {
-                let col = tile_column(i, at.row, at.part, lpr, tile);
-                let mut p = 0.0f32;
-                if scores[i] != MASKED {
-                    p = f32::exp(scores[i] - m_new);
-                }
-                l += p;
-                if config.dropout {
-                    let key_tok = key_toks[col];
-                    if key_tok != NO_TOKEN {
-                        p *= keep_factor(
-                            query.key,
-                            key_tok as usize,
-                            args.threshold,
-                            args.keep_scale,
-                        );
-                    }
-                }
-                probs[plane_at + at.row * tile + col] = F::cast_from(p);
-            }
-            m = m_new;
-            sync_plane();
-            if !plane_all(alpha == 1.0f32) {
-                rescale_rows(&mut o_acc, alpha, &mut scratch, plane_at, &at, config);
-            }
-            accumulate_product(
-                &probs,
-                plane_at,
-                &stage,
-                comptime!(tile * vecs),
-                &mut o_acc,
-                config,
-            );
+            scores[i] = s;
+            tile_max = f32::max(tile_max, s);
         }
+        tile_max = row_max(tile_max, lpr);
+        // The running maximum moves only when the tile's passes it by more than the
+        // slack: the probabilities stay below exp(slack), and most tiles skip the
+        // rescale (`exp(m - m_new)` is 1). A first allowed key always moves it.
+        let fresh = m == MASKED;
+        let m_new = if tile_max > m + args.rescale_slack {
+            tile_max
+        } else {
+            m
+        };
+        let alpha = f32::exp(m - m_new);
+        l *= alpha;
+        #[unroll]
+        for i in 0..comptime!(config.per_lane()) {
+            let col = tile_column(i, at.row, at.part, lpr, tile);
+            let mut p = 0.0f32;
+            if scores[i] != MASKED {
+                p = f32::exp(scores[i] - m_new);
+            }
+            l += p;
+            if config.dropout {
+                let key_tok = key_toks[col];
+                if key_tok != NO_TOKEN {
+                    p *= keep_factor(query.key, key_tok as usize, args.threshold, args.keep_scale);
+                }
+            }
+            probs[plane_at + at.row * ts + col] = F::cast_from(p);
+        }
+        m = m_new;
+        sync_plane();
+        // Rows with nothing accumulated yet (`fresh`) hold zeros: no rescale.
+        if !plane_all(alpha == 1.0f32 || fresh) {
+            rescale_rows(&mut o_acc, alpha, &mut scratch, plane_at, &at, config);
+        }
+
+        accumulate_product(
+            &probs,
+            plane_at,
+            &stage,
+            comptime!(tile * config.row_vecs()),
+            &mut o_acc,
+            config,
+        );
     }
 
     // `l == 0` only for a row with no allowed key (its largest term is exp(0) = 1); a NaN sum
@@ -227,35 +200,6 @@ pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
     }
 }
 
-/// Writes the tokens of the tile's keys (`NO_TOKEN` past the tile's end or a batch row's
-/// length) for the score masks and dropout.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn stage_key_tokens(
-    key_toks: &mut Shared<[u32]>,
-    order: &[u32],
-    lengths: &[u32],
-    batch: usize,
-    start: usize,
-    len: usize,
-    unit: usize,
-    #[comptime] config: TensorCoreConfig,
-) {
-    if unit < config.tile {
-        let exists = unit < len;
-        let key_tok = if exists {
-            token(order, start + unit, config.permuted)
-        } else {
-            0usize
-        };
-        key_toks[unit] = if exists && in_length(lengths, batch, key_tok, config.padded) {
-            key_tok as u32
-        } else {
-            u32::MAX
-        };
-    }
-}
-
 /// Multiplies row `r` of the plane's accumulators by the `factor` of lane `r`, through the
 /// plane's f32 tile.
 #[cube]
@@ -267,12 +211,14 @@ fn rescale_rows(
     at: &PlaneTask,
     #[comptime] config: TensorCoreConfig,
 ) {
-    let frag_stride = comptime!(FRAG as u32);
+    let frag_stride = comptime!(config.tile_stride() as u32);
+    let ts = comptime!(config.tile_stride());
+    let frag_len = comptime!(fragment_span(config.tile_stride(), 1));
     let per_lane = comptime!(FRAG * FRAG / config.plane);
     #[unroll]
     for c in 0..config.chunks() {
         cmma::store(
-            &mut scratch[scratch_at..scratch_at + FRAG * FRAG],
+            &mut scratch[scratch_at..scratch_at + frag_len],
             &acc[c],
             frag_stride,
             cmma::MatrixLayout::RowMajor,
@@ -282,12 +228,12 @@ fn rescale_rows(
         for i in 0..per_lane {
             let e = at.lane + i * config.plane;
             let f = plane_shuffle(factor, (e / FRAG) as u32);
-            scratch[scratch_at + e] *= f;
+            scratch[scratch_at + (e / FRAG) * ts + e % FRAG] *= f;
         }
         sync_plane();
         cmma::load_with_layout(
             &mut acc[c],
-            &scratch[scratch_at..scratch_at + FRAG * FRAG],
+            &scratch[scratch_at..scratch_at + frag_len],
             frag_stride,
             cmma::MatrixLayout::RowMajor,
         );

@@ -16,6 +16,22 @@ use crate::tensor_core::{FRAG, TensorCorePlan};
 /// Largest head dim whose `dK` and `dV` are computed in one launch.
 const FUSED_DKDV_MAX_HEAD_DIM: usize = 64;
 
+/// Largest rise of a row's maximum that the forward absorbs without rescaling its
+/// accumulators: the unnormalised probabilities then reach `exp(slack)` (times the dropout
+/// factor), kept below the 16-bit dtype's largest value with room to spare; at most 8
+/// (probabilities below 2981, every one still with the dtype's full relative precision).
+fn rescale_slack(half_max: f32, keep_scale: f32) -> f32 {
+    (half_max / 16.0 / keep_scale.max(1.0)).ln().clamp(0.0, 8.0)
+}
+
+/// The largest finite value of the 16-bit `dtype` (f16 unless bf16).
+fn largest_value(dtype: ElemType) -> f32 {
+    match dtype {
+        ElemType::Float(cubecl::ir::FloatKind::BF16) => 3.389_531_4e38,
+        _ => 65_504.0,
+    }
+}
+
 /// One launch's grid and configuration.
 struct TensorCoreGrid {
     count: CubeCount,
@@ -66,6 +82,7 @@ impl TensorCoreGrid {
         view: &CsrView,
         scale: f32,
         opts: &DeviceOptions,
+        dtype: ElemType,
     ) -> ProblemArgsLaunch {
         ProblemArgsLaunch::new(
             shape.seq_len,
@@ -80,6 +97,7 @@ impl TensorCoreGrid {
             opts.seed_hi,
             opts.threshold,
             opts.keep_scale,
+            rescale_slack(largest_value(dtype), opts.keep_scale),
         )
     }
 }
@@ -124,7 +142,7 @@ pub(crate) fn forward(
         arg(&layout.mask_bits),
         arg(&layout.order),
         arg(&opts.lengths),
-        grid.args(&shape, view, scale, opts),
+        grid.args(&shape, view, scale, opts, dtype),
         grid.config,
         dtype,
     );
@@ -149,6 +167,7 @@ pub(crate) fn backward(
     let lanes = grid.config.lanes;
     let (numel, kv_numel, rows) = (shape.numel(), shape.kv_numel(), shape.rows());
     let delta = (client.empty(rows * size_of::<f32>()), rows);
+
     tc_dq_kernel::launch(
         client,
         grid.count.clone(),
@@ -168,10 +187,11 @@ pub(crate) fn backward(
         arg(&layout.mask_bits),
         arg(&layout.order),
         arg(&opts.lengths),
-        grid.args(&shape, view, scale, opts),
+        grid.args(&shape, view, scale, opts, dtype),
         grid.config,
         dtype,
     );
+
     let kv_grid = TensorCoreGrid::new(
         client,
         plan,
@@ -212,7 +232,7 @@ pub(crate) fn backward(
             arg(&layout.mask_bits),
             arg(&layout.order),
             arg(&opts.lengths),
-            kv_grid.args(&shape, view, scale, opts),
+            kv_grid.args(&shape, view, scale, opts, dtype),
             config,
             dtype,
         );
