@@ -8,9 +8,9 @@ use cubecl::prelude::*;
 use crate::options::{head_key, in_length, keep_factor, query_row, row_key};
 use crate::tensor_core::FRAG;
 use crate::tensor_core::stage::{
-    NO_TOKEN, PairWalk, ProblemArgs, TensorCoreConfig, accumulate_product, key_live,
-    load_block_fragments, new_a_fragments, new_accumulators, next_pair_tile, plane_task, row_sum,
-    scores_into, stage_rows, start_pair_walk, tile_column, write_rows,
+    NO_TOKEN, ProblemArgs, TensorCoreConfig, accumulate_product, key_live, load_block_fragments,
+    new_a_fragments, new_accumulators, next_pair_tile, plane_task, row_sum, row_walk, scores_into,
+    stage_rows, start_pair_walk, tile_column, write_rows,
 };
 use crate::tiles::{allowed, head_row, span, token};
 
@@ -131,15 +131,7 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
     let mut probs = Array::<f32>::new(comptime!(config.per_lane()));
 
     let list = head_row(bh, at.blk, args.heads, args.n_blocks, args.shared_layout);
-    let start = row_ptr[list] as usize;
-    let end = row_ptr[list + 1] as usize;
-    let walk = PairWalk {
-        first: start,
-        tiles: (end - start) * comptime!(block / tile),
-        n,
-        batch: query.batch,
-        base: kv_base,
-    };
+    let walk = row_walk(row_ptr, list, n, query.batch, kv_base, config);
     let mut regs = start_pair_walk(k, v, cols, order, lengths, &walk, &at, config);
     for f in 0..walk.tiles {
         #[rustfmt::skip]

@@ -440,6 +440,29 @@ pub(crate) struct PairWalk {
     pub base: usize,
 }
 
+/// The walk over the key/value tiles of CSR row `list` (`row_ptr[list] ..
+/// row_ptr[list + 1]`), for a query row of batch row `batch`, keys and values from vector
+/// `base`.
+#[cube]
+pub(crate) fn row_walk(
+    row_ptr: &[u32],
+    list: usize,
+    n: usize,
+    batch: usize,
+    base: usize,
+    #[comptime] config: TensorCoreConfig,
+) -> PairWalk {
+    let start = row_ptr[list] as usize;
+    let end = row_ptr[list + 1] as usize;
+    PairWalk {
+        first: start,
+        tiles: (end - start) * comptime!(config.block / config.tile),
+        n,
+        batch,
+        base,
+    }
+}
+
 /// Fetches the first tile of `walk` into new registers.
 #[cube]
 #[allow(clippy::too_many_arguments)]
