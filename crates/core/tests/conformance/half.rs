@@ -12,6 +12,8 @@
 //! `SPARSE_ATTN_TEST_GPU=1`, a `vulkan` build and `--test-threads=1`, the launch counters
 //! being process-wide) makes every case check that the `vulkan` device ran it, forward and
 //! backward, on the tensor-core kernels and not on the FMA fallback.
+// rstest turns the case columns into arguments of the generated test functions.
+#![allow(clippy::too_many_arguments)]
 
 use std::sync::Arc;
 
@@ -117,7 +119,6 @@ impl Launches {
 #[case::longformer_d64_b64_dropout("longformer", 130, 64, 4, 2, 64, false, 0.2)]
 #[case::bigbird_d64_b16_padded_dropout("bigbird", 180, 16, 2, 1, 64, true, 0.1)]
 #[case::local_d256_b32("local", 100, 32, 1, 1, 256, false, 0.0)]
-#[allow(clippy::too_many_arguments)]
 fn half_precision_matrix(
     #[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType,
     #[case] name: &str,
