@@ -231,7 +231,7 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
     let vecs = comptime!(config.vecs());
     let tile = config.tile;
     let lpr = comptime!(config.lanes_per_row());
-    let units = comptime!(config.planes() * config.plane);
+    let units = comptime!(config.units());
     let row_vecs = comptime!(config.row_vecs());
     let ts = comptime!(config.tile_stride());
     let bkv = at.bh;

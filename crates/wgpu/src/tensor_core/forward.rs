@@ -102,11 +102,8 @@ pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
         let cur = next_pair_tile(k, v, cols, order, lengths, &mut regs, &mut stage, &mut key_toks, &walk, f, &at, config);
         let mask = masks[cur.entry];
         let t0 = cur.offset;
-
         scores_into(&q_frags, &stage, 0, &mut scratch, plane_at, config);
-
         sync_plane();
-
         let mut tile_max = f32::new(MASKED);
         #[unroll]
         for i in 0..comptime!(config.per_lane()) {

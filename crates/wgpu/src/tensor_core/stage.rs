@@ -49,6 +49,11 @@ impl TensorCoreConfig {
         self.block / FRAG
     }
 
+    /// Units per cube.
+    pub fn units(&self) -> usize {
+        self.planes() * self.plane
+    }
+
     /// Lanes of a plane that share one row of a score tile.
     pub fn lanes_per_row(&self) -> usize {
         self.plane / FRAG
@@ -347,7 +352,7 @@ pub(crate) fn fetch_pair<F: Float, N: Size>(
     at: &PlaneTask,
     #[comptime] config: TensorCoreConfig,
 ) {
-    let units = comptime!(config.planes() * config.plane);
+    let units = comptime!(config.units());
     let (tile, vecs) = comptime!((config.tile, config.vecs()));
     #[rustfmt::skip]
     fetch_rows(k, k_regs, order, base, at_tile.start, at_tile.len, at.unit, tile, vecs, units, config.permuted);
@@ -376,7 +381,7 @@ pub(crate) fn store_pair<F: Float, N: Size>(
     at: &PlaneTask,
     #[comptime] config: TensorCoreConfig,
 ) {
-    let units = comptime!(config.planes() * config.plane);
+    let units = comptime!(config.units());
     let (tile, vecs, row_vecs) = comptime!((config.tile, config.vecs(), config.row_vecs()));
     store_rows(k_regs, stage, 0, at.unit, tile, vecs, row_vecs, units);
     store_rows(
@@ -476,7 +481,7 @@ pub(crate) fn start_pair_walk<F: Float, N: Size>(
     at: &PlaneTask,
     #[comptime] config: TensorCoreConfig,
 ) -> PairRegs<F, N> {
-    let units = comptime!(config.planes() * config.plane);
+    let units = comptime!(config.units());
     let per = comptime!(per_unit(config.tile, config.vecs(), units));
     let mut regs = PairRegs::<F, N> {
         k: Array::new(per),
@@ -595,7 +600,7 @@ pub(crate) fn load_block_fragments<F: Float, N: Size>(
     let vecs = config.vecs();
     let row_vecs = comptime!(config.row_vecs());
     let d = comptime!(config.row_stride());
-    let units = comptime!(config.planes() * config.plane);
+    let units = comptime!(config.units());
     let stride = comptime!(config.row_stride() as u32);
     let frag_len = comptime!(fragment_span(config.row_stride(), config.lanes));
     let row0 = at.plane * FRAG;
