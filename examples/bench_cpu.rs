@@ -418,7 +418,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for &n in &args.n {
                 let p = pattern(name, n, block);
                 let layout = BlockLayout::build(p.as_ref(), n, block, h)?;
-                let pairs: u64 = (0..h).map(|head| layout.stats(head).allowed_pairs).sum();
+                let pairs = (0..h)
+                    .map(|head| layout.stats(head).map(|s| s.allowed_pairs))
+                    .sum::<Result<u64, _>>()?;
                 let density = pairs as f64 / (h as f64 * n as f64 * n as f64);
                 let reps = args.reps.unwrap_or(if n <= 8192 {
                     7

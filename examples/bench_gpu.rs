@@ -289,7 +289,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 for &n in &args.n {
                     let pattern = bench_pattern(pattern_name, &args, n)?;
                     let layout = BlockLayout::build(pattern.as_ref(), n, block, h)?;
-                    let pairs: u64 = (0..h).map(|head| layout.stats(head).allowed_pairs).sum();
+                    let pairs = (0..h)
+                        .map(|head| layout.stats(head).map(|s| s.allowed_pairs))
+                        .sum::<Result<u64, _>>()?;
                     let dims = [1, h, n, d];
                     let ours = |q, k, v| {
                         sparse_attention(q, k, v, &layout, AttentionOptions::default())

@@ -41,7 +41,7 @@ fn main() -> Result<(), sparse_attn::SparseAttentionError> {
     let n = width * width; // a 32 x 32 image
 
     let picture = BlockLayout::build(&RowColumn { width }, n, block, 1)?;
-    println!("{}", picture.picture(0, 64));
+    println!("{}", picture.picture(0, 64)?);
 
     register_pattern("row-column", move |_seq_len, _block| {
         Ok(Arc::new(RowColumn { width }))

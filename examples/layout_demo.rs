@@ -29,7 +29,7 @@ fn main() -> Result<(), sparse_attn::SparseAttentionError> {
             vertsize,
         };
         let layout = SparseAttention::new(heads, mode, params)?.layout(n)?;
-        println!("{}", layout.picture(heads - 1, 32));
+        println!("{}", layout.picture(heads - 1, 32)?);
         let sparse = blocksparse_attention_impl(
             q.clone(),
             k.clone(),

@@ -95,7 +95,7 @@ pub fn sparse_attention(
     options: AttentionOptions,
 ) -> Result<Tensor<4>> {
     let params = validate(&q, &k, &v, layout, options)?;
-    check_device_limits(&q, q.dims()[3])?;
+    check_device_limits(&q, layout.block())?;
     Ok(raw_attention(q, k, v, layout, params))
 }
 
@@ -159,6 +159,13 @@ fn validate(
                 ),
             });
         }
+        if t.dtype() != q.dtype() {
+            return Err(SparseAttentionError::DTypeMismatch {
+                name,
+                got: format!("{:?}", t.dtype()),
+                expected: format!("{:?}", q.dtype()),
+            });
+        }
         if t.device() != q.device() {
             return Err(SparseAttentionError::DeviceMismatch {
                 name,
@@ -208,15 +215,18 @@ fn validate(
     })
 }
 
-/// Checks the limits of the kernels that will run on `q`'s device: CubeCL devices (those
-/// that report an identity) serve f32, f16 and bf16 inputs and head dims up to
-/// [`sparse_attn_wgpu::MAX_HEAD_DIM`].
+/// Checks the limits of the kernels that will run on `q`'s device, before anything is
+/// launched: on a CubeCL device, f32, f16 or bf16 inputs, head dims up to
+/// [`sparse_attn_wgpu::MAX_HEAD_DIM`], and what [`sparse_attn_wgpu::check_problem`] asks of
+/// the device (dtypes it has, shared memory and units per cube, 32-bit indexing).
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
-fn check_device_limits(q: &Tensor<4>, head_dim: usize) -> Result<()> {
+fn check_device_limits(q: &Tensor<4>, block: usize) -> Result<()> {
+    use burn::backend::DispatchDevice;
     use burn::tensor::DType;
-    if q.device().identity().is_none() {
+    let DispatchDevice::Cube(device) = q.device().as_dispatch().clone().inner() else {
         return Ok(());
-    }
+    };
+    let [batch, heads, seq_len, head_dim] = q.dims();
     let max = sparse_attn_wgpu::MAX_HEAD_DIM;
     if head_dim > max {
         return Err(SparseAttentionError::DeviceLimit {
@@ -232,12 +242,21 @@ fn check_device_limits(q: &Tensor<4>, head_dim: usize) -> Result<()> {
             expected: "f32, f16 or bf16 on CubeCL devices",
         });
     }
+    let shape = sparse_attn_wgpu::AttentionShape {
+        batch,
+        heads,
+        kv_heads: heads,
+        seq_len,
+        head_dim,
+    };
+    let dtype = burn::backend::cubecl::dtype_to_elem_type(q.dtype());
+    sparse_attn_wgpu::check_problem(&device.client(), dtype, &shape, block)?;
     Ok(())
 }
 
 /// CPU backends have no limit beyond those of the input's validity.
 #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
-fn check_device_limits(_q: &Tensor<4>, _head_dim: usize) -> Result<()> {
+fn check_device_limits(_q: &Tensor<4>, _block: usize) -> Result<()> {
     Ok(())
 }
 

@@ -6,7 +6,10 @@ use thiserror::Error;
 ///
 /// Each variant names what was expected. Internal invariant breaks (a bug in this crate,
 /// not bad input) panic with a precise message instead.
+///
+/// New variants may be added in minor releases: match with a wildcard arm.
 #[derive(Debug, Clone, PartialEq, Error)]
+#[non_exhaustive]
 pub enum SparseAttentionError {
     /// The block size is outside the supported range.
     #[error("block size {got} is not supported: expected a block size between {min} and {max}")]
@@ -153,6 +156,48 @@ pub enum SparseAttentionError {
         /// The backend whose kernels have the limit.
         backend: &'static str,
     },
+    /// Inputs of different dtypes.
+    #[error("`{name}` is {got}, expected the dtype of `q` ({expected}): cast it first")]
+    DTypeMismatch {
+        /// Argument name.
+        name: &'static str,
+        /// Its dtype.
+        got: String,
+        /// The dtype of `q`.
+        expected: String,
+    },
+    /// A module given to a config does not have the config's dimensions.
+    #[error("the config has {what} = {config}, but the given module has {what} = {module}")]
+    ConfigMismatch {
+        /// Which quantity differs (`d_model`, `n_heads`, `n_kv_heads`).
+        what: &'static str,
+        /// The config's value.
+        config: usize,
+        /// The module's value.
+        module: usize,
+    },
+    /// A combination of options that cannot be served.
+    #[error("{what} is not supported: {expected}")]
+    Unsupported {
+        /// The combination asked for.
+        what: &'static str,
+        /// What would be supported instead.
+        expected: &'static str,
+    },
+    /// An index outside what it indexes (a head of a layout).
+    #[error("{what} {got} is out of range: expected below {len}")]
+    OutOfRange {
+        /// What was indexed (`head`).
+        what: &'static str,
+        /// The index given.
+        got: usize,
+        /// The number of valid indices.
+        len: usize,
+    },
+    /// A CubeCL device cannot run the kernels for this problem (found before any launch).
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    #[error(transparent)]
+    Kernel(#[from] sparse_attn_wgpu::KernelError),
 }
 
 /// Shorthand for results of this crate.

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+use crate::device_copies::DeviceCopies;
 use crate::error::{Result, SparseAttentionError};
 use crate::pattern::{BlockCover, Geometry, Pattern};
 
@@ -59,6 +60,8 @@ struct Inner {
     mask_bits: Vec<u64>,
     mask_words: usize,
     order: Option<(Vec<usize>, Vec<usize>)>,
+    /// What backends made of the layout for their devices (uploaded arrays).
+    device_copies: DeviceCopies,
 }
 
 impl std::fmt::Debug for BlockLayout {
@@ -227,7 +230,23 @@ impl BlockLayout {
             mask_bits: table.bits,
             mask_words: words,
             order,
+            device_copies: DeviceCopies::default(),
         })))
+    }
+
+    /// The value of type `T` a backend made of this layout for device `key`, made by `make`
+    /// on first use and dropped with the layout (every clone shares it).
+    #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+    pub(crate) fn device_copy<K, T, E>(
+        &self,
+        key: &K,
+        make: impl FnOnce() -> std::result::Result<T, E>,
+    ) -> std::result::Result<Arc<T>, E>
+    where
+        K: PartialEq + Clone + Send + Sync + 'static,
+        T: Send + Sync + 'static,
+    {
+        self.0.device_copies.get_or_try_make(key, make)
     }
 
     /// Name of the pattern the layout was built from.
@@ -262,41 +281,71 @@ impl BlockLayout {
             .map(|(o, inv)| (o.as_slice(), inv.as_slice()))
     }
     /// Active blocks of `head` (all layout heads are the same when shared).
-    pub fn active_blocks(&self, head: usize) -> usize {
+    ///
+    /// # Errors
+    /// [`SparseAttentionError::OutOfRange`] for a head beyond the layout's heads.
+    pub fn active_blocks(&self, head: usize) -> Result<usize> {
+        self.check_head(head)?;
         let lh = self.layout_head(head);
         let nb = self.0.n_blocks;
-        (self.0.row_ptr[(lh + 1) * nb] - self.0.row_ptr[lh * nb]) as usize
+        Ok((self.0.row_ptr[(lh + 1) * nb] - self.0.row_ptr[lh * nb]) as usize)
     }
     /// Total active blocks over the layout heads.
     pub fn total_active_blocks(&self) -> usize {
         self.0.cols.len()
     }
-    /// Layout head of attention head `head`.
+    /// Layout head of attention head `head` (`0` when the heads share the layout).
     pub fn layout_head(&self, head: usize) -> usize {
         if self.0.layout_heads == 1 { 0 } else { head }
     }
+    /// `head` as an error unless it is one of the layout's heads.
+    pub(crate) fn check_head(&self, head: usize) -> Result<()> {
+        if head < self.0.heads {
+            Ok(())
+        } else {
+            Err(SparseAttentionError::OutOfRange {
+                what: "head",
+                got: head,
+                len: self.0.heads,
+            })
+        }
+    }
+    /// Index of the CSR (or transposed) list of `block` in `head`, if both are in range.
+    fn list(&self, head: usize, block: usize) -> Option<usize> {
+        (head < self.0.heads && block < self.0.n_blocks)
+            .then(|| self.layout_head(head) * self.0.n_blocks + block)
+    }
     /// Active key blocks of query block `q_block` of `head`, with their mask index
-    /// ([`FULL`] for a full block).
+    /// ([`FULL`] for a full block); none for a head or block outside the layout.
     pub fn row(&self, head: usize, q_block: usize) -> impl Iterator<Item = (usize, u32)> + '_ {
-        let row = self.layout_head(head) * self.0.n_blocks + q_block;
-        let range = self.0.row_ptr[row] as usize..self.0.row_ptr[row + 1] as usize;
+        let range = self.list(head, q_block).map_or(0..0, |r| {
+            self.0.row_ptr[r] as usize..self.0.row_ptr[r + 1] as usize
+        });
         range.map(|e| (self.0.cols[e] as usize, self.0.masks[e]))
     }
-    /// Query blocks attending key block `k_block` of `head` (the transposed list).
+    /// Query blocks attending key block `k_block` of `head` (the transposed list); none for
+    /// a head or block outside the layout.
     pub fn column(&self, head: usize, k_block: usize) -> impl Iterator<Item = usize> + '_ {
-        let col = self.layout_head(head) * self.0.n_blocks + k_block;
-        (self.0.col_ptr[col] as usize..self.0.col_ptr[col + 1] as usize)
-            .map(|t| self.0.t_rows[t] as usize)
+        let range = self.list(head, k_block).map_or(0..0, |c| {
+            self.0.col_ptr[c] as usize..self.0.col_ptr[c + 1] as usize
+        });
+        range.map(|t| self.0.t_rows[t] as usize)
     }
-    /// Whether the layout allows layout positions `(p, q)` in `head`.
+    /// Whether the layout allows layout positions `(p, q)` in `head`; `false` for a head
+    /// or position outside the layout.
     pub fn allows_position(&self, head: usize, p: usize, q: usize) -> bool {
         let b = self.0.block;
-        self.row(head, p / b)
-            .any(|(c, m)| c == q / b && (m == FULL || self.mask_bit(m, p % b, q % b)))
+        q < self.0.seq_len
+            && self
+                .row(head, p / b)
+                .any(|(c, m)| c == q / b && (m == FULL || self.mask_bit(m, p % b, q % b)))
     }
-    /// Whether the layout allows query token `i` to attend key token `j` in `head`.
+    /// Whether the layout allows query token `i` to attend key token `j` in `head`; `false`
+    /// for a head or token outside the layout.
     pub fn allows(&self, head: usize, i: usize, j: usize) -> bool {
+        let n = self.0.seq_len;
         match &self.0.order {
+            Some(_) if i >= n || j >= n => false,
             Some((_, inv)) => self.allows_position(head, inv[i], inv[j]),
             None => self.allows_position(head, i, j),
         }

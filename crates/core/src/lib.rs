@@ -34,6 +34,7 @@
 mod api;
 pub mod backend;
 mod cache;
+mod device_copies;
 mod error;
 mod layout;
 mod modes;

@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use crate::error::Result;
 use crate::layout::{BlockLayout, FULL};
 
 /// Counts of one layout head.
@@ -23,7 +24,11 @@ pub struct LayoutStats {
 
 impl BlockLayout {
     /// Statistics of `head`'s layout.
-    pub fn stats(&self, head: usize) -> LayoutStats {
+    ///
+    /// # Errors
+    /// [`crate::SparseAttentionError::OutOfRange`] for a head beyond the layout's heads.
+    pub fn stats(&self, head: usize) -> Result<LayoutStats> {
+        self.check_head(head)?;
         let (n, b, nb) = (self.seq_len(), self.block(), self.n_blocks());
         let (_, _, _, _, _, _, bits, words) = self.raw();
         let (mut active, mut full, mut pairs) = (0, 0, 0u64);
@@ -44,20 +49,24 @@ impl BlockLayout {
                 }
             }
         }
-        LayoutStats {
+        Ok(LayoutStats {
             active_blocks: active,
             full_blocks: full,
             partial_blocks: active - full,
             allowed_pairs: pairs,
             density: pairs as f64 / (n as f64 * n as f64),
             block_density: active as f64 / (nb as f64 * nb as f64),
-        }
+        })
     }
 
     /// A text picture of `head`'s block layout: `#` full, `+` partial, `.` empty; at most
     /// `max_side` characters per side (blocks are merged when there are more; a cell shows
     /// the strongest block it merges).
-    pub fn picture(&self, head: usize, max_side: usize) -> String {
+    ///
+    /// # Errors
+    /// As [`BlockLayout::stats`].
+    pub fn picture(&self, head: usize, max_side: usize) -> Result<String> {
+        let s = self.stats(head)?;
         let nb = self.n_blocks();
         let step = nb.div_ceil(max_side.max(1));
         let side = nb.div_ceil(step);
@@ -68,7 +77,6 @@ impl BlockLayout {
                 *cell = (*cell).max(if m == FULL { 2 } else { 1 });
             }
         }
-        let s = self.stats(head);
         let mut out = format!(
             "{} (n={}, b={}, head {head}): {} active blocks ({} full, {} partial), density {:.4}\n",
             self.pattern_name(),
@@ -89,6 +97,6 @@ impl BlockLayout {
                 .collect();
             let _ = writeln!(out, "{line}");
         }
-        out
+        Ok(out)
     }
 }

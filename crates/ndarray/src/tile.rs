@@ -21,12 +21,25 @@ pub(crate) fn gemm<T: Real>(
     }
     let (a, rsa, csa) = a;
     let (b, rsb, csb) = b;
-    // The views must cover the last element they address.
-    debug_assert!(k == 0 || a.len() > (m - 1) * rsa + (k - 1) * csa);
-    debug_assert!(k == 0 || b.len() > (k - 1) * rsb + (n - 1) * csb);
-    debug_assert!(c.len() >= (m - 1) * ldc + n);
-    // SAFETY: the asserts above (checked by the callers' construction of the views) keep
-    // every address the GEMM reads or writes inside the given slices.
+    // The views must cover the last element they address (checked in every build: the
+    // unsafe call below rests on it, and three comparisons are nothing beside a GEMM).
+    assert!(
+        k == 0 || a.len() > (m - 1) * rsa + (k - 1) * csa,
+        "gemm: `a` view of {} elements is too short for {m} x {k} with strides ({rsa}, {csa})",
+        a.len()
+    );
+    assert!(
+        k == 0 || b.len() > (k - 1) * rsb + (n - 1) * csb,
+        "gemm: `b` view of {} elements is too short for {k} x {n} with strides ({rsb}, {csb})",
+        b.len()
+    );
+    assert!(
+        c.len() > (m - 1) * ldc + (n - 1),
+        "gemm: `c` of {} elements is too short for {m} x {n} with row stride {ldc}",
+        c.len()
+    );
+    // SAFETY: the asserts above keep every address the GEMM reads or writes inside the
+    // given slices (row-major views with non-negative strides).
     unsafe {
         T::gemm_raw(
             m,

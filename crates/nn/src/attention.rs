@@ -178,7 +178,7 @@ impl MultiHeadSparseAttention {
         dense: MultiHeadAttention,
         config: &MultiHeadSparseAttentionConfig,
     ) -> Result<Self> {
-        for (what, layout, input) in [
+        for (what, config, module) in [
             ("d_model", config.d_model, dense.d_model),
             ("n_heads", config.n_heads, dense.n_heads),
             (
@@ -187,11 +187,11 @@ impl MultiHeadSparseAttention {
                 dense.n_heads,
             ),
         ] {
-            if layout != input {
-                return Err(SparseAttentionError::LayoutMismatch {
+            if config != module {
+                return Err(SparseAttentionError::ConfigMismatch {
                     what,
-                    layout,
-                    input,
+                    config,
+                    module,
                 });
             }
         }

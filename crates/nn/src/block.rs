@@ -78,10 +78,9 @@ impl SparseTransformerBlockConfig {
         let a = &self.attention;
         let kv_heads = a.n_kv_heads.unwrap_or(a.n_heads);
         if self.dense && kv_heads != a.n_heads {
-            return Err(SparseAttentionError::LayoutMismatch {
-                what: "n_kv_heads",
-                layout: kv_heads,
-                input: a.n_heads,
+            return Err(SparseAttentionError::Unsupported {
+                what: "dense attention with grouped key/value heads",
+                expected: "n_kv_heads equal to n_heads (Burn's dense attention has one key/value head per query head), or the sparse layer",
             });
         }
         let attention = if self.dense {

@@ -14,7 +14,7 @@ use crate::tiles::{
 const PADDED_LSE: f32 = 3.0e38;
 
 /// `dQ` kernel; also writes `delta_i = dO_i . O_i` (by token) for the `dK`/`dV` pass.
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dq_kernel<F: Float, N: Size>(
     q: &[Vector<F, N>],
@@ -188,7 +188,7 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
 /// `with_dk` / `with_dv` choose the gradients of this launch: both at once for short rows;
 /// for long rows one launch each, so that a unit keeps two or three rows in registers
 /// instead of four (which would spill) at the price of recomputing the scores.
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dkdv_kernel<F: Float, N: Size>(
     q: &[Vector<F, N>],

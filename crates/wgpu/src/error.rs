@@ -4,6 +4,7 @@ use cubecl::ir::ElemType;
 
 /// Why a problem cannot run on a device through these kernels.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum KernelError {
     /// The head dimension is beyond what the kernels keep in registers.
     #[error("head dim {head_dim} is not supported by the CubeCL kernels: expected 1..={max}")]
@@ -50,5 +51,27 @@ pub enum KernelError {
         elements: usize,
         /// The largest supported element count.
         max: usize,
+    },
+    /// The layout's arrays break an invariant of [`crate::DeviceLayout`].
+    #[error("inconsistent layout: {reason}")]
+    Layout {
+        /// Which array is wrong and what was expected.
+        reason: String,
+    },
+    /// The problem's shape does not fit the layout or the kernels.
+    #[error("shape not served: {reason}")]
+    Shape {
+        /// What differs and what was expected.
+        reason: String,
+    },
+    /// A device buffer is smaller than its tensor.
+    #[error("buffer `{name}` holds {bytes} bytes, but its tensor needs {needed}")]
+    Buffer {
+        /// The tensor's name (`q`, `k`, `dout`...).
+        name: &'static str,
+        /// Bytes the handle holds.
+        bytes: u64,
+        /// Bytes the shape needs.
+        needed: u64,
     },
 }

@@ -17,7 +17,7 @@ use crate::tiles::{
 /// `K`/`V` come from the unit's key/value head (grouped-query attention); with `padded`,
 /// rows and keys at or past their batch row's length are masked; with `dropout`, each
 /// probability enters the output times its keep factor (the sum `l` keeps them all).
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_kernel<F: Float, N: Size>(
     q: &[Vector<F, N>],

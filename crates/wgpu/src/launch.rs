@@ -1,5 +1,7 @@
-//! Host side: the plain-data layout view, uploads, grid sizes and kernel launches.
+//! Host side: the plain-data layout view, the checks of every buffer against the shape,
+//! grid sizes and kernel launches.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cubecl::client::Client;
@@ -8,6 +10,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::backward::{dkdv_kernel, dq_kernel};
+use crate::device_layout::{DeviceLayout, upload};
 use crate::error::KernelError;
 use crate::forward::forward_kernel;
 use crate::options::KernelOptions;
@@ -98,8 +101,8 @@ impl AttentionShape {
 /// `cols`). `order[p]`, if present, is the token at layout position `p`.
 ///
 /// # Invariants
-/// The owner (`sparse_attn_core::BlockLayout`) checks them when it builds the layout; the
-/// kernels index with these arrays unchecked.
+/// Those of [`DeviceLayout`]: its `upload` checks every one of them before the arrays reach
+/// a device (the kernels then index them unchecked).
 #[derive(Debug, Clone, Copy)]
 pub struct CsrView<'a> {
     /// Sequence length in tokens.
@@ -128,50 +131,6 @@ pub struct CsrView<'a> {
     pub mask_words: usize,
     /// Token at each layout position, when the layout reorders tokens.
     pub order: Option<&'a [usize]>,
-}
-
-/// The layout's arrays on the device (WGSL has no 64-bit integers: masks go as `u32` words).
-/// The transposed lists are uploaded only for the backward pass, which reads them.
-pub(crate) struct DeviceLayout {
-    pub row_ptr: (Handle, usize),
-    pub cols: (Handle, usize),
-    pub masks: (Handle, usize),
-    pub mask_bits: (Handle, usize),
-    pub order: (Handle, usize),
-}
-
-/// The transposed (key-block-major) lists on the device.
-pub(crate) struct DeviceTranspose {
-    pub col_ptr: (Handle, usize),
-    pub t_rows: (Handle, usize),
-    pub t_entries: (Handle, usize),
-}
-
-/// Uploads `data` (at least one element, so that no binding is empty).
-fn upload(client: &Client, data: &[u32]) -> (Handle, usize) {
-    let data = if data.is_empty() { &[0u32][..] } else { data };
-    (client.create_from_slice(u32::as_bytes(data)), data.len())
-}
-
-impl DeviceLayout {
-    fn upload(client: &Client, view: &CsrView) -> Self {
-        let bits: Vec<u32> = view
-            .mask_bits
-            .iter()
-            .flat_map(|w| [*w as u32, (*w >> 32) as u32])
-            .collect();
-        let order: Vec<u32> = view
-            .order
-            .map(|o| o.iter().map(|&t| t as u32).collect())
-            .unwrap_or_default();
-        Self {
-            row_ptr: upload(client, view.row_ptr),
-            cols: upload(client, view.cols),
-            masks: upload(client, view.masks),
-            mask_bits: upload(client, &bits),
-            order: upload(client, &order),
-        }
-    }
 }
 
 /// The per-call options on the device: the lengths buffer (one element when unpadded) and
@@ -205,21 +164,99 @@ impl DeviceOptions {
     }
 }
 
-impl DeviceTranspose {
-    fn upload(client: &Client, view: &CsrView) -> Self {
-        Self {
-            col_ptr: upload(client, view.col_ptr),
-            t_rows: upload(client, view.t_rows),
-            t_entries: upload(client, view.t_entries),
-        }
-    }
-}
-
 /// A buffer argument over `len` elements of `handle`.
 pub(crate) fn arg((handle, len): &(Handle, usize)) -> BufferArg {
-    // SAFETY: every handle passed here holds at least `len` elements: the layout arrays were
-    // uploaded with exactly that length and the tensors' lengths are checked by the caller.
+    // SAFETY: every handle passed here holds at least `len` elements: the layout arrays and
+    // options were uploaded with exactly that length, and [`check_buffers`] checked the
+    // tensors' handles against the shape before any launch.
     unsafe { BufferArg::from_raw_parts(handle.clone(), *len) }
+}
+
+/// The environment variable that makes every launch bounds-checked (`1`) in a release
+/// build; debug builds always check.
+pub const CHECKED_VAR: &str = "SPARSE_ATTN_CHECKED_KERNELS";
+
+/// Whether launches check every global index (debug builds, or [`CHECKED_VAR`] set to
+/// `1`): out-of-range reads then give zeros and writes are dropped, instead of undefined
+/// behaviour.
+pub(crate) fn bounds_checked() -> bool {
+    static CHECKED: OnceLock<bool> = OnceLock::new();
+    *CHECKED.get_or_init(|| {
+        cfg!(debug_assertions) || std::env::var(CHECKED_VAR).is_ok_and(|v| v == "1")
+    })
+}
+
+/// Launches `kernel` with bounds checks where [`bounds_checked`] asks for them, else
+/// unchecked.
+macro_rules! launch_kernel {
+    ($kernel:ident ( $($arg:expr),* $(,)? )) => {
+        if $crate::launch::bounds_checked() {
+            $kernel::launch($($arg),*)
+        } else {
+            // SAFETY: every index the kernels compute is in range: the layout's arrays were
+            // checked when they were uploaded (`DeviceLayout::upload`), the tensors' handles
+            // against the shape (`check_buffers`), and the kernels index only within the
+            // shape and the layout (the conformance matrix runs them checked as well).
+            unsafe { $kernel::launch_unchecked($($arg),*) }
+        }
+    };
+}
+pub(crate) use launch_kernel;
+
+/// Checks the problem against the layout, and every `(name, handle, elements, bytes per
+/// element)` of `buffers` against the bytes its tensor needs.
+///
+/// # Errors
+/// [`KernelError::Shape`] for a shape the layout or the kernels cannot serve,
+/// [`KernelError::Buffer`] for a handle smaller than its tensor.
+pub(crate) fn check_buffers(
+    shape: &AttentionShape,
+    layout: &DeviceLayout,
+    options: &KernelOptions,
+    buffers: &[(&'static str, &Handle, usize, usize)],
+) -> Result<(), KernelError> {
+    let shape_error = |reason: String| Err(KernelError::Shape { reason });
+    if shape.seq_len != layout.seq_len {
+        return shape_error(format!(
+            "seq_len {} differs from the layout's {}",
+            shape.seq_len, layout.seq_len
+        ));
+    }
+    if layout.layout_heads != 1 && layout.layout_heads != shape.heads {
+        return shape_error(format!(
+            "{} heads, but the layout has {} per-head rows (expected 1 or the head count)",
+            shape.heads, layout.layout_heads
+        ));
+    }
+    if shape.kv_heads == 0 || !shape.heads.is_multiple_of(shape.kv_heads) {
+        return shape_error(format!(
+            "{} key/value heads do not divide {} query heads",
+            shape.kv_heads, shape.heads
+        ));
+    }
+    if shape.head_dim == 0 {
+        return shape_error("head dim 0: expected at least 1".to_string());
+    }
+    if let Some(lengths) = options.key_lengths
+        && lengths.len() != shape.batch
+    {
+        return shape_error(format!(
+            "{} key lengths for a batch of {}",
+            lengths.len(),
+            shape.batch
+        ));
+    }
+    for &(name, handle, elements, bytes) in buffers {
+        let needed = (elements * bytes) as u64;
+        if handle.size_in_used() < needed {
+            return Err(KernelError::Buffer {
+                name,
+                bytes: handle.size_in_used(),
+                needed,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Everything a launch needs besides the tensors.
@@ -239,6 +276,27 @@ struct Grid {
     splits: usize,
 }
 
+/// Checks, before anything is launched, that `client`'s device can run a problem of
+/// `shape` in `dtype` with blocks of `block` tokens: the dtype, the head dim, units and
+/// shared memory per cube, and the kernels' 32-bit indexing. Returns the FMA kernels'
+/// tile plan (the tensor-core kernels, where the device has them, need less).
+///
+/// # Errors
+/// What [`TilePlan::for_device`] refuses, or [`KernelError::TooLarge`].
+pub fn check_problem(
+    client: &Client,
+    dtype: ElemType,
+    shape: &AttentionShape,
+    block: usize,
+) -> Result<TilePlan, KernelError> {
+    let max = u32::MAX as usize;
+    let elements = shape.numel();
+    if elements > max {
+        return Err(KernelError::TooLarge { elements, max });
+    }
+    TilePlan::for_device(client, dtype, block, shape.head_dim)
+}
+
 impl Grid {
     /// The grid over `heads` heads of each batch row (`shape.heads` for the passes over
     /// query rows, `shape.kv_heads` for the `dK`/`dV` pass).
@@ -246,17 +304,12 @@ impl Grid {
         client: &Client,
         dtype: ElemType,
         shape: &AttentionShape,
-        view: &CsrView,
+        layout: &DeviceLayout,
         heads: usize,
     ) -> Result<Self, KernelError> {
-        let max = u32::MAX as usize;
-        let elements = shape.numel();
-        if elements > max {
-            return Err(KernelError::TooLarge { elements, max });
-        }
-        let plan = TilePlan::for_device(client, dtype, view.block, shape.head_dim)?;
-        let tasks = shape.batch * heads * view.n_blocks;
-        let splits = row_splits(tasks * view.block, view.block, plan.tile, client);
+        let plan = check_problem(client, dtype, shape, layout.block)?;
+        let tasks = shape.batch * heads * layout.n_blocks;
+        let splits = row_splits(tasks * layout.block, layout.block, plan.tile, client);
         let lanes = [4, 2, 1]
             .into_iter()
             .find(|l| shape.head_dim.is_multiple_of(*l))
@@ -265,13 +318,13 @@ impl Grid {
             lanes,
             vecs: shape.head_dim / lanes,
             count: grid_count(client, tasks),
-            dim: CubeDim::new_1d((view.block * splits) as u32),
+            dim: CubeDim::new_1d((layout.block * splits) as u32),
             splits,
             tasks,
             plan,
-            mask_words: 2 * view.mask_words.max(1),
-            permuted: view.order.is_some(),
-            shared_layout: u32::from(view.layout_heads == 1),
+            mask_words: 2 * layout.mask_words.max(1),
+            permuted: layout.permuted,
+            shared_layout: u32::from(layout.layout_heads == 1),
         })
     }
 }
@@ -316,33 +369,51 @@ pub(crate) fn tensor(handle: &Handle, len: usize) -> BufferArg {
 /// input dtype, natural log, `-inf` for rows with no allowed key, whose output is zero).
 ///
 /// `q`, `k`, `v`, `out` are contiguous buffers of `dtype` elements, `lse` of f32, in token
-/// order;
-/// `options` adds key padding and dropout.
+/// order, on `client`'s device, where `layout` was uploaded; `options` adds key padding and
+/// dropout. Every handle is checked against the shape before anything is launched, so the
+/// kernels never index past a buffer.
 ///
 /// # Errors
-/// What [`TilePlan::for_device`] refuses, or tensors beyond 32-bit indexing.
-#[allow(clippy::too_many_arguments)]
+/// What [`TilePlan::for_device`] refuses, tensors beyond 32-bit indexing, a shape the
+/// layout was not built for ([`KernelError::Shape`]) or a handle smaller than its tensor
+/// ([`KernelError::Buffer`]).
+///
+/// # Example
+/// ```no_run
+/// # use cubecl::client::Client;
+/// # use cubecl::server::Handle;
+/// # use sparse_attn_wgpu::{AttentionShape, CsrView, DeviceLayout, KernelError, KernelOptions};
+/// # fn run(client: &Client, view: &CsrView, [q, k, v, out, lse]: [&Handle; 5])
+/// #     -> Result<(), KernelError> {
+/// let dtype = cubecl::ir::ElemType::Float(cubecl::ir::FloatKind::F32);
+/// let shape = AttentionShape { batch: 1, heads: 4, kv_heads: 4, seq_len: view.seq_len, head_dim: 64 };
+/// // Upload once per layout and device, reuse for every call.
+/// let layout = DeviceLayout::upload(client, view)?;
+/// let scale = 1.0 / 8.0;
+/// sparse_attn_wgpu::forward(client, dtype, shape, &layout, scale, &KernelOptions::default(), [q, k, v, out, lse])?;
+/// # Ok(()) }
+/// ```
 pub fn forward(
     client: &Client,
     dtype: ElemType,
     shape: AttentionShape,
-    view: &CsrView,
+    layout: &DeviceLayout,
     scale: f32,
     options: &KernelOptions,
-    q: &Handle,
-    k: &Handle,
-    v: &Handle,
-    out: &Handle,
-    lse: &Handle,
+    [q, k, v, out, lse]: [&Handle; 5],
 ) -> Result<KernelPath, KernelError> {
-    let grid = Grid::new(client, dtype, &shape, view, shape.heads)?;
-    let layout = DeviceLayout::upload(client, view);
+    let grid = Grid::new(client, dtype, &shape, layout, shape.heads)?;
+    let bytes = dtype.size();
+    let (n, kv_n, rows) = (shape.numel(), shape.kv_numel(), shape.rows());
+    #[rustfmt::skip]
+    check_buffers(&shape, layout, options, &[
+        ("q", q, n, bytes), ("k", k, kv_n, bytes), ("v", v, kv_n, bytes),
+        ("out", out, n, bytes), ("lse", lse, rows, 4),
+    ])?;
     let opts = DeviceOptions::upload(client, options);
-    if let Some(plan) = TensorCorePlan::for_device(client, dtype, view.block, shape.head_dim) {
+    if let Some(plan) = TensorCorePlan::for_device(client, dtype, layout.block, shape.head_dim) {
         let tensors = [q, k, v, out, lse];
-        tensor_core::forward(
-            client, &plan, dtype, shape, view, scale, &layout, &opts, tensors,
-        );
+        tensor_core::forward(client, &plan, dtype, shape, layout, scale, &opts, tensors);
         return Ok(KernelPath::TensorCore.counted());
     }
     let (numel, kv_numel, rows) = (
@@ -350,7 +421,7 @@ pub fn forward(
         shape.kv_numel() / grid.lanes,
         shape.rows(),
     );
-    forward_kernel::launch(
+    launch_kernel!(forward_kernel(
         client,
         grid.count,
         grid.dim,
@@ -367,7 +438,7 @@ pub fn forward(
         arg(&layout.order),
         arg(&opts.lengths),
         shape.seq_len,
-        view.n_blocks,
+        layout.n_blocks,
         shape.heads,
         shape.kv_heads,
         grid.shared_layout,
@@ -378,7 +449,7 @@ pub fn forward(
         opts.seed_hi,
         opts.threshold,
         opts.keep_scale,
-        view.block,
+        layout.block,
         grid.vecs,
         grid.plan.tile,
         grid.mask_words,
@@ -387,37 +458,44 @@ pub fn forward(
         opts.padded,
         opts.dropout,
         dtype,
-    );
+    ));
     Ok(KernelPath::Fma.counted())
 }
 
 /// Backward pass: writes `dq` (`[B, H, n, d]`), `dk`, `dv` (`[B, H_kv, n, d]`) of `sum(out *
 /// dout)` from the forward's `out` and `lse` and the forward's `options` (the dropout mask
 /// is regenerated). Runs the `dQ` kernel, then the `dK`/`dV` kernel (as one pass, or a `dV`
-/// pass and a `dK` pass for head dims above 32).
+/// pass and a `dK` pass for head dims above 32). Buffers as in [`forward`] (`dout`, `dq` like
+/// `q`; `dk`, `dv` like `k`), checked the same way.
 ///
 /// # Errors
-/// What [`TilePlan::for_device`] refuses, or tensors beyond 32-bit indexing.
+/// As [`forward`].
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     client: &Client,
     dtype: ElemType,
     shape: AttentionShape,
-    view: &CsrView,
+    layout: &DeviceLayout,
     scale: f32,
     options: &KernelOptions,
     [q, k, v, out, lse, dout]: [&Handle; 6],
     [dq, dk, dv]: [&Handle; 3],
 ) -> Result<KernelPath, KernelError> {
-    let grid = Grid::new(client, dtype, &shape, view, shape.heads)?;
-    let kv_grid = Grid::new(client, dtype, &shape, view, shape.kv_heads)?;
-    let layout = DeviceLayout::upload(client, view);
-    let transpose = DeviceTranspose::upload(client, view);
+    let grid = Grid::new(client, dtype, &shape, layout, shape.heads)?;
+    let kv_grid = Grid::new(client, dtype, &shape, layout, shape.kv_heads)?;
+    let bytes = dtype.size();
+    let (n, kv_n, rows) = (shape.numel(), shape.kv_numel(), shape.rows());
+    #[rustfmt::skip]
+    check_buffers(&shape, layout, options, &[
+        ("q", q, n, bytes), ("k", k, kv_n, bytes), ("v", v, kv_n, bytes),
+        ("out", out, n, bytes), ("lse", lse, rows, 4), ("dout", dout, n, bytes),
+        ("dq", dq, n, bytes), ("dk", dk, kv_n, bytes), ("dv", dv, kv_n, bytes),
+    ])?;
     let opts = DeviceOptions::upload(client, options);
-    if let Some(plan) = TensorCorePlan::for_device(client, dtype, view.block, shape.head_dim) {
+    if let Some(plan) = TensorCorePlan::for_device(client, dtype, layout.block, shape.head_dim) {
         let (inputs, grads) = ([q, k, v, out, lse, dout], [dq, dk, dv]);
         tensor_core::backward(
-            client, &plan, dtype, shape, view, scale, &layout, &transpose, &opts, inputs, grads,
+            client, &plan, dtype, shape, layout, scale, &opts, inputs, grads,
         );
         return Ok(KernelPath::TensorCore.counted());
     }
@@ -427,7 +505,7 @@ pub fn backward(
         shape.rows(),
     );
     let delta = (client.empty(rows * size_of::<f32>()), rows);
-    dq_kernel::launch(
+    launch_kernel!(dq_kernel(
         client,
         grid.count.clone(),
         grid.dim,
@@ -447,7 +525,7 @@ pub fn backward(
         arg(&layout.order),
         arg(&opts.lengths),
         shape.seq_len,
-        view.n_blocks,
+        layout.n_blocks,
         shape.heads,
         shape.kv_heads,
         grid.shared_layout,
@@ -457,7 +535,7 @@ pub fn backward(
         opts.seed_hi,
         opts.threshold,
         opts.keep_scale,
-        view.block,
+        layout.block,
         grid.vecs,
         grid.plan.tile,
         grid.mask_words,
@@ -466,7 +544,7 @@ pub fn backward(
         opts.padded,
         opts.dropout,
         dtype,
-    );
+    ));
     // Rows of up to 32 elements keep k, v, dk and dv in registers in one pass; longer rows
     // take a dV pass and a dK pass (two or three rows in registers each, no spills).
     let passes: &[(bool, bool)] = if shape.head_dim <= FUSED_DKDV_MAX_HEAD_DIM {
@@ -475,7 +553,7 @@ pub fn backward(
         &[(false, true), (true, false)]
     };
     for &(with_dk, with_dv) in passes {
-        dkdv_kernel::launch(
+        launch_kernel!(dkdv_kernel(
             client,
             kv_grid.count.clone(),
             kv_grid.dim,
@@ -488,15 +566,15 @@ pub fn backward(
             arg(&delta),
             tensor(dk, kv_numel),
             tensor(dv, kv_numel),
-            arg(&transpose.col_ptr),
-            arg(&transpose.t_rows),
-            arg(&transpose.t_entries),
+            arg(&layout.col_ptr),
+            arg(&layout.t_rows),
+            arg(&layout.t_entries),
             arg(&layout.masks),
             arg(&layout.mask_bits),
             arg(&layout.order),
             arg(&opts.lengths),
             shape.seq_len,
-            view.n_blocks,
+            layout.n_blocks,
             shape.heads,
             shape.kv_heads,
             kv_grid.shared_layout,
@@ -506,7 +584,7 @@ pub fn backward(
             opts.seed_hi,
             opts.threshold,
             opts.keep_scale,
-            view.block,
+            layout.block,
             kv_grid.vecs,
             kv_grid.plan.tile,
             kv_grid.mask_words,
@@ -517,7 +595,7 @@ pub fn backward(
             opts.padded,
             opts.dropout,
             dtype,
-        );
+        ));
     }
     Ok(KernelPath::Fma.counted())
 }

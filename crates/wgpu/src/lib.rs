@@ -19,12 +19,15 @@
 //!
 //! This crate knows nothing of Burn: it takes a CubeCL [`Client`](cubecl::client::Client),
 //! buffer [`Handle`](cubecl::server::Handle)s of contiguous `[batch, heads, seq_len,
-//! head_dim]` tensors and a plain-data [`CsrView`] of the layout. `sparse-attn-core` calls it
-//! from its `CubeBackend` impl. Tile sizes come from the device's limits read at run time
+//! head_dim]` tensors and a [`DeviceLayout`]: a plain-data [`CsrView`] of the layout, checked
+//! and uploaded once per device. `sparse-attn-core` calls it from its `CubeBackend` impl.
+//! Every handle is checked against the shape before a launch, and release builds launch
+//! without per-index bounds checks (debug builds, or [`CHECKED_VAR`], keep them). Tile sizes come from the device's limits read at run time
 //! ([`TilePlan::for_device`]): a device with little shared memory gets smaller tiles, never
 //! a failure; what no tile size can serve is a typed [`KernelError`].
 
 mod backward;
+mod device_layout;
 mod error;
 mod forward;
 mod launch;
@@ -33,9 +36,11 @@ mod plan;
 mod tensor_core;
 mod tiles;
 
+pub use device_layout::DeviceLayout;
 pub use error::KernelError;
 pub use launch::{
-    AttentionShape, CsrView, KernelPath, LaunchCounts, backward, forward, launch_counts,
+    AttentionShape, CHECKED_VAR, CsrView, KernelPath, LaunchCounts, backward, check_problem,
+    forward, launch_counts,
 };
 pub use options::{DropoutArgs, KernelOptions};
 pub use plan::{MAX_HEAD_DIM, TilePlan};

@@ -3,9 +3,10 @@
 //!
 //! Inputs are made contiguous (a no-op for contiguous tensors), outputs are allocated in the
 //! input dtype on the same device, and the kernels apply the layout's token order by index.
-//! The public API has already validated every input, including the kernels' head-dim limit
-//! ([`sparse_attn_wgpu::MAX_HEAD_DIM`]); the kernels' own checks (dtype, device limits)
-//! can then only fail on a device that cannot hold the tensors at all.
+//! The public API has already validated every input and asked the device whether it can run
+//! the problem ([`sparse_attn_wgpu::check_problem`], before any launch); each layout is
+//! checked and uploaded once per device ([`DeviceLayout`], kept with the layout). A kernel
+//! error here would be a bug in this crate, and panics with its message.
 
 use burn::backend::TensorMetadata;
 use burn::backend::cubecl::dtype_to_elem_type;
@@ -14,7 +15,9 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use sparse_attn_wgpu::{AttentionShape, CsrView, DropoutArgs, KernelOptions};
+use std::sync::Arc;
+
+use sparse_attn_wgpu::{AttentionShape, CsrView, DeviceLayout, DropoutArgs, KernelOptions};
 
 use crate::layout::BlockLayout;
 use crate::params::AttentionParams;
@@ -37,6 +40,17 @@ fn view(layout: &BlockLayout) -> CsrView<'_> {
         mask_words,
         order: layout.order().map(|(order, _)| order),
     }
+}
+
+/// `layout` on `tensor`'s device: checked and uploaded on first use there, then shared by
+/// every call (and every clone of the layout) on that device.
+fn on_device(layout: &BlockLayout, tensor: &CubeTensor) -> Arc<DeviceLayout> {
+    layout
+        .device_copy(&tensor.device, || {
+            DeviceLayout::upload(&tensor.client, &view(layout))
+        })
+        // A `BlockLayout` is built with the invariants `DeviceLayout` checks.
+        .unwrap_or_else(|e| panic!("a built layout failed the kernels' layout check: {e}"))
 }
 
 fn shape_of(q: &CubeTensor, k: &CubeTensor) -> AttentionShape {
@@ -93,14 +107,10 @@ pub(crate) fn forward(
         &q.client,
         dtype_to_elem_type(q.dtype),
         shape,
-        &view(layout),
+        &on_device(layout, &q),
         params.scale as f32,
         &options(params),
-        &q.handle,
-        &k.handle,
-        &v.handle,
-        &out.handle,
-        &lse.handle,
+        [&q.handle, &k.handle, &v.handle, &out.handle, &lse.handle],
     )
     .unwrap_or_else(|e| panic!("sparse attention forward on a CubeCL device: {e}"));
     (out, lse)
@@ -130,7 +140,7 @@ pub(crate) fn backward(
         &q.client,
         dtype_to_elem_type(q.dtype),
         shape,
-        &view(layout),
+        &on_device(layout, &q),
         params.scale as f32,
         &options(params),
         [

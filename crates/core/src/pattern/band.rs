@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use super::{BlockCover, Geometry, Pattern, band_blocks, band_cover};
+use super::{BlockCover, Geometry, Pattern, band_blocks, band_cover, saturating_offset};
 use crate::error::{Result, invalid};
 
 /// Key `j` allowed for query `i` iff `lo <= i - j <= hi`.
@@ -45,7 +45,7 @@ impl Band {
         }
         Ok(Self {
             lo: 0,
-            hi: ctx as i64 - 1,
+            hi: saturating_offset(ctx) - 1,
             name: "local",
         })
     }
@@ -63,7 +63,7 @@ impl Band {
         }
         Ok(Self {
             lo: 0,
-            hi: window as i64 - 1,
+            hi: saturating_offset(window) - 1,
             name: "sliding_window",
         })
     }
@@ -71,8 +71,8 @@ impl Band {
     /// Bidirectional window: `|i - j| <= radius` (the bidirectional `local`).
     pub fn bidirectional_window(radius: usize) -> Self {
         Self {
-            lo: -(radius as i64),
-            hi: radius as i64,
+            lo: -saturating_offset(radius),
+            hi: saturating_offset(radius),
             name: "bidirectional_window",
         }
     }
@@ -86,8 +86,8 @@ impl Band {
             return Err(invalid("local", "local_attn_ctx must be at least 1, got 0"));
         }
         Ok(Self {
-            lo: -(ctx as i64 - 1),
-            hi: ctx as i64 - 1,
+            lo: -(saturating_offset(ctx) - 1),
+            hi: saturating_offset(ctx) - 1,
             name: "local_bidirectional",
         })
     }
@@ -132,12 +132,24 @@ impl Dilated {
     /// `window` keys spaced `dilation` apart.
     ///
     /// # Errors
-    /// If `window` or `dilation` is 0.
+    /// If `window` or `dilation` is 0, or the reach `(window - 1) * dilation` does not fit
+    /// in an `i64`.
     pub fn new(window: usize, dilation: usize, causal: bool) -> Result<Self> {
         if window == 0 || dilation == 0 {
             return Err(invalid(
                 "dilated",
                 format!("window and dilation must be at least 1, got {window} and {dilation}"),
+            ));
+        }
+        let reach = (window - 1).checked_mul(dilation);
+        if reach.is_none_or(|r| i64::try_from(r).is_err()) || i64::try_from(dilation).is_err() {
+            return Err(invalid(
+                "dilated",
+                format!(
+                    "reach (window - 1) * dilation = ({} * {dilation}) overflows: expected at most {}",
+                    window - 1,
+                    i64::MAX
+                ),
             ));
         }
         Ok(Self {

@@ -4,12 +4,12 @@
 use std::ops::Range;
 
 use super::random::choose;
-use super::{BlockCover, Geometry, Pattern, band_blocks, band_cover};
+use super::{BlockCover, Geometry, Pattern, band_blocks, band_cover, saturating_offset};
 use crate::error::{Result, SparseAttentionError, invalid};
 
 /// Band offsets of a window of `window` keys: causal `0..window`, else `|i - j| < window`.
 fn window_band(window: usize, causal: bool) -> (i64, i64) {
-    let reach = window as i64 - 1;
+    let reach = saturating_offset(window) - 1;
     (if causal { 0 } else { -reach }, reach)
 }
 
@@ -269,13 +269,13 @@ impl Pattern for Streaming {
     fn candidate_blocks(&self, _head: usize, q_block: usize, geom: Geometry, out: &mut Vec<usize>) {
         let q = geom.block_range(q_block);
         out.extend(geom.blocks_of(0..self.sinks.min(q.end)));
-        out.extend(band_blocks(q, 0, self.window as i64 - 1, geom));
+        out.extend(band_blocks(q, 0, saturating_offset(self.window) - 1, geom));
     }
     fn cover(&self, _head: usize, q: Range<usize>, k: Range<usize>, _geom: Geometry) -> BlockCover {
         if k.end <= self.sinks {
             band_cover(0, i64::MAX, &q, &k)
         } else if k.start >= self.sinks {
-            band_cover(0, self.window as i64 - 1, &q, &k)
+            band_cover(0, saturating_offset(self.window) - 1, &q, &k)
         } else {
             BlockCover::Scan
         }

@@ -111,7 +111,7 @@ impl BlockCover {
 /// }
 ///
 /// let layout = BlockLayout::build(&EchoEight, 64, 8, 1).unwrap();
-/// assert_eq!(layout.active_blocks(0), 8 + 7);
+/// assert_eq!(layout.active_blocks(0).unwrap(), 8 + 7);
 /// ```
 pub trait Pattern: Debug + Send + Sync {
     /// A short name, used in pictures and error messages.
@@ -180,6 +180,11 @@ impl<P: Pattern + ?Sized> Pattern for std::sync::Arc<P> {
     fn cover(&self, head: usize, q: Range<usize>, k: Range<usize>, geom: Geometry) -> BlockCover {
         (**self).cover(head, q, k, geom)
     }
+}
+
+/// `x` as a token offset; a width beyond `i64::MAX` tokens reaches every token anyway.
+pub(crate) fn saturating_offset(x: usize) -> i64 {
+    i64::try_from(x).unwrap_or(i64::MAX)
 }
 
 /// Key blocks whose positions intersect `[q.start - hi, q.end - 1 - lo]`: the candidates of a

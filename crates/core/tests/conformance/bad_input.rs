@@ -337,3 +337,76 @@ fn kv_heads_not_dividing_heads() {
     let err = sparse_attention(q, k, v, &layout, AttentionOptions::default()).unwrap_err();
     assert!(matches!(err, E::Shape { name: "v", .. }), "{err}");
 }
+
+/// q, k and v of different dtypes are a typed error naming the odd one, on every backend
+/// (on a CubeCL device the kernels would otherwise read k/v in q's element type).
+#[test]
+fn dtypes_that_differ() {
+    use burn::tensor::DType;
+    let layout = BlockLayout::build(&Band::causal(), 16, 8, 1).unwrap();
+    for (backend, device) in crate::common::devices() {
+        let q = Tensor::<4>::zeros([1, 1, 16, 4], &device);
+        let other = if backend == "ndarray" || backend == "flex" {
+            DType::F64
+        } else {
+            DType::F16
+        };
+        let odd = q.clone().cast(other);
+        for (name, k, v) in [("k", odd.clone(), q.clone()), ("v", q.clone(), odd.clone())] {
+            let err = sparse_attention(q.clone(), k, v, &layout, AttentionOptions::default())
+                .unwrap_err();
+            assert!(
+                matches!(&err, E::DTypeMismatch { name: n, .. } if *n == name),
+                "{backend}: {err}"
+            );
+            assert!(err.to_string().contains("cast it first"), "{err}");
+        }
+    }
+}
+
+/// Heads, blocks and tokens outside a layout: empty rows and columns, `false`, or a typed
+/// error; never an index panic.
+#[test]
+fn layout_queries_outside_the_layout() {
+    for layout in [
+        BlockLayout::build(&Band::causal(), 64, 16, 2).unwrap(),
+        BlockLayout::build(&Fixed::sparse_transformer(32, 1, 1, 16).unwrap(), 64, 16, 2).unwrap(),
+        BlockLayout::build(&Strided::new(8).unwrap(), 64, 16, 2).unwrap(),
+    ] {
+        assert_eq!(layout.row(5, 99).count(), 0);
+        assert_eq!(layout.row(0, 99).count(), 0);
+        assert_eq!(layout.row(2, 0).count(), 0);
+        assert_eq!(layout.column(0, 4).count(), 0);
+        assert_eq!(layout.column(7, 0).count(), 0);
+        assert!(!layout.allows(0, 1000, 2000));
+        assert!(!layout.allows(0, 64, 0));
+        assert!(!layout.allows(0, 0, 64));
+        assert!(!layout.allows(2, 0, 0));
+        assert!(!layout.allows_position(0, 63, 64));
+        let out_of_range = E::OutOfRange {
+            what: "head",
+            got: 2,
+            len: 2,
+        };
+        assert_eq!(layout.stats(2).unwrap_err(), out_of_range);
+        assert_eq!(layout.picture(2, 16).unwrap_err(), out_of_range);
+        assert_eq!(layout.active_blocks(2).unwrap_err(), out_of_range);
+        assert!(layout.stats(1).is_ok() && layout.picture(1, 16).is_ok());
+    }
+}
+
+/// Pattern parameters whose arithmetic would overflow are refused at construction or
+/// saturate to "every token", never wrap.
+#[test]
+fn pattern_parameters_that_overflow() {
+    use sparse_attn_core::pattern::{Dilated, Pattern};
+    for (window, dilation) in [(usize::MAX, 2), (3, usize::MAX), (1 << 40, 1 << 40)] {
+        let err = Dilated::new(window, dilation, true).unwrap_err();
+        assert!(err.to_string().contains("overflows"), "{err}");
+    }
+    assert!(Dilated::new(1, usize::MAX, true).is_err());
+    let wide = Band::local(usize::MAX).unwrap();
+    assert!(wide.allows(0, 1 << 40, 0) && !wide.allows(0, 0, 1));
+    let both = Band::bidirectional_window(usize::MAX);
+    assert!(both.allows(0, 0, 1 << 40) && both.allows(0, 1 << 40, 0));
+}

@@ -19,7 +19,7 @@ const PADDED_LSE: f32 = 3.0e38;
 
 /// `dQ` kernel; also writes `delta_i = dO_i . O_i` (f32, by token) for the `dK`/`dV` pass.
 /// Plane `p` of cube `(block r, pair bh)` owns query positions `r * block + 16 p ..`.
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
     q: &[Vector<F, N>],
@@ -201,7 +201,7 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
 ///
 /// `with_dk` / `with_dv` choose the gradients of this launch: both at once for head dims up
 /// to 64, else one launch each so that a plane keeps two rows of fragments instead of four.
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
     q: &[Vector<F, N>],

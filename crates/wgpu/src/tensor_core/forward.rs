@@ -17,7 +17,7 @@ use crate::tiles::{MASKED, allowed, head_row, span, token};
 /// 16 p ..` (16 rows); it walks the active key blocks of its query block tile by tile (the
 /// cube stages each `K`/`V` tile once), and writes its output rows and f32 log-sum-exp at
 /// their tokens' places.
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
     q: &[Vector<F, N>],

@@ -5,9 +5,8 @@ use cubecl::ir::ElemType;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::launch::{
-    AttentionShape, CsrView, DeviceLayout, DeviceOptions, DeviceTranspose, arg, grid_count, tensor,
-};
+use crate::device_layout::DeviceLayout;
+use crate::launch::{AttentionShape, DeviceOptions, arg, grid_count, launch_kernel, tensor};
 use crate::tensor_core::backward::{tc_dkdv_kernel, tc_dq_kernel};
 use crate::tensor_core::forward::tc_forward_kernel;
 use crate::tensor_core::stage::{ProblemArgsLaunch, TensorCoreConfig};
@@ -46,28 +45,28 @@ impl TensorCoreGrid {
         client: &Client,
         plan: &TensorCorePlan,
         shape: &AttentionShape,
-        view: &CsrView,
+        layout: &DeviceLayout,
         opts: &DeviceOptions,
         heads: usize,
         tile: usize,
     ) -> Self {
-        let tasks = shape.batch * heads * view.n_blocks;
+        let tasks = shape.batch * heads * layout.n_blocks;
         let lanes = [8, 4, 2, 1]
             .into_iter()
             .find(|l| shape.head_dim.is_multiple_of(*l))
             .unwrap_or(1);
         Self {
             count: grid_count(client, tasks),
-            dim: CubeDim::new_2d(plan.plane as u32, (view.block / FRAG) as u32),
+            dim: CubeDim::new_2d(plan.plane as u32, (layout.block / FRAG) as u32),
             tasks,
             config: TensorCoreConfig {
-                block: view.block,
+                block: layout.block,
                 head_dim: shape.head_dim,
                 tile,
                 plane: plan.plane,
                 lanes,
-                mask_words: 2 * view.mask_words.max(1),
-                permuted: view.order.is_some(),
+                mask_words: 2 * layout.mask_words.max(1),
+                permuted: layout.permuted,
                 padded: opts.padded,
                 dropout: opts.dropout,
                 with_dk: true,
@@ -79,17 +78,17 @@ impl TensorCoreGrid {
     fn args(
         &self,
         shape: &AttentionShape,
-        view: &CsrView,
+        layout: &DeviceLayout,
         scale: f32,
         opts: &DeviceOptions,
         dtype: ElemType,
     ) -> ProblemArgsLaunch {
         ProblemArgsLaunch::new(
             shape.seq_len,
-            view.n_blocks,
+            layout.n_blocks,
             shape.heads,
             shape.kv_heads,
-            u32::from(view.layout_heads == 1),
+            u32::from(layout.layout_heads == 1),
             self.tasks,
             scale,
             f32::NEG_INFINITY,
@@ -109,9 +108,8 @@ pub(crate) fn forward(
     plan: &TensorCorePlan,
     dtype: ElemType,
     shape: AttentionShape,
-    view: &CsrView,
-    scale: f32,
     layout: &DeviceLayout,
+    scale: f32,
     opts: &DeviceOptions,
     [q, k, v, out, lse]: [&Handle; 5],
 ) {
@@ -119,14 +117,14 @@ pub(crate) fn forward(
         client,
         plan,
         &shape,
-        view,
+        layout,
         opts,
         shape.heads,
         plan.forward_tile,
     );
     let lanes = grid.config.lanes;
     let (numel, kv_numel, rows) = (shape.numel(), shape.kv_numel(), shape.rows());
-    tc_forward_kernel::launch(
+    launch_kernel!(tc_forward_kernel(
         client,
         grid.count.clone(),
         grid.dim,
@@ -142,10 +140,10 @@ pub(crate) fn forward(
         arg(&layout.mask_bits),
         arg(&layout.order),
         arg(&opts.lengths),
-        grid.args(&shape, view, scale, opts, dtype),
+        grid.args(&shape, layout, scale, opts, dtype),
         grid.config,
         dtype,
-    );
+    ));
 }
 
 /// Tensor-core backward; the contract of [`crate::backward`].
@@ -155,20 +153,26 @@ pub(crate) fn backward(
     plan: &TensorCorePlan,
     dtype: ElemType,
     shape: AttentionShape,
-    view: &CsrView,
-    scale: f32,
     layout: &DeviceLayout,
-    transpose: &DeviceTranspose,
+    scale: f32,
     opts: &DeviceOptions,
     [q, k, v, out, lse, dout]: [&Handle; 6],
     [dq, dk, dv]: [&Handle; 3],
 ) {
-    let grid = TensorCoreGrid::new(client, plan, &shape, view, opts, shape.heads, plan.dq_tile);
+    let grid = TensorCoreGrid::new(
+        client,
+        plan,
+        &shape,
+        layout,
+        opts,
+        shape.heads,
+        plan.dq_tile,
+    );
     let lanes = grid.config.lanes;
     let (numel, kv_numel, rows) = (shape.numel(), shape.kv_numel(), shape.rows());
     let delta = (client.empty(rows * size_of::<f32>()), rows);
 
-    tc_dq_kernel::launch(
+    launch_kernel!(tc_dq_kernel(
         client,
         grid.count.clone(),
         grid.dim,
@@ -187,16 +191,16 @@ pub(crate) fn backward(
         arg(&layout.mask_bits),
         arg(&layout.order),
         arg(&opts.lengths),
-        grid.args(&shape, view, scale, opts, dtype),
+        grid.args(&shape, layout, scale, opts, dtype),
         grid.config,
         dtype,
-    );
+    ));
 
     let kv_grid = TensorCoreGrid::new(
         client,
         plan,
         &shape,
-        view,
+        layout,
         opts,
         shape.kv_heads,
         plan.dkdv_tile,
@@ -212,7 +216,7 @@ pub(crate) fn backward(
             with_dv,
             ..kv_grid.config
         };
-        tc_dkdv_kernel::launch(
+        launch_kernel!(tc_dkdv_kernel(
             client,
             kv_grid.count.clone(),
             kv_grid.dim,
@@ -225,16 +229,16 @@ pub(crate) fn backward(
             arg(&delta),
             tensor(dk, kv_numel),
             tensor(dv, kv_numel),
-            arg(&transpose.col_ptr),
-            arg(&transpose.t_rows),
-            arg(&transpose.t_entries),
+            arg(&layout.col_ptr),
+            arg(&layout.t_rows),
+            arg(&layout.t_entries),
             arg(&layout.masks),
             arg(&layout.mask_bits),
             arg(&layout.order),
             arg(&opts.lengths),
-            kv_grid.args(&shape, view, scale, opts, dtype),
+            kv_grid.args(&shape, layout, scale, opts, dtype),
             config,
             dtype,
-        );
+        ));
     }
 }
