@@ -14,7 +14,7 @@ pub type DynPattern = Arc<dyn Pattern>;
 /// Candidates of a part used inside a natural-order combination: a part with its own token
 /// order speaks of other positions, so it contributes every block.
 fn part_candidates(p: &dyn Pattern, head: usize, qb: usize, geom: Geometry, out: &mut Vec<usize>) {
-    if p.order(geom.seq_len).is_some() {
+    if p.reorders(geom.seq_len) {
         out.extend(0..geom.n_blocks());
     } else {
         p.candidate_blocks(head, qb, geom, out);
@@ -28,7 +28,7 @@ fn part_cover(
     k: &Range<usize>,
     geom: Geometry,
 ) -> BlockCover {
-    if p.order(geom.seq_len).is_some() {
+    if p.reorders(geom.seq_len) {
         BlockCover::Scan
     } else {
         p.cover(head, q.clone(), k.clone(), geom)

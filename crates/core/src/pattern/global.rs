@@ -2,6 +2,7 @@
 //! blocks), streaming (attention sinks), and variable windows.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use super::random::choose;
 use super::{BlockCover, Geometry, Pattern, band_blocks, band_cover, saturating_offset};
@@ -134,6 +135,19 @@ pub struct BigBird {
     seed: u64,
     causal: bool,
     seq_len: usize,
+    /// The random key blocks of every query block, drawn once at construction.
+    drawn: RandomBlocks,
+}
+
+/// The random key blocks of each query block of a [`BigBird`] pattern, drawn once so that
+/// `allows` and the layout builder allocate nothing per call. A query block that may pick
+/// every one of its `limit` candidate blocks (`random >= limit`) stores nothing: it has
+/// them all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RandomBlocks {
+    /// Row `qb`'s blocks are `blocks[offsets[qb]..offsets[qb + 1]]`, sorted.
+    offsets: Arc<[usize]>,
+    blocks: Arc<[usize]>,
 }
 
 /// Parameters of a [`BigBird`] pattern.
@@ -177,17 +191,63 @@ impl BigBird {
             seed: config.seed,
             causal: config.causal,
             seq_len,
-        })
+            drawn: RandomBlocks {
+                offsets: Arc::new([]),
+                blocks: Arc::new([]),
+            },
+        }
+        .with_draws())
     }
 
-    /// Random key blocks (of `random_block` tokens) of query block `qb`.
-    fn random_of(&self, qb: usize) -> Vec<usize> {
-        let limit = if self.causal {
+    /// `self` with its random blocks drawn for every query block.
+    fn with_draws(mut self) -> Self {
+        let rows = self.seq_len.div_ceil(self.random_block);
+        let (mut offsets, mut blocks) = (Vec::with_capacity(rows + 1), Vec::new());
+        offsets.push(0);
+        for qb in 0..rows {
+            let limit = self.limit(qb);
+            if self.random < limit {
+                blocks.extend(choose(self.seed, qb, self.random, limit));
+            }
+            offsets.push(blocks.len());
+        }
+        self.drawn = RandomBlocks {
+            offsets: offsets.into(),
+            blocks: blocks.into(),
+        };
+        self
+    }
+
+    /// Key blocks (of `random_block` tokens) that query block `qb` may pick at random.
+    fn limit(&self, qb: usize) -> usize {
+        if self.causal {
             qb + 1
         } else {
             self.seq_len.div_ceil(self.random_block)
+        }
+    }
+
+    /// Random key blocks (of `random_block` tokens) of query block `qb`, ascending.
+    fn random_of(&self, qb: usize) -> impl Iterator<Item = usize> + '_ {
+        let limit = self.limit(qb);
+        let all = if self.random >= limit { 0..limit } else { 0..0 };
+        let drawn = match self.drawn.offsets.get(qb..qb + 2) {
+            Some(&[start, end]) => &self.drawn.blocks[start..end],
+            _ => &[],
         };
-        choose(self.seed, qb, self.random, limit)
+        all.chain(drawn.iter().copied())
+    }
+
+    /// Whether query block `qb` picked key block `kb` at random.
+    fn picked(&self, qb: usize, kb: usize) -> bool {
+        let limit = self.limit(qb);
+        if self.random >= limit {
+            return kb < limit;
+        }
+        match self.drawn.offsets.get(qb..qb + 2) {
+            Some(&[start, end]) => self.drawn.blocks[start..end].binary_search(&kb).is_ok(),
+            _ => false,
+        }
     }
 }
 
@@ -203,9 +263,7 @@ impl Pattern for BigBird {
             && (in_band(window_band(self.window, self.causal), i, j)
                 || self.globals.contains(i)
                 || self.globals.contains(j)
-                || self
-                    .random_of(i / self.random_block)
-                    .contains(&(j / self.random_block)))
+                || self.picked(i / self.random_block, j / self.random_block))
     }
     fn validate(&self, seq_len: usize, _heads: usize) -> Result<()> {
         if seq_len != self.seq_len {

@@ -142,6 +142,13 @@ pub trait Pattern: Debug + Send + Sync {
         None
     }
 
+    /// Whether [`Pattern::order`] gives a token order for `seq_len` tokens, answered without
+    /// building it: combinators ask it for every block pair they resolve. Default: builds the
+    /// order and drops it; a pattern that has an order should answer directly.
+    fn reorders(&self, seq_len: usize) -> bool {
+        self.order(seq_len).is_some()
+    }
+
     /// Appends to `out` the key blocks (layout positions) that may hold an allowed pair for
     /// query block `q_block` of `head`. A superset is fine; order and duplicates do not
     /// matter. Default: every block.
@@ -173,6 +180,9 @@ impl<P: Pattern + ?Sized> Pattern for std::sync::Arc<P> {
     }
     fn order(&self, seq_len: usize) -> Option<Vec<usize>> {
         (**self).order(seq_len)
+    }
+    fn reorders(&self, seq_len: usize) -> bool {
+        (**self).reorders(seq_len)
     }
     fn candidate_blocks(&self, head: usize, q_block: usize, geom: Geometry, out: &mut Vec<usize>) {
         (**self).candidate_blocks(head, q_block, geom, out)

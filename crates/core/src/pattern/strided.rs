@@ -92,6 +92,9 @@ impl Pattern for Strided {
                 .collect(),
         )
     }
+    fn reorders(&self, _seq_len: usize) -> bool {
+        true
+    }
     fn candidate_blocks(&self, _head: usize, q_block: usize, geom: Geometry, out: &mut Vec<usize>) {
         let n = geom.seq_len;
         let q = geom.block_range(q_block);

@@ -62,19 +62,25 @@ pub(super) fn recompute<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_
                 .par_chunks_mut(b * d)
                 .zip(dv_bkv.par_chunks_mut(b * d))
                 .enumerate()
-                .for_each(|(c, (dk_c, dv_c))| {
-                    dk_c.fill(T::ZERO);
-                    dv_c.fill(T::ZERO);
-                    for (bh, x) in (first..).zip(&xs) {
-                        dkv_block(x, d, layout, bh % heads, c, scale, dk_c, dv_c);
-                    }
-                });
+                .for_each_init(
+                    // One task's probability and dS tiles, reused over its key blocks.
+                    || [(); 2].map(|_| vec![T::ZERO; b * b]),
+                    |[p, dp], (c, (dk_c, dv_c))| {
+                        dk_c.fill(T::ZERO);
+                        dv_c.fill(T::ZERO);
+                        for (bh, x) in (first..).zip(&xs) {
+                            let tiles = (&mut p[..], &mut dp[..]);
+                            dkv_block(x, d, layout, bh % heads, c, scale, dk_c, dv_c, tiles);
+                        }
+                    },
+                );
         });
 }
 
 avx2_dispatch! {
 /// Adds to `dK` and `dV` of key block `c` the sums over the query blocks of `head` that
-/// attend it.
+/// attend it; `tiles` are two `block x block` scratch tiles (`P` and `dS`).
+#[allow(clippy::too_many_arguments)]
 fn dkv_block<T: Real>(
     x: &Slices<'_, T>,
     d: usize,
@@ -84,12 +90,12 @@ fn dkv_block<T: Real>(
     scale: T,
     dk: &mut [T],
     dv: &mut [T],
+    tiles: (&mut [T], &mut [T]),
 ) {
-    let b = layout.block;
+    let (p, dp) = tiles;
     let (ks, ke) = layout.block_range(c);
     let bk = ke - ks;
     let column = layout.column_entries(head, c);
-    let (mut p, mut dp) = (vec![T::ZERO; b * bk], vec![T::ZERO; b * bk]);
     let (k, v) = (&x.k[ks * d..ke * d], &x.v[ks * d..ke * d]);
     for t in column {
         let r = layout.t_rows[t] as usize;

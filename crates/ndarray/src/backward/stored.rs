@@ -123,6 +123,7 @@ fn stored_head<T: Real>(
     let first_of_group = head.is_multiple_of(shape.group());
     let column = |c: usize| layout.column_entries(head, c).len();
     let (budget, tile) = (plan.budget.unwrap_or(0), 2 * b * d);
+    let mut slots = ChunkSlots::new(nb);
     let mut c0 = 0;
     while c0 < nb {
         // The widest run of columns whose contributions fit (at least one: the plan checked
@@ -132,23 +133,30 @@ fn stored_head<T: Real>(
             count += column(c1);
             c1 += 1;
         }
-        let slots = ChunkSlots::new(layout, head, c0..c1);
-        let mut rows = Vec::with_capacity(nb);
+        // dQ accumulates over the chunks; the first one writes every row, the others visit
+        // only the rows with entries in their columns.
+        let fresh = c0 == 0;
+        slots.fill(layout, head, c0..c1, fresh);
+        let mut stores = Vec::with_capacity(slots.touched.len());
         let mut rest = &mut store[..];
-        for r in 0..nb {
-            let (mine, tail) = rest.split_at_mut(slots.rows[r].len() * tile);
-            rows.push(mine);
+        for row in &slots.rows {
+            let (mine, tail) = rest.split_at_mut(row.len() * tile);
+            stores.push(mine);
             rest = tail;
         }
-        dq.par_blocks(b, 0..nb)
-            .zip(rows.into_par_iter())
-            .zip(slots.rows.par_iter())
+        let blocks: Vec<_> = dq
+            .par_blocks(b, 0..nb)
             .enumerate()
+            .filter(|(r, _)| slots.index[*r] != UNTOUCHED)
+            .map(|(_, block)| block)
+            .collect();
+        blocks
+            .into_par_iter()
+            .zip(stores.into_par_iter())
+            .zip(slots.touched.par_iter().zip(slots.rows.par_iter()))
             .for_each_init(
                 || (plan.scratch(b), Vec::new()),
-                |(scratch, staging), (r, ((dq_r, store), entries))| {
-                    // dQ accumulates over the chunks; the first one writes it.
-                    let fresh = c0 == 0;
+                |(scratch, staging), ((dq_r, store), (&r, entries))| {
                     dq_r.update(fresh, staging, |dq_r| {
                         let (entries, dq_r) = (entries.clone(), (dq_r, fresh));
                         dq_block(x, d, layout, r, entries, scale, dq_r, scratch, Some(store))
@@ -160,53 +168,93 @@ fn stored_head<T: Real>(
             .zip(dv.par_blocks(b, c0..c1))
             .enumerate()
             .for_each_init(
-                || (Vec::new(), Vec::new()),
-                |(dk_staging, dv_staging), (i, (dk_c, dv_c))| {
+                || (Vec::new(), Vec::new(), Vec::new()),
+                |(dk_staging, dv_staging, tiles), (i, (dk_c, dv_c))| {
                     // dK and dV accumulate over the query heads of a group; the first one
                     // writes them.
                     let fresh = first_of_group;
-                    let sum = |dk_c: &mut [T], dv_c: &mut [T]| {
+                    let mut sum = |dk_c: &mut [T], dv_c: &mut [T]| {
                         let c = c0 + i;
-                        dkv_block_stored(x, d, layout, head, c, store, &slots, dk_c, dv_c, fresh)
+                        let (grads, slots) = ((dk_c, dv_c), (&slots, &mut *tiles));
+                        dkv_block_stored(x, d, layout, head, c, store, slots, grads, fresh)
                     };
                     dk_c.update(fresh, dk_staging, |dk_c| {
                         dv_c.update(fresh, dv_staging, |dv_c| sum(dk_c, dv_c))
                     })
                 },
             );
+        slots.clear();
         c0 = c1;
     }
 }
 
-/// Where the `dQ` pass of one chunk of key-block columns stores its contributions: row
-/// `r`'s entries in the chunk are `rows[r]` (a sub-range of its CSR row, columns being
-/// sorted), stored in order from slot `starts[r]` on (a slot is `2 * block * d` elements).
+/// Marks a query block with no entries in the current chunk.
+const UNTOUCHED: usize = usize::MAX;
+
+/// Where the `dQ` pass of one chunk of key-block columns stores its contributions: the
+/// query blocks with entries in the chunk are `touched` (ascending); the `i`-th one's
+/// entries are `rows[i]` (a sub-range of its CSR row, columns being sorted), stored in order
+/// from slot `starts[i]` on (a slot is `2 * block * d` elements). Built from the transposed
+/// lists, so a chunk costs what its entries cost, not the number of query blocks; reused
+/// from chunk to chunk of a head.
 struct ChunkSlots {
+    touched: Vec<usize>,
+    /// Index into `touched` of each query block, [`UNTOUCHED`] for the others.
+    index: Vec<usize>,
     rows: Vec<Range<usize>>,
     starts: Vec<usize>,
-    /// Keys of each row's entries in the chunk.
+    /// Keys of each touched block's entries in the chunk.
     widths: Vec<usize>,
 }
 
 impl ChunkSlots {
-    fn new(layout: &CsrLayout<'_>, head: usize, columns: Range<usize>) -> Self {
-        let nb = layout.n_blocks;
-        let (mut rows, mut starts, mut next) = (Vec::with_capacity(nb), Vec::with_capacity(nb), 0);
-        for r in 0..nb {
+    /// Empty slots for a layout of `n_blocks` query blocks.
+    fn new(n_blocks: usize) -> Self {
+        Self {
+            touched: Vec::new(),
+            index: vec![UNTOUCHED; n_blocks],
+            rows: Vec::new(),
+            starts: Vec::new(),
+            widths: Vec::new(),
+        }
+    }
+
+    /// The slots of the key-block `columns` of `head`, for every query block when `all`
+    /// (the first chunk, which writes every `dQ` row), else for those with entries there.
+    fn fill(&mut self, layout: &CsrLayout<'_>, head: usize, columns: Range<usize>, all: bool) {
+        if all {
+            self.touched.extend(0..layout.n_blocks);
+        } else {
+            for c in columns.clone() {
+                let rows = &layout.t_rows[layout.column_entries(head, c)];
+                self.touched.extend(rows.iter().map(|&r| r as usize));
+            }
+            self.touched.sort_unstable();
+            self.touched.dedup();
+        }
+        let mut next = 0;
+        for (i, &r) in self.touched.iter().enumerate() {
             let all = layout.row_entries(head, r);
             let cols = &layout.cols[all.clone()];
             let lo = all.start + cols.partition_point(|&c| (c as usize) < columns.start);
             let hi = all.start + cols.partition_point(|&c| (c as usize) < columns.end);
-            rows.push(lo..hi);
-            starts.push(next);
+            self.index[r] = i;
+            self.rows.push(lo..hi);
+            self.starts.push(next);
+            self.widths.push(layout.width(lo..hi));
             next += hi - lo;
         }
-        let widths = rows.iter().map(|row| layout.width(row.clone())).collect();
-        Self {
-            rows,
-            starts,
-            widths,
+    }
+
+    /// Forgets the chunk (in time proportional to its touched blocks).
+    fn clear(&mut self) {
+        for &r in &self.touched {
+            self.index[r] = UNTOUCHED;
         }
+        self.touched.clear();
+        self.rows.clear();
+        self.starts.clear();
+        self.widths.clear();
     }
 
     /// Where the contributions of entry `e` of row `r` are: its `dV` contribution is the
@@ -216,10 +264,11 @@ impl ChunkSlots {
         let b = layout.block;
         // Only the last key block can be partial, and it sorts last: every block before
         // `e` has `b` keys.
-        let keys_before = (e - self.rows[r].start) * b;
+        let i = self.index[r];
+        let keys_before = (e - self.rows[i].start) * b;
         (
-            self.starts[r] * 2 * b * d + keys_before * d,
-            self.widths[r] * d,
+            self.starts[i] * 2 * b * d + keys_before * d,
+            self.widths[i] * d,
         )
     }
 }
@@ -230,8 +279,8 @@ const SUM_CHUNK: usize = 256;
 
 avx2_dispatch! {
 /// Adds to `dK` and `dV` of key block `c` the contributions the `dQ` pass stored for it (in
-/// `store`, slots in `slots`), in the order of the query blocks; with `fresh`, writes their
-/// sum instead (whatever `dk` and `dv` held).
+/// `store`, slots in `slots`; `tiles` is scratch for their offsets), in the order of the
+/// query blocks; with `fresh`, writes their sum instead (whatever `dk` and `dv` held).
 fn dkv_block_stored<T: Real>(
     x: &Slices<'_, T>,
     d: usize,
@@ -239,14 +288,14 @@ fn dkv_block_stored<T: Real>(
     head: usize,
     c: usize,
     store: &[T],
-    slots: &ChunkSlots,
-    dk: &mut [T],
-    dv: &mut [T],
+    slots: (&ChunkSlots, &mut Vec<(usize, usize)>),
+    grads: (&mut [T], &mut [T]),
     fresh: bool,
 ) {
+    let ((slots, tiles), (dk, dv)) = (slots, grads);
     let len = dk.len();
     // Where each contribution's dV block starts (its dK block is `dk_offset` further).
-    let mut tiles = Vec::new();
+    tiles.clear();
     if !x.extras.block_past_end(c) {
         for t in layout.column_entries(head, c) {
             let r = layout.t_rows[t] as usize;
@@ -258,7 +307,7 @@ fn dkv_block_stored<T: Real>(
     for (grad, dk_part) in [(dv, false), (dk, true)] {
         for (start, chunk) in (0..len).step_by(SUM_CHUNK).zip(grad.chunks_mut(SUM_CHUNK)) {
             let mut added = !fresh;
-            for &(at, dk_offset) in &tiles {
+            for &(at, dk_offset) in tiles.iter() {
                 let at = at + start + if dk_part { dk_offset } else { 0 };
                 let part = &store[at..at + chunk.len()];
                 if added {
