@@ -8,7 +8,9 @@
 //! Each configuration trains on random bytes (throughput does not depend on the text)
 //! with the same number of tokens per step at every `n`; one warm-up step, then the
 //! median of the timed steps (forward, backward and optimizer step, with the loss read
-//! back, so lazy backends finish their work inside the timed region).
+//! back, so lazy backends finish their work inside the timed region). A configuration that
+//! fails (Burn's dense attention asking a Vulkan device for a buffer beyond its limit) is
+//! reported as `failed: <reason>` and the run goes on.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -65,11 +67,64 @@ struct Row {
     window: usize,
     block: usize,
     threads: usize,
-    sparse_step_ms: f64,
-    dense_step_ms: f64,
-    sparse_tokens_per_s: f64,
-    dense_tokens_per_s: f64,
-    speedup: f64,
+    sparse: Cell,
+    dense: Cell,
+    /// Dense step time over ours, when both ran.
+    speedup: Option<f64>,
+}
+
+/// One configuration's measurement, or why it failed (a backend refusing an allocation:
+/// Burn's dense attention asks the Vulkan device for its `n x n` scores in one buffer).
+#[derive(Serialize)]
+struct Cell {
+    step_ms: Option<f64>,
+    tokens_per_s: Option<f64>,
+    failed: Option<String>,
+}
+
+impl Cell {
+    fn new(result: Result<f64, String>, tokens: usize) -> Self {
+        match result {
+            Ok(ms) => Self {
+                step_ms: Some(ms),
+                tokens_per_s: Some(tokens as f64 / (ms / 1e3)),
+                failed: None,
+            },
+            Err(reason) => Self {
+                step_ms: None,
+                tokens_per_s: None,
+                failed: Some(reason),
+            },
+        }
+    }
+
+    /// `ms/step | tok/s`, or the failure in both columns' place.
+    fn columns(&self) -> String {
+        match (self.step_ms, self.tokens_per_s, &self.failed) {
+            (Some(ms), Some(per_s), _) => format!("{ms:.1} | {per_s:.0}"),
+            (_, _, failed) => format!("failed: {} | -", failed.as_deref().unwrap_or("?")),
+        }
+    }
+}
+
+/// [`step_ms`] with an error or a panic inside it (raised when the loss is read back, for
+/// a launch that failed) turned into `Err(reason)`, so that one failed configuration does
+/// not end the run.
+fn try_step_ms(
+    args: &Args,
+    config: &SparseTransformerConfig,
+    batch: usize,
+    n: usize,
+) -> Result<f64, String> {
+    let run = std::panic::AssertUnwindSafe(|| step_ms(args, config, batch, n));
+    match std::panic::catch_unwind(run) {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(panic) => Err(panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".to_string())),
+    }
 }
 
 /// Median step time in ms of training `config` on `[batch, n + 1]` random bytes.
@@ -102,7 +157,7 @@ fn step_ms(
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut rows = Vec::new();
-    println!("| n | batch | ours ms/step | dense ms/step | ours tok/s | dense tok/s | speedup |");
+    println!("| n | batch | ours ms/step | ours tok/s | dense ms/step | dense tok/s | speedup |");
     println!("|---|---|---|---|---|---|---|");
     for &n in &args.n {
         let batch = (args.tokens / n).max(1);
@@ -118,9 +173,16 @@ fn main() -> anyhow::Result<()> {
             .with_block_size(args.block)
             .with_dense(dense)
         };
-        let sparse = step_ms(&args, &config(false), batch, n)?;
-        let dense = step_ms(&args, &config(true), batch, n)?;
-        let per_s = |ms: f64| (batch * n) as f64 / (ms / 1e3);
+        let tokens = batch * n;
+        let sparse = Cell::new(try_step_ms(&args, &config(false), batch, n), tokens);
+        let dense = Cell::new(try_step_ms(&args, &config(true), batch, n), tokens);
+        let speedup = sparse.step_ms.zip(dense.step_ms).map(|(s, d)| d / s);
+        println!(
+            "| {n} | {batch} | {} | {} | {} |",
+            sparse.columns(),
+            dense.columns(),
+            speedup.map_or("-".to_string(), |x| format!("{x:.2}x"))
+        );
         let row = Row {
             backend: args.backend.clone(),
             n,
@@ -131,16 +193,10 @@ fn main() -> anyhow::Result<()> {
             window: args.window,
             block: args.block,
             threads: std::thread::available_parallelism().map_or(1, |t| t.get()),
-            sparse_step_ms: sparse,
-            dense_step_ms: dense,
-            sparse_tokens_per_s: per_s(sparse),
-            dense_tokens_per_s: per_s(dense),
-            speedup: dense / sparse,
+            sparse,
+            dense,
+            speedup,
         };
-        println!(
-            "| {n} | {batch} | {sparse:.1} | {dense:.1} | {:.0} | {:.0} | {:.2}x |",
-            row.sparse_tokens_per_s, row.dense_tokens_per_s, row.speedup
-        );
         rows.push(row);
     }
     if let Some(dir) = args.out.parent() {
