@@ -203,6 +203,26 @@ macro_rules! launch_kernel {
 }
 pub(crate) use launch_kernel;
 
+/// A buffer to check: its name, handle, elements and bytes per element.
+type BufferCheck<'h> = (&'static str, &'h Handle, usize, usize);
+
+/// The forward's tensors `[q, k, v, out, lse]` of `dtype` (the log-sum-exp in f32) with the
+/// elements each needs for `shape`.
+fn forward_buffers<'h>(
+    shape: &AttentionShape,
+    dtype: ElemType,
+    [q, k, v, out, lse]: [&'h Handle; 5],
+) -> [BufferCheck<'h>; 5] {
+    let (bytes, n, kv_n) = (dtype.size(), shape.numel(), shape.kv_numel());
+    [
+        ("q", q, n, bytes),
+        ("k", k, kv_n, bytes),
+        ("v", v, kv_n, bytes),
+        ("out", out, n, bytes),
+        ("lse", lse, shape.rows(), size_of::<f32>()),
+    ]
+}
+
 /// Checks the problem against the layout, and every `(name, handle, elements, bytes per
 /// element)` of `buffers` against the bytes its tensor needs.
 ///
@@ -213,7 +233,7 @@ pub(crate) fn check_buffers(
     shape: &AttentionShape,
     layout: &DeviceLayout,
     options: &KernelOptions,
-    buffers: &[(&'static str, &Handle, usize, usize)],
+    buffers: &[BufferCheck<'_>],
 ) -> Result<(), KernelError> {
     let shape_error = |reason: String| Err(KernelError::Shape { reason });
     if shape.seq_len != layout.seq_len {
@@ -403,13 +423,8 @@ pub fn forward(
     [q, k, v, out, lse]: [&Handle; 5],
 ) -> Result<KernelPath, KernelError> {
     let grid = Grid::new(client, dtype, &shape, layout, shape.heads)?;
-    let bytes = dtype.size();
-    let (n, kv_n, rows) = (shape.numel(), shape.kv_numel(), shape.rows());
-    #[rustfmt::skip]
-    check_buffers(&shape, layout, options, &[
-        ("q", q, n, bytes), ("k", k, kv_n, bytes), ("v", v, kv_n, bytes),
-        ("out", out, n, bytes), ("lse", lse, rows, 4),
-    ])?;
+    let buffers = forward_buffers(&shape, dtype, [q, k, v, out, lse]);
+    check_buffers(&shape, layout, options, &buffers)?;
     let opts = DeviceOptions::upload(client, options);
     if let Some(plan) = TensorCorePlan::for_device(client, dtype, layout.block, shape.head_dim) {
         let tensors = [q, k, v, out, lse];
@@ -483,14 +498,14 @@ pub fn backward(
 ) -> Result<KernelPath, KernelError> {
     let grid = Grid::new(client, dtype, &shape, layout, shape.heads)?;
     let kv_grid = Grid::new(client, dtype, &shape, layout, shape.kv_heads)?;
-    let bytes = dtype.size();
-    let (n, kv_n, rows) = (shape.numel(), shape.kv_numel(), shape.rows());
+    let (bytes, n, kv_n) = (dtype.size(), shape.numel(), shape.kv_numel());
+    let mut buffers = forward_buffers(&shape, dtype, [q, k, v, out, lse]).to_vec();
     #[rustfmt::skip]
-    check_buffers(&shape, layout, options, &[
-        ("q", q, n, bytes), ("k", k, kv_n, bytes), ("v", v, kv_n, bytes),
-        ("out", out, n, bytes), ("lse", lse, rows, 4), ("dout", dout, n, bytes),
-        ("dq", dq, n, bytes), ("dk", dk, kv_n, bytes), ("dv", dv, kv_n, bytes),
-    ])?;
+    buffers.extend([
+        ("dout", dout, n, bytes), ("dq", dq, n, bytes),
+        ("dk", dk, kv_n, bytes), ("dv", dv, kv_n, bytes),
+    ]);
+    check_buffers(&shape, layout, options, &buffers)?;
     let opts = DeviceOptions::upload(client, options);
     if let Some(plan) = TensorCorePlan::for_device(client, dtype, layout.block, shape.head_dim) {
         let (inputs, grads) = ([q, k, v, out, lse, dout], [dq, dk, dv]);
