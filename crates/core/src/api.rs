@@ -104,8 +104,12 @@ pub fn sparse_attention(
 /// any backend, differentiated by Burn's autodiff op by op.
 ///
 /// This is what a backend without fused kernels runs; it is exposed to compare against
-/// (`bench_cpu` times it next to the fused kernels) and to debug a backend. Memory grows
-/// with the active blocks, never with `n x n`, but is larger than the fused kernels'.
+/// (`bench_cpu` times it next to the fused kernels) and to debug a backend. Its scores
+/// take `n_blocks x max_degree x block²` elements per head and batch row, where
+/// `max_degree` is the most active blocks of any query block: proportional to the active
+/// blocks when rows have similar degrees (windows, strided, fixed), but `n x n` as soon as
+/// one row is dense (causal `all`, global tokens of Longformer/BigBird). The fused kernels
+/// have no such term.
 ///
 /// # Errors
 /// As [`sparse_attention`], without the device limits of fused kernels.

@@ -1,8 +1,10 @@
 //! The portable path: block-sparse attention written with Burn's tensor primitives.
 //!
-//! It gathers only the active key blocks of each query block (padded to the largest row
-//! degree), so memory grows with the active blocks, never with a dense `n x n` matrix. It
-//! runs on every backend and stays as the reference path behind the fused kernels.
+//! It gathers only the active key blocks of each query block, padded to the largest row
+//! degree: memory is `n_blocks x max_degree x block²` scores per head, which follows the
+//! active blocks when rows have similar degrees and is `n x n` once one row is dense
+//! (causal `all`, global tokens). It runs on every backend and stays as the reference path
+//! behind the fused kernels.
 //!
 //! The options are plain tensor operations too: grouped key/value heads are expanded to the
 //! query heads (their gradients summed back), key padding is one more mask on the gathered
