@@ -39,6 +39,13 @@ enum Task {
     /// benchmark, stripped and xz-compressed into `.gpu/`, for a GPU machine without a Rust
     /// toolchain.
     GpuBundle,
+    /// The public-API fuzz test of the conformance suite with a long budget (release build,
+    /// ndarray): `cases` random calls, each a typed error or the reference's result.
+    Fuzz {
+        /// Random cases per backend.
+        #[arg(long, default_value_t = 20_000)]
+        cases: u64,
+    },
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
@@ -82,6 +89,21 @@ fn main() -> Result<()> {
             cargo(&["test", "--workspace", "--features", ALL])
         }
         Task::GpuBundle => bundle::gpu_bundle(),
+        Task::Fuzz { cases } => {
+            // SAFETY of the environment: xtask is single-threaded here.
+            unsafe { std::env::set_var("SPARSE_ATTN_FUZZ_CASES", cases.to_string()) };
+            cargo(&[
+                "test",
+                "--release",
+                "-p",
+                "sparse-attn-core",
+                "--test",
+                "conformance",
+                "--",
+                "fuzz",
+                "--nocapture",
+            ])
+        }
         Task::BenchLayout => cargo(&[
             "run",
             "--release",

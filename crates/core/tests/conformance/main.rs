@@ -7,6 +7,7 @@
 
 mod bad_input;
 mod common;
+mod fuzz;
 mod half;
 mod layouts;
 mod matrix;
