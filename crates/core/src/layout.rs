@@ -89,16 +89,20 @@ struct MaskTable {
     bits: Vec<u64>,
     by_content: HashMap<Vec<u64>, u32>,
     by_band: HashMap<(i64, i64), u32>,
+    /// The bitmap being scanned (reused block after block: a new mask allocates, a scan
+    /// does not).
+    scratch: Vec<u64>,
 }
 
 impl MaskTable {
-    fn intern(&mut self, bits: Vec<u64>) -> u32 {
-        if let Some(&id) = self.by_content.get(&bits) {
+    /// The index of the bitmap in `scratch`, added if new.
+    fn intern_scratch(&mut self) -> u32 {
+        if let Some(&id) = self.by_content.get(self.scratch.as_slice()) {
             return id;
         }
         let id = (self.bits.len() / self.words) as u32;
-        self.bits.extend_from_slice(&bits);
-        self.by_content.insert(bits, id);
+        self.bits.extend_from_slice(&self.scratch);
+        self.by_content.insert(self.scratch.clone(), id);
         id
     }
 
@@ -107,27 +111,28 @@ impl MaskTable {
         if let Some(&id) = self.by_band.get(&(lo, hi)) {
             return id;
         }
-        let bits = self.bitmap(|i, j| {
+        self.bitmap(|i, j| {
             let off = i as i64 - j as i64;
             lo <= off && off <= hi
         });
-        let id = self.intern(bits);
+        let id = self.intern_scratch();
         self.by_band.insert((lo, hi), id);
         id
     }
 
-    fn bitmap(&self, mut allowed: impl FnMut(usize, usize) -> bool) -> Vec<u64> {
+    /// Fills `scratch` with the bitmap of `allowed` in local coordinates.
+    fn bitmap(&mut self, mut allowed: impl FnMut(usize, usize) -> bool) {
         let b = self.block;
-        let mut bits = vec![0u64; self.words];
+        self.scratch.clear();
+        self.scratch.resize(self.words, 0);
         for i in 0..b {
             for j in 0..b {
                 if allowed(i, j) {
                     let bit = i * b + j;
-                    bits[bit / 64] |= 1 << (bit % 64);
+                    self.scratch[bit / 64] |= 1 << (bit % 64);
                 }
             }
         }
-        bits
     }
 }
 
@@ -182,6 +187,7 @@ impl BlockLayout {
             bits: Vec::new(),
             by_content: HashMap::new(),
             by_band: HashMap::new(),
+            scratch: Vec::new(),
         };
         let mut row_ptr = Vec::with_capacity(layout_heads * n_blocks + 1);
         row_ptr.push(0u32);
@@ -443,7 +449,7 @@ fn resolve(
         }
         BlockCover::Scan => {
             let (mut any, mut all) = (false, true);
-            let bits = table.bitmap(|i, j| {
+            table.bitmap(|i, j| {
                 if i >= q.len() || j >= k.len() {
                     return false;
                 }
@@ -457,7 +463,7 @@ fn resolve(
             } else if all {
                 Resolved::Mask(FULL)
             } else {
-                Resolved::Mask(table.intern(bits))
+                Resolved::Mask(table.intern_scratch())
             }
         }
     }
