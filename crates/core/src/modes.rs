@@ -107,6 +107,13 @@ fn check_inputs(
     if heads == 0 {
         return Err(SparseAttentionError::Zero { name: "heads" });
     }
+    if let Some(name) = ["batch", "n_ctx", "n_embd"]
+        .into_iter()
+        .zip(dims)
+        .find_map(|(name, x)| (x == 0).then_some(name))
+    {
+        return Err(SparseAttentionError::Zero { name });
+    }
     if !dims[2].is_multiple_of(heads) {
         return Err(SparseAttentionError::HeadsDivide {
             n_embd: dims[2],

@@ -410,3 +410,23 @@ fn pattern_parameters_that_overflow() {
     let both = Band::bidirectional_window(usize::MAX);
     assert!(both.allows(0, 0, 1 << 40) && both.allows(0, 1 << 40, 0));
 }
+
+/// Zero-sized inputs of the original API are a typed error naming the dimension (n_ctx = 0
+/// panicked in Burn's reshape; found by the fuzz test).
+#[test]
+fn original_api_zero_sized_inputs() {
+    for (dims, name) in [
+        ([0, 8, 4], "batch"),
+        ([1, 0, 4], "n_ctx"),
+        ([1, 8, 0], "n_embd"),
+    ] {
+        let x = zeros3(dims);
+        let err =
+            attention_impl(x.clone(), x.clone(), x.clone(), 1, AttnMode::All, None).unwrap_err();
+        assert_eq!(err, E::Zero { name });
+        let err =
+            blocksparse_attention_impl(x.clone(), x.clone(), x, 1, AttnMode::All, None, 4, 1, 1)
+                .unwrap_err();
+        assert_eq!(err, E::Zero { name });
+    }
+}

@@ -20,8 +20,13 @@ use crate::common::{Rng, assert_close, devices, to_tensor};
 /// Cases per backend when `SPARSE_ATTN_FUZZ_CASES` is unset.
 const DEFAULT_CASES: u64 = 48;
 
-/// Seeds of cases that once failed (none yet), run before the random ones.
+/// Seeds of `sparse_attention` cases that once failed (none yet), run before the random
+/// ones.
 const REGRESSIONS: &[u64] = &[];
+
+/// Seeds of original-API cases that once failed, run before the random ones: 0 (`n_ctx` =
+/// 0 panicked inside Burn's reshape instead of a `Zero` error).
+const ORIGINAL_REGRESSIONS: &[u64] = &[0];
 
 /// A small integer generator on top of the suite's seeded [`Rng`].
 struct Draw(Rng);
@@ -213,3 +218,68 @@ fn random_calls_give_a_typed_error_or_the_reference() {
         );
     }
 }
+
+/// Random calls of the original API (`attention_impl`, `blocksparse_attention_impl`) on
+/// `[batch, n, n_embd]` inputs with random heads, modes, contexts, block sizes and vertex
+/// counts: a typed error or finite values, never a panic; where both answer (modes other
+/// than `fixed`), the block-sparse result equals the dense masked one.
+#[test]
+fn original_api_random_calls_give_a_typed_error_or_agree() {
+    use sparse_attn_core::{AttnMode, attention_impl, blocksparse_attention_impl};
+    let cases = std::env::var("SPARSE_ATTN_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_CASES);
+    let device = Device::ndarray();
+    let (mut agreed, mut refused) = (0, 0);
+    for seed in ORIGINAL_REGRESSIONS.iter().copied().chain(0..cases) {
+        let mut r = Draw(Rng::new(seed ^ 0x5eed));
+        let heads: usize = r.mostly(&[1, 2, 4], &[0, 3]);
+        let e = r.mostly(&[4, 8, 16], &[0, 6]);
+        let n = r.mostly(&[1, 7, 16, 40], &[0]);
+        let batch = r.mostly(&[1, 2], &[0]);
+        let mode = r.pick(&[
+            AttnMode::All,
+            AttnMode::Local,
+            AttnMode::Strided,
+            AttnMode::Fixed,
+        ]);
+        let ctx = r.mostly(&[Some(4), Some(8), Some(16)], &[None, Some(0), Some(3)]);
+        let blocksize = r.mostly(&[1, 4, 8], &[0, 3, 300]);
+        let (verts, vertsize) = (r.mostly(&[1, 2], &[0, 9]), r.mostly(&[1, 2], &[0]));
+        let mut rng = Rng::new(seed);
+        let dims = [batch, n, e];
+        let [q, k, v] = [(); 3].map(|_| to_tensor(&rng.normals(batch * n * e), dims, &device));
+        let call = AssertUnwindSafe(|| {
+            let (q2, k2, v2) = (q.clone(), k.clone(), v.clone());
+            let sparse =
+                blocksparse_attention_impl(q, k, v, heads, mode, ctx, blocksize, verts, vertsize);
+            let dense = attention_impl(q2, k2, v2, heads, mode, ctx);
+            (sparse, dense)
+        });
+        let (sparse, dense) = catch_unwind(call)
+            .unwrap_or_else(|_| panic!("seed {seed} panicked: {heads} heads, {dims:?}, {mode:?}, ctx {ctx:?}, block {blocksize}, verts {verts}x{vertsize}"));
+        let values = |t: Tensor3| -> Vec<f32> { t.into_data().convert::<f32>().to_vec().unwrap() };
+        match (sparse, dense) {
+            (Ok(s), Ok(d)) => {
+                let (s, d) = (values(s), values(d));
+                assert!(s.iter().all(|x| x.is_finite()), "seed {seed}: non-finite");
+                let d: Vec<f64> = d.iter().map(|&x| f64::from(x)).collect();
+                assert_close(&s, &d, 1e-4, &format!("seed {seed}: block-sparse vs dense"));
+                agreed += 1;
+            }
+            (Ok(s), Err(_)) => {
+                assert!(
+                    values(s).iter().all(|x| x.is_finite()),
+                    "seed {seed}: non-finite"
+                );
+                refused += 1;
+            }
+            (Err(_), _) => refused += 1,
+        }
+    }
+    eprintln!("original API: {agreed} agreed, {refused} refused (by one or both)");
+    assert!(agreed > 0 && refused > 0, "{agreed} / {refused}");
+}
+
+type Tensor3 = burn::tensor::Tensor<3>;
