@@ -183,6 +183,8 @@ impl BigBird {
                 ),
             ));
         }
+        let (rows, causal) = (seq_len.div_ceil(config.random_block), config.causal);
+        let limit = |qb| random_limit(causal, qb, rows);
         Ok(Self {
             window: config.window,
             globals: Globals::new(config.global_tokens),
@@ -191,62 +193,63 @@ impl BigBird {
             seed: config.seed,
             causal: config.causal,
             seq_len,
-            drawn: RandomBlocks {
-                offsets: Arc::new([]),
-                blocks: Arc::new([]),
-            },
-        }
-        .with_draws())
-    }
-
-    /// `self` with its random blocks drawn for every query block.
-    fn with_draws(mut self) -> Self {
-        let rows = self.seq_len.div_ceil(self.random_block);
-        let (mut offsets, mut blocks) = (Vec::with_capacity(rows + 1), Vec::new());
-        offsets.push(0);
-        for qb in 0..rows {
-            let limit = self.limit(qb);
-            if self.random < limit {
-                blocks.extend(choose(self.seed, qb, self.random, limit));
-            }
-            offsets.push(blocks.len());
-        }
-        self.drawn = RandomBlocks {
-            offsets: offsets.into(),
-            blocks: blocks.into(),
-        };
-        self
+            drawn: RandomBlocks::draw(config.seed, config.random_blocks, rows, limit),
+        })
     }
 
     /// Key blocks (of `random_block` tokens) that query block `qb` may pick at random.
     fn limit(&self, qb: usize) -> usize {
-        if self.causal {
-            qb + 1
-        } else {
-            self.seq_len.div_ceil(self.random_block)
-        }
+        random_limit(self.causal, qb, self.seq_len.div_ceil(self.random_block))
     }
 
     /// Random key blocks (of `random_block` tokens) of query block `qb`, ascending.
     fn random_of(&self, qb: usize) -> impl Iterator<Item = usize> + '_ {
         let limit = self.limit(qb);
         let all = if self.random >= limit { 0..limit } else { 0..0 };
-        let drawn = match self.drawn.offsets.get(qb..qb + 2) {
-            Some(&[start, end]) => &self.drawn.blocks[start..end],
-            _ => &[],
-        };
-        all.chain(drawn.iter().copied())
+        all.chain(self.drawn.of(qb).iter().copied())
     }
 
     /// Whether query block `qb` picked key block `kb` at random.
     fn picked(&self, qb: usize, kb: usize) -> bool {
         let limit = self.limit(qb);
         if self.random >= limit {
-            return kb < limit;
+            kb < limit
+        } else {
+            self.drawn.of(qb).binary_search(&kb).is_ok()
         }
-        match self.drawn.offsets.get(qb..qb + 2) {
-            Some(&[start, end]) => self.drawn.blocks[start..end].binary_search(&kb).is_ok(),
-            _ => false,
+    }
+}
+
+/// Key blocks that query block `qb` of `rows` may pick at random: those up to itself when
+/// `causal`, else all.
+fn random_limit(causal: bool, qb: usize, rows: usize) -> usize {
+    if causal { qb + 1 } else { rows }
+}
+
+impl RandomBlocks {
+    /// `random` blocks drawn from `0..limit(qb)` for each of the `rows` query blocks, with
+    /// `seed` ([`choose`]); nothing for a block that has all of its candidates.
+    fn draw(seed: u64, random: usize, rows: usize, limit: impl Fn(usize) -> usize) -> Self {
+        let (mut offsets, mut blocks) = (Vec::with_capacity(rows + 1), Vec::new());
+        offsets.push(0);
+        for qb in 0..rows {
+            let limit = limit(qb);
+            if random < limit {
+                blocks.extend(choose(seed, qb, random, limit));
+            }
+            offsets.push(blocks.len());
+        }
+        Self {
+            offsets: offsets.into(),
+            blocks: blocks.into(),
+        }
+    }
+
+    /// The blocks drawn for query block `qb` (none past the last row).
+    fn of(&self, qb: usize) -> &[usize] {
+        match self.offsets.get(qb..qb + 2) {
+            Some(&[start, end]) => &self.blocks[start..end],
+            _ => &[],
         }
     }
 }
