@@ -341,7 +341,8 @@ impl BlockLayout {
     /// or position outside the layout.
     pub fn allows_position(&self, head: usize, p: usize, q: usize) -> bool {
         let b = self.0.block;
-        q < self.0.seq_len
+        p < self.0.seq_len
+            && q < self.0.seq_len
             && self
                 .row(head, p / b)
                 .any(|(c, m)| c == q / b && (m == FULL || self.mask_bit(m, p % b, q % b)))

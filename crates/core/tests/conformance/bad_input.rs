@@ -393,6 +393,11 @@ fn layout_queries_outside_the_layout() {
         assert_eq!(layout.active_blocks(2).unwrap_err(), out_of_range);
         assert!(layout.stats(1).is_ok() && layout.picture(1, 16).is_ok());
     }
+    // A short last block: its positions past the sequence are outside the layout even
+    // where the block is full.
+    let short = BlockLayout::build(&Band::causal(), 17, 16, 1).unwrap();
+    assert!(short.allows_position(0, 16, 0));
+    assert!(!short.allows_position(0, 20, 0));
 }
 
 /// Pattern parameters whose arithmetic would overflow are refused at construction or
