@@ -19,6 +19,8 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Distribution, FloatDType, Tensor};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
+#[path = "common/caught.rs"]
+mod caught;
 #[path = "common/timing.rs"]
 mod timing;
 
@@ -188,14 +190,7 @@ fn time_pair(
         read(qa.grad(&grads).expect("tracked"), "backward")?;
         Ok((fwd, fwd_bwd))
     };
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(cell)).unwrap_or_else(|panic| {
-        let reason = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "panic".to_string());
-        Err(reason)
-    })
+    caught::caught(cell)
 }
 
 /// A cell of the table: the time, or why the runs failed (first line, shortened).

@@ -12,6 +12,9 @@
 //! fails (Burn's dense attention asking a Vulkan device for a buffer beyond its limit) is
 //! reported as `failed: <reason>` and the run goes on.
 
+#[path = "common/caught.rs"]
+mod caught;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -116,15 +119,7 @@ fn try_step_ms(
     batch: usize,
     n: usize,
 ) -> Result<f64, String> {
-    let run = std::panic::AssertUnwindSafe(|| step_ms(args, config, batch, n));
-    match std::panic::catch_unwind(run) {
-        Ok(result) => result.map_err(|e| e.to_string()),
-        Err(panic) => Err(panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "panic".to_string())),
-    }
+    caught::caught(|| step_ms(args, config, batch, n).map_err(|e| e.to_string()))
 }
 
 /// Median step time in ms of training `config` on `[batch, n + 1]` random bytes.

@@ -28,6 +28,14 @@ const REGRESSIONS: &[u64] = &[];
 /// 0 panicked inside Burn's reshape instead of a `Zero` error).
 const ORIGINAL_REGRESSIONS: &[u64] = &[0];
 
+/// Cases per backend: `SPARSE_ATTN_FUZZ_CASES`, else [`DEFAULT_CASES`].
+fn budget() -> u64 {
+    std::env::var("SPARSE_ATTN_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_CASES)
+}
+
 /// A small integer generator on top of the suite's seeded [`Rng`].
 struct Draw(Rng);
 
@@ -177,10 +185,7 @@ fn run(c: &Case, device: &Device, backend: &str) -> Result<Option<Vec<f32>>, Str
 
 #[test]
 fn random_calls_give_a_typed_error_or_the_reference() {
-    let cases = std::env::var("SPARSE_ATTN_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_CASES);
+    let cases = budget();
     for (backend, device) in devices() {
         // Lavapipe is slow: a quarter of the budget there.
         let budget = if backend == "ndarray" || backend == "flex" {
@@ -226,10 +231,7 @@ fn random_calls_give_a_typed_error_or_the_reference() {
 #[test]
 fn original_api_random_calls_give_a_typed_error_or_agree() {
     use sparse_attn_core::{AttnMode, attention_impl, blocksparse_attention_impl};
-    let cases = std::env::var("SPARSE_ATTN_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_CASES);
+    let cases = budget();
     let device = Device::ndarray();
     let (mut agreed, mut refused) = (0, 0);
     for seed in ORIGINAL_REGRESSIONS.iter().copied().chain(0..cases) {
