@@ -8,11 +8,12 @@ use cubecl::prelude::*;
 use crate::options::{head_key, in_length, keep_factor, query_row, row_key};
 use crate::tensor_core::FRAG;
 use crate::tensor_core::stage::{
-    NO_TOKEN, ProblemArgs, TensorCoreConfig, accumulate_product, key_live, load_block_fragments,
-    new_a_fragments, new_accumulators, next_pair_tile, plane_task, row_sum, row_walk, scores_into,
-    stage_rows, start_pair_walk, tile_column, write_rows,
+    NO_TOKEN, PlaneTask, ProblemArgs, TensorCoreConfig, TileAt, accumulate_product, fetch_rows,
+    key_live, load_block_fragments, new_a_fragments, new_accumulators, next_pair_tile, per_unit,
+    plane_task, row_sum, row_walk, scores_into, start_pair_walk, store_rows, tile_at, tile_column,
+    write_rows,
 };
-use crate::tiles::{allowed, head_row, span, token};
+use crate::tiles::{FULL, allowed, head_row, span, token};
 
 /// Log-sum-exp staged for a padded-out query row in the `dK`/`dV` pass: `exp(s - LSE)` is 0.
 const PADDED_LSE: f32 = 3.0e38;
@@ -141,17 +142,27 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
 
         scores_into(&q_frags, &stage, 0, &mut scratch, plane_at, config);
         sync_plane();
-        #[unroll]
-        for i in 0..comptime!(config.per_lane()) {
-            let col = tile_column(i, at.row, at.part, lpr, tile);
-            let mut p = 0.0f32;
-            if query.ok
-                && key_live(&key_toks, col, cur.len, config)
-                && allowed(mask_bits, mask, local, t0 + col, block, config.mask_words)
-            {
-                p = f32::exp(scratch[plane_at + at.row * ts + col] * args.scale - lse_i);
+        let row_at = plane_at + at.row * ts;
+        // A full tile of a full block needs no test per element.
+        if comptime!(!config.padded) && query.ok && mask == FULL && cur.len == tile {
+            #[unroll]
+            for i in 0..comptime!(config.per_lane()) {
+                let col = tile_column(i, at.row, at.part, lpr, tile);
+                probs[i] = f32::exp(scratch[row_at + col] * args.scale - lse_i);
             }
-            probs[i] = p;
+        } else {
+            #[unroll]
+            for i in 0..comptime!(config.per_lane()) {
+                let col = tile_column(i, at.row, at.part, lpr, tile);
+                let mut p = 0.0f32;
+                if query.ok
+                    && key_live(&key_toks, col, cur.len, config)
+                    && allowed(mask_bits, mask, local, t0 + col, block, config.mask_words)
+                {
+                    p = f32::exp(scratch[row_at + col] * args.scale - lse_i);
+                }
+                probs[i] = p;
+            }
         }
         sync_plane();
         scores_into(
@@ -302,119 +313,111 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
         }
         let start = col_ptr[col_list] as usize;
         let end = col_ptr[col_list + 1] as usize;
-        for te in start..end {
-            let query_start = t_rows[te] as usize * block;
-            let mask = masks[t_entries[te] as usize];
-            let query_len = span(n, query_start, block);
-            for t0 in range_stepped(0, query_len, tile) {
-                let tile_len = span(query_len, t0, tile);
-                sync_cube();
-                stage_rows(
-                    q,
-                    &mut stage,
-                    0,
-                    order,
-                    q_base,
-                    query_start + t0,
-                    tile_len,
-                    at.unit,
-                    tile,
-                    vecs,
-                    row_vecs,
-                    units,
-                    config.permuted,
-                );
-                stage_rows(
-                    dout,
-                    &mut stage,
-                    comptime!(tile * config.row_vecs()),
-                    order,
-                    q_base,
-                    query_start + t0,
-                    tile_len,
-                    at.unit,
-                    tile,
-                    vecs,
-                    row_vecs,
-                    units,
-                    config.permuted,
-                );
-                if at.unit < tile {
-                    let mut lse_u = f32::new(PADDED_LSE);
-                    let mut delta_u = 0.0f32;
-                    let mut key_u = 0u32;
-                    if at.unit < tile_len {
-                        let qtok = token(order, query_start + t0 + at.unit, config.permuted);
-                        if in_length(lengths, batch, qtok, config.padded) {
-                            lse_u = lse[bh * n + qtok];
-                        }
-                        delta_u = delta[bh * n + qtok];
-                        if config.dropout {
-                            key_u = row_key(hkey, qtok);
-                        }
-                    }
-                    lse_t[at.unit] = lse_u;
-                    delta_t[at.unit] = delta_u;
-                    keys_t[at.unit] = key_u;
-                }
-                sync_cube();
+        let tiles = (end - start) * comptime!(block / tile);
+        let mut regs = QueryTileRegs::<F, N>::new(config);
+        let first = tile_at(t_rows, start, 0, n, block, tile, tiles > 0);
+        #[rustfmt::skip]
+        fetch_query_tile(q, dout, lse, delta, lengths, order, &mut regs, q_base, bh * n, batch, hkey, &first, &at, config);
+        for f in 0..tiles {
+            let cur = tile_at(t_rows, start, f, n, block, tile, true);
+            let mask = masks[t_entries[cur.entry] as usize];
+            let t0 = cur.offset;
+            let tile_len = cur.len;
+            sync_cube();
+            store_rows(&regs.q, &mut stage, 0, at.unit, tile, vecs, row_vecs, units);
+            store_rows(
+                &regs.dout,
+                &mut stage,
+                comptime!(tile * config.row_vecs()),
+                at.unit,
+                tile,
+                vecs,
+                row_vecs,
+                units,
+            );
+            if at.unit < tile {
+                lse_t[at.unit] = regs.lse[0];
+                delta_t[at.unit] = regs.delta[0];
+                keys_t[at.unit] = regs.key[0];
+            }
+            sync_cube();
+            let next = tile_at(t_rows, start, f + 1, n, block, tile, f + 1 < tiles);
+            #[rustfmt::skip]
+            fetch_query_tile(q, dout, lse, delta, lengths, order, &mut regs, q_base, bh * n, batch, hkey, &next, &at, config);
 
-                scores_into(&k_frags, &stage, 0, &mut scratch, plane_at, config);
-                sync_plane();
+            scores_into(&k_frags, &stage, 0, &mut scratch, plane_at, config);
+            sync_plane();
+            // Padded-out queries have `PADDED_LSE`: a full tile of a full block needs no
+            // test per element.
+            if key_ok && mask == FULL && tile_len == tile {
                 #[unroll]
                 for i in 0..comptime!(config.per_lane()) {
                     let col = tile_column(i, at.row, at.part, lpr, tile);
-                    let at_col = plane_at + at.row * ts + col;
+                    probs[i] =
+                        f32::exp(scratch[plane_at + at.row * ts + col] * args.scale - lse_t[col]);
+                }
+            } else {
+                #[unroll]
+                for i in 0..comptime!(config.per_lane()) {
+                    let col = tile_column(i, at.row, at.part, lpr, tile);
                     let mut p = 0.0f32;
                     if key_ok
                         && col < tile_len
                         && allowed(mask_bits, mask, t0 + col, local, block, config.mask_words)
                     {
-                        p = f32::exp(scratch[at_col] * args.scale - lse_t[col]);
+                        p = f32::exp(
+                            scratch[plane_at + at.row * ts + col] * args.scale - lse_t[col],
+                        );
                     }
                     probs[i] = p;
-                    if config.with_dv {
-                        let mut kept = p;
-                        if config.dropout {
-                            kept *= keep_factor(keys_t[col], tok, args.threshold, args.keep_scale);
-                        }
-                        grads[at_col] = F::cast_from(kept);
+                }
+            }
+            #[unroll]
+            for i in 0..comptime!(config.per_lane()) {
+                let col = tile_column(i, at.row, at.part, lpr, tile);
+                let at_col = plane_at + at.row * ts + col;
+                let p = probs[i];
+                if config.with_dv {
+                    let mut kept = p;
+                    if config.dropout {
+                        kept *= keep_factor(keys_t[col], tok, args.threshold, args.keep_scale);
                     }
+                    grads[at_col] = F::cast_from(kept);
+                }
+            }
+            sync_plane();
+            if config.with_dv {
+                accumulate_product(
+                    &grads,
+                    plane_at,
+                    &stage,
+                    comptime!(tile * config.row_vecs()),
+                    &mut dv_acc,
+                    config,
+                );
+            }
+            if config.with_dk {
+                scores_into(
+                    &v_frags,
+                    &stage,
+                    comptime!(tile * config.row_vecs()),
+                    &mut scratch,
+                    plane_at,
+                    config,
+                );
+                sync_plane();
+                #[unroll]
+                for i in 0..comptime!(config.per_lane()) {
+                    let col = tile_column(i, at.row, at.part, lpr, tile);
+                    let at_col = plane_at + at.row * ts + col;
+                    let mut dp = scratch[at_col];
+                    if config.dropout {
+                        dp *= keep_factor(keys_t[col], tok, args.threshold, args.keep_scale);
+                    }
+                    grads[at_col] = F::cast_from(probs[i] * (dp - delta_t[col]));
                 }
                 sync_plane();
-                if config.with_dv {
-                    accumulate_product(
-                        &grads,
-                        plane_at,
-                        &stage,
-                        comptime!(tile * config.row_vecs()),
-                        &mut dv_acc,
-                        config,
-                    );
-                }
-                if config.with_dk {
-                    scores_into(
-                        &v_frags,
-                        &stage,
-                        comptime!(tile * config.row_vecs()),
-                        &mut scratch,
-                        plane_at,
-                        config,
-                    );
-                    sync_plane();
-                    #[unroll]
-                    for i in 0..comptime!(config.per_lane()) {
-                        let col = tile_column(i, at.row, at.part, lpr, tile);
-                        let at_col = plane_at + at.row * ts + col;
-                        let mut dp = scratch[at_col];
-                        if config.dropout {
-                            dp *= keep_factor(keys_t[col], tok, args.threshold, args.keep_scale);
-                        }
-                        grads[at_col] = F::cast_from(probs[i] * (dp - delta_t[col]));
-                    }
-                    sync_plane();
-                    accumulate_product(&grads, plane_at, &stage, 0, &mut dk_acc, config);
-                }
+                accumulate_product(&grads, plane_at, &stage, 0, &mut dk_acc, config);
             }
         }
     }
@@ -444,5 +447,78 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
             at.lane,
             config,
         );
+    }
+}
+
+/// Registers of a query tile of the `dK`/`dV` pass fetched ahead of its use: this unit's
+/// share of the `Q` and `dO` rows and, for units below the tile size, its query's
+/// log-sum-exp, `delta` and dropout row key.
+#[derive(CubeType)]
+struct QueryTileRegs<F: Float, N: Size> {
+    q: Array<Vector<F, N>>,
+    dout: Array<Vector<F, N>>,
+    lse: Array<f32>,
+    delta: Array<f32>,
+    key: Array<u32>,
+}
+
+#[cube]
+impl<F: Float, N: Size> QueryTileRegs<F, N> {
+    fn new(#[comptime] config: TensorCoreConfig) -> Self {
+        let per = comptime!(per_unit(config.tile, config.vecs(), config.units()));
+        QueryTileRegs::<F, N> {
+            q: Array::new(per),
+            dout: Array::new(per),
+            lse: Array::new(1usize),
+            delta: Array::new(1usize),
+            key: Array::new(1usize),
+        }
+    }
+}
+
+/// Fetches query tile `at_tile` (rows of the pair from vector `q_base` of `q` and `dout`;
+/// its log-sum-exp and `delta` from `row_base`) into `regs`. A padded-out or missing query
+/// gets [`PADDED_LSE`] (its probabilities are 0) and `delta` 0.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fetch_query_tile<F: Float, N: Size>(
+    q: &[Vector<F, N>],
+    dout: &[Vector<F, N>],
+    lse: &[f32],
+    delta: &[f32],
+    lengths: &[u32],
+    order: &[u32],
+    regs: &mut QueryTileRegs<F, N>,
+    q_base: usize,
+    row_base: usize,
+    batch: usize,
+    head_key: u32,
+    at_tile: &TileAt,
+    at: &PlaneTask,
+    #[comptime] config: TensorCoreConfig,
+) {
+    let units = comptime!(config.units());
+    let (tile, vecs) = comptime!((config.tile, config.vecs()));
+    #[rustfmt::skip]
+    fetch_rows(q, &mut regs.q, order, q_base, at_tile.start, at_tile.len, at.unit, tile, vecs, units, config.permuted);
+    #[rustfmt::skip]
+    fetch_rows(dout, &mut regs.dout, order, q_base, at_tile.start, at_tile.len, at.unit, tile, vecs, units, config.permuted);
+    if at.unit < tile {
+        let mut lse_u = f32::new(PADDED_LSE);
+        let mut delta_u = 0.0f32;
+        let mut key_u = 0u32;
+        if at.unit < at_tile.len {
+            let qtok = token(order, at_tile.start + at.unit, config.permuted);
+            if in_length(lengths, batch, qtok, config.padded) {
+                lse_u = lse[row_base + qtok];
+            }
+            delta_u = delta[row_base + qtok];
+            if config.dropout {
+                key_u = row_key(head_key, qtok);
+            }
+        }
+        regs.lse[0] = lse_u;
+        regs.delta[0] = delta_u;
+        regs.key[0] = key_u;
     }
 }

@@ -11,7 +11,7 @@ use crate::tensor_core::stage::{
     key_live, load_block_fragments, new_a_fragments, new_accumulators, next_pair_tile, plane_task,
     row_max, row_sum, row_walk, scores_into, start_pair_walk, tile_column, write_rows,
 };
-use crate::tiles::{MASKED, allowed, head_row, span, token};
+use crate::tiles::{FULL, MASKED, allowed, head_row, span, token};
 
 /// Forward kernel. Plane `p` of cube `(block r, pair bh)` owns layout positions `r * block +
 /// 16 p ..` (16 rows); it walks the active key blocks of its query block tile by tile (the
@@ -105,18 +105,31 @@ pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
         scores_into(&q_frags, &stage, 0, &mut scratch, plane_at, config);
         sync_plane();
         let mut tile_max = f32::new(MASKED);
-        #[unroll]
-        for i in 0..comptime!(config.per_lane()) {
-            let col = tile_column(i, at.row, at.part, lpr, tile);
-            let mut s = f32::new(MASKED);
-            if query.ok
-                && key_live(&key_toks, col, cur.len, config)
-                && allowed(mask_bits, mask, local, t0 + col, block, config.mask_words)
-            {
-                s = scratch[plane_at + at.row * ts + col] * args.scale;
+        // A full tile of a full block (every key exists and is allowed) needs no test per
+        // element.
+        let plain = comptime!(!config.padded) && query.ok && mask == FULL && cur.len == tile;
+        let row_at = plane_at + at.row * ts;
+        if plain {
+            #[unroll]
+            for i in 0..comptime!(config.per_lane()) {
+                let s = scratch[row_at + tile_column(i, at.row, at.part, lpr, tile)] * args.scale;
+                scores[i] = s;
+                tile_max = f32::max(tile_max, s);
             }
-            scores[i] = s;
-            tile_max = f32::max(tile_max, s);
+        } else {
+            #[unroll]
+            for i in 0..comptime!(config.per_lane()) {
+                let col = tile_column(i, at.row, at.part, lpr, tile);
+                let mut s = f32::new(MASKED);
+                if query.ok
+                    && key_live(&key_toks, col, cur.len, config)
+                    && allowed(mask_bits, mask, local, t0 + col, block, config.mask_words)
+                {
+                    s = scratch[row_at + col] * args.scale;
+                }
+                scores[i] = s;
+                tile_max = f32::max(tile_max, s);
+            }
         }
         tile_max = row_max(tile_max, lpr);
         // The running maximum moves only when the tile's passes it by more than the

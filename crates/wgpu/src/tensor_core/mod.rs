@@ -10,9 +10,11 @@
 //!   (`dK`/`dV`) as `A` fragments for the whole kernel and its output rows as f32
 //!   accumulator fragments, so the head dim never lives in one unit's registers;
 //! - the cube stages each tile of the other side (`K`/`V`, or `Q`/`dO`) in shared memory in
-//!   the input dtype, every plane reading it as `B` fragments; in the forward and `dQ`
-//!   kernels the loads of the next `K`/`V` tile are issued into registers before the current
-//!   tile's products, so their latency overlaps the work;
+//!   the input dtype, every plane reading it as `B` fragments; the loads of the next tile
+//!   are issued into registers before the current tile's products, so their latency
+//!   overlaps the work;
+//! - a score-tile row of a full tile in a full block (no element mask, every key present)
+//!   skips the per-element tests;
 //! - every shared-memory row (staged tiles, score and probability tiles) is padded by 16
 //!   bytes, so the eight rows that one fragment load or store touches at a time fall in
 //!   different banks (unpadded, 64- and 128-element rows put them all in one: on the H200
@@ -52,6 +54,14 @@ const MAX_HEAD_DIM: usize = 256;
 /// Largest block: one plane per 16 rows, at most 8 planes per cube.
 const MAX_BLOCK: usize = 128;
 
+/// Rows of the other side (keys and values, or queries and output gradients) staged per
+/// tile in every kernel: one fragment. Small tiles keep the per-plane score tiles and the
+/// staged rows small, so that more cubes share a multiprocessor and each lane's score array
+/// stays in few registers; the extra synchronisation of more, shorter tiles costs less than
+/// that gains (measured over head dims 64 and 128 and blocks 64 and 128: the README's GPU
+/// benchmark section).
+const TILE: usize = FRAG;
+
 /// The environment variable that turns the tensor-core kernels off (`0`), for comparisons
 /// with the FMA kernels on the same device.
 pub const DISABLE_VAR: &str = "SPARSE_ATTN_TENSOR_CORES";
@@ -60,7 +70,8 @@ pub const DISABLE_VAR: &str = "SPARSE_ATTN_TENSOR_CORES";
 ///
 /// # Invariants
 /// `block` and `head_dim` are multiples of [`FRAG`]; each tile is a power of two, a multiple
-/// of [`FRAG`], at most `block`, and the kernel's shared memory at that tile fits the device.
+/// of [`FRAG`], at most `block` (today [`TILE`]), and the kernel's shared memory at that tile
+/// fits the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct TensorCorePlan {
     /// Units per plane (the device's fixed plane size).
@@ -120,14 +131,13 @@ impl TensorCorePlan {
             return None;
         }
         let available = hw.max_shared_memory_size;
-        let fits = |bytes: fn(usize, usize, usize) -> usize| {
-            largest_tile(block, |tile| bytes(tile, block, head_dim) <= available)
-        };
-        Some(Self {
+        let fits =
+            |bytes: fn(usize, usize, usize) -> usize| bytes(TILE, block, head_dim) <= available;
+        (fits(forward_bytes) && fits(dkdv_bytes)).then_some(Self {
             plane,
-            forward_tile: fits(forward_bytes)?,
-            dq_tile: fits(forward_bytes)?,
-            dkdv_tile: fits(dkdv_bytes)?,
+            forward_tile: TILE,
+            dq_tile: TILE,
+            dkdv_tile: TILE,
         })
     }
 }
@@ -149,46 +159,26 @@ pub(crate) fn dkdv_bytes(tile: usize, block: usize, head_dim: usize) -> usize {
     forward_bytes(tile, block, head_dim) + 3 * tile * 4
 }
 
-/// The largest power of two, a multiple of [`FRAG`] and at most `min(block, 64)`, that
-/// `fits`.
-fn largest_tile(block: usize, fits: impl Fn(usize) -> bool) -> Option<usize> {
-    let mut tile = FRAG;
-    while tile * 2 <= block.min(64) {
-        tile *= 2;
-    }
-    while tile > FRAG && !fits(tile) {
-        tile /= 2;
-    }
-    fits(tile).then_some(tile)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn tiles_fit_the_shared_memory_they_were_chosen_for() {
+    fn the_one_fragment_tile_fits_48_kib_for_every_block_and_head_dim() {
         let kib48 = 48 * 1024;
         for block in (FRAG..=MAX_BLOCK).step_by(FRAG) {
             for head_dim in (FRAG..=MAX_HEAD_DIM).step_by(FRAG) {
-                for bytes in [forward_bytes, dkdv_bytes] {
-                    if let Some(tile) = largest_tile(block, |t| bytes(t, block, head_dim) <= kib48)
-                    {
-                        assert!(tile.is_power_of_two() && tile >= FRAG && tile <= block);
-                        assert!(bytes(tile, block, head_dim) <= kib48);
-                    }
-                }
+                assert!(
+                    forward_bytes(TILE, block, head_dim) <= kib48,
+                    "{block} {head_dim}"
+                );
+                assert!(
+                    dkdv_bytes(TILE, block, head_dim) <= kib48,
+                    "{block} {head_dim}"
+                );
             }
         }
-        // The shapes the benchmarks run: every one gets a tile on a 48 KiB device.
-        for (block, head_dim) in [(64, 64), (128, 64), (64, 128), (128, 128), (128, 256)] {
-            assert!(largest_tile(block, |t| dkdv_bytes(t, block, head_dim) <= kib48).is_some());
-        }
-        assert_eq!(
-            largest_tile(64, |t| forward_bytes(t, 64, 64) <= kib48),
-            Some(64)
-        );
-        assert_eq!(largest_tile(48, |_| true), Some(32));
-        assert_eq!(largest_tile(16, |_| false), None);
+        // Shared memory grows with the tile: a 64-key tile at block 128 no longer fits.
+        assert!(forward_bytes(64, 128, 64) > kib48);
     }
 }
