@@ -100,16 +100,15 @@ pub fn sparse_attention(
 }
 
 /// [`sparse_attention`] through the portable path: Burn tensor operations over the
-/// gathered active key blocks of each query block (padded to the largest row degree), on
-/// any backend, differentiated by Burn's autodiff op by op.
+/// gathered active key blocks of each query block, on any backend, differentiated by
+/// Burn's autodiff op by op.
 ///
 /// This is what a backend without fused kernels runs; it is exposed to compare against
-/// (`bench_cpu` times it next to the fused kernels) and to debug a backend. Its scores
-/// take `n_blocks x max_degree x block²` elements per head and batch row, where
-/// `max_degree` is the most active blocks of any query block: proportional to the active
-/// blocks when rows have similar degrees (windows, strided, fixed), but `n x n` as soon as
-/// one row is dense (causal `all`, global tokens of Longformer/BigBird). The fused kernels
-/// have no such term.
+/// (`bench_cpu` times it next to the fused kernels) and to debug a backend. Query blocks
+/// are bucketed by degree (the power of two at or above their count of active key blocks)
+/// and padded only to their bucket's degree, so its scores take at most twice the active
+/// blocks' `block²` elements per head and batch row, also when some rows are dense (causal
+/// `all`, global tokens of Longformer/BigBird). The fused kernels keep no scores at all.
 ///
 /// # Errors
 /// As [`sparse_attention`], without the device limits of fused kernels.

@@ -1,9 +1,10 @@
 //! The portable path: block-sparse attention written with Burn's tensor primitives.
 //!
-//! It gathers only the active key blocks of each query block, padded to the largest row
-//! degree: memory is `n_blocks x max_degree x block²` scores per head, which follows the
-//! active blocks when rows have similar degrees and is `n x n` once one row is dense
-//! (causal `all`, global tokens). It runs on every backend and stays as the reference path
+//! It gathers only the active key blocks of each query block. Query blocks are bucketed by
+//! their degree (the power of two at or above their count of active key blocks), and each
+//! bucket pads its rows to its own largest degree: memory is at most twice the active
+//! blocks' `block²` scores per head, also when some rows are dense (causal `all`, global
+//! tokens) and the rest are not. It runs on every backend and stays as the reference path
 //! behind the fused kernels.
 //!
 //! The options are plain tensor operations too: grouped key/value heads are expanded to the
@@ -27,31 +28,57 @@ fn head_groups(layout: &BlockLayout, heads: usize) -> Vec<(usize, usize, usize)>
     }
 }
 
-/// Gather plan of one layout head: block indices (padded to `degree` per row) and the
-/// "disallowed" mask `[n_blocks, b, degree * b]`.
+/// Gather plan of one bucket of query blocks of one layout head: the blocks, their key
+/// block indices (padded to `degree` per row with fully masked slots) and the "disallowed"
+/// mask `[rows, b, degree * b]`.
 struct Plan {
+    rows: Vec<usize>,
     degree: usize,
     index: Vec<i64>,
     masked: Vec<bool>,
 }
 
-fn plan(layout: &BlockLayout, lh: usize) -> Plan {
-    let (n, b, nb) = (layout.seq_len(), layout.block(), layout.n_blocks());
-    let degree = (0..nb)
-        .map(|r| layout.row(lh, r).count())
+/// The bucket of a query block with `degree` active key blocks: the power of two at or
+/// above it (an empty row counts as degree 1, one fully masked slot).
+fn bucket(degree: usize) -> usize {
+    degree.max(1).next_power_of_two()
+}
+
+/// The gather plans of layout head `lh`, one per degree bucket, in increasing degree. Each
+/// row's padded degree is below twice its own, so the gathered slots are fewer than twice
+/// the active blocks (plus one per empty row).
+fn plans(layout: &BlockLayout, lh: usize) -> Vec<Plan> {
+    let mut buckets = std::collections::BTreeMap::<usize, Vec<usize>>::new();
+    for r in 0..layout.n_blocks() {
+        buckets
+            .entry(bucket(layout.row(lh, r).count()))
+            .or_default()
+            .push(r);
+    }
+    buckets
+        .into_values()
+        .map(|rows| plan(layout, lh, rows))
+        .collect()
+}
+
+fn plan(layout: &BlockLayout, lh: usize, rows: Vec<usize>) -> Plan {
+    let (n, b) = (layout.seq_len(), layout.block());
+    let degree = rows
+        .iter()
+        .map(|&r| layout.row(lh, r).count())
         .max()
         .unwrap_or(0)
         .max(1);
     let (_, _, _, _, _, _, bits, words) = layout.raw();
-    let mut index = vec![0i64; nb * degree];
-    let mut masked = vec![true; nb * b * degree * b];
-    for r in 0..nb {
+    let mut index = vec![0i64; rows.len() * degree];
+    let mut masked = vec![true; rows.len() * b * degree * b];
+    for (at, &r) in rows.iter().enumerate() {
         let bq = (n - r * b).min(b);
         for (slot, (c, m)) in layout.row(lh, r).enumerate() {
-            index[r * degree + slot] = c as i64;
+            index[at * degree + slot] = c as i64;
             let bk = (n - c * b).min(b);
             for i in 0..bq {
-                let row = ((r * b) + i) * degree * b + slot * b;
+                let row = ((at * b) + i) * degree * b + slot * b;
                 for j in 0..bk {
                     let bit = i * b + j;
                     let allowed =
@@ -62,6 +89,7 @@ fn plan(layout: &BlockLayout, lh: usize) -> Plan {
         }
     }
     Plan {
+        rows,
         degree,
         index,
         masked,
@@ -113,32 +141,33 @@ fn token_at(layout: &BlockLayout, pos: usize) -> Option<usize> {
     (pos < layout.seq_len()).then(|| layout.order().map_or(pos, |(order, _)| order[pos]))
 }
 
-/// Layout positions of the gathered key columns of query block `r`: `degree * b` entries.
-fn key_positions(p: &Plan, b: usize, r: usize) -> impl Iterator<Item = usize> + '_ {
-    p.index[r * p.degree..(r + 1) * p.degree]
+/// Layout positions of the gathered key columns of the plan's `at`-th query block:
+/// `degree * b` entries.
+fn key_positions(p: &Plan, b: usize, at: usize) -> impl Iterator<Item = usize> + '_ {
+    p.index[at * p.degree..(at + 1) * p.degree]
         .iter()
         .flat_map(move |&c| (0..b).map(move |j| c as usize * b + j))
 }
 
-/// The padding mask of the gathered scores, `[B, 1, nb, b, degree * b]`: true where the
+/// The padding mask of the gathered scores, `[B, 1, rows, b, degree * b]`: true where the
 /// query or the key is past its batch row's valid length.
 fn padding_mask(layout: &BlockLayout, p: &Plan, lengths: &[usize]) -> Vec<bool> {
-    let (b, nb) = (layout.block(), layout.n_blocks());
-    let mut out = Vec::with_capacity(lengths.len() * nb * b * p.degree * b);
+    let b = layout.block();
+    let mut out = Vec::with_capacity(lengths.len() * p.rows.len() * b * p.degree * b);
     for &len in lengths {
         let valid = |pos| token_at(layout, pos).is_some_and(|t| t < len);
-        for r in 0..nb {
+        for (at, &r) in p.rows.iter().enumerate() {
             for i in 0..b {
                 let row_valid = valid(r * b + i);
-                out.extend(key_positions(p, b, r).map(|pos| !(row_valid && valid(pos))));
+                out.extend(key_positions(p, b, at).map(|pos| !(row_valid && valid(pos))));
             }
         }
     }
     out
 }
 
-/// Dropout factors of the gathered probabilities, `[B, Hg, nb, b, degree * b]`: `1 / (1 - p)`
-/// for kept pairs, 0 for dropped ones, heads `h0 ..` of `hg`.
+/// Dropout factors of the gathered probabilities, `[B, Hg, rows, b, degree * b]`:
+/// `1 / (1 - p)` for kept pairs, 0 for dropped ones, heads `h0 ..` of `hg`.
 fn dropout_factors(
     layout: &BlockLayout,
     p: &Plan,
@@ -146,16 +175,16 @@ fn dropout_factors(
     batch: usize,
     heads: std::ops::Range<usize>,
 ) -> Vec<f64> {
-    let (b, nb) = (layout.block(), layout.n_blocks());
-    let mut out = Vec::with_capacity(batch * heads.len() * nb * b * p.degree * b);
+    let b = layout.block();
+    let mut out = Vec::with_capacity(batch * heads.len() * p.rows.len() * b * p.degree * b);
     for bb in 0..batch {
         for h in heads.clone() {
             let head_key = mask.head_key(bb, h);
-            for r in 0..nb {
+            for (at, &r) in p.rows.iter().enumerate() {
                 for i in 0..b {
                     let row_key =
                         token_at(layout, r * b + i).map(|t| DropoutMask::row_key(head_key, t));
-                    out.extend(key_positions(p, b, r).map(|pos| {
+                    out.extend(key_positions(p, b, at).map(|pos| {
                         match (row_key, token_at(layout, pos)) {
                             (Some(rk), Some(t)) if mask.keeps(rk, t) => mask.scale(),
                             _ => 0.0,
@@ -168,20 +197,22 @@ fn dropout_factors(
     out
 }
 
-/// Everything of one head group that forward and backward share.
+/// Everything of one bucket of one head group that forward and backward share.
 struct Gathered<B: Backend> {
-    /// `[B, Hg, nb, b, d]`
+    /// `[B, Hg, rows, b, d]`
     q: FloatTensor<B>,
-    /// `[B, Hg, nb, degree * b, d]`
+    /// `[B, Hg, rows, degree * b, d]`
     k: FloatTensor<B>,
-    /// `[B, Hg, nb, degree * b, d]`
+    /// `[B, Hg, rows, degree * b, d]`
     v: FloatTensor<B>,
-    /// Masked scaled scores `[B, Hg, nb, b, degree * b]`.
+    /// Masked scaled scores `[B, Hg, rows, b, degree * b]`.
     s: FloatTensor<B>,
     /// Dropout factors shaped like `s`, if dropout is on.
     keep: Option<FloatTensor<B>>,
+    /// The bucket's query blocks.
+    rows: IntTensor<B>,
+    /// Their key blocks, `degree` per row.
     index: IntTensor<B>,
-    degree: usize,
 }
 
 fn int_tensor<B: Backend>(values: Vec<i64>, device: &B::Device) -> IntTensor<B> {
@@ -205,55 +236,58 @@ fn bool_tensor<B: Backend>(
     )
 }
 
-/// `[B, Hg, np, d]` -> gathered blocks `[B, Hg, nb, degree * b, d]`.
+/// `[B, Hg, nb * b, d]` -> the blocks listed in `index`, `[B, Hg, rows, per * b, d]` (`per`
+/// blocks per row).
 fn gather_blocks<B: Backend>(
     t: FloatTensor<B>,
     index: IntTensor<B>,
-    nb: usize,
-    b: usize,
-    degree: usize,
+    (nb, b): (usize, usize),
+    rows: usize,
+    per: usize,
 ) -> FloatTensor<B> {
     let s = dims::<B>(&t);
     let blocks = reshape::<B>(t, &[s[0], s[1], nb, b * s[3]]);
     let picked = B::float_select(blocks, 2, index);
-    reshape::<B>(picked, &[s[0], s[1], nb, degree * b, s[3]])
+    reshape::<B>(picked, &[s[0], s[1], rows, per * b, s[3]])
 }
 
-/// Gathers the blocks of heads `heads` (layout head `lh`) and their masked scores.
+/// Gathers the query blocks of plan `p` (heads `heads`), their key and value blocks and
+/// their masked scores.
 fn gather<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
     layout: &BlockLayout,
-    (heads, lh): (std::ops::Range<usize>, usize),
+    (heads, p): (std::ops::Range<usize>, &Plan),
     params: &AttentionParams,
 ) -> Gathered<B> {
     let (b, nb) = (layout.block(), layout.n_blocks());
     let device = q.device();
     let s = dims::<B>(&q);
-    let (batch, hg, d) = (s[0], s[1], s[3]);
-    let p = plan(layout, lh);
+    let (batch, hg) = (s[0], s[1]);
+    let nr = p.rows.len();
+    let rows = int_tensor::<B>(p.rows.iter().map(|&r| r as i64).collect(), &device);
     let index = int_tensor::<B>(p.index.clone(), &device);
-    let q = reshape::<B>(q, &[batch, hg, nb, b, d]);
-    let k = gather_blocks::<B>(k, index.clone(), nb, b, p.degree);
-    let v = gather_blocks::<B>(v, index.clone(), nb, b, p.degree);
+    let q = gather_blocks::<B>(q, rows.clone(), (nb, b), nr, 1);
+    let k = gather_blocks::<B>(k, index.clone(), (nb, b), nr, p.degree);
+    let v = gather_blocks::<B>(v, index.clone(), (nb, b), nr, p.degree);
     let scores = B::float_matmul(q.clone(), B::float_swap_dims(k.clone(), 3, 4));
     let scores = B::float_mul_scalar(scores, params.scale.into());
-    let full = Shape::from(vec![batch, hg, nb, b, p.degree * b]);
+    let full = Shape::from(vec![batch, hg, nr, b, p.degree * b]);
     let keep = params.dropout.as_ref().map(|mask| {
-        let factors = dropout_factors(layout, &p, mask, batch, heads);
+        let factors = dropout_factors(layout, p, mask, batch, heads);
         let data = TensorData::new(factors, full.clone()).convert_dtype(q.dtype());
         B::float_from_data(data, &device)
     });
     let padding = params.key_lengths.as_ref().map(|lengths| {
-        let shape = vec![batch, 1, nb, b, p.degree * b];
+        let shape = vec![batch, 1, nr, b, p.degree * b];
         B::bool_expand(
-            bool_tensor::<B>(padding_mask(layout, &p, lengths), shape, &device),
+            bool_tensor::<B>(padding_mask(layout, p, lengths), shape, &device),
             full.clone(),
         )
     });
-    let mask_shape = vec![1, 1, nb, b, p.degree * b];
-    let mask = bool_tensor::<B>(p.masked, mask_shape, &device);
+    let mask_shape = vec![1, 1, nr, b, p.degree * b];
+    let mask = bool_tensor::<B>(p.masked.clone(), mask_shape, &device);
     let mask = B::bool_expand(mask, full);
     let mut s = B::float_mask_fill(scores, mask, f32::NEG_INFINITY.into());
     if let Some(padding) = padding {
@@ -265,9 +299,19 @@ fn gather<B: Backend>(
         v,
         s,
         keep,
+        rows,
         index,
-        degree: p.degree,
     }
+}
+
+/// Per-bucket results `[B, Hg, rows, w]` (the buckets' query blocks listed in `order`, in
+/// the same sequence) -> `[B, Hg, nb, w]` in block order.
+fn in_block_order<B: Backend>(parts: Vec<FloatTensor<B>>, order: &[usize]) -> FloatTensor<B> {
+    let mut inverse = vec![0; order.len()];
+    for (at, &r) in order.iter().enumerate() {
+        inverse[r] = at;
+    }
+    reorder::<B>(B::float_cat(parts, 2), &inverse)
 }
 
 /// Replaces `-inf` entries (rows with no allowed key) by 0.
@@ -363,22 +407,31 @@ fn forward_positions<B: Backend>(
     );
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for (h0, h1, lh) in head_groups(layout, heads) {
-        let part = |t: &FloatTensor<B>| slice_dim::<B>(t.clone(), 1, h0..h1);
-        let g = gather::<B>(part(&q), part(&k), part(&v), layout, (h0..h1, lh), params);
-        let max = finite_or_zero::<B>(B::float_max_dim(g.s.clone(), 4));
-        let e = B::float_exp(B::float_sub(g.s, max.clone()));
-        let sum = B::float_sum_dim(e.clone(), 4);
-        let bool_dtype = get_or_init_device_settings::<B>(&sum.device()).bool_dtype;
-        let empty = B::float_equal_elem(sum.clone(), 0.0f32.into(), bool_dtype);
-        let safe_sum = B::float_mask_fill(sum.clone(), empty, 1.0f32.into());
-        // Dropout after the normaliser: the sum keeps every allowed term.
-        let e = match g.keep {
-            Some(keep) => B::float_mul(e, keep),
-            None => e,
-        };
-        let out = B::float_div(B::float_matmul(e, g.v), safe_sum);
-        let lse = B::float_add(max, B::float_log(sum));
         let hg = h1 - h0;
+        let part = |t: &FloatTensor<B>| slice_dim::<B>(t.clone(), 1, h0..h1);
+        let (mut bucket_outs, mut bucket_lses, mut order) = (Vec::new(), Vec::new(), Vec::new());
+        for p in plans(layout, lh) {
+            let nr = p.rows.len();
+            let g = gather::<B>(part(&q), part(&k), part(&v), layout, (h0..h1, &p), params);
+            let max = finite_or_zero::<B>(B::float_max_dim(g.s.clone(), 4));
+            let e = B::float_exp(B::float_sub(g.s, max.clone()));
+            let sum = B::float_sum_dim(e.clone(), 4);
+            let bool_dtype = get_or_init_device_settings::<B>(&sum.device()).bool_dtype;
+            let empty = B::float_equal_elem(sum.clone(), 0.0f32.into(), bool_dtype);
+            let safe_sum = B::float_mask_fill(sum.clone(), empty, 1.0f32.into());
+            // Dropout after the normaliser: the sum keeps every allowed term.
+            let e = match g.keep {
+                Some(keep) => B::float_mul(e, keep),
+                None => e,
+            };
+            let out = B::float_div(B::float_matmul(e, g.v), safe_sum);
+            let lse = B::float_add(max, B::float_log(sum));
+            bucket_outs.push(reshape::<B>(out, &[batch, hg, nr, b * d]));
+            bucket_lses.push(reshape::<B>(lse, &[batch, hg, nr, b]));
+            order.extend(p.rows);
+        }
+        let out = in_block_order::<B>(bucket_outs, &order);
+        let lse = in_block_order::<B>(bucket_lses, &order);
         outs.push(reshape::<B>(out, &[batch, hg, np, d]));
         lses.push(reshape::<B>(lse, &[batch, hg, np]));
     }
@@ -447,41 +500,89 @@ fn backward_positions<B: Backend>(
     for (h0, h1, lh) in head_groups(layout, heads) {
         let hg = h1 - h0;
         let part = |t: &FloatTensor<B>| slice_dim::<B>(t.clone(), 1, h0..h1);
-        let g = gather::<B>(part(&q), part(&k), part(&v), layout, (h0..h1, lh), params);
-        let blocks = |t: FloatTensor<B>, w: usize| reshape::<B>(t, &[batch, hg, nb, b, w]);
-        let lse = finite_or_zero::<B>(blocks(part(&lse), 1));
-        let p = B::float_exp(B::float_sub(g.s, lse));
-        let dout = blocks(part(&dout), d);
-        let delta = B::float_sum_dim(B::float_mul(dout.clone(), blocks(part(&out), d)), 4);
-        let dp = B::float_matmul(dout.clone(), B::float_swap_dims(g.v, 3, 4));
-        // Dropout: dV takes the kept probabilities, dP the kept (scaled) products.
-        let (dropped, dp) = match g.keep {
-            Some(keep) => (
-                B::float_mul(p.clone(), keep.clone()),
-                B::float_mul(dp, keep),
-            ),
-            None => (p.clone(), dp),
-        };
-        let dv_g = B::float_matmul(B::float_swap_dims(dropped, 3, 4), dout);
-        let ds = B::float_mul(p, B::float_sub(dp, delta));
-        let ds = B::float_mul_scalar(ds, params.scale.into());
-        let dq = B::float_matmul(ds.clone(), g.k);
-        let dk_g = B::float_matmul(B::float_swap_dims(ds, 3, 4), g.q);
-        let scatter = |grad: FloatTensor<B>| {
-            let src = reshape::<B>(grad, &[batch, hg, nb * g.degree, b * d]);
-            let zeros = B::float_zeros(
+        let zeros = || {
+            B::float_zeros(
                 Shape::from(vec![batch, hg, nb, b * d]),
-                &src.device(),
-                src.dtype().into(),
-            );
-            let summed =
-                B::float_select_assign(zeros, 2, g.index.clone(), src, IndexingUpdateOp::Add);
-            reshape::<B>(summed, &[batch, hg, np, d])
+                &q.device(),
+                q.dtype().into(),
+            )
         };
+        let (mut bucket_dqs, mut order) = (Vec::new(), Vec::new());
+        let (mut dk, mut dv) = (zeros(), zeros());
+        for p in plans(layout, lh) {
+            let nr = p.rows.len();
+            let g = gather::<B>(part(&q), part(&k), part(&v), layout, (h0..h1, &p), params);
+            let rows =
+                |t: &FloatTensor<B>| gather_blocks::<B>(part(t), g.rows.clone(), (nb, b), nr, 1);
+            let lse = finite_or_zero::<B>(rows(&lse));
+            let probs = B::float_exp(B::float_sub(g.s, lse));
+            let dout = rows(&dout);
+            let delta = B::float_sum_dim(B::float_mul(dout.clone(), rows(&out)), 4);
+            let dp = B::float_matmul(dout.clone(), B::float_swap_dims(g.v, 3, 4));
+            // Dropout: dV takes the kept probabilities, dP the kept (scaled) products.
+            let (dropped, dp) = match g.keep {
+                Some(keep) => (
+                    B::float_mul(probs.clone(), keep.clone()),
+                    B::float_mul(dp, keep),
+                ),
+                None => (probs.clone(), dp),
+            };
+            let dv_g = B::float_matmul(B::float_swap_dims(dropped, 3, 4), dout);
+            let ds = B::float_mul(probs, B::float_sub(dp, delta));
+            let ds = B::float_mul_scalar(ds, params.scale.into());
+            let dq = B::float_matmul(ds.clone(), g.k);
+            let dk_g = B::float_matmul(B::float_swap_dims(ds, 3, 4), g.q);
+            // Each gathered key block adds its gradient to the block it came from.
+            let scatter = |acc: FloatTensor<B>, grad: FloatTensor<B>| {
+                let src = reshape::<B>(grad, &[batch, hg, nr * p.degree, b * d]);
+                B::float_select_assign(acc, 2, g.index.clone(), src, IndexingUpdateOp::Add)
+            };
+            dk = scatter(dk, dk_g);
+            dv = scatter(dv, dv_g);
+            bucket_dqs.push(reshape::<B>(dq, &[batch, hg, nr, b * d]));
+            order.extend(p.rows);
+        }
+        let dq = in_block_order::<B>(bucket_dqs, &order);
         dqs.push(reshape::<B>(dq, &[batch, hg, np, d]));
-        dks.push(scatter(dk_g));
-        dvs.push(scatter(dv_g));
+        dks.push(reshape::<B>(dk, &[batch, hg, np, d]));
+        dvs.push(reshape::<B>(dv, &[batch, hg, np, d]));
     }
     let finish = |parts: Vec<FloatTensor<B>>| slice_dim::<B>(B::float_cat(parts, 1), 2, 0..n);
     (finish(dqs), finish(dks), finish(dvs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pattern::{Band, Longformer, Pattern};
+
+    /// Gathered key-block slots of all buckets of layout head 0, and the active blocks.
+    fn slots_and_active(pattern: &dyn Pattern, n: usize, block: usize) -> (usize, usize) {
+        let layout = BlockLayout::build(pattern, n, block, 1).unwrap();
+        let plans = plans(&layout, 0);
+        let mut seen: Vec<usize> = plans.iter().flat_map(|p| p.rows.clone()).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..layout.n_blocks()).collect::<Vec<_>>());
+        let slots = plans.iter().map(|p| p.rows.len() * p.degree).sum();
+        (slots, layout.active_blocks(0).unwrap())
+    }
+
+    #[test]
+    fn gathered_slots_follow_the_active_blocks_when_one_row_is_dense() {
+        // A global token makes block row 0 dense; every other row is a window plus a column.
+        let longformer = Longformer::new(64, vec![0], false).unwrap();
+        // Causal `all`: every row has a different degree.
+        let causal = Band::causal();
+        for (pattern, n) in [(&longformer as &dyn Pattern, 4096), (&causal, 2000)] {
+            let (slots, active) = slots_and_active(pattern, n, 64);
+            assert!(
+                slots < 2 * active,
+                "{}: {slots} slots for {active} active",
+                pattern.name()
+            );
+        }
+        // Padding every row to the dense one's degree would be n_blocks².
+        let (slots, _) = slots_and_active(&longformer, 4096, 64);
+        assert!(slots < 64 * 64 / 4, "{slots}");
+    }
 }
