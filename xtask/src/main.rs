@@ -39,8 +39,9 @@ enum Task {
     /// benchmark, stripped and xz-compressed into `.gpu/`, for a GPU machine without a Rust
     /// toolchain.
     GpuBundle,
-    /// The public-API fuzz test of the conformance suite with a long budget (release build,
-    /// ndarray): `cases` random calls, each a typed error or the reference's result.
+    /// The public-API fuzz tests with a long budget (release build, ndarray): the
+    /// conformance suite's and the layer's, `cases` random calls each, every one a typed
+    /// error or the reference's result.
     Fuzz {
         /// Random cases per backend.
         #[arg(long, default_value_t = 20_000)]
@@ -101,6 +102,16 @@ fn main() -> Result<()> {
                 "conformance",
                 "--",
                 "fuzz",
+                "--nocapture",
+            ])?;
+            cargo(&[
+                "test",
+                "--release",
+                "-p",
+                "sparse-attn-nn",
+                "--lib",
+                "--",
+                "layer_fuzz",
                 "--nocapture",
             ])
         }

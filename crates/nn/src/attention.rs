@@ -98,10 +98,14 @@ impl MultiHeadSparseAttentionConfig {
     /// Builds the layer on `device`.
     ///
     /// # Errors
-    /// `n_heads` zero or not dividing `d_model`, `n_kv_heads` zero or not dividing
-    /// `n_heads`, a block size outside `1..=128`, a dropout outside `[0, 1)`, or pattern
-    /// parameters that are invalid for every sequence length.
+    /// `d_model` zero, `n_heads` zero or not dividing `d_model`, `n_kv_heads` zero or not
+    /// dividing `n_heads`, a block size outside `1..=128`, a dropout outside `[0, 1)`, an
+    /// `attention_dtype` the device lacks, or pattern parameters that are invalid for every
+    /// sequence length.
     pub fn init(&self, device: &Device) -> Result<MultiHeadSparseAttention> {
+        if self.d_model == 0 {
+            return Err(SparseAttentionError::Zero { name: "d_model" });
+        }
         if self.n_heads == 0 {
             return Err(SparseAttentionError::Zero { name: "n_heads" });
         }
@@ -131,6 +135,9 @@ impl MultiHeadSparseAttentionConfig {
                 got: self.dropout,
             });
         }
+        if let Some(dtype) = self.attention_dtype {
+            check_attention_dtype(dtype, device)?;
+        }
         // Fail early on parameters that no sequence length can fix.
         self.pattern
             .build(self.block_size.max(1), self.block_size)?;
@@ -154,6 +161,19 @@ impl MultiHeadSparseAttentionConfig {
             pattern: self.pattern.clone(),
             scale: self.scale,
             attention_dtype: self.attention_dtype,
+        })
+    }
+}
+
+/// An attention dtype that `device`'s tensors cannot hold is a typed error (the cast would
+/// panic inside the backend).
+fn check_attention_dtype(dtype: FloatDType, device: &Device) -> Result<()> {
+    if device.supports_dtype(dtype) {
+        Ok(())
+    } else {
+        Err(SparseAttentionError::DType {
+            got: format!("{dtype:?} (attention_dtype)"),
+            expected: "an attention dtype the device's tensors support",
         })
     }
 }
@@ -211,8 +231,8 @@ impl MultiHeadSparseAttention {
     /// `x`: `[batch, n, d_model]` -> `[batch, n, d_model]`.
     ///
     /// # Errors
-    /// A sequence longer than `max_seq_len`, a width other than `d_model`, or a pattern
-    /// that does not fit this sequence length.
+    /// An empty batch or sequence, a sequence longer than `max_seq_len`, a width other than
+    /// `d_model`, or a pattern that does not fit this sequence length.
     ///
     /// # Example
     /// ```
@@ -304,6 +324,16 @@ impl MultiHeadSparseAttention {
 
     fn attend(&self, x: Tensor<3>, padding: Padding<'_>) -> Result<Tensor<3>> {
         let [batch, n, width] = x.dims();
+        // Burn's linear layers panic on empty inputs: refuse them before the projections.
+        if let Some(name) = [("batch", batch), ("seq_len", n)]
+            .into_iter()
+            .find_map(|(name, x)| (x == 0).then_some(name))
+        {
+            return Err(SparseAttentionError::Zero { name });
+        }
+        if let Some(dtype) = self.attention_dtype {
+            check_attention_dtype(dtype, &x.device())?;
+        }
         let d_model = self.query.weight.dims()[0];
         if width != d_model {
             return Err(SparseAttentionError::Shape {
@@ -386,7 +416,7 @@ enum Padding<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     // burn-ndarray is deprecated upstream (0.22) but is our default backend.
     #![allow(deprecated)]
 
@@ -403,7 +433,7 @@ mod tests {
             .unwrap()
     }
 
-    fn host(t: Tensor<3>) -> Vec<f64> {
+    pub(crate) fn host(t: Tensor<3>) -> Vec<f64> {
         t.into_data()
             .try_to_vec::<f32>()
             .unwrap()
@@ -413,7 +443,14 @@ mod tests {
     }
 
     /// `[B, n, H*d]` <-> `[B, H, n, d]` on host buffers.
-    fn split(x: &[f64], batch: usize, n: usize, heads: usize, d: usize, back: bool) -> Vec<f64> {
+    pub(crate) fn split(
+        x: &[f64],
+        batch: usize,
+        n: usize,
+        heads: usize,
+        d: usize,
+        back: bool,
+    ) -> Vec<f64> {
         let mut out = vec![0.0; x.len()];
         for b in 0..batch {
             for i in 0..n {
@@ -756,6 +793,33 @@ mod tests {
         assert!(matches!(
             err,
             SparseAttentionError::KeyLengths { got: 1, batch: 2 }
+        ));
+        // Found by the layer fuzz test: each of these panicked inside Burn (its linear layer
+        // on an empty input, ndarray's cast to f16).
+        for shape in [[0, 6, 8], [1, 0, 8]] {
+            let err = layer.forward(Tensor::zeros(shape, &device)).unwrap_err();
+            assert!(
+                matches!(err, SparseAttentionError::Zero { .. }),
+                "{shape:?}"
+            );
+        }
+        let err = MultiHeadSparseAttentionConfig::new(0, 1, PatternConfig::All)
+            .init(&device)
+            .unwrap_err();
+        assert_eq!(err, SparseAttentionError::Zero { name: "d_model" });
+        let config = MultiHeadSparseAttentionConfig::new(8, 2, PatternConfig::All)
+            .with_attention_dtype(Some(FloatDType::F16));
+        assert!(matches!(
+            config.init(&device).unwrap_err(),
+            SparseAttentionError::DType { .. }
+        ));
+        let half = MultiHeadSparseAttention {
+            attention_dtype: Some(FloatDType::F16),
+            ..layer
+        };
+        assert!(matches!(
+            half.forward(Tensor::zeros([1, 6, 8], &device)).unwrap_err(),
+            SparseAttentionError::DType { .. }
         ));
     }
 }

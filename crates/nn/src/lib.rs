@@ -18,6 +18,8 @@
 mod attention;
 mod block;
 mod dropout_seed;
+#[cfg(test)]
+mod layer_fuzz;
 mod pattern_config;
 mod transformer;
 
