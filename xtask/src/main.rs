@@ -23,7 +23,8 @@ enum Task {
     /// fmt check, clippy with warnings denied, and the test feature matrix (the three test
     /// commands of README.md).
     Ci,
-    /// Time building a one-million-token causal-window layout (release build).
+    /// Layout build time and memory of every built-in pattern and combinator, n = 64k..1M
+    /// (release build).
     BenchLayout,
     /// Benchmarks (release build); extra arguments go to the benchmark binary.
     Bench {

@@ -89,6 +89,7 @@ struct MaskTable {
     bits: Vec<u64>,
     by_content: HashMap<Vec<u64>, u32>,
     by_band: HashMap<(i64, i64), u32>,
+    by_columns: HashMap<(usize, usize), u32>,
     /// The bitmap being scanned (reused block after block: a new mask allocates, a scan
     /// does not).
     scratch: Vec<u64>,
@@ -117,6 +118,17 @@ impl MaskTable {
         });
         let id = self.intern_scratch();
         self.by_band.insert((lo, hi), id);
+        id
+    }
+
+    /// Bitmap of `start <= j < end` in local coordinates.
+    fn columns(&mut self, start: usize, end: usize) -> u32 {
+        if let Some(&id) = self.by_columns.get(&(start, end)) {
+            return id;
+        }
+        self.bitmap(|_, j| start <= j && j < end);
+        let id = self.intern_scratch();
+        self.by_columns.insert((start, end), id);
         id
     }
 
@@ -187,6 +199,7 @@ impl BlockLayout {
             bits: Vec::new(),
             by_content: HashMap::new(),
             by_band: HashMap::new(),
+            by_columns: HashMap::new(),
             scratch: Vec::new(),
         };
         let mut row_ptr = Vec::with_capacity(layout_heads * n_blocks + 1);
@@ -446,6 +459,17 @@ fn resolve(
                 Resolved::Mask(
                     table.band(lo.max(-(table.block as i64)), hi.min(table.block as i64)),
                 )
+            }
+        }
+        BlockCover::Columns { start, end } => {
+            let local = |x: usize| x.saturating_sub(k.start).min(k.len());
+            let (start, end) = (local(start), local(end));
+            if start >= end {
+                Resolved::Skip
+            } else if start == 0 && end == k.len() {
+                Resolved::Mask(FULL)
+            } else {
+                Resolved::Mask(table.columns(start, end))
             }
         }
         BlockCover::Scan => {

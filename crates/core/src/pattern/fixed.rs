@@ -166,9 +166,19 @@ impl Pattern for Fixed {
         if all_summary {
             return causal(&q, &k);
         }
+        let other_chunk = kc0 == kc1 && (qc1 < kc0 || kc1 < qc0);
         let no_summary = kc0 == kc1 && (ke < lo || ks >= hi);
-        if no_summary && (qc1 < kc0 || kc1 < qc0) {
+        if no_summary && other_chunk {
             return BlockCover::Empty;
+        }
+        // Keys of one chunk that no query of the block shares (causal: an earlier chunk, so
+        // before every query): exactly its summary columns, whatever the query.
+        if other_chunk {
+            let base = kc0 * self.local_ctx;
+            return BlockCover::Columns {
+                start: base + lo,
+                end: base + hi,
+            };
         }
         BlockCover::Scan
     }

@@ -79,6 +79,14 @@ pub enum BlockCover {
         /// Largest allowed `query - key` offset.
         hi: i64,
     },
+    /// Pair `(p, q)` of layout positions allowed iff `start <= q < end`, for every query
+    /// `p` of the block (a set of key columns, as summary tokens of fixed patterns).
+    Columns {
+        /// First allowed key position.
+        start: usize,
+        /// End of the allowed key positions.
+        end: usize,
+    },
     /// No closed form: the layout builder scans [`Pattern::allows`] over the block.
     Scan,
 }
