@@ -213,6 +213,8 @@ struct Gathered<B: Backend> {
     rows: IntTensor<B>,
     /// Their key blocks, `degree` per row.
     index: IntTensor<B>,
+    /// Key blocks gathered per row.
+    degree: usize,
 }
 
 fn int_tensor<B: Backend>(values: Vec<i64>, device: &B::Device) -> IntTensor<B> {
@@ -258,7 +260,7 @@ fn gather<B: Backend>(
     k: FloatTensor<B>,
     v: FloatTensor<B>,
     layout: &BlockLayout,
-    (heads, p): (std::ops::Range<usize>, &Plan),
+    (heads, p): (std::ops::Range<usize>, Plan),
     params: &AttentionParams,
 ) -> Gathered<B> {
     let (b, nb) = (layout.block(), layout.n_blocks());
@@ -275,19 +277,19 @@ fn gather<B: Backend>(
     let scores = B::float_mul_scalar(scores, params.scale.into());
     let full = Shape::from(vec![batch, hg, nr, b, p.degree * b]);
     let keep = params.dropout.as_ref().map(|mask| {
-        let factors = dropout_factors(layout, p, mask, batch, heads);
+        let factors = dropout_factors(layout, &p, mask, batch, heads);
         let data = TensorData::new(factors, full.clone()).convert_dtype(q.dtype());
         B::float_from_data(data, &device)
     });
     let padding = params.key_lengths.as_ref().map(|lengths| {
         let shape = vec![batch, 1, nr, b, p.degree * b];
         B::bool_expand(
-            bool_tensor::<B>(padding_mask(layout, p, lengths), shape, &device),
+            bool_tensor::<B>(padding_mask(layout, &p, lengths), shape, &device),
             full.clone(),
         )
     });
     let mask_shape = vec![1, 1, nr, b, p.degree * b];
-    let mask = bool_tensor::<B>(p.masked.clone(), mask_shape, &device);
+    let mask = bool_tensor::<B>(p.masked, mask_shape, &device);
     let mask = B::bool_expand(mask, full);
     let mut s = B::float_mask_fill(scores, mask, f32::NEG_INFINITY.into());
     if let Some(padding) = padding {
@@ -301,6 +303,7 @@ fn gather<B: Backend>(
         keep,
         rows,
         index,
+        degree: p.degree,
     }
 }
 
@@ -412,7 +415,8 @@ fn forward_positions<B: Backend>(
         let (mut bucket_outs, mut bucket_lses, mut order) = (Vec::new(), Vec::new(), Vec::new());
         for p in plans(layout, lh) {
             let nr = p.rows.len();
-            let g = gather::<B>(part(&q), part(&k), part(&v), layout, (h0..h1, &p), params);
+            order.extend_from_slice(&p.rows);
+            let g = gather::<B>(part(&q), part(&k), part(&v), layout, (h0..h1, p), params);
             let max = finite_or_zero::<B>(B::float_max_dim(g.s.clone(), 4));
             let e = B::float_exp(B::float_sub(g.s, max.clone()));
             let sum = B::float_sum_dim(e.clone(), 4);
@@ -428,7 +432,6 @@ fn forward_positions<B: Backend>(
             let lse = B::float_add(max, B::float_log(sum));
             bucket_outs.push(reshape::<B>(out, &[batch, hg, nr, b * d]));
             bucket_lses.push(reshape::<B>(lse, &[batch, hg, nr, b]));
-            order.extend(p.rows);
         }
         let out = in_block_order::<B>(bucket_outs, &order);
         let lse = in_block_order::<B>(bucket_lses, &order);
@@ -511,7 +514,8 @@ fn backward_positions<B: Backend>(
         let (mut dk, mut dv) = (zeros(), zeros());
         for p in plans(layout, lh) {
             let nr = p.rows.len();
-            let g = gather::<B>(part(&q), part(&k), part(&v), layout, (h0..h1, &p), params);
+            order.extend_from_slice(&p.rows);
+            let g = gather::<B>(part(&q), part(&k), part(&v), layout, (h0..h1, p), params);
             let rows =
                 |t: &FloatTensor<B>| gather_blocks::<B>(part(t), g.rows.clone(), (nb, b), nr, 1);
             let lse = finite_or_zero::<B>(rows(&lse));
@@ -534,13 +538,12 @@ fn backward_positions<B: Backend>(
             let dk_g = B::float_matmul(B::float_swap_dims(ds, 3, 4), g.q);
             // Each gathered key block adds its gradient to the block it came from.
             let scatter = |acc: FloatTensor<B>, grad: FloatTensor<B>| {
-                let src = reshape::<B>(grad, &[batch, hg, nr * p.degree, b * d]);
+                let src = reshape::<B>(grad, &[batch, hg, nr * g.degree, b * d]);
                 B::float_select_assign(acc, 2, g.index.clone(), src, IndexingUpdateOp::Add)
             };
             dk = scatter(dk, dk_g);
             dv = scatter(dv, dv_g);
             bucket_dqs.push(reshape::<B>(dq, &[batch, hg, nr, b * d]));
-            order.extend(p.rows);
         }
         let dq = in_block_order::<B>(bucket_dqs, &order);
         dqs.push(reshape::<B>(dq, &[batch, hg, np, d]));
