@@ -422,6 +422,7 @@ pub(crate) mod tests {
 
     use burn::store::ModuleRecord;
     use burn::tensor::{Distribution, TensorData};
+    use sparse_attn_core::Pattern;
     use sparse_attn_core::reference::{RefOptions, RefShape, reference_forward_with};
 
     use super::*;
@@ -443,14 +444,7 @@ pub(crate) mod tests {
     }
 
     /// `[B, n, H*d]` <-> `[B, H, n, d]` on host buffers.
-    pub(crate) fn split(
-        x: &[f64],
-        batch: usize,
-        n: usize,
-        heads: usize,
-        d: usize,
-        back: bool,
-    ) -> Vec<f64> {
+    fn split(x: &[f64], batch: usize, n: usize, heads: usize, d: usize, back: bool) -> Vec<f64> {
         let mut out = vec![0.0; x.len()];
         for b in 0..batch {
             for i in 0..n {
@@ -468,6 +462,47 @@ pub(crate) mod tests {
             }
         }
         out
+    }
+
+    /// The layer's output for `x` from its own projections and the f64 reference attention
+    /// of `pattern` (with valid key lengths when given).
+    pub(crate) fn reference_output(
+        layer: &MultiHeadSparseAttention,
+        x: Tensor<3>,
+        pattern: &dyn Pattern,
+        key_lengths: Option<Vec<usize>>,
+        scale: f64,
+    ) -> Vec<f64> {
+        let [batch, n, d_model] = x.dims();
+        let (heads, kv_heads) = (layer.n_heads, layer.n_kv_heads);
+        let d = d_model / heads;
+        let device = x.device();
+        let project = |l: &Linear, h| split(&host(l.forward(x.clone())), batch, n, h, d, false);
+        let (q, k, v) = (
+            project(&layer.query, heads),
+            project(&layer.key, kv_heads),
+            project(&layer.value, kv_heads),
+        );
+        let shape = RefShape {
+            batch,
+            heads,
+            seq_len: n,
+            head_dim: d,
+        };
+        let options = RefOptions {
+            kv_heads: Some(kv_heads),
+            key_lengths,
+            ..RefOptions::default()
+        };
+        let attended = reference_forward_with(pattern, shape, &options, &q, &k, &v, scale);
+        let merged: Vec<f32> = split(&attended.out, batch, n, heads, d, true)
+            .iter()
+            .map(|&x| x as f32)
+            .collect();
+        host(layer.output.forward(Tensor::from_data(
+            TensorData::new(merged, [batch, n, d_model]),
+            &device,
+        )))
     }
 
     #[test]
@@ -488,33 +523,9 @@ pub(crate) mod tests {
             let (batch, n) = (2, 19);
             let x = Tensor::<3>::random([batch, n, 16], Distribution::Normal(0.0, 1.0), &device);
             let got = host(layer.forward(x.clone()).unwrap());
-            let q = split(&host(layer.query.forward(x.clone())), batch, n, 4, 4, false);
-            let [k, v] = [&layer.key, &layer.value]
-                .map(|l| split(&host(l.forward(x.clone())), batch, n, kv_heads, 4, false));
-            let shape = RefShape {
-                batch,
-                heads: 4,
-                seq_len: n,
-                head_dim: 4,
-            };
-            let options = RefOptions {
-                kv_heads: Some(kv_heads),
-                ..RefOptions::default()
-            };
             let pattern = pattern.build(n, 4).unwrap();
-            let reference =
-                reference_forward_with(pattern.as_ref(), shape, &options, &q, &k, &v, 0.5);
-            let merged = split(&reference.out, batch, n, 4, 4, true);
-            let merged: Vec<f32> = merged.iter().map(|&x| x as f32).collect();
-            let want = host(layer.output.forward(Tensor::from_data(
-                TensorData::new(merged, [batch, n, 16]),
-                &device,
-            )));
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f64::max);
+            let want = reference_output(&layer, x, pattern.as_ref(), None, 0.5);
+            let worst = worst(&got, &want);
             assert!(
                 worst < 1e-5,
                 "kv heads {kv_heads}: layer differs from the dense masked reference by {worst}"
@@ -635,7 +646,7 @@ pub(crate) mod tests {
         host(t.slice([b..b + 1, 0..len, 0..w]))
     }
 
-    fn worst(a: &[f64], b: &[f64]) -> f64 {
+    pub(crate) fn worst(a: &[f64], b: &[f64]) -> f64 {
         assert_eq!(a.len(), b.len());
         a.iter()
             .zip(b)

@@ -18,10 +18,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, TestRunner};
-use sparse_attn_core::reference::{RefOptions, RefShape, reference_forward_with};
 
-use crate::attention::tests::{host, split};
-use crate::{MultiHeadSparseAttention, MultiHeadSparseAttentionConfig, PatternConfig};
+use crate::attention::tests::{host, reference_output, worst};
+use crate::{MultiHeadSparseAttentionConfig, PatternConfig};
 
 /// Cases when `SPARSE_ATTN_FUZZ_CASES` is unset.
 const DEFAULT_CASES: u32 = 100;
@@ -241,54 +240,6 @@ fn inputs(seed: u64, len: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The layer's output for `x` from its own projections and the f64 reference attention
-/// (valid key lengths when given).
-fn reference(
-    layer: &MultiHeadSparseAttention,
-    case: &Case,
-    x: Tensor<3>,
-    lengths: Option<&[usize]>,
-) -> Vec<f64> {
-    let (batch, n, heads, kv_heads) = (case.batch, case.n, layer.n_heads, layer.n_kv_heads);
-    let d = case.d_model / heads;
-    let device = x.device();
-    let q = split(
-        &host(layer.query.forward(x.clone())),
-        batch,
-        n,
-        heads,
-        d,
-        false,
-    );
-    let [k, v] = [&layer.key, &layer.value]
-        .map(|l| split(&host(l.forward(x.clone())), batch, n, kv_heads, d, false));
-    let shape = RefShape {
-        batch,
-        heads,
-        seq_len: n,
-        head_dim: d,
-    };
-    let options = RefOptions {
-        kv_heads: Some(kv_heads),
-        key_lengths: lengths.map(<[usize]>::to_vec),
-        ..RefOptions::default()
-    };
-    let pattern = case
-        .pattern
-        .build(n, case.block)
-        .expect("the layer built it");
-    let scale = case.scale.unwrap_or(1.0 / (d as f64).sqrt());
-    let attended = reference_forward_with(pattern.as_ref(), shape, &options, &q, &k, &v, scale);
-    let merged: Vec<f32> = split(&attended.out, batch, n, heads, d, true)
-        .iter()
-        .map(|&x| x as f32)
-        .collect();
-    host(layer.output.forward(Tensor::from_data(
-        TensorData::new(merged, [batch, n, case.d_model]),
-        &device,
-    )))
-}
-
 /// What a case that did not fail came to.
 enum Outcome {
     /// A typed error, or dropout (random) without a reference.
@@ -367,16 +318,19 @@ fn check(case: &Case) -> Result<Outcome, String> {
     if case.dropout > 0.0 {
         return Ok(Outcome::Refused);
     }
-    let want = reference(&layer, case, x, lengths.as_deref());
+    let pattern = case
+        .pattern
+        .build(case.n, case.block)
+        .expect("the layer built it");
+    let scale = case
+        .scale
+        .unwrap_or(1.0 / ((case.d_model / case.heads) as f64).sqrt());
+    let want = reference_output(&layer, x, pattern.as_ref(), lengths, scale);
     let tolerance = match case.attention_dtype {
         Some(FloatDType::F16) => 3e-2,
         _ => 1e-4,
     };
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
+    let worst = worst(&got, &want);
     if worst > tolerance {
         return Err(format!(
             "differs from the reference by {worst} (tolerance {tolerance})"
