@@ -25,9 +25,12 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, DispatchTensor, Distribution, Tensor};
 use clap::Parser;
 use serde::Serialize;
-use sparse_attn::pattern::{Band, BigBird, BigBirdConfig, Fixed, Strided};
+use sparse_attn::pattern::{Band, Fixed, Strided};
+#[path = "common/bigbird.rs"]
+mod bigbird;
 #[path = "common/timing.rs"]
 mod timing;
+use bigbird::bench_bigbird;
 
 use burn::backend::Dispatch;
 use sparse_attn::{
@@ -319,20 +322,7 @@ fn pattern(name: &str, n: usize, block: usize) -> Box<dyn Pattern> {
         "local" => Box::new(Band::sliding_window(256).expect("valid")),
         "strided" => Box::new(Strided::new(stride(n, block)).expect("valid")),
         "fixed" => Box::new(Fixed::new(256, 4, 32).expect("valid")),
-        "bigbird" => Box::new(
-            BigBird::new(
-                BigBirdConfig {
-                    window: 128,
-                    global_tokens: vec![0, 1],
-                    random_blocks: 2,
-                    random_block: 64,
-                    seed: 0,
-                    causal: true,
-                },
-                n,
-            )
-            .expect("valid"),
-        ),
+        "bigbird" => Box::new(bench_bigbird(n).expect("valid")),
         other => panic!("unknown pattern {other}: expected local, strided, fixed or bigbird"),
     }
 }

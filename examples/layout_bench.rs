@@ -15,9 +15,13 @@ use std::time::Instant;
 use clap::Parser;
 use sparse_attn::BlockLayout;
 use sparse_attn::pattern::{
-    Band, BigBird, BigBirdConfig, Dilated, DynPattern, Fixed, Longformer, PerHead, Streaming,
-    Strided, Union, VariableWindows,
+    Band, Dilated, DynPattern, Fixed, Longformer, PerHead, Streaming, Strided, Union,
+    VariableWindows,
 };
+
+#[path = "common/bigbird.rs"]
+mod bigbird;
+use bigbird::bench_bigbird;
 
 /// The system allocator, counting the bytes in use and their peak.
 struct Counting;
@@ -119,17 +123,7 @@ fn patterns(
         ),
         (
             "bigbird 128 + 2 globals + 2 random",
-            arc(BigBird::new(
-                BigBirdConfig {
-                    window: 128,
-                    global_tokens: vec![0, 1],
-                    random_blocks: 2,
-                    random_block: 64,
-                    seed: 0,
-                    causal: true,
-                },
-                n,
-            )?),
+            arc(bench_bigbird(n)?),
             1,
         ),
         ("streaming 4 sinks + 256", arc(Streaming::new(4, 256)?), 1),
