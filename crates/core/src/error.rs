@@ -194,6 +194,39 @@ pub enum SparseAttentionError {
         /// The number of valid indices.
         len: usize,
     },
+    /// Decode rows given for another number of batch rows.
+    #[error("decode `{what}` has {got} entries, expected one per batch row ({batch})")]
+    DecodeRows {
+        /// Which list (`first`, `valid`).
+        what: &'static str,
+        /// Entries given.
+        got: usize,
+        /// Batch size.
+        batch: usize,
+    },
+    /// A batch row marks more new rows valid than the call has.
+    #[error("batch row {row} marks {valid} new rows valid, but the call has {queries} query rows")]
+    ValidRows {
+        /// Batch row.
+        row: usize,
+        /// Its valid rows.
+        valid: usize,
+        /// Query rows of the call.
+        queries: usize,
+    },
+    /// New tokens past the end of a key/value cache.
+    #[error(
+        "batch row {row} would fill the key/value cache up to token {end}, but it holds {capacity}: \
+         use a larger capacity (or a ring buffer for a window pattern)"
+    )]
+    CacheFull {
+        /// Batch row.
+        row: usize,
+        /// Tokens the row would hold after the call.
+        end: usize,
+        /// Tokens the cache holds.
+        capacity: usize,
+    },
     /// A CubeCL device cannot run the kernels for this problem (found before any launch).
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     #[error(transparent)]

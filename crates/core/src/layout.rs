@@ -371,6 +371,33 @@ impl BlockLayout {
         }
     }
 
+    /// The key tokens below `len` that query token `i` of `head` may attend, in layout order
+    /// (ascending tokens for a layout without a token order); none for a head or token outside
+    /// the layout. This is the row a decode step reads from a cache holding `len` tokens.
+    pub fn allowed_keys(
+        &self,
+        head: usize,
+        i: usize,
+        len: usize,
+    ) -> impl Iterator<Item = usize> + '_ {
+        let (n, b) = (self.0.seq_len, self.0.block);
+        let inner = &self.0;
+        let p = (i < n).then(|| inner.order.as_ref().map_or(i, |(_, inv)| inv[i]));
+        let row = p.and_then(|p| self.list(head, p / b).map(|r| (p % b, r)));
+        let entries = row.map_or(0..0, |(_, r)| {
+            inner.row_ptr[r] as usize..inner.row_ptr[r + 1] as usize
+        });
+        let local = row.map_or(0, |(local, _)| local);
+        entries.flat_map(move |e| {
+            let (c, m) = (inner.cols[e] as usize, inner.masks[e]);
+            let keys = c * b..((c + 1) * b).min(n);
+            keys.filter_map(move |q| {
+                let tok = inner.order.as_ref().map_or(q, |(o, _)| o[q]);
+                (tok < len && (m == FULL || self.mask_bit(m, local, q - c * b))).then_some(tok)
+            })
+        })
+    }
+
     fn mask_bit(&self, m: u32, i: usize, j: usize) -> bool {
         let bit = i * self.0.block + j;
         let words = &self.0.mask_bits[m as usize * self.0.mask_words..];

@@ -10,6 +10,7 @@
 //!
 //! # Entry points
 //! - [`sparse_attention`] on `[batch, heads, n, d]` with a [`BlockLayout`];
+//! - [`sparse_attention_decode`]: new query rows against a key/value cache (generation);
 //! - the original Sparse Transformer API: [`attention_impl`] (dense, masked),
 //!   [`blocksparse_attention_impl`] and [`SparseAttention`] on `[batch, n_ctx, n_embd]`.
 //!
@@ -34,6 +35,7 @@
 mod api;
 pub mod backend;
 mod cache;
+mod decode;
 mod device_copies;
 mod error;
 mod layout;
@@ -46,6 +48,9 @@ pub mod reference;
 pub use api::{AttentionOptions, sparse_attention, sparse_attention_portable};
 pub use backend::SparseAttentionBackend;
 pub use cache::LayoutCache;
+pub use decode::{
+    DecodeParams, DecodeRows, sparse_attention_decode, sparse_attention_decode_portable,
+};
 pub use error::{Result, SparseAttentionError};
 pub use layout::{BlockLayout, FULL, MAX_BLOCK, MIN_BLOCK};
 pub use modes::{

@@ -22,6 +22,7 @@
 
 mod backward;
 mod buffer;
+mod decode;
 pub mod dropout;
 mod exp;
 mod extras;
@@ -37,6 +38,7 @@ pub use backward::{
     TILE_CACHE_BYTES, backward, backward_with_deltas, backward_with_tile_cache, row_deltas,
 };
 pub use buffer::{with_capacity, zeroed};
+pub use decode::{CHUNK_KEYS, DecodeRows, DecodeShape, decode};
 pub use dropout::DropoutMask;
 pub use extras::Extras;
 pub use forward::forward;

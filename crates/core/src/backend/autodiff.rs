@@ -8,6 +8,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 
 use super::SparseAttentionBackend;
+use crate::decode::DecodeParams;
 use crate::layout::BlockLayout;
 use crate::params::AttentionParams;
 
@@ -140,5 +141,22 @@ impl<B: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
             FloatTensor::<Self>::new(dk),
             FloatTensor::<Self>::new(dv),
         )
+    }
+
+    /// Inference only: runs `B`'s decode on the values and returns an untracked tensor.
+    fn sparse_attention_decode(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        layout: BlockLayout,
+        params: DecodeParams,
+    ) -> FloatTensor<Self> {
+        FloatTensor::<Self>::new(B::sparse_attention_decode(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            layout,
+            params,
+        ))
     }
 }

@@ -11,8 +11,9 @@ use rayon::prelude::*;
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, DType, Element, TensorData, TensorMetadata, read_sync};
-use sparse_attn_ndarray::{AttentionShape, CsrLayout, Real};
+use sparse_attn_ndarray::{AttentionShape, CsrLayout, DecodeRows, DecodeShape, Real};
 
+use crate::decode::DecodeParams;
 use crate::layout::BlockLayout;
 use crate::params::AttentionParams;
 
@@ -336,4 +337,59 @@ fn backward_in<B: HostBuffers, T: HostElement>(
         write::<B, T>(dk, kv_dims.clone(), dtype, &device),
         write::<B, T>(dv, kv_dims, dtype, &device),
     )
+}
+
+/// Fused decode on a CPU backend, in `f64` for `f64` tensors, else in `f32`.
+pub(crate) fn decode<B: HostBuffers>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    layout: &BlockLayout,
+    params: &DecodeParams,
+) -> FloatTensor<B> {
+    if q.dtype() == DType::F64 {
+        decode_in::<B, f64>(q, k, v, layout, params)
+    } else {
+        decode_in::<B, f32>(q, k, v, layout, params)
+    }
+}
+
+fn decode_in<B: HostBuffers, T: HostElement>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    layout: &BlockLayout,
+    params: &DecodeParams,
+) -> FloatTensor<B> {
+    let [batch, heads, queries, head_dim] = q.shape().dims::<4>();
+    let (dtype, device) = (q.dtype(), q.device());
+    let [_, kv_heads, capacity, _] = k.shape().dims::<4>();
+    let cache = AttentionShape {
+        batch,
+        heads,
+        kv_heads,
+        seq_len: capacity,
+        head_dim,
+    };
+    let shape = DecodeShape { cache, queries };
+    let (q, k, v) = (host::<B, T>(&q), host::<B, T>(&k), host::<B, T>(&v));
+    let mut out = sparse_attn_ndarray::zeroed::<T>(shape.q_numel());
+    let rows = DecodeRows {
+        first: &params.first,
+        valid: &params.valid,
+    };
+    let positions = layout.order().map(|(_, inverse)| inverse);
+    let scale = T::from_f64(params.scale);
+    sparse_attn_ndarray::decode(
+        &q,
+        &k,
+        &v,
+        shape,
+        &csr(layout),
+        positions,
+        rows,
+        scale,
+        &mut out,
+    );
+    write::<B, T>(out, vec![batch, heads, queries, head_dim], dtype, &device)
 }

@@ -22,12 +22,14 @@ mod cpu;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod cube;
 pub mod portable;
+pub(crate) mod portable_decode;
 
 #[cfg(feature = "fusion")]
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, backend_extension};
 
+use crate::decode::DecodeParams;
 use crate::layout::BlockLayout;
 use crate::params::AttentionParams;
 
@@ -98,6 +100,21 @@ pub trait SparseAttentionBackend: Backend {
     ) -> FloatTensor<Self> {
         Self::sparse_attention_forward(q, k, v, layout, params).0
     }
+
+    /// Decode: new query rows `q` `[B, H, m, d]` against key/value caches `[B, H_kv,
+    /// capacity, d]` through the layout of the capacity, as
+    /// [`sparse_attention_decode`](crate::sparse_attention_decode) defines it; `[B, H, m, d]`.
+    /// Not differentiable. Default: the portable path.
+    #[fusion(dtype = q, shape = q)]
+    fn sparse_attention_decode(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        layout: BlockLayout,
+        params: DecodeParams,
+    ) -> FloatTensor<Self> {
+        portable_decode::decode::<Self>(q, k, v, &layout, &params)
+    }
 }
 
 /// Implements the trait for a CPU backend through the fused kernels.
@@ -126,6 +143,16 @@ macro_rules! cpu_impl {
                 params: AttentionParams,
             ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
                 cpu::backward::<Self>(q, k, v, out, lse, dout, &layout, &params)
+            }
+
+            fn sparse_attention_decode(
+                q: FloatTensor<Self>,
+                k: FloatTensor<Self>,
+                v: FloatTensor<Self>,
+                layout: BlockLayout,
+                params: DecodeParams,
+            ) -> FloatTensor<Self> {
+                cpu::decode::<Self>(q, k, v, &layout, &params)
             }
         }
     };

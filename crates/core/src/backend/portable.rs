@@ -20,7 +20,7 @@ use crate::layout::{BlockLayout, FULL};
 use crate::params::{AttentionParams, DropoutMask};
 
 /// Heads `[start, end)` that share layout head `lh`.
-fn head_groups(layout: &BlockLayout, heads: usize) -> Vec<(usize, usize, usize)> {
+pub(super) fn head_groups(layout: &BlockLayout, heads: usize) -> Vec<(usize, usize, usize)> {
     if layout.layout_heads() == 1 {
         vec![(0, heads, 0)]
     } else {
@@ -100,7 +100,7 @@ fn dims<B: Backend>(t: &FloatTensor<B>) -> Vec<usize> {
     t.shape().to_vec()
 }
 
-fn reshape<B: Backend>(t: FloatTensor<B>, shape: &[usize]) -> FloatTensor<B> {
+pub(super) fn reshape<B: Backend>(t: FloatTensor<B>, shape: &[usize]) -> FloatTensor<B> {
     B::float_reshape(t, Shape::from(shape.to_vec()))
 }
 
@@ -118,7 +118,7 @@ fn pad_rows<B: Backend>(t: FloatTensor<B>, padded: usize) -> FloatTensor<B> {
     B::float_cat(vec![t, zeros], 2)
 }
 
-fn slice_dim<B: Backend>(
+pub(super) fn slice_dim<B: Backend>(
     t: FloatTensor<B>,
     dim: usize,
     range: std::ops::Range<usize>,
@@ -217,7 +217,7 @@ struct Gathered<B: Backend> {
     degree: usize,
 }
 
-fn int_tensor<B: Backend>(values: Vec<i64>, device: &B::Device) -> IntTensor<B> {
+pub(super) fn int_tensor<B: Backend>(values: Vec<i64>, device: &B::Device) -> IntTensor<B> {
     let dtype = get_or_init_device_settings::<B>(device).int_dtype;
     let len = values.len();
     B::int_from_data(
@@ -226,7 +226,7 @@ fn int_tensor<B: Backend>(values: Vec<i64>, device: &B::Device) -> IntTensor<B> 
     )
 }
 
-fn bool_tensor<B: Backend>(
+pub(super) fn bool_tensor<B: Backend>(
     values: Vec<bool>,
     shape: Vec<usize>,
     device: &B::Device,
@@ -318,7 +318,7 @@ fn in_block_order<B: Backend>(parts: Vec<FloatTensor<B>>, order: &[usize]) -> Fl
 }
 
 /// Replaces `-inf` entries (rows with no allowed key) by 0.
-fn finite_or_zero<B: Backend>(t: FloatTensor<B>) -> FloatTensor<B> {
+pub(super) fn finite_or_zero<B: Backend>(t: FloatTensor<B>) -> FloatTensor<B> {
     let dtype = get_or_init_device_settings::<B>(&t.device()).bool_dtype;
     let inf = B::float_equal_elem(t.clone(), f32::NEG_INFINITY.into(), dtype);
     B::float_mask_fill(t, inf, 0.0f32.into())
@@ -333,7 +333,7 @@ fn reorder<B: Backend>(t: FloatTensor<B>, index: &[usize]) -> FloatTensor<B> {
 
 /// `[B, H_kv, n, d]` -> `[B, H, n, d]`, each key/value head repeated for its `H / H_kv`
 /// query heads (a view; under autodiff its gradient sums over the group).
-fn repeat_kv<B: Backend>(t: FloatTensor<B>, heads: usize) -> FloatTensor<B> {
+pub(super) fn repeat_kv<B: Backend>(t: FloatTensor<B>, heads: usize) -> FloatTensor<B> {
     let s = dims::<B>(&t);
     if s[1] == heads {
         return t;

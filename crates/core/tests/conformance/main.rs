@@ -7,6 +7,7 @@
 
 mod bad_input;
 mod common;
+mod decode;
 mod fuzz;
 mod half;
 mod layouts;

@@ -1,0 +1,253 @@
+//! Cached decoding on every backend: new query rows against a key/value cache equal the
+//! matching rows of the f64 reference over the cache's capacity with key lengths `first +
+//! valid` (for causal patterns: the full forward over the text so far), for one-token steps
+//! and chunked prefill, batch rows at different positions, padding rows, grouped-query
+//! heads, permuted (strided) and per-head layouts, the fused and the portable path.
+
+use std::sync::Arc;
+
+use burn::tensor::{Device, Tensor};
+use rstest::rstest;
+use sparse_attn_core::pattern::{Band, BigBird, BigBirdConfig, Fixed, PerHead, Strided};
+use sparse_attn_core::reference::{RefOptions, RefShape, reference_forward_with};
+use sparse_attn_core::{
+    BlockLayout, DecodeRows, Pattern, Result, SparseAttentionError, sparse_attention_decode,
+    sparse_attention_decode_portable,
+};
+
+use crate::common::{Rng, assert_close, devices, to_tensor};
+
+type Decode = fn(
+    Tensor<4>,
+    Tensor<4>,
+    Tensor<4>,
+    &BlockLayout,
+    &DecodeRows,
+    Option<f64>,
+) -> Result<Tensor<4>>;
+
+/// The cache's capacity in the matrix.
+const CAP: usize = 37;
+
+fn pattern(name: &str, heads: usize) -> Arc<dyn Pattern> {
+    match name {
+        "local" => Arc::new(Band::local(6).unwrap()),
+        "strided" => Arc::new(Strided::new(3).unwrap()),
+        "fixed" => Arc::new(Fixed::new(8, 2, 2).unwrap()),
+        "bidirectional" => Arc::new(Band::bidirectional_window(4)),
+        // Random blocks drawn for the capacity: decode reads the capacity's layout.
+        "bigbird" => Arc::new(
+            BigBird::new(
+                BigBirdConfig {
+                    window: 5,
+                    global_tokens: vec![0, 9],
+                    random_blocks: 1,
+                    random_block: 4,
+                    seed: 3,
+                    causal: true,
+                },
+                CAP,
+            )
+            .unwrap(),
+        ),
+        "per_head" => Arc::new(
+            PerHead::new(
+                (0..heads)
+                    .map(|h| -> Arc<dyn Pattern> {
+                        if h % 2 == 0 {
+                            Arc::new(Band::local(3 + h).unwrap())
+                        } else {
+                            Arc::new(Strided::new(4).unwrap())
+                        }
+                    })
+                    .collect(),
+            )
+            .unwrap(),
+        ),
+        other => panic!("unknown test pattern {other}"),
+    }
+}
+
+/// The query rows of `rows` picked from full `[batch, heads, capacity, d]` values.
+fn rows_of(
+    full: &[f64],
+    rows: &DecodeRows,
+    [batch, heads, cap, d]: [usize; 4],
+    m: usize,
+) -> Vec<f64> {
+    let mut out = vec![0.0; batch * heads * m * d];
+    for b in 0..batch {
+        for h in 0..heads {
+            for i in 0..rows.valid[b] {
+                let src = ((b * heads + h) * cap + rows.first[b] + i) * d;
+                let dst = ((b * heads + h) * m + i) * d;
+                out[dst..dst + d].copy_from_slice(&full[src..src + d]);
+            }
+        }
+    }
+    out
+}
+
+fn values(t: Tensor<4>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap()
+}
+
+#[rstest]
+fn decode_matches_the_reference_rows(
+    #[values("local", "strided", "fixed", "bigbird", "per_head", "bidirectional")] name: &str,
+    #[values((4, 4), (4, 2))] heads: (usize, usize),
+    #[values(false, true)] portable: bool,
+) {
+    let (heads, kv_heads) = heads;
+    let (cap, block, d, batch) = (CAP, 8, 8, 2);
+    let pattern = pattern(name, heads);
+    let layout = BlockLayout::build(pattern.as_ref(), cap, block, heads).unwrap();
+    let mut rng = Rng::new(heads as u64 * 13 + kv_heads as u64);
+    let q_full = rng.normals(batch * heads * cap * d);
+    let [k, v] = [(); 2].map(|_| rng.normals(batch * kv_heads * cap * d));
+    let scale = 1.0 / (d as f64).sqrt();
+    let decode: Decode = if portable {
+        sparse_attention_decode_portable
+    } else {
+        sparse_attention_decode
+    };
+    // A chunked prefill from the start and from a cached prefix (with a padded row), one
+    // token at two positions, the last position of the capacity.
+    let calls = [
+        (
+            DecodeRows {
+                first: vec![0, 5],
+                valid: vec![7, 4],
+            },
+            7,
+        ),
+        (
+            DecodeRows {
+                first: vec![20, 30],
+                valid: vec![1, 1],
+            },
+            1,
+        ),
+        (
+            DecodeRows {
+                first: vec![36, 11],
+                valid: vec![1, 0],
+            },
+            1,
+        ),
+        (
+            DecodeRows {
+                first: vec![9, 0],
+                valid: vec![28, 37],
+            },
+            37,
+        ),
+    ];
+    for (rows, m) in calls {
+        let lengths: Vec<usize> = rows
+            .first
+            .iter()
+            .zip(&rows.valid)
+            .map(|(f, v)| f + v)
+            .collect();
+        let shape = RefShape {
+            batch,
+            heads,
+            seq_len: cap,
+            head_dim: d,
+        };
+        let options = RefOptions {
+            kv_heads: Some(kv_heads),
+            key_lengths: Some(lengths),
+            dropout: None,
+        };
+        let full =
+            reference_forward_with(pattern.as_ref(), shape, &options, &q_full, &k, &v, scale);
+        let want = rows_of(&full.out, &rows, [batch, heads, cap, d], m);
+        let q = rows_of(&q_full, &rows, [batch, heads, cap, d], m);
+        for (backend, device) in devices() {
+            let what =
+                format!("{backend} {name} h={heads}/{kv_heads} portable={portable} rows={rows:?}");
+            let got = run(
+                decode,
+                &device,
+                &layout,
+                &rows,
+                [&q, &k, &v],
+                [batch, heads, m, d],
+                kv_heads,
+                cap,
+            );
+            assert_close(&got, &want, 2e-5, &what);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    decode: Decode,
+    device: &Device,
+    layout: &BlockLayout,
+    rows: &DecodeRows,
+    [q, k, v]: [&[f64]; 3],
+    q_dims: [usize; 4],
+    kv_heads: usize,
+    cap: usize,
+) -> Vec<f32> {
+    let [batch, _, _, d] = q_dims;
+    let kv_dims = [batch, kv_heads, cap, d];
+    let q = to_tensor(q, q_dims, device);
+    let [k, v] = [k, v].map(|x| to_tensor(x, kv_dims, device));
+    values(decode(q, k, v, layout, rows, None).unwrap())
+}
+
+/// Rows past the cache, rows not one per batch row, more valid rows than queries, a layout
+/// of another capacity: typed errors.
+#[test]
+fn bad_decode_calls_are_typed_errors() {
+    let device = Device::ndarray();
+    let layout = BlockLayout::build(&Band::local(4).unwrap(), 16, 4, 2).unwrap();
+    let q = Tensor::<4>::zeros([1, 2, 2, 4], &device);
+    let cache = Tensor::<4>::zeros([1, 2, 16, 4], &device);
+    let call = |rows: DecodeRows, cache: Tensor<4>| {
+        sparse_attention_decode(q.clone(), cache.clone(), cache, &layout, &rows, None).unwrap_err()
+    };
+    assert!(matches!(
+        call(DecodeRows::uniform(1, 15, 2), cache.clone()),
+        SparseAttentionError::CacheFull {
+            row: 0,
+            end: 17,
+            capacity: 16
+        }
+    ));
+    assert!(matches!(
+        call(DecodeRows::uniform(2, 0, 2), cache.clone()),
+        SparseAttentionError::DecodeRows {
+            what: "first",
+            got: 2,
+            batch: 1
+        }
+    ));
+    assert!(matches!(
+        call(DecodeRows::uniform(1, 0, 3), cache.clone()),
+        SparseAttentionError::ValidRows {
+            row: 0,
+            valid: 3,
+            queries: 2
+        }
+    ));
+    assert!(matches!(
+        call(
+            DecodeRows::uniform(1, 0, 1),
+            Tensor::<4>::zeros([1, 2, 12, 4], &device)
+        ),
+        SparseAttentionError::LayoutMismatch {
+            what: "seq_len",
+            ..
+        }
+    ));
+    assert!(matches!(
+        call(DecodeRows::uniform(1, usize::MAX, 1), cache),
+        SparseAttentionError::CacheFull { .. }
+    ));
+}
