@@ -227,6 +227,18 @@ pub enum SparseAttentionError {
         /// Tokens the cache holds.
         capacity: usize,
     },
+    /// A key/value cache made for another layer, batch, dtype or device.
+    #[error(
+        "the key/value cache has {what} {cache}, but the call has {layer}: make the cache from this layer for this input"
+    )]
+    CacheMismatch {
+        /// What differs.
+        what: &'static str,
+        /// The cache's value.
+        cache: String,
+        /// The call's value.
+        layer: String,
+    },
     /// A CubeCL device cannot run the kernels for this problem (found before any launch).
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     #[error(transparent)]

@@ -7,10 +7,14 @@ use burn::config::Config;
 use burn::module::{Initializer, Module};
 use burn::nn::attention::MultiHeadAttention;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
-use burn::tensor::{Bool, Device, FloatDType, Tensor};
-use sparse_attn_core::{AttentionOptions, Result, SparseAttentionError, sparse_attention};
+use burn::tensor::{Bool, DType, Device, FloatDType, Tensor};
+use sparse_attn_core::{
+    AttentionOptions, DecodeRows, Result, SparseAttentionError, sparse_attention,
+    sparse_attention_decode,
+};
 
 use crate::dropout_seed::next_dropout_seed;
+use crate::kv_cache::KvCache;
 use crate::pattern_config::PatternConfig;
 
 /// Configuration of a [`MultiHeadSparseAttention`] layer.
@@ -322,7 +326,111 @@ impl MultiHeadSparseAttention {
         }
     }
 
-    fn attend(&self, x: Tensor<3>, padding: Padding<'_>) -> Result<Tensor<3>> {
+    /// Head dimension (`d_model / n_heads`).
+    pub fn head_dim(&self) -> usize {
+        self.query.weight.dims()[0] / self.n_heads
+    }
+
+    /// An empty key/value cache for [`forward_cached`](Self::forward_cached): `batch`
+    /// sequences of up to `capacity` tokens, on `device`, in the layer's attention dtype (or
+    /// the projections' dtype).
+    ///
+    /// # Errors
+    /// `batch` or `capacity` zero, or `capacity` above `max_seq_len`.
+    pub fn new_cache(&self, batch: usize, capacity: usize, device: &Device) -> Result<KvCache> {
+        let dtype = self.query.weight.val().dtype();
+        KvCache::for_layer(self, batch, capacity, dtype, device)
+    }
+
+    /// Self-attention of new tokens `x` that follow the tokens in `cache`: their keys and
+    /// values are appended to the cache, and each new token attends the cached tokens its
+    /// pattern allows (its own and the earlier new ones included), through the layout of
+    /// the cache's capacity. For a causal pattern the result equals, to rounding,
+    /// [`forward`](Self::forward) over the whole text at these positions; one token at a time
+    /// is decoding, a chunk is chunked prefill. Inference only (no gradient through the
+    /// cache; dropout off).
+    ///
+    /// # Shapes
+    /// `x`: `[batch, m, d_model]` -> `[batch, m, d_model]`.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward); a cache of another layer, batch, dtype or device
+    /// ([`CacheMismatch`](SparseAttentionError::CacheMismatch)); more tokens than the cache
+    /// has room for ([`CacheFull`](SparseAttentionError::CacheFull)).
+    ///
+    /// # Example
+    /// ```
+    /// use burn::tensor::{Device, Distribution, Tensor};
+    /// use sparse_attn_nn::{MultiHeadSparseAttentionConfig, PatternConfig};
+    ///
+    /// let device = Device::ndarray();
+    /// let layer = MultiHeadSparseAttentionConfig::new(32, 4, PatternConfig::Local { ctx: 16 })
+    ///     .with_block_size(16)
+    ///     .init(&device)?;
+    /// let x = Tensor::<3>::random([1, 40, 32], Distribution::Normal(0.0, 1.0), &device);
+    /// let full = layer.forward(x.clone())?;
+    /// // A 30-token prefill, then the last ten tokens one at a time.
+    /// let mut cache = layer.new_cache(1, 64, &device)?;
+    /// let mut parts = vec![layer.forward_cached(x.clone().slice([0..1, 0..30, 0..32]), &mut cache)?];
+    /// for t in 30..40 {
+    ///     parts.push(layer.forward_cached(x.clone().slice([0..1, t..t + 1, 0..32]), &mut cache)?);
+    /// }
+    /// let cached = Tensor::cat(parts, 1);
+    /// let diff = (cached - full).abs().max().into_scalar::<f32>();
+    /// assert!(diff < 1e-4, "{diff}");
+    /// assert_eq!(cache.lengths(), &[40]);
+    /// # Ok::<(), sparse_attn_core::SparseAttentionError>(())
+    /// ```
+    pub fn forward_cached(&self, x: Tensor<3>, cache: &mut KvCache) -> Result<Tensor<3>> {
+        let [batch, m, _] = x.dims();
+        self.forward_cached_lengths(x, &vec![m; batch], cache)
+    }
+
+    /// [`forward_cached`](Self::forward_cached) for batch rows that add different numbers of
+    /// tokens: row `b` adds the first `valid[b]` rows of its `x` (the rest is padding and
+    /// gets no attention, only the output projection's bias), so sequences of different
+    /// lengths decode in one batch.
+    ///
+    /// # Errors
+    /// As [`forward_cached`](Self::forward_cached), and `valid` not one per batch row or
+    /// above `m`.
+    pub fn forward_cached_lengths(
+        &self,
+        x: Tensor<3>,
+        valid: &[usize],
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>> {
+        let [batch, m, _] = x.dims();
+        self.check_input(&x)?;
+        let (q, k, v) = self.split_heads(x.clone());
+        cache.check(self, &k, valid)?;
+        let capacity = cache.capacity();
+        let layout = self
+            .pattern
+            .layout(capacity, self.block_size, self.n_heads)?;
+        let first = cache.append(k, v, valid);
+        let rows = DecodeRows {
+            first,
+            valid: valid.to_vec(),
+        };
+        let attended = sparse_attention_decode(
+            q,
+            cache.keys().clone(),
+            cache.values().clone(),
+            &layout,
+            &rows,
+            Some(self.softmax_scale()),
+        )?;
+        Ok(self.merge_heads(attended, x.dtype(), batch, m))
+    }
+
+    /// The softmax scale: the configured one or `1 / sqrt(head_dim)`.
+    fn softmax_scale(&self) -> f64 {
+        self.scale.unwrap_or(1.0 / (self.head_dim() as f64).sqrt())
+    }
+
+    /// Refuses inputs that Burn's layers would panic on or that do not fit the layer.
+    fn check_input(&self, x: &Tensor<3>) -> Result<()> {
         let [batch, n, width] = x.dims();
         // Burn's linear layers panic on empty inputs: refuse them before the projections.
         if let Some(name) = [("batch", batch), ("seq_len", n)]
@@ -342,6 +450,41 @@ impl MultiHeadSparseAttention {
                 expected: format!("[batch, n, {d_model}]"),
             });
         }
+        Ok(())
+    }
+
+    /// `q`, `k`, `v` of `x` (`[batch, n, d_model]`) as `[batch, heads, n, head_dim]` in the
+    /// attention dtype.
+    fn split_heads(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let [batch, n, _] = x.dims();
+        let d = self.head_dim();
+        let compute = |t: Tensor<4>| match self.attention_dtype {
+            Some(dtype) => t.cast(dtype),
+            None => t,
+        };
+        let split = |t: Tensor<3>, h: usize| compute(t.reshape([batch, n, h, d]).swap_dims(1, 2));
+        (
+            split(self.query.forward(x.clone()), self.n_heads),
+            split(self.key.forward(x.clone()), self.n_kv_heads),
+            split(self.value.forward(x), self.n_kv_heads),
+        )
+    }
+
+    /// The attention output `[batch, heads, n, head_dim]` back in `dtype`, heads merged and
+    /// projected: `[batch, n, d_model]`.
+    fn merge_heads(&self, attended: Tensor<4>, dtype: DType, batch: usize, n: usize) -> Tensor<3> {
+        let attended = match self.attention_dtype {
+            Some(_) => attended.cast(FloatDType::from(dtype)),
+            None => attended,
+        };
+        let d_model = self.query.weight.dims()[0];
+        let merged = attended.swap_dims(1, 2).reshape([batch, n, d_model]);
+        self.output.forward(merged)
+    }
+
+    fn attend(&self, x: Tensor<3>, padding: Padding<'_>) -> Result<Tensor<3>> {
+        let [batch, n, _] = x.dims();
+        self.check_input(&x)?;
         if let Padding::Mask(mask) = &padding
             && mask.dims() != [batch, n]
         {
@@ -359,19 +502,10 @@ impl MultiHeadSparseAttention {
         }
         let layout = self.pattern.layout(n, self.block_size, self.n_heads)?;
         let (heads, kv_heads) = (self.n_heads, self.n_kv_heads);
-        let d = d_model / heads;
-        let scale = self.scale.unwrap_or(1.0 / (d as f64).sqrt());
+        let d = self.head_dim();
+        let scale = self.softmax_scale();
         let input_dtype = x.dtype();
-        let compute = |t: Tensor<4>| match self.attention_dtype {
-            Some(dtype) => t.cast(dtype),
-            None => t,
-        };
-        let split = |t: Tensor<3>, h: usize| compute(t.reshape([batch, n, h, d]).swap_dims(1, 2));
-        let (q, k, v) = (
-            split(self.query.forward(x.clone()), heads),
-            split(self.key.forward(x.clone()), kv_heads),
-            split(self.value.forward(x.clone()), kv_heads),
-        );
+        let (q, k, v) = self.split_heads(x.clone());
         let options = self.options(scale, &x.device());
         let attended = match padding {
             Padding::None => sparse_attention(q, k, v, &layout, options)?,
@@ -397,12 +531,7 @@ impl MultiHeadSparseAttention {
                 out.slice([0..batch, 0..heads, 0..n, 0..d]) * keep
             }
         };
-        let attended = match self.attention_dtype {
-            Some(_) => attended.cast(FloatDType::from(input_dtype)),
-            None => attended,
-        };
-        let merged = attended.swap_dims(1, 2).reshape([batch, n, d_model]);
-        Ok(self.output.forward(merged))
+        Ok(self.merge_heads(attended, input_dtype, batch, n))
     }
 }
 

@@ -18,6 +18,7 @@
 mod attention;
 mod block;
 mod dropout_seed;
+mod kv_cache;
 #[cfg(test)]
 mod layer_fuzz;
 mod pattern_config;
@@ -26,5 +27,6 @@ mod transformer;
 pub use attention::{MultiHeadSparseAttention, MultiHeadSparseAttentionConfig};
 pub use block::{SelfAttention, SparseTransformerBlock, SparseTransformerBlockConfig};
 pub use dropout_seed::seed_attention_dropout;
+pub use kv_cache::KvCache;
 pub use pattern_config::{PatternConfig, PatternFactory, register_pattern};
 pub use transformer::{PositionEncoding, Positions, SparseTransformer, SparseTransformerConfig};
