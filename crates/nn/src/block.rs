@@ -9,6 +9,7 @@ use burn::tensor::{Bool, Device, Tensor};
 use sparse_attn_core::{Result, SparseAttentionError};
 
 use crate::attention::{MultiHeadSparseAttention, MultiHeadSparseAttentionConfig};
+use crate::kv_cache::KvCache;
 
 /// Configuration of a [`SparseTransformerBlock`].
 #[derive(Config, Debug)]
@@ -160,10 +161,61 @@ impl SparseTransformerBlock {
         let attended = self
             .attention
             .forward(self.norm_attention.forward(x.clone()), key_padding_mask)?;
-        let x = x + self.dropout.forward(attended);
+        Ok(self.mlp(x + self.dropout.forward(attended)))
+    }
+
+    /// The block applied to new tokens `x` that follow the tokens in `cache` (see
+    /// [`MultiHeadSparseAttention::forward_cached_lengths`]): row `b` adds its first
+    /// `valid[b]` tokens.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, m, d_model]` -> `[batch, m, d_model]`.
+    ///
+    /// # Errors
+    /// As the attention's cached forward; a block with Burn's dense attention
+    /// ([`Unsupported`](SparseAttentionError::Unsupported): it has no key/value cache here).
+    pub fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        valid: &[usize],
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>> {
+        let SelfAttention::Sparse(attention) = &self.attention else {
+            return Err(dense_has_no_cache());
+        };
+        let attended = attention.forward_cached_lengths(
+            self.norm_attention.forward(x.clone()),
+            valid,
+            cache,
+        )?;
+        Ok(self.mlp(x + self.dropout.forward(attended)))
+    }
+
+    /// An empty key/value cache of this block's attention (see
+    /// [`MultiHeadSparseAttention::new_cache`]).
+    ///
+    /// # Errors
+    /// As `new_cache`; a dense block has no cache.
+    pub fn new_cache(&self, batch: usize, capacity: usize, device: &Device) -> Result<KvCache> {
+        match &self.attention {
+            SelfAttention::Sparse(attention) => attention.new_cache(batch, capacity, device),
+            SelfAttention::Dense(_) => Err(dense_has_no_cache()),
+        }
+    }
+
+    /// The residual MLP half of the block.
+    fn mlp(&self, x: Tensor<3>) -> Tensor<3> {
         let hidden = self
             .activation
             .forward(self.mlp_in.forward(self.norm_mlp.forward(x.clone())));
-        Ok(x.clone() + self.dropout.forward(self.mlp_out.forward(hidden)))
+        x + self.dropout.forward(self.mlp_out.forward(hidden))
+    }
+}
+
+/// Cached decoding needs our attention's key/value cache.
+fn dense_has_no_cache() -> SparseAttentionError {
+    SparseAttentionError::Unsupported {
+        what: "cached decoding through Burn's dense attention block",
+        expected: "sparse attention blocks (a `dense: false` model)",
     }
 }

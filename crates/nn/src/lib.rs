@@ -8,7 +8,9 @@
 //!   built once per `(pattern, sequence length, block, heads)` and shared process-wide;
 //! - [`SparseTransformerBlock`]: pre-norm attention + MLP block (or Burn's dense attention
 //!   in the same block, for comparison);
-//! - [`SparseTransformer`]: a decoder-only language model of such blocks.
+//! - [`SparseTransformer`]: a decoder-only language model of such blocks, with cached
+//!   decoding ([`KvCache`], [`TransformerCache`]) and seeded generation
+//!   ([`SparseTransformer::generate`]).
 //!
 //! Every config is a Burn `Config` (saved as JSON with the model) and every layer a Burn
 //! `Module` (saved and loaded with Burn's records).
@@ -18,6 +20,7 @@
 mod attention;
 mod block;
 mod dropout_seed;
+mod generate;
 mod kv_cache;
 #[cfg(test)]
 mod layer_fuzz;
@@ -27,6 +30,7 @@ mod transformer;
 pub use attention::{MultiHeadSparseAttention, MultiHeadSparseAttentionConfig};
 pub use block::{SelfAttention, SparseTransformerBlock, SparseTransformerBlockConfig};
 pub use dropout_seed::seed_attention_dropout;
+pub use generate::{GenerateConfig, TransformerCache};
 pub use kv_cache::KvCache;
 pub use pattern_config::{PatternConfig, PatternFactory, register_pattern};
 pub use transformer::{PositionEncoding, Positions, SparseTransformer, SparseTransformerConfig};
