@@ -69,12 +69,26 @@ impl Checkpoint {
             .with_context(|| format!("writing {}", self.state().display()))
     }
 
-    /// Reads the progress file of an existing checkpoint.
+    /// Reads the progress file of an existing checkpoint, to resume it.
     pub fn load_state(&self) -> anyhow::Result<TrainState> {
-        for file in [self.state(), self.model(), self.optimizer()] {
+        self.read_state(
+            &[self.state(), self.model(), self.optimizer()],
+            "run once without --resume",
+        )
+    }
+
+    /// Reads the progress file of a checkpoint whose model is used without its optimizer
+    /// (the `generate` example).
+    #[allow(dead_code)] // the train example resumes with `load_state`
+    pub fn load_model_state(&self) -> anyhow::Result<TrainState> {
+        self.read_state(&[self.state(), self.model()], "run the train example first")
+    }
+
+    fn read_state(&self, files: &[PathBuf], hint: &str) -> anyhow::Result<TrainState> {
+        for file in files {
             if !file.is_file() {
                 bail!(
-                    "no checkpoint to resume in {}: {} is missing (run once without --resume)",
+                    "no checkpoint in {}: {} is missing ({hint})",
                     self.dir.display(),
                     file.display()
                 );

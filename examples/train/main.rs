@@ -29,7 +29,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sparse_attn::backends;
 use sparse_attn::nn::{
-    PatternConfig, PositionEncoding, SparseTransformer, SparseTransformerConfig,
+    GenerateConfig, PatternConfig, PositionEncoding, SparseTransformer, SparseTransformerConfig,
 };
 
 use checkpoint::{Checkpoint, TrainState};
@@ -245,9 +245,13 @@ fn validate(model: &SparseTransformer, batches: &[Tensor<2, Int>]) -> anyhow::Re
     Ok(sum / rows as f64 / std::f64::consts::LN_2)
 }
 
-/// Samples `len` bytes after `prompt` (temperature 0.8), the context cut to `seq_len`.
+/// Samples `len` bytes after `prompt` (temperature 0.8). A sparse model generates through
+/// its key/value caches (`SparseTransformer::generate`: one prefill, then one cached step per
+/// byte; the prompt keeps its last `seq_len - len` bytes); the dense baseline has no cache
+/// here and runs a forward over its last `seq_len` bytes per byte.
 fn generate(
     model: &SparseTransformer,
+    dense: bool,
     prompt: &str,
     len: usize,
     seq_len: usize,
@@ -258,6 +262,20 @@ fn generate(
     let mut bytes = prompt.as_bytes().to_vec();
     if bytes.is_empty() {
         bytes.push(b'\n');
+    }
+    if !dense {
+        let len = len.min(seq_len - 1);
+        let keep = bytes.len().min(seq_len - len);
+        let prompt: Vec<u32> = bytes[bytes.len() - keep..]
+            .iter()
+            .map(|&b| u32::from(b))
+            .collect();
+        let config = GenerateConfig::new(len)
+            .with_temperature(0.8)
+            .with_seed(rng.random());
+        let new = model.generate(&[prompt], &config, device)?;
+        bytes.extend(new[0].iter().map(|&t| t as u8));
+        return Ok(String::from_utf8_lossy(&bytes).into_owned());
     }
     for _ in 0..len {
         let context = &bytes[bytes.len().saturating_sub(seq_len)..];
@@ -421,6 +439,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.sample_len > 0 {
         let sample = generate(
             &model,
+            config.dense,
             &args.prompt,
             args.sample_len,
             seq_len,

@@ -213,6 +213,21 @@ impl SparseTransformer {
         config: &GenerateConfig,
         device: &Device,
     ) -> Result<Vec<Vec<u32>>> {
+        self.generate_with(prompts, config, device, |_| {})
+    }
+
+    /// [`generate`](Self::generate), calling `on_step` with each step's new token of every
+    /// prompt as soon as it is drawn (for progress lines or streaming output).
+    ///
+    /// # Errors
+    /// As [`generate`](Self::generate).
+    pub fn generate_with(
+        &self,
+        prompts: &[Vec<u32>],
+        config: &GenerateConfig,
+        device: &Device,
+        mut on_step: impl FnMut(&[u32]),
+    ) -> Result<Vec<Vec<u32>>> {
         let vocab = self.head.weight.dims()[1];
         if prompts.is_empty() {
             return Err(SparseAttentionError::Zero { name: "prompts" });
@@ -262,6 +277,7 @@ impl SparseTransformer {
             for (row, &token) in out.iter_mut().zip(&next) {
                 row.push(token);
             }
+            on_step(&next);
             if step + 1 == config.max_new_tokens {
                 break;
             }
