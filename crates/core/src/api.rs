@@ -223,7 +223,7 @@ fn validate(
 /// [`sparse_attn_wgpu::MAX_HEAD_DIM`], and what [`sparse_attn_wgpu::check_problem`] asks of
 /// the device (dtypes it has, shared memory and units per cube, 32-bit indexing).
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
-fn check_device_limits(q: &Tensor<4>, block: usize) -> Result<()> {
+pub(crate) fn check_device_limits(q: &Tensor<4>, block: usize) -> Result<()> {
     use burn::backend::DispatchDevice;
     use burn::tensor::DType;
     let DispatchDevice::Cube(device) = q.device().as_dispatch().clone().inner() else {
@@ -259,7 +259,7 @@ fn check_device_limits(q: &Tensor<4>, block: usize) -> Result<()> {
 
 /// CPU backends have no limit beyond those of the input's validity.
 #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
-fn check_device_limits(_q: &Tensor<4>, _block: usize) -> Result<()> {
+pub(crate) fn check_device_limits(_q: &Tensor<4>, _block: usize) -> Result<()> {
     Ok(())
 }
 

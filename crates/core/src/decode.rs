@@ -12,7 +12,7 @@ use std::sync::Arc;
 use burn::backend::Dispatch;
 use burn::tensor::Tensor;
 
-use crate::api::check_layout;
+use crate::api::{check_device_limits, check_layout};
 use crate::backend::SparseAttentionBackend;
 use crate::error::{Result, SparseAttentionError};
 use crate::layout::BlockLayout;
@@ -96,6 +96,8 @@ pub fn sparse_attention_decode(
     scale: Option<f64>,
 ) -> Result<Tensor<4>> {
     let params = validate(&q, &k_cache, &v_cache, layout, rows, scale)?;
+    // The caches are the larger tensors: they decide the device's limits.
+    check_device_limits(&k_cache, layout.block())?;
     Ok(Tensor::from_dispatch(
         <Dispatch as SparseAttentionBackend>::sparse_attention_decode(
             q.into_dispatch(),

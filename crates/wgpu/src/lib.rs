@@ -27,6 +27,7 @@
 //! a failure; what no tile size can serve is a typed [`KernelError`].
 
 mod backward;
+mod decode;
 mod device_layout;
 mod error;
 mod forward;
@@ -36,6 +37,7 @@ mod plan;
 mod tensor_core;
 mod tiles;
 
+pub use decode::{DecodeQueries, NO_QUERY, decode};
 pub use device_layout::DeviceLayout;
 pub use error::KernelError;
 pub use launch::{

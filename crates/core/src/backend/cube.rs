@@ -17,8 +17,11 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use std::sync::Arc;
 
-use sparse_attn_wgpu::{AttentionShape, CsrView, DeviceLayout, DropoutArgs, KernelOptions};
+use sparse_attn_wgpu::{
+    AttentionShape, CsrView, DecodeQueries, DeviceLayout, DropoutArgs, KernelOptions, NO_QUERY,
+};
 
+use crate::decode::DecodeParams;
 use crate::layout::BlockLayout;
 use crate::params::AttentionParams;
 
@@ -155,4 +158,64 @@ pub(crate) fn backward(
     )
     .unwrap_or_else(|e| panic!("sparse attention backward on a CubeCL device: {e}"));
     (dq, dk, dv)
+}
+
+/// Fused decode: `[B, H, m, d]` from the new rows `q` and the caches `k`, `v`.
+pub(crate) fn decode(
+    q: FloatTensor<CubeBackend>,
+    k: FloatTensor<CubeBackend>,
+    v: FloatTensor<CubeBackend>,
+    layout: &BlockLayout,
+    params: &DecodeParams,
+) -> FloatTensor<CubeBackend> {
+    let [q, k, v] = [q, k, v].map(into_contiguous);
+    let [batch, heads, queries, head_dim] = q.shape().dims::<4>();
+    let [_, kv_heads, capacity, _] = k.shape().dims::<4>();
+    let cache = AttentionShape {
+        batch,
+        heads,
+        kv_heads,
+        seq_len: capacity,
+        head_dim,
+    };
+    // The layout position of each new row's token, and the longest layout row they read.
+    let inverse = layout.order().map(|(_, inverse)| inverse);
+    let (row_ptr, block, nb) = (layout.raw().0, layout.block(), layout.n_blocks());
+    let mut max_blocks = 0;
+    let mut positions = vec![NO_QUERY; batch * queries];
+    for b in 0..batch {
+        for i in 0..params.valid[b] {
+            let tok = params.first[b] + i;
+            let pos = inverse.map_or(tok, |inv| inv[tok]);
+            positions[b * queries + i] = pos as u32;
+            for lh in 0..layout.layout_heads() {
+                let r = lh * nb + pos / block;
+                max_blocks = max_blocks.max((row_ptr[r + 1] - row_ptr[r]) as usize);
+            }
+        }
+    }
+    let lengths: Vec<u32> = params
+        .first
+        .iter()
+        .zip(params.valid.iter())
+        .map(|(f, v)| (f + v) as u32)
+        .collect();
+    let rows = DecodeQueries {
+        queries,
+        positions: &positions,
+        lengths: &lengths,
+        max_blocks,
+    };
+    let out = empty_like(&q, q.shape().to_vec());
+    sparse_attn_wgpu::decode(
+        &q.client,
+        dtype_to_elem_type(q.dtype),
+        cache,
+        &on_device(layout, &q),
+        params.scale as f32,
+        &rows,
+        [&q.handle, &k.handle, &v.handle, &out.handle],
+    )
+    .unwrap_or_else(|e| panic!("sparse attention decode on a CubeCL device: {e}"));
+    out
 }

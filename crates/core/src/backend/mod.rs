@@ -188,4 +188,14 @@ impl SparseAttentionBackend for burn_cubecl::CubeBackend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         cube::backward(q, k, v, out, lse, dout, &layout, &params)
     }
+
+    fn sparse_attention_decode(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        layout: BlockLayout,
+        params: DecodeParams,
+    ) -> FloatTensor<Self> {
+        cube::decode(q, k, v, &layout, &params)
+    }
 }
