@@ -162,20 +162,7 @@ fn validate(
                 ),
             });
         }
-        if t.dtype() != q.dtype() {
-            return Err(SparseAttentionError::DTypeMismatch {
-                name,
-                got: format!("{:?}", t.dtype()),
-                expected: format!("{:?}", q.dtype()),
-            });
-        }
-        if t.device() != q.device() {
-            return Err(SparseAttentionError::DeviceMismatch {
-                name,
-                got: format!("{:?}", t.device()),
-                expected: format!("{:?}", q.device()),
-            });
-        }
+        same_dtype_and_device(name, t, q)?;
     }
     check_layout(layout, n, heads)?;
     let scale = options.scale.unwrap_or(1.0 / (d as f64).sqrt());
@@ -260,6 +247,29 @@ pub(crate) fn check_device_limits(q: &Tensor<4>, block: usize) -> Result<()> {
 /// CPU backends have no limit beyond those of the input's validity.
 #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
 pub(crate) fn check_device_limits(_q: &Tensor<4>, _block: usize) -> Result<()> {
+    Ok(())
+}
+
+/// `t` (argument `name`) has `q`'s dtype and device.
+pub(crate) fn same_dtype_and_device(
+    name: &'static str,
+    t: &Tensor<4>,
+    q: &Tensor<4>,
+) -> Result<()> {
+    if t.dtype() != q.dtype() {
+        return Err(SparseAttentionError::DTypeMismatch {
+            name,
+            got: format!("{:?}", t.dtype()),
+            expected: format!("{:?}", q.dtype()),
+        });
+    }
+    if t.device() != q.device() {
+        return Err(SparseAttentionError::DeviceMismatch {
+            name,
+            got: format!("{:?}", t.device()),
+            expected: format!("{:?}", q.device()),
+        });
+    }
     Ok(())
 }
 

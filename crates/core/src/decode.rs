@@ -12,7 +12,7 @@ use std::sync::Arc;
 use burn::backend::Dispatch;
 use burn::tensor::Tensor;
 
-use crate::api::{check_device_limits, check_layout};
+use crate::api::{check_device_limits, check_layout, same_dtype_and_device};
 use crate::backend::SparseAttentionBackend;
 use crate::error::{Result, SparseAttentionError};
 use crate::layout::BlockLayout;
@@ -166,20 +166,7 @@ fn validate(
                 ),
             });
         }
-        if t.dtype() != q.dtype() {
-            return Err(SparseAttentionError::DTypeMismatch {
-                name,
-                got: format!("{:?}", t.dtype()),
-                expected: format!("{:?}", q.dtype()),
-            });
-        }
-        if t.device() != q.device() {
-            return Err(SparseAttentionError::DeviceMismatch {
-                name,
-                got: format!("{:?}", t.device()),
-                expected: format!("{:?}", q.device()),
-            });
-        }
+        same_dtype_and_device(name, t, q)?;
     }
     check_layout(layout, capacity, heads)?;
     for (what, list) in [("first", &rows.first), ("valid", &rows.valid)] {
