@@ -39,6 +39,39 @@ impl DecodeRows {
             valid: vec![queries; batch],
         }
     }
+
+    /// Checks these rows against a call of `batch` rows of `queries` new tokens over a cache
+    /// of `capacity` tokens.
+    ///
+    /// # Errors
+    /// [`DecodeRows`](SparseAttentionError::DecodeRows) for lists not one per batch row,
+    /// [`ValidRows`](SparseAttentionError::ValidRows) for more valid rows than `queries`,
+    /// [`CacheFull`](SparseAttentionError::CacheFull) for rows past the capacity.
+    pub fn check(&self, batch: usize, queries: usize, capacity: usize) -> Result<()> {
+        for (what, list) in [("first", &self.first), ("valid", &self.valid)] {
+            if list.len() != batch {
+                return Err(SparseAttentionError::DecodeRows {
+                    what,
+                    got: list.len(),
+                    batch,
+                });
+            }
+        }
+        for (row, (&first, &valid)) in self.first.iter().zip(&self.valid).enumerate() {
+            if valid > queries {
+                return Err(SparseAttentionError::ValidRows {
+                    row,
+                    valid,
+                    queries,
+                });
+            }
+            let end = first.saturating_add(valid);
+            if end > capacity {
+                return Err(SparseAttentionError::CacheFull { row, end, capacity });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The validated parameters of the backend's decode op.
@@ -169,28 +202,7 @@ fn validate(
         same_dtype_and_device(name, t, q)?;
     }
     check_layout(layout, capacity, heads)?;
-    for (what, list) in [("first", &rows.first), ("valid", &rows.valid)] {
-        if list.len() != batch {
-            return Err(SparseAttentionError::DecodeRows {
-                what,
-                got: list.len(),
-                batch,
-            });
-        }
-    }
-    for (row, (&first, &valid)) in rows.first.iter().zip(&rows.valid).enumerate() {
-        if valid > queries {
-            return Err(SparseAttentionError::ValidRows {
-                row,
-                valid,
-                queries,
-            });
-        }
-        let end = first.saturating_add(valid);
-        if end > capacity {
-            return Err(SparseAttentionError::CacheFull { row, end, capacity });
-        }
-    }
+    rows.check(batch, queries, capacity)?;
     let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
     if !(scale.is_finite() && scale > 0.0) {
         return Err(SparseAttentionError::Scale(scale));

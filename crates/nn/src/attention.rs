@@ -9,8 +9,7 @@ use burn::nn::attention::MultiHeadAttention;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::{Bool, DType, Device, FloatDType, Tensor};
 use sparse_attn_core::{
-    AttentionOptions, DecodeRows, Result, SparseAttentionError, sparse_attention,
-    sparse_attention_decode,
+    AttentionOptions, Result, SparseAttentionError, sparse_attention, sparse_attention_decode,
 };
 
 use crate::dropout_seed::next_dropout_seed;
@@ -403,16 +402,13 @@ impl MultiHeadSparseAttention {
         let [batch, m, _] = x.dims();
         self.check_input(&x)?;
         let (q, k, v) = self.split_heads(x.clone());
-        cache.check(self, &k, valid)?;
+        let rows = cache.rows(valid);
+        cache.check(self, &k, &rows)?;
         let capacity = cache.capacity();
         let layout = self
             .pattern
             .layout(capacity, self.block_size, self.n_heads)?;
-        let first = cache.append(k, v, valid);
-        let rows = DecodeRows {
-            first,
-            valid: valid.to_vec(),
-        };
+        cache.append(k, v, &rows);
         let attended = sparse_attention_decode(
             q,
             cache.keys().clone(),

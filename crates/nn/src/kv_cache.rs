@@ -8,7 +8,7 @@
 //! layout row costs, not a forward over the whole text.
 
 use burn::tensor::{DType, Device, Tensor};
-use sparse_attn_core::{Result, SparseAttentionError};
+use sparse_attn_core::{DecodeRows, Result, SparseAttentionError};
 
 use crate::attention::MultiHeadSparseAttention;
 
@@ -94,13 +94,22 @@ impl KvCache {
         self.lengths.fill(0);
     }
 
+    /// The rows of a call that adds `valid[b]` new tokens to batch row `b`: they start
+    /// after the row's cached tokens.
+    pub(crate) fn rows(&self, valid: &[usize]) -> DecodeRows {
+        DecodeRows {
+            first: self.lengths.clone(),
+            valid: valid.to_vec(),
+        }
+    }
+
     /// Checks that this cache fits `layer`'s call with `k` `[batch, kv_heads, m, d]` and
-    /// `valid` new tokens per batch row.
+    /// `rows` (from [`rows`](Self::rows)).
     pub(crate) fn check(
         &self,
         layer: &MultiHeadSparseAttention,
         k: &Tensor<4>,
-        valid: &[usize],
+        rows: &DecodeRows,
     ) -> Result<()> {
         let (cached, _) = self.tensors();
         let [batch, kv_heads, m, d] = k.dims();
@@ -132,40 +141,16 @@ impl KvCache {
                 format!("{:?}", k.device()),
             );
         }
-        if valid.len() != batch {
-            return Err(SparseAttentionError::DecodeRows {
-                what: "valid",
-                got: valid.len(),
-                batch,
-            });
-        }
-        let capacity = cache[2];
-        for (row, (&len, &new)) in self.lengths.iter().zip(valid).enumerate() {
-            if new > m {
-                return Err(SparseAttentionError::ValidRows {
-                    row,
-                    valid: new,
-                    queries: m,
-                });
-            }
-            if len + new > capacity {
-                return Err(SparseAttentionError::CacheFull {
-                    row,
-                    end: len + new,
-                    capacity,
-                });
-            }
-        }
-        Ok(())
+        rows.check(batch, m, cache[2])
     }
 
-    /// Writes the first `valid[b]` rows of `k` and `v` (`[batch, kv_heads, m, d]`) after
-    /// each row's cached tokens and advances the lengths; returns the lengths before.
-    /// [`check`](Self::check) must have passed.
-    pub(crate) fn append(&mut self, k: Tensor<4>, v: Tensor<4>, valid: &[usize]) -> Vec<usize> {
+    /// Writes the first `rows.valid[b]` rows of `k` and `v` (`[batch, kv_heads, m, d]`)
+    /// after each row's cached tokens and advances the lengths. [`check`](Self::check) must
+    /// have passed for `rows`.
+    pub(crate) fn append(&mut self, k: Tensor<4>, v: Tensor<4>, rows: &DecodeRows) {
         let [batch, kv_heads, m, d] = k.dims();
         let (mut keys, mut values) = self.kv.take().expect("a cache always holds its tensors");
-        let first = self.lengths.clone();
+        let (first, valid) = (&rows.first, &rows.valid);
         let uniform = first.iter().all(|&f| f == first[0]) && valid.iter().all(|&x| x == m);
         if uniform {
             let at = [0..batch, 0..kv_heads, first[0]..first[0] + m, 0..d];
@@ -188,6 +173,5 @@ impl KvCache {
         for (len, &new) in self.lengths.iter_mut().zip(valid) {
             *len += new;
         }
-        first
     }
 }

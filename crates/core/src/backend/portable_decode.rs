@@ -81,9 +81,9 @@ pub fn decode<B: Backend>(
             let part = |t: &FloatTensor<B>| slice_dim::<B>(t.clone(), 1, h0..h1);
             let keys = row_keys(layout, h0, params.first[b], params.valid[b], m);
             let w = keys.width;
+            let index = int_tensor::<B>(keys.index, &device);
             let pick = |t: &FloatTensor<B>| {
-                let index = int_tensor::<B>(keys.index.clone(), &device);
-                let picked = B::float_select(part(t), 2, index);
+                let picked = B::float_select(part(t), 2, index.clone());
                 reshape::<B>(picked, &[1, hg, m, w, d])
             };
             let (kp, vp) = (pick(&kb), pick(&vb));
