@@ -57,7 +57,7 @@ pub use modes::{
     AttnMode, ModeParams, SparseAttention, attention_impl, blocksparse_attention_impl,
 };
 pub use params::{AttentionParams, DropoutMask};
-pub use pattern::{BlockCover, Geometry, Pattern};
+pub use pattern::{BlockCover, Geometry, Pattern, StreamWindow};
 pub use picture::LayoutStats;
 
 /// Which CubeCL kernels serve a GPU problem: the tensor-core kernels (f16/bf16 inputs on a

@@ -2,7 +2,9 @@
 
 use std::ops::Range;
 
-use super::{BlockCover, Geometry, Pattern, band_blocks, band_cover, saturating_offset};
+use super::{
+    BlockCover, Geometry, Pattern, StreamWindow, band_blocks, band_cover, saturating_offset,
+};
 use crate::error::{Result, invalid};
 
 /// Key `j` allowed for query `i` iff `lo <= i - j <= hi`.
@@ -117,6 +119,13 @@ impl Pattern for Band {
     fn cover(&self, _head: usize, q: Range<usize>, k: Range<usize>, _geom: Geometry) -> BlockCover {
         band_cover(self.lo, self.hi, &q, &k)
     }
+    fn stream_window(&self) -> Option<StreamWindow> {
+        // Causal with a finite reach: `0 <= lo <= i - j <= hi < i64::MAX`.
+        (self.lo >= 0 && self.hi < i64::MAX).then(|| StreamWindow {
+            sinks: 0,
+            reach: usize::try_from(self.hi).map_or(usize::MAX, |hi| hi.saturating_add(1)),
+        })
+    }
 }
 
 /// Dilated window: `i - j` a multiple of `dilation`, at most `(window - 1) * dilation` away
@@ -189,5 +198,11 @@ impl Pattern for Dilated {
             _ if self.dilation == 1 => band_cover(lo, self.reach(), &q, &k),
             _ => BlockCover::Scan,
         }
+    }
+    fn stream_window(&self) -> Option<StreamWindow> {
+        self.causal.then(|| StreamWindow {
+            sinks: 0,
+            reach: (self.window - 1) * self.dilation + 1,
+        })
     }
 }

@@ -5,7 +5,7 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::{BlockCover, Geometry, Pattern};
+use super::{BlockCover, Geometry, Pattern, StreamWindow};
 use crate::error::{Result, SparseAttentionError, invalid};
 
 /// A shared, type-erased pattern.
@@ -95,6 +95,9 @@ impl Pattern for Union {
         }
         only.unwrap_or(BlockCover::Empty)
     }
+    fn stream_window(&self) -> Option<StreamWindow> {
+        StreamWindow::of_all(self.0.iter().map(|p| p.stream_window()))
+    }
 }
 
 /// Pairs allowed by every part, always in natural token order.
@@ -139,6 +142,9 @@ impl Pattern for Intersection {
         }
         only.unwrap_or(BlockCover::Full)
     }
+    fn stream_window(&self) -> Option<StreamWindow> {
+        StreamWindow::of_all(self.0.iter().map(|p| p.stream_window()))
+    }
 }
 
 /// One pattern per head: head `h` uses `patterns[h]` (natural token order).
@@ -180,6 +186,9 @@ impl Pattern for PerHead {
     }
     fn cover(&self, head: usize, q: Range<usize>, k: Range<usize>, geom: Geometry) -> BlockCover {
         part_cover(self.0[head].as_ref(), head, &q, &k, geom)
+    }
+    fn stream_window(&self) -> Option<StreamWindow> {
+        StreamWindow::of_all(self.0.iter().map(|p| p.stream_window()))
     }
 }
 

@@ -5,7 +5,9 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use super::random::choose;
-use super::{BlockCover, Geometry, Pattern, band_blocks, band_cover, saturating_offset};
+use super::{
+    BlockCover, Geometry, Pattern, StreamWindow, band_blocks, band_cover, saturating_offset,
+};
 use crate::error::{Result, SparseAttentionError, invalid};
 
 /// Band offsets of a window of `window` keys: causal `0..window`, else `|i - j| < window`.
@@ -340,6 +342,12 @@ impl Pattern for Streaming {
         } else {
             BlockCover::Scan
         }
+    }
+    fn stream_window(&self) -> Option<StreamWindow> {
+        Some(StreamWindow {
+            sinks: self.sinks,
+            reach: self.window,
+        })
     }
 }
 

@@ -171,6 +171,55 @@ pub trait Pattern: Debug + Send + Sync {
         let _ = (head, q, k, geom);
         BlockCover::Scan
     }
+
+    /// How far back the pattern reads, when it is a causal window (with sinks) that a
+    /// bounded key/value cache can serve: see [`StreamWindow`] for what a pattern promises
+    /// by answering. Default: `None` (a cache keeps every token).
+    fn stream_window(&self) -> Option<StreamWindow> {
+        None
+    }
+}
+
+/// What a bounded key/value cache must keep for a window-like pattern: the first `sinks`
+/// tokens and the last `reach - 1` before the query.
+///
+/// A pattern that answers [`Pattern::stream_window`] promises, for every head, query `i`
+/// and key `j` (natural order, no [`Pattern::order`]):
+/// - `allows(head, i, j)` is false for `j > i` (causal);
+/// - for `j >= sinks`, it depends only on `i - j`, and is false from `i - j >= reach` on;
+/// - for `j < sinks`, it is the same for every `i >= sinks + reach - 1`.
+///
+/// So a query reads only the sinks and the `reach - 1` keys before it, and the pattern
+/// reads the same when every key from `sinks` on moves down by the same number of slots:
+/// a cache may drop the keys no future query reads and renumber the rest (the layer's
+/// window cache does; see `KvCache` in `sparse-attn-nn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamWindow {
+    /// Tokens at the start that every later query may read (attention sinks).
+    pub sinks: usize,
+    /// Keys a query reads back from itself, itself included (at least 1).
+    pub reach: usize,
+}
+
+impl StreamWindow {
+    /// The window that serves both `self` and `other` (the larger sinks and reach).
+    pub fn cover(self, other: Self) -> Self {
+        Self {
+            sinks: self.sinks.max(other.sinks),
+            reach: self.reach.max(other.reach),
+        }
+    }
+
+    /// The window that serves every part, or `None` when one part has none.
+    pub fn of_all(parts: impl IntoIterator<Item = Option<Self>>) -> Option<Self> {
+        parts
+            .into_iter()
+            .try_fold(None, |acc: Option<Self>, w| {
+                let w = w?;
+                Some(Some(acc.map_or(w, |a| a.cover(w))))
+            })
+            .flatten()
+    }
 }
 
 impl<P: Pattern + ?Sized> Pattern for std::sync::Arc<P> {
@@ -197,6 +246,9 @@ impl<P: Pattern + ?Sized> Pattern for std::sync::Arc<P> {
     }
     fn cover(&self, head: usize, q: Range<usize>, k: Range<usize>, geom: Geometry) -> BlockCover {
         (**self).cover(head, q, k, geom)
+    }
+    fn stream_window(&self) -> Option<StreamWindow> {
+        (**self).stream_window()
     }
 }
 

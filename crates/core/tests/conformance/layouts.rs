@@ -165,3 +165,109 @@ fn clones_share_and_picture_draws() {
     let grid: Vec<&str> = picture.lines().skip(1).collect();
     assert_eq!(grid, vec!["+....", "++...", ".++..", "..++.", "...++"]);
 }
+
+/// Every pattern that answers `stream_window` keeps its promise (causal; past the sinks a
+/// function of `i - j` that ends at the reach; sinks read the same from `sinks + reach - 1`
+/// on), and the patterns that read the whole past, or in another token order, answer `None`.
+#[test]
+fn stream_windows_keep_their_promise() {
+    use sparse_attn_core::StreamWindow;
+    let windows: Vec<(Arc<dyn Pattern>, StreamWindow, usize)> = vec![
+        (
+            arc(Band::local(5).unwrap()),
+            StreamWindow { sinks: 0, reach: 5 },
+            1,
+        ),
+        (
+            arc(Band::sliding_window(1).unwrap()),
+            StreamWindow { sinks: 0, reach: 1 },
+            1,
+        ),
+        (
+            arc(Dilated::new(4, 3, true).unwrap()),
+            StreamWindow {
+                sinks: 0,
+                reach: 10,
+            },
+            1,
+        ),
+        (
+            arc(Streaming::new(3, 6).unwrap()),
+            StreamWindow { sinks: 3, reach: 6 },
+            1,
+        ),
+        (
+            arc(Union::new(vec![
+                arc(Band::local(9).unwrap()),
+                arc(Streaming::new(2, 4).unwrap()),
+            ])
+            .unwrap()),
+            StreamWindow { sinks: 2, reach: 9 },
+            1,
+        ),
+        (
+            arc(Intersection::new(vec![
+                arc(Band::local(7).unwrap()),
+                arc(Dilated::new(3, 2, true).unwrap()),
+            ])
+            .unwrap()),
+            StreamWindow { sinks: 0, reach: 7 },
+            1,
+        ),
+        (
+            arc(PerHead::new(vec![
+                arc(Streaming::new(4, 3).unwrap()),
+                arc(Band::local(8).unwrap()),
+            ])
+            .unwrap()),
+            StreamWindow { sinks: 4, reach: 8 },
+            2,
+        ),
+    ];
+    let n = 48;
+    for (pattern, want, heads) in &windows {
+        let w = pattern.stream_window();
+        assert_eq!(w, Some(*want), "{}", pattern.name());
+        let StreamWindow { sinks, reach } = *want;
+        for h in 0..*heads {
+            for i in 0..n {
+                for j in 0..n {
+                    let got = pattern.allows(h, i, j);
+                    let what = format!("{} head {h} pair ({i}, {j})", pattern.name());
+                    if j > i {
+                        assert!(!got, "{what}: reads the future");
+                    } else if j >= sinks {
+                        assert_eq!(
+                            got,
+                            pattern.allows(h, i - j + sinks, sinks),
+                            "{what}: not a function of i - j"
+                        );
+                        assert!(!got || i - j < reach, "{what}: beyond the reach {reach}");
+                    } else if i >= sinks + reach - 1 {
+                        assert_eq!(
+                            got,
+                            pattern.allows(h, sinks + reach - 1, j),
+                            "{what}: sink changes"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let whole_past: Vec<Arc<dyn Pattern>> = vec![
+        arc(Band::causal()),
+        arc(Band::bidirectional_window(4)),
+        arc(Dilated::new(4, 2, false).unwrap()),
+        arc(Strided::new(4).unwrap()),
+        arc(Fixed::new(8, 1, 2).unwrap()),
+        arc(Longformer::new(4, vec![0], true).unwrap()),
+        arc(Union::new(vec![
+            arc(Band::local(4).unwrap()),
+            arc(Strided::new(4).unwrap()),
+        ])
+        .unwrap()),
+    ];
+    for pattern in whole_past {
+        assert_eq!(pattern.stream_window(), None, "{}", pattern.name());
+    }
+}
