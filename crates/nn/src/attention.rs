@@ -9,7 +9,8 @@ use burn::nn::attention::MultiHeadAttention;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::{Bool, DType, Device, FloatDType, Tensor};
 use sparse_attn_core::{
-    AttentionOptions, Result, SparseAttentionError, sparse_attention, sparse_attention_decode,
+    AttentionOptions, Result, SparseAttentionError, StreamWindow, sparse_attention,
+    sparse_attention_decode,
 };
 
 use crate::dropout_seed::next_dropout_seed;
@@ -338,7 +339,69 @@ impl MultiHeadSparseAttention {
     /// `batch` or `capacity` zero, or `capacity` above `max_seq_len`.
     pub fn new_cache(&self, batch: usize, capacity: usize, device: &Device) -> Result<KvCache> {
         let dtype = self.query.weight.val().dtype();
-        KvCache::for_layer(self, batch, capacity, dtype, device)
+        KvCache::for_layer(self, batch, capacity, None, dtype, device)
+    }
+
+    /// The stream window of this layer's pattern ([`StreamWindow`]: sinks and reach), or
+    /// `None` when its queries may read the whole past (or it regroups tokens).
+    ///
+    /// # Errors
+    /// Pattern parameters that do not fit a sequence of `seq_len` tokens.
+    pub fn stream_window(&self, seq_len: usize) -> Result<Option<StreamWindow>> {
+        Ok(self
+            .pattern
+            .build(seq_len, self.block_size)?
+            .stream_window())
+    }
+
+    /// A key/value cache of bounded memory for a window pattern: it keeps only the tokens a
+    /// later query can read (the pattern's sinks and its last `reach - 1` tokens), so a
+    /// stream of any length decodes through [`forward_cached`](Self::forward_cached) in
+    /// `sinks + reach - 1 + max(chunk, reach)` slots per batch row, with the same result
+    /// as an unbounded cache. `chunk` is the most tokens one call adds (the prefill chunk).
+    ///
+    /// # Errors
+    /// `batch` or `chunk` zero; a pattern without a stream window
+    /// ([`Unsupported`](SparseAttentionError::Unsupported): use [`new_cache`](Self::new_cache));
+    /// slots above `max_seq_len`.
+    ///
+    /// # Example
+    /// ```
+    /// use burn::tensor::{Device, Distribution, Tensor};
+    /// use sparse_attn_nn::{MultiHeadSparseAttentionConfig, PatternConfig};
+    ///
+    /// let device = Device::ndarray();
+    /// let pattern = PatternConfig::Streaming { sinks: 4, window: 16 };
+    /// let layer = MultiHeadSparseAttentionConfig::new(32, 4, pattern).with_block_size(16).init(&device)?;
+    /// let mut cache = layer.new_window_cache(1, 1, &device)?;
+    /// for _ in 0..200 {
+    ///     let x = Tensor::<3>::random([1, 1, 32], Distribution::Normal(0.0, 1.0), &device);
+    ///     layer.forward_cached(x, &mut cache)?;
+    /// }
+    /// assert_eq!(cache.lengths(), &[200]);
+    /// assert_eq!(cache.capacity(), 4 + 15 + 16);
+    /// # Ok::<(), sparse_attn_core::SparseAttentionError>(())
+    /// ```
+    pub fn new_window_cache(&self, batch: usize, chunk: usize, device: &Device) -> Result<KvCache> {
+        if chunk == 0 {
+            return Err(SparseAttentionError::Zero { name: "chunk" });
+        }
+        // Stream windows do not depend on the length asked about: ask at one block.
+        let window = self
+            .stream_window(self.block_size)?
+            .ok_or(SparseAttentionError::Unsupported {
+                what: "a window cache for a pattern whose queries may read the whole past or that regroups tokens",
+                expected: "a causal window pattern (local, sliding window, dilated, streaming, or a combination of them), or `new_cache` with a capacity",
+            })?;
+        let capacity = KvCache::window_capacity(window, chunk);
+        if self.stream_window(capacity)? != Some(window) {
+            return Err(SparseAttentionError::Unsupported {
+                what: "a window cache for a pattern whose window depends on the sequence length",
+                expected: "a pattern with the same stream window at every length, or `new_cache` with a capacity",
+            });
+        }
+        let dtype = self.query.weight.val().dtype();
+        KvCache::for_layer(self, batch, capacity, Some(window), dtype, device)
     }
 
     /// Self-attention of new tokens `x` that follow the tokens in `cache`: their keys and

@@ -203,6 +203,18 @@ impl SparseTransformerBlock {
         }
     }
 
+    /// A bounded key/value cache of this block's attention for a window pattern (see
+    /// [`MultiHeadSparseAttention::new_window_cache`]).
+    ///
+    /// # Errors
+    /// As `new_window_cache`; a dense block has no cache.
+    pub fn new_window_cache(&self, batch: usize, chunk: usize, device: &Device) -> Result<KvCache> {
+        match &self.attention {
+            SelfAttention::Sparse(attention) => attention.new_window_cache(batch, chunk, device),
+            SelfAttention::Dense(_) => Err(dense_has_no_cache()),
+        }
+    }
+
     /// The residual MLP half of the block.
     fn mlp(&self, x: Tensor<3>) -> Tensor<3> {
         let hidden = self

@@ -22,14 +22,19 @@ pub struct TransformerCache {
 }
 
 impl TransformerCache {
-    /// Tokens each batch row holds.
+    /// Tokens each batch row has seen (the position of its next token).
     pub fn lengths(&self) -> &[usize] {
         self.layers[0].lengths()
     }
 
-    /// Tokens each batch row can hold.
+    /// Slots of each batch row in every block's cache (see [`KvCache::capacity`]).
     pub fn capacity(&self) -> usize {
         self.layers[0].capacity()
+    }
+
+    /// Bytes of the cached keys and values of every block.
+    pub fn memory_bytes(&self) -> usize {
+        self.layers.iter().map(KvCache::memory_bytes).sum()
     }
 
     /// The cache of each block.
@@ -83,6 +88,31 @@ impl SparseTransformer {
             .blocks
             .iter()
             .map(|block| block.new_cache(batch, capacity, device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TransformerCache { layers })
+    }
+
+    /// Bounded key/value caches of every block for `batch` sequences of any length, for
+    /// window patterns (see [`MultiHeadSparseAttention::new_window_cache`]): each keeps only
+    /// the tokens a later query can read. The length of a text is then bounded only by the
+    /// position encoding (`max_seq_len` positions). `chunk` is the most tokens one call
+    /// adds.
+    ///
+    /// # Errors
+    /// `batch` or `chunk` zero, a block whose pattern has no stream window, or a block with
+    /// Burn's dense attention.
+    ///
+    /// [`MultiHeadSparseAttention::new_window_cache`]: crate::MultiHeadSparseAttention::new_window_cache
+    pub fn new_window_cache(
+        &self,
+        batch: usize,
+        chunk: usize,
+        device: &Device,
+    ) -> Result<TransformerCache> {
+        let layers = self
+            .blocks
+            .iter()
+            .map(|block| block.new_window_cache(batch, chunk, device))
             .collect::<Result<Vec<_>>>()?;
         Ok(TransformerCache { layers })
     }
@@ -151,7 +181,7 @@ impl SparseTransformer {
         }
         // Positions of the new rows; padding rows repeat a valid one (their output is
         // ignored).
-        let (first, capacity) = (cache.lengths().to_vec(), cache.capacity());
+        let first = cache.lengths().to_vec();
         if first.len() != batch {
             return Err(SparseAttentionError::CacheMismatch {
                 what: "batch",
@@ -159,9 +189,21 @@ impl SparseTransformer {
                 layer: batch.to_string(),
             });
         }
+        if let Some(end) = first
+            .iter()
+            .zip(valid)
+            .map(|(&f, &n)| f.saturating_add(n))
+            .find(|&end| end > self.max_seq_len)
+        {
+            return Err(SparseAttentionError::SequenceTooLong {
+                len: end,
+                max: self.max_seq_len,
+            });
+        }
+        let last = self.max_seq_len - 1;
         let positions: Vec<i64> = first
             .iter()
-            .flat_map(|&f| (0..m).map(move |i| (f + i).min(capacity - 1) as i64))
+            .flat_map(|&f| (0..m).map(move |i| (f + i).min(last) as i64))
             .collect();
         let device = tokens.device();
         let index = Tensor::<2, Int>::from_data(TensorData::new(positions, [batch, m]), &device);
@@ -500,6 +542,76 @@ mod tests {
         }
     }
 
+    /// Window caches far smaller than the text (their rows move behind the sinks several
+    /// times) give the full forward's logits at every position: window patterns with and
+    /// without sinks, a dilated window, per-head windows, prefill chunks and single steps,
+    /// and batch rows of different lengths that move at different steps.
+    #[test]
+    fn window_caches_past_their_slots_equal_the_full_forward() {
+        let device = Device::ndarray();
+        let patterns = [
+            PatternConfig::Local { ctx: 5 },
+            PatternConfig::SlidingWindow { window: 3 },
+            PatternConfig::Streaming {
+                sinks: 3,
+                window: 4,
+            },
+            PatternConfig::Dilated {
+                window: 3,
+                dilation: 2,
+                causal: true,
+            },
+            PatternConfig::PerHead(vec![
+                PatternConfig::Local { ctx: 3 },
+                PatternConfig::Streaming {
+                    sinks: 2,
+                    window: 6,
+                },
+                PatternConfig::SlidingWindow { window: 2 },
+                PatternConfig::Local { ctx: 7 },
+            ]),
+        ];
+        let n = 45;
+        for pattern in patterns {
+            let model = model(pattern.clone(), PositionEncoding::Learned, &device);
+            let tokens = text(2, n, &device);
+            let ids = tokens.to_data().convert::<i64>().into_vec::<i64>().unwrap();
+            let mut cache = model.new_window_cache(2, 4, &device).unwrap();
+            assert!(cache.capacity() < 20, "{pattern:?}: {}", cache.capacity());
+            // Row 1 lags row 0 by three tokens: their rows move at different steps.
+            let lag = 3;
+            let mut got = [Vec::new(), Vec::new()];
+            let mut at = [0usize, 0];
+            for step in [
+                4, 1, 3, 1, 1, 2, 4, 1, 1, 1, 4, 3, 1, 1, 4, 1, 1, 2, 4, 1, 4,
+            ] {
+                let valid = [step.min(n - at[0]), step.min(n - lag - at[1])];
+                // Each row's next tokens, right-padded to the call's four columns.
+                let ids: Vec<i64> = (0..2)
+                    .flat_map(|b| (0..4).map(move |i| (b, at[b] + i)))
+                    .map(|(b, t)| ids[b * n + t.min(n - 1)])
+                    .collect();
+                let chunk = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 4]), &device);
+                let logits = model
+                    .forward_cached_lengths(chunk, &valid, &mut cache)
+                    .unwrap();
+                for b in 0..2 {
+                    got[b].push(logits.clone().slice([b..b + 1, 0..valid[b], 0..64]));
+                    at[b] += valid[b];
+                }
+            }
+            assert_eq!(at, [n, n - lag], "{pattern:?}");
+            assert_eq!(cache.lengths(), &at);
+            for b in 0..2 {
+                let full = model
+                    .forward(tokens.clone().slice([b..b + 1, 0..at[b]]))
+                    .unwrap();
+                let diff = max_diff(Tensor::cat(std::mem::take(&mut got[b]), 1), full);
+                assert!(diff < 1e-4, "{pattern:?} row {b}: {diff}");
+            }
+        }
+    }
+
     /// Greedy generation picks, at every step, the most likely token of the full forward
     /// over the text so far.
     #[test]
@@ -571,6 +683,44 @@ mod tests {
         assert!(matches!(
             dense.new_cache(1, 8, &device),
             Err(SparseAttentionError::Unsupported { .. })
+        ));
+        for pattern in [
+            PatternConfig::All,
+            PatternConfig::Strided { stride: 4 },
+            PatternConfig::Fixed {
+                local_ctx: 8,
+                num_verts: 1,
+                vertsize: 1,
+            },
+        ] {
+            let model = SparseTransformerConfig::new(64, 16, 2, 1, 48, pattern)
+                .with_block_size(4)
+                .init(&device)
+                .unwrap();
+            assert!(matches!(
+                model.new_window_cache(1, 4, &device),
+                Err(SparseAttentionError::Unsupported { .. })
+            ));
+        }
+        let mut window = model.new_window_cache(1, 2, &device).unwrap();
+        assert_eq!(window.capacity(), 5 + 6);
+        assert!(matches!(
+            model.new_window_cache(1, 0, &device),
+            Err(SparseAttentionError::Zero { name: "chunk" })
+        ));
+        // More tokens than the room behind the window, then past the positions.
+        assert!(matches!(
+            model.forward_cached(text(1, 12, &device), &mut window),
+            Err(SparseAttentionError::CacheFull { .. })
+        ));
+        for _ in 0..8 {
+            model
+                .forward_cached(text(1, 6, &device), &mut window)
+                .unwrap();
+        }
+        assert!(matches!(
+            model.forward_cached(text(1, 1, &device), &mut window),
+            Err(SparseAttentionError::SequenceTooLong { len: 49, max: 48 })
         ));
         let config = GenerateConfig::new(4);
         for (prompts, want) in [(vec![], "prompts"), (vec![vec![]], "prompt")] {

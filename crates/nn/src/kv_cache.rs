@@ -6,9 +6,18 @@
 //! and values and attends only the new rows (`sparse_attn_core::sparse_attention_decode`),
 //! through the layout of the capacity, built once and shared: a decode step costs what its
 //! layout row costs, not a forward over the whole text.
+//!
+//! A *window* cache ([`MultiHeadSparseAttention::new_window_cache`]) serves patterns that
+//! read only a bounded past ([`StreamWindow`]: sliding windows, `local`, streaming with
+//! sinks): it keeps the sinks and the last `reach - 1` tokens, and when a row runs out of
+//! slots it moves those down behind the sinks and renumbers them. The pattern reads the same
+//! in the renumbered slots (that is what a stream window promises), so the result is the
+//! unbounded cache's, and a stream of any length decodes in `sinks + reach - 1 + room` slots.
+//! A move copies `reach - 1` keys once per `room` tokens: at most what the decode steps of
+//! those tokens read anyway.
 
 use burn::tensor::{DType, Device, Tensor};
-use sparse_attn_core::{DecodeRows, Result, SparseAttentionError};
+use sparse_attn_core::{DecodeRows, Result, SparseAttentionError, StreamWindow};
 
 use crate::attention::MultiHeadSparseAttention;
 
@@ -16,13 +25,18 @@ use crate::attention::MultiHeadSparseAttention;
 ///
 /// # Invariants
 /// `keys` and `values` are `[batch, kv_heads, capacity, head_dim]` of one dtype on one
-/// device; `lengths` has `batch` entries, each at most `capacity`; positions `0 ..
-/// lengths[b]` of row `b` hold the keys and values of its tokens `0 .. lengths[b]`.
+/// device; `lengths` and `shifts` have `batch` entries. Row `b` has seen `lengths[b]`
+/// tokens and holds `lengths[b] - shifts[b]` of them, at most `capacity`: slots `0 ..
+/// sinks` hold tokens `0 .. sinks`, and slot `s >= sinks` holds token `s + shifts[b]`.
+/// `shifts` are zero without a window; with one, a row holds every token a later query can
+/// read.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     /// Keys and values; `None` only while an append replaces them.
     kv: Option<(Tensor<4>, Tensor<4>)>,
     lengths: Vec<usize>,
+    shifts: Vec<usize>,
+    window: Option<StreamWindow>,
     heads: usize,
 }
 
@@ -33,6 +47,7 @@ impl KvCache {
         layer: &MultiHeadSparseAttention,
         batch: usize,
         capacity: usize,
+        window: Option<StreamWindow>,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
@@ -53,8 +68,20 @@ impl KvCache {
         Ok(Self {
             kv: Some((zeros(), zeros())),
             lengths: vec![0; batch],
+            shifts: vec![0; batch],
+            window,
             heads: layer.n_heads,
         })
+    }
+
+    /// The slots a window cache needs so that any call of up to `chunk` tokens fits: the
+    /// sinks, the `reach - 1` tokens a new query may read, and room for at least `reach`
+    /// new tokens (so that moves come at most once per `reach` tokens).
+    pub(crate) fn window_capacity(window: StreamWindow, chunk: usize) -> usize {
+        window
+            .sinks
+            .saturating_add(window.reach - 1)
+            .saturating_add(chunk.max(window.reach))
     }
 
     fn tensors(&self) -> &(Tensor<4>, Tensor<4>) {
@@ -68,18 +95,35 @@ impl KvCache {
         self.lengths.len()
     }
 
-    /// Tokens each batch row can hold.
+    /// Slots of each batch row: the tokens it can hold (a window cache holds the last of
+    /// the tokens it has seen).
     pub fn capacity(&self) -> usize {
         self.tensors().0.dims()[2]
     }
 
-    /// Tokens each batch row holds.
+    /// Tokens each batch row has seen (the position of its next token).
     pub fn lengths(&self) -> &[usize] {
         &self.lengths
     }
 
-    /// The cached keys, `[batch, kv_heads, capacity, head_dim]` (positions past a row's length
-    /// hold zeros or stale values).
+    /// The window this cache keeps, or `None` when it keeps every token.
+    pub fn window(&self) -> Option<StreamWindow> {
+        self.window
+    }
+
+    /// Bytes of the cached keys and values (what the cache holds on its device, whatever
+    /// the number of tokens seen).
+    pub fn memory_bytes(&self) -> usize {
+        let (k, v) = self.tensors();
+        [k, v]
+            .iter()
+            .map(|t| t.shape().num_elements() * t.dtype().size())
+            .sum()
+    }
+
+    /// The cached keys, `[batch, kv_heads, capacity, head_dim]` (slot `s` of row `b` holds
+    /// token `s` without a window, see [`KvCache`]'s invariants with one; slots past a row's
+    /// tokens hold zeros or stale values).
     pub fn keys(&self) -> &Tensor<4> {
         &self.tensors().0
     }
@@ -92,13 +136,34 @@ impl KvCache {
     /// Forgets every token (the memory stays allocated for the next sequence).
     pub fn clear(&mut self) {
         self.lengths.fill(0);
+        self.shifts.fill(0);
     }
 
-    /// The rows of a call that adds `valid[b]` new tokens to batch row `b`: they start
-    /// after the row's cached tokens.
+    /// The shift of row `b` once it makes room for `new` tokens: a window cache whose row
+    /// would overflow keeps its sinks and the last `reach - 1` tokens, behind the sinks.
+    fn shift_for(&self, b: usize, new: usize) -> usize {
+        let (len, shift) = (self.lengths[b], self.shifts[b]);
+        match self.window {
+            Some(StreamWindow { sinks, reach }) if len - shift + new > self.capacity() => {
+                let keep = (reach - 1).min(len.saturating_sub(sinks));
+                len - sinks.min(len) - keep
+            }
+            _ => shift,
+        }
+    }
+
+    /// The rows of a call that adds `valid[b]` new tokens to batch row `b`, in slots: they
+    /// start after the row's cached tokens (once a window cache has made room). A `valid`
+    /// list of another length is left for [`DecodeRows::check`] to refuse.
     pub(crate) fn rows(&self, valid: &[usize]) -> DecodeRows {
+        let first = (0..self.batch())
+            .map(|b| {
+                let new = valid.get(b).copied().unwrap_or(0);
+                self.lengths[b] - self.shift_for(b, new)
+            })
+            .collect();
         DecodeRows {
-            first: self.lengths.clone(),
+            first,
             valid: valid.to_vec(),
         }
     }
@@ -145,10 +210,11 @@ impl KvCache {
     }
 
     /// Writes the first `rows.valid[b]` rows of `k` and `v` (`[batch, kv_heads, m, d]`)
-    /// after each row's cached tokens and advances the lengths. [`check`](Self::check) must
-    /// have passed for `rows`.
+    /// after each row's cached tokens (a window cache first makes room in the rows that need
+    /// it) and advances the lengths. [`check`](Self::check) must have passed for `rows`.
     pub(crate) fn append(&mut self, k: Tensor<4>, v: Tensor<4>, rows: &DecodeRows) {
         let [batch, kv_heads, m, d] = k.dims();
+        self.make_room(&rows.valid);
         let (mut keys, mut values) = self.kv.take().expect("a cache always holds its tensors");
         let (first, valid) = (&rows.first, &rows.valid);
         let uniform = first.iter().all(|&f| f == first[0]) && valid.iter().all(|&x| x == m);
@@ -172,6 +238,53 @@ impl KvCache {
         self.kv = Some((keys, values));
         for (len, &new) in self.lengths.iter_mut().zip(valid) {
             *len += new;
+        }
+    }
+
+    /// Moves the kept tokens of every row that cannot take its `valid` new tokens down
+    /// behind the sinks (one copy for all rows when they move alike).
+    fn make_room(&mut self, valid: &[usize]) {
+        let Some(StreamWindow { sinks, .. }) = self.window else {
+            return;
+        };
+        // (row, slots it holds, its new shift) of every row that moves.
+        let moves: Vec<(usize, usize, usize)> = (0..self.batch())
+            .filter_map(|b| {
+                let shift = self.shift_for(b, valid[b]);
+                (shift != self.shifts[b]).then(|| (b, self.lengths[b] - self.shifts[b], shift))
+            })
+            .collect();
+        let Some(&(_, held0, shift0)) = moves.first() else {
+            return;
+        };
+        let (mut keys, mut values) = self.kv.take().expect("a cache always holds its tensors");
+        let [batch, kv_heads, _, d] = keys.dims();
+        let alike = moves.len() == batch
+            && moves.iter().all(|&(b, held, shift)| {
+                (held, shift, self.lengths[b]) == (held0, shift0, self.lengths[0])
+            });
+        let groups: Vec<(std::ops::Range<usize>, usize, usize)> = if alike {
+            vec![(0..batch, held0, shift0)]
+        } else {
+            moves
+                .iter()
+                .map(|&(b, held, shift)| (b..b + 1, held, shift))
+                .collect()
+        };
+        for (rows, held, shift) in groups {
+            // The kept tokens are the last `keep` the row holds; they go to slots `sinks ..`.
+            let len = self.lengths[rows.start];
+            let keep = len - sinks.min(len) - shift;
+            let src = [rows.clone(), 0..kv_heads, held - keep..held, 0..d];
+            let at = [rows, 0..kv_heads, sinks..sinks + keep, 0..d];
+            let (kept_keys, kept_values) =
+                (keys.clone().slice(src.clone()), values.clone().slice(src));
+            keys = keys.slice_assign(at.clone(), kept_keys);
+            values = values.slice_assign(at, kept_values);
+        }
+        self.kv = Some((keys, values));
+        for &(b, _, shift) in &moves {
+            self.shifts[b] = shift;
         }
     }
 }
