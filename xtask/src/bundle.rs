@@ -1,9 +1,9 @@
 //! `cargo xtask gpu-bundle`: packs the GPU benchmark and the conformance tests for a GPU
 //! machine that has no Rust toolchain (../shared/GPU.md).
 //!
-//! Builds, in release and with the `vulkan` feature, the `bench_gpu` example and the
-//! `sparse-attn-core` conformance test binary; strips them and compresses them with xz into
-//! `.gpu/` (git-ignored), named `bench_gpu.xz` and `conformance.xz`. The GPU machine unpacks
+//! Builds, in release and with the `vulkan` feature, the `bench_gpu` and `bench_decode`
+//! examples and the `sparse-attn-core` conformance test binary; strips them and compresses
+//! them with xz into `.gpu/` (git-ignored), named after them (`bench_gpu.xz`, ...). The GPU machine unpacks
 //! them with `xz -dc .gpu/NAME.xz > /tmp/NAME && chmod +x /tmp/NAME`.
 
 use std::path::{Path, PathBuf};
@@ -90,20 +90,22 @@ pub fn gpu_bundle() -> Result<()> {
         "bench_cpu",
     )?;
     pack(&cpu_bench, dir, "bench_cpu")?;
-    let bench = build(
-        &[
-            "build",
-            "--release",
-            "-p",
-            "sparse-attn",
-            "--features",
-            "vulkan",
-            "--example",
-            "bench_gpu",
-        ],
-        "bench_gpu",
-    )?;
-    pack(&bench, dir, "bench_gpu")?;
+    for example in ["bench_gpu", "bench_decode"] {
+        let bench = build(
+            &[
+                "build",
+                "--release",
+                "-p",
+                "sparse-attn",
+                "--features",
+                "vulkan",
+                "--example",
+                example,
+            ],
+            example,
+        )?;
+        pack(&bench, dir, example)?;
+    }
     let tests = build(
         &[
             "test",

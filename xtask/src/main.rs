@@ -1,5 +1,5 @@
 //! Maintainer tasks (matklad's xtask pattern): `cargo xtask ci`, `cargo xtask bench cpu`,
-//! `cargo xtask bench train`, `cargo xtask bench gpu`, `cargo xtask bench-layout`,
+//! `cargo xtask bench train`, `cargo xtask bench decode`, `cargo xtask bench gpu`, `cargo xtask bench-layout`,
 //! `cargo xtask gpu-bundle`.
 
 mod bundle;
@@ -29,8 +29,9 @@ enum Task {
     /// Benchmarks (release build); extra arguments go to the benchmark binary.
     Bench {
         /// Which benchmark: `cpu` (CPU attention kernels), `gpu` (CubeCL kernels through
-        /// Vulkan, next to Burn's dense attention and, with `--flex FILE`, FlexAttention) or
-        /// `train` (end-to-end training).
+        /// Vulkan, next to Burn's dense attention and, with `--flex FILE`, FlexAttention),
+        /// `train` (end-to-end training) or `decode` (cached generation,
+        /// decode kernel per token, window-cache stream).
         target: String,
         /// Arguments for the benchmark binary (after `--`).
         #[arg(last = true)]
@@ -129,7 +130,10 @@ fn main() -> Result<()> {
                 "cpu" => ("bench_cpu", "flex"),
                 "gpu" => ("bench_gpu", "vulkan"),
                 "train" => ("bench_train", "flex"),
-                other => bail!("unknown benchmark `{other}`: expected cpu, gpu or train"),
+                "decode" => ("bench_decode", "flex"),
+                other => {
+                    bail!("unknown benchmark `{other}`: expected cpu, gpu, train or decode")
+                }
             };
             let mut cmd = vec![
                 "run",
