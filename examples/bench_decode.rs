@@ -8,7 +8,8 @@
 //!
 //! - *Generation*: a byte-level model (`local` window, learned positions) generates
 //!   `--tokens` tokens greedily after each prompt length. Ours: `SparseTransformer::generate`
-//!   (one prefill, then one cached step per token; tokens/s of the steps). Recompute: one
+//!   (one prefill, then one cached step per token; tokens/s of the steps after the first,
+//!   which warms up the decode kernels). Recompute: one
 //!   full forward of the text so far per token (what generation cost before the caches),
 //!   timed over `--slow-tokens` tokens. Burn dense: `TransformerEncoder` of the same width,
 //!   depth and MLP with a causal mask through `forward_autoregressive_inference` (its cache
@@ -55,7 +56,8 @@ struct Args {
     /// Tokens generated after each prompt (cached).
     #[arg(long, default_value_t = 1024)]
     tokens: usize,
-    /// Tokens timed for recompute and Burn dense (each costs a pass over the whole text).
+    /// Tokens timed for recompute and Burn dense (each costs a pass over the whole text),
+    /// after one untimed token that warms up their kernels for the new lengths.
     #[arg(long, default_value_t = 2)]
     slow_tokens: usize,
     /// Causal window of the pattern (`local`).
@@ -115,9 +117,20 @@ impl Rate {
     fn column(&self) -> String {
         match (self.tokens_per_s, &self.failed) {
             (Some(t), _) => format!("{t:.1}"),
-            (_, failed) => failed.clone().unwrap_or_default(),
+            (_, failed) => first_line(failed.as_deref().unwrap_or_default()),
         }
     }
+}
+
+/// The first line of a failure, for a table cell (the JSON keeps all of it).
+fn first_line(reason: &str) -> String {
+    reason
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(120)
+        .collect()
 }
 
 #[derive(Serialize)]
@@ -165,6 +178,10 @@ struct Report {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    anyhow::ensure!(
+        args.slow_tokens >= 1 && args.tokens >= 3,
+        "--slow-tokens must be at least 1 and --tokens at least 3"
+    );
     let device = backends::device(&args.backend)?;
     let report = Report {
         backend: args.backend.clone(),
@@ -213,7 +230,7 @@ fn generation(args: &Args, device: &Device) -> anyhow::Result<Vec<GenerationRow>
     println!("|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
     for &prompt in &args.prompts {
-        let max_seq_len = prompt + args.tokens;
+        let max_seq_len = prompt + args.tokens.max(args.slow_tokens + 1);
         let model = SparseTransformerConfig::new(
             256,
             args.d_model,
@@ -277,7 +294,7 @@ fn cached_rate(
     tokens: usize,
     device: &Device,
 ) -> Result<(f64, f64), String> {
-    let config = GenerateConfig::new(tokens.max(2)).with_temperature(0.0);
+    let config = GenerateConfig::new(tokens.max(3)).with_temperature(0.0);
     let start = Instant::now();
     let mut stamps = Vec::with_capacity(tokens);
     model
@@ -285,11 +302,13 @@ fn cached_rate(
             stamps.push(Instant::now())
         })
         .map_err(|e| e.to_string())?;
-    let (first, last) = (stamps[0], stamps[stamps.len() - 1]);
-    let steps = (stamps.len() - 1) as f64;
+    // The first token comes from the prefill; the first cached step warms up the decode
+    // kernels: the steps after it are timed.
+    let (prefill, warm, last) = (stamps[0], stamps[1], stamps[stamps.len() - 1]);
+    let steps = (stamps.len() - 2) as f64;
     Ok((
-        (first - start).as_secs_f64(),
-        (last - first).as_secs_f64() * 1e3 / steps,
+        (prefill - start).as_secs_f64(),
+        (last - warm).as_secs_f64() * 1e3 / steps,
     ))
 }
 
@@ -301,8 +320,11 @@ fn recompute_ms(
     device: &Device,
 ) -> Result<f64, String> {
     let mut text = random_text(prompt, device);
-    let start = Instant::now();
-    for _ in 0..tokens {
+    let mut start = Instant::now();
+    for step in 0..=tokens {
+        if step == 1 {
+            start = Instant::now();
+        }
         let logits = model.forward(text.clone()).map_err(|e| e.to_string())?;
         let next = last_argmax(logits);
         let next = Tensor::<2, Int>::from_data(TensorData::new(vec![next], [1, 1]), device);
@@ -341,7 +363,7 @@ impl BurnDense {
 /// Ms per token of Burn's dense transformer through its autoregressive cache (`tokens` of
 /// them, after a prefill of `prompt`), or why it cannot run here.
 fn dense_ms(args: &Args, prompt: usize, device: &Device) -> Result<f64, String> {
-    let n = prompt + args.slow_tokens;
+    let n = prompt + args.slow_tokens + 1;
     let scores = (n * n * args.heads * 4) as u64;
     let on_cpu = matches!(args.backend.as_str(), "ndarray" | "flex");
     if on_cpu && available_memory().is_some_and(|free| scores * 3 > free) {
@@ -367,8 +389,11 @@ fn dense_ms(args: &Args, prompt: usize, device: &Device) -> Result<f64, String> 
         };
         let next = step(&text);
         let mut next = Tensor::<2, Int>::from_data(TensorData::new(vec![next], [1, 1]), device);
-        let start = Instant::now();
-        for _ in 0..args.slow_tokens {
+        let mut start = Instant::now();
+        for token in 0..=args.slow_tokens {
+            if token == 1 {
+                start = Instant::now();
+            }
             text = Tensor::cat(vec![text, next], 1);
             let token = step(&text);
             next = Tensor::from_data(TensorData::new(vec![token], [1, 1]), device);
@@ -457,7 +482,7 @@ fn per_token(args: &Args, device: &Device) -> Vec<PerTokenRow> {
                 }
             }
             Err(e) => {
-                println!("| {context} | failed: {e} | - |");
+                println!("| {context} | failed: {} | - |", first_line(&e));
                 PerTokenRow {
                     context,
                     window_us: None,

@@ -1,14 +1,59 @@
 //! Byte-level training data: the text, its train/validation split, and batch sampling.
 
-use std::path::Path;
+use std::fs;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::Rng;
 use rand::rngs::StdRng;
 
-/// The repository's own docs and sources, gathered by the facade's build script.
-const BUILTIN: &str = include_str!(concat!(env!("OUT_DIR"), "/corpus.txt"));
+/// The workspace this example was built from: its docs and sources are the built-in corpus.
+const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+
+/// The repository's own text, Markdown docs first and then Rust sources, each in path
+/// order (so the split is reproducible): the default training data, read when the example
+/// starts so that `cargo run --example train` needs no download.
+fn builtin_corpus() -> anyhow::Result<Vec<u8>> {
+    fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let (path, name) = (entry.path(), entry.file_name());
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || name == "target" {
+                continue;
+            }
+            if path.is_dir() {
+                collect(&path, out);
+            } else if name.ends_with(".md") || name.ends_with(".rs") {
+                out.push(path);
+            }
+        }
+    }
+    let root = Path::new(WORKSPACE);
+    if !root.join("crates").is_dir() {
+        bail!(
+            "the built-in corpus is this repository's text, but {} is not the repository any \
+             more; pass --data FILE",
+            root.display()
+        );
+    }
+    let mut files = vec![root.join("README.md")];
+    for dir in ["crates", "examples", "xtask"] {
+        collect(&root.join(dir), &mut files);
+    }
+    files.sort_by_key(|p| (!p.to_string_lossy().ends_with(".md"), p.clone()));
+    let mut corpus = Vec::new();
+    for file in files {
+        if let Ok(text) = fs::read(&file) {
+            corpus.extend(text);
+            corpus.push(b'\n');
+        }
+    }
+    Ok(corpus)
+}
 
 /// A byte corpus split into a training part and a held-out tail.
 pub struct Corpus {
@@ -34,7 +79,7 @@ impl Corpus {
             ),
             None => (
                 "built-in corpus (this repository's docs and sources)".to_string(),
-                BUILTIN.as_bytes().to_vec(),
+                builtin_corpus()?,
             ),
         };
         if bytes.is_empty() {

@@ -16,6 +16,7 @@ mod checkpoint;
 mod data;
 mod plot;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -131,6 +132,9 @@ struct Args {
     /// Steps between validations (and checkpoints).
     #[arg(long, default_value_t = 50)]
     eval_every: usize,
+    /// Seconds between progress lines when stderr is not a terminal (a log, a pipe).
+    #[arg(long, default_value_t = 10.0)]
+    log_every: f64,
     /// Validation windows (consecutive, from the held-out tail).
     #[arg(long, default_value_t = 48)]
     eval_windows: usize,
@@ -380,10 +384,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     if state.valid_curve.is_empty() {
         state.valid_curve.push((0, validate(&model, &valid)?));
     }
-    let bar = ProgressBar::new(args.steps as u64).with_position(state.step as u64);
+    // A bar on a terminal; elsewhere (a CI log, `nohup`, a pipe) a plain line every few
+    // seconds and at every evaluation, so that long runs stay readable.
+    let on_terminal = std::io::stderr().is_terminal();
+    let bar = if on_terminal {
+        ProgressBar::new(args.steps as u64).with_position(state.step as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(ProgressStyle::with_template(
         "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
     )?);
+    let (mut last_line, first_step, loop_start) = (Instant::now(), state.step, Instant::now());
     let mut last_valid = state.valid_curve.last().map_or(f64::NAN, |p| p.1);
     while state.step < args.steps {
         let tick = Instant::now();
@@ -403,16 +415,27 @@ fn run(args: Args) -> anyhow::Result<()> {
         state.step += 1;
         let bits = f64::from(loss) / std::f64::consts::LN_2;
         state.train_curve.push((state.step, bits));
-        if state.step % args.eval_every == 0 || state.step == args.steps {
+        let evaluated = state.step % args.eval_every == 0 || state.step == args.steps;
+        if evaluated {
             last_valid = validate(&model, &valid)?;
             state.valid_curve.push((state.step, last_valid));
             checkpoint.save(&model, &optimizer, &state)?;
         }
-        bar.set_position(state.step as u64);
-        bar.set_message(format!(
+        let message = format!(
             "train {bits:.3} bpb | valid {last_valid:.3} bpb | {:.0} tok/s",
             state.train_tokens as f64 / state.train_seconds
-        ));
+        );
+        if !on_terminal && (evaluated || last_line.elapsed().as_secs_f64() >= args.log_every) {
+            last_line = Instant::now();
+            let per_step = loop_start.elapsed().as_secs_f64() / (state.step - first_step) as f64;
+            let eta = per_step * (args.steps - state.step) as f64;
+            eprintln!(
+                "step {}/{} | {message} | eta {:.0} s",
+                state.step, args.steps, eta
+            );
+        }
+        bar.set_position(state.step as u64);
+        bar.set_message(message);
     }
     bar.finish();
     if state.train_curve.is_empty() {

@@ -1,8 +1,8 @@
 //! Large output buffers backed by transparent huge pages.
 //!
 //! Every call hands its outputs (and gradients) to the backend as fresh buffers of tens of
-//! MiB; with 4 KiB pages their first touch costs one page fault per page, which measured
-//! 15 ms of a 140 ms backward pass (48 MiB of gradients at n = 8192). On Linux, where the
+//! MiB; with 4 KiB pages their first touch costs one page fault per page, a visible share
+//! of a backward pass that writes tens of MiB of gradients. On Linux, where the
 //! kernel's transparent huge pages are in `madvise` mode (the common default), asking for
 //! huge pages turns that into one fault per 2 MiB.
 

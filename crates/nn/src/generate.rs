@@ -575,7 +575,11 @@ mod tests {
         for pattern in patterns {
             let model = model(pattern.clone(), PositionEncoding::Learned, &device);
             let tokens = text(2, n, &device);
-            let ids = tokens.to_data().convert::<i64>().try_into_vec::<i64>().unwrap();
+            let ids = tokens
+                .to_data()
+                .convert::<i64>()
+                .try_into_vec::<i64>()
+                .unwrap();
             let mut cache = model.new_window_cache(2, 4, &device).unwrap();
             assert!(cache.capacity() < 20, "{pattern:?}: {}", cache.capacity());
             // Row 1 lags row 0 by three tokens: their rows move at different steps.

@@ -17,9 +17,8 @@ use crate::simd::avx2_dispatch;
 /// layout, its key/value head's rows in positions) for which key/value groups run in parallel, each
 /// concurrent task with buffers of its own; above it (permuted layouts at large `n`) groups
 /// run one after another, so the scratch stays one task's worth. One head after another,
-/// with only each head's blocks in parallel, waits at two barriers per column chunk: on a
-/// 16-core host, groups in parallel ran the backward 1.3-1.9x faster (n = 8192 and 32768,
-/// H = 8; neutral on 2 cores).
+/// with only each head's blocks in parallel, waits at two barriers per column chunk, which
+/// leaves cores idle when there are many of them.
 pub(super) const PARALLEL_TASK_BYTES: usize = 20 << 20;
 
 /// The buffers of one task of the stored backward.

@@ -17,8 +17,8 @@
 //!   skips the per-element tests;
 //! - every shared-memory row (staged tiles, score and probability tiles) is padded by 16
 //!   bytes, so the eight rows that one fragment load or store touches at a time fall in
-//!   different banks (unpadded, 64- and 128-element rows put them all in one: on the H200
-//!   this padding alone made the forward 1.7x faster);
+//!   different banks (unpadded, 64- and 128-element rows put them all in one bank, and
+//!   every fragment access would serialise eight ways);
 //! - score tiles (`S`, `dP`) are stored from their accumulators into a per-plane f32 tile
 //!   where each row's lanes apply the scale, the element masks, key lengths and dropout and
 //!   run the (online) softmax; the probabilities (or `dS`) go back to shared memory in the
@@ -58,8 +58,8 @@ const MAX_BLOCK: usize = 128;
 /// tile in every kernel: one fragment. Small tiles keep the per-plane score tiles and the
 /// staged rows small, so that more cubes share a multiprocessor and each lane's score array
 /// stays in few registers; the extra synchronisation of more, shorter tiles costs less than
-/// that gains (measured over head dims 64 and 128 and blocks 64 and 128: the README's GPU
-/// benchmark section).
+/// that gains over head dims 64 and 128 and blocks 64 and 128 (the README's GPU benchmark
+/// section has the measurements).
 const TILE: usize = FRAG;
 
 /// The environment variable that turns the tensor-core kernels off (`0`), for comparisons
