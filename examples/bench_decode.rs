@@ -122,8 +122,21 @@ impl Rate {
     }
 }
 
-/// The first line of a failure, for a table cell (the JSON keeps all of it).
+/// A failure in a few words, for a table cell (the JSON keeps all of it): the buffer a
+/// device refused when that is the cause (it sits at the end of CubeCL's error chain),
+/// otherwise the first line.
 fn first_line(reason: &str) -> String {
+    const REFUSED: &str = "can't allocate buffer of size: ";
+    if let Some(bytes) = reason
+        .find(REFUSED)
+        .and_then(|at| reason[at + REFUSED.len()..].split_whitespace().next())
+        .and_then(|b| b.parse::<u64>().ok())
+    {
+        return format!(
+            "failed: the device refused a {:.1} GiB buffer",
+            bytes as f64 / (1u64 << 30) as f64
+        );
+    }
     reason
         .lines()
         .next()

@@ -26,7 +26,7 @@ pub const MIN_BLOCK: usize = 1;
 /// Largest supported block size.
 pub const MAX_BLOCK: usize = 128;
 /// Marker of a full block in the mask list.
-pub const FULL: u32 = u32::MAX;
+pub const FULL: u32 = sparse_attn_kernel_types::FULL_BLOCK;
 
 /// A validated, immutable block layout; cloning is cheap (shared).
 ///
@@ -402,6 +402,27 @@ impl BlockLayout {
         let bit = i * self.0.block + j;
         let words = &self.0.mask_bits[m as usize * self.0.mask_words..];
         words[bit / 64] >> (bit % 64) & 1 == 1
+    }
+
+    /// The plain-data view that every kernel reads (`sparse_attn_kernel_types::CsrLayout`):
+    /// the CSR arrays of [`raw`](Self::raw), the sizes and the token order.
+    pub fn csr(&self) -> sparse_attn_kernel_types::CsrLayout<'_> {
+        let (row_ptr, cols, masks, col_ptr, t_rows, t_entries, mask_bits, mask_words) = self.raw();
+        sparse_attn_kernel_types::CsrLayout {
+            seq_len: self.seq_len(),
+            block: self.block(),
+            n_blocks: self.n_blocks(),
+            layout_heads: self.layout_heads(),
+            row_ptr,
+            cols,
+            masks,
+            col_ptr,
+            t_rows,
+            t_entries,
+            mask_bits,
+            mask_words,
+            order: self.order().map(|(order, _)| order),
+        }
     }
 
     /// Raw CSR arrays for kernels: `(row_ptr, cols, masks, col_ptr, t_rows, t_entries,

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-pub use sparse_attn_ndarray::DropoutMask;
+pub use sparse_attn_kernel_types::DropoutMask;
 
 /// What the [`SparseAttentionBackend`](crate::SparseAttentionBackend) ops take besides the
 /// tensors and the layout. Built by the public API from [`AttentionOptions`](crate::AttentionOptions)
@@ -32,9 +32,9 @@ impl AttentionParams {
         }
     }
 
-    /// The CPU kernels' view of the options.
-    pub(crate) fn extras(&self) -> sparse_attn_ndarray::Extras<'_> {
-        sparse_attn_ndarray::Extras {
+    /// The kernels' view of the options (every kernel crate takes this one type).
+    pub(crate) fn kernel_options(&self) -> sparse_attn_kernel_types::KernelOptions<'_> {
+        sparse_attn_kernel_types::KernelOptions {
             key_lengths: self.key_lengths.as_deref(),
             dropout: self.dropout,
         }

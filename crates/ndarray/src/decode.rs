@@ -15,8 +15,8 @@
 
 use rayon::prelude::*;
 
-use crate::layout::{AttentionShape, CsrLayout};
 use crate::real::Real;
+use sparse_attn_kernel_types::{AttentionShape, CsrLayout};
 
 /// Keys per task of one query row (rounded down to whole blocks, at least one block).
 pub const CHUNK_KEYS: usize = 1024;
@@ -261,7 +261,7 @@ fn axpy<T: Real>(alpha: T, x: &[T], y: &mut [T]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::FULL_BLOCK;
+    use sparse_attn_kernel_types::FULL_BLOCK;
 
     /// A causal `all` layout of `n` tokens in blocks of `b`: every block at or below the
     /// diagonal, the diagonal ones masked to `j <= i`.

@@ -2,13 +2,15 @@
 
 use rayon::prelude::*;
 
-use crate::extras::{Extras, HeadExtras};
-use crate::layout::{AttentionShape, CsrLayout};
+use sparse_attn_kernel_types::KernelOptions;
+
+use crate::options::HeadOptions;
 use crate::order::gather_into;
 use crate::real::Real;
 use crate::rows::PositionRows;
 use crate::simd::avx2_dispatch;
 use crate::tile::{exp_shifted_sum, gemm, row_max};
+use sparse_attn_kernel_types::{AttentionShape, CsrLayout};
 
 /// Block-sparse attention forward.
 ///
@@ -33,7 +35,7 @@ pub fn forward<T: Real>(
     shape: AttentionShape,
     layout: &CsrLayout<'_>,
     scale: T,
-    extras: &Extras<'_>,
+    extras: &KernelOptions<'_>,
     out: &mut [T],
     lse: &mut [T],
 ) {
@@ -82,7 +84,7 @@ pub fn forward<T: Real>(
                 &k[kv_base..kv_base + n * d],
                 &v[kv_base..kv_base + n * d],
             );
-            let x = HeadExtras::new(extras, layout, bh / heads, head);
+            let x = HeadOptions::new(extras, layout, bh / heads, head);
             let order = layout.order;
             let (out, lse) = (
                 PositionRows::new(out_bh, d, order),
@@ -128,7 +130,7 @@ fn head_blocks<T: Real>(
     layout: &CsrLayout<'_>,
     head: usize,
     scale: T,
-    x: &HeadExtras<'_>,
+    x: &HeadOptions<'_>,
     mut out_bh: PositionRows<'_, T>,
     mut lse_bh: PositionRows<'_, T>,
 ) {
@@ -166,7 +168,7 @@ fn query_block<T: Real>(
     head: usize,
     r: usize,
     scale: T,
-    x: &HeadExtras<'_>,
+    x: &HeadOptions<'_>,
     o: &mut [T],
     l: &mut [T],
     s: &mut [T],

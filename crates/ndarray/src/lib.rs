@@ -23,11 +23,9 @@
 mod backward;
 mod buffer;
 mod decode;
-pub mod dropout;
 mod exp;
-mod extras;
 mod forward;
-mod layout;
+mod options;
 mod order;
 mod real;
 mod rows;
@@ -39,8 +37,8 @@ pub use backward::{
 };
 pub use buffer::{with_capacity, zeroed};
 pub use decode::{CHUNK_KEYS, DecodeRows, DecodeShape, decode};
-pub use dropout::DropoutMask;
-pub use extras::Extras;
 pub use forward::forward;
-pub use layout::{AttentionShape, CsrLayout, FULL_BLOCK};
 pub use real::Real;
+pub use sparse_attn_kernel_types::{
+    AttentionShape, CsrLayout, DropoutMask, FULL_BLOCK, KernelOptions,
+};

@@ -4,7 +4,7 @@
 //! over a random token order (the kernels' permuted path).
 
 use sparse_attn_ndarray::{
-    AttentionShape, CsrLayout, DropoutMask, Extras, FULL_BLOCK, TILE_CACHE_BYTES,
+    AttentionShape, CsrLayout, DropoutMask, FULL_BLOCK, KernelOptions, TILE_CACHE_BYTES,
     backward_with_tile_cache, forward,
 };
 
@@ -160,7 +160,7 @@ impl Owned {
 fn simple(
     o: &Owned,
     shape: AttentionShape,
-    extras: &Extras<'_>,
+    extras: &KernelOptions<'_>,
     q: &[f64],
     k: &[f64],
     v: &[f64],
@@ -286,7 +286,7 @@ fn fused_kernels_match_simple_dense_over_awkward_sizes() {
                 for (with_lengths, with_dropout) in
                     [(false, false), (true, false), (false, true), (true, true)]
                 {
-                    let extras = Extras {
+                    let extras = KernelOptions {
                         key_lengths: with_lengths.then_some(&lengths[..]),
                         dropout: if with_dropout { mask } else { None },
                     };
@@ -307,7 +307,7 @@ fn fused_kernels_match_simple_dense_over_awkward_sizes() {
 fn check_case(
     o: &Owned,
     shape: AttentionShape,
-    extras: &Extras<'_>,
+    extras: &KernelOptions<'_>,
     [q, k, v, g]: [&[f64]; 4],
     what: &str,
 ) {

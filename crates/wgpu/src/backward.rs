@@ -5,6 +5,8 @@
 
 use cubecl::prelude::*;
 
+use crate::args::{FmaConfig, ProblemArgs};
+
 use crate::options::{head_key, in_length, keep_factor, query_row, row_key};
 use crate::tiles::{
     UNROLL_MAX, allowed, head_row, lane_sum, load_tiles, merge_sums, row_unit, span, token,
@@ -31,40 +33,27 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
     mask_bits: &[u32],
     order: &[u32],
     lengths: &[u32],
-    seq_len: usize,
-    n_blocks: usize,
-    heads: usize,
-    kv_heads: usize,
-    shared_layout: u32,
-    tasks: usize,
-    scale: f32,
-    seed_lo: u32,
-    seed_hi: u32,
-    threshold: u32,
-    keep_scale: f32,
-    #[comptime] block: usize,
-    #[comptime] vecs: usize,
-    #[comptime] key_tile: usize,
-    #[comptime] mask_words: usize,
-    #[comptime] permuted: bool,
-    #[comptime] splits: usize,
-    #[comptime] padded: bool,
-    #[comptime] dropout: bool,
+    args: ProblemArgs,
+    #[comptime] config: FmaConfig,
     #[define(F)] _dtype: ElemType,
 ) {
+    let seq_len = args.seq_len;
+    let heads = args.heads;
+    let scale = args.scale;
+    let seed_lo = args.seed_lo;
+    let seed_hi = args.seed_hi;
+    let threshold = args.threshold;
+    let keep_scale = args.keep_scale;
+    let block = config.block;
+    let vecs = config.vecs;
+    let key_tile = config.tile;
+    let mask_words = config.mask_words;
+    let permuted = config.permuted;
+    let splits = config.splits;
+    let padded = config.padded;
+    let dropout = config.dropout;
     let n = seq_len;
-    let at = row_unit(
-        order,
-        seq_len,
-        n_blocks,
-        heads,
-        kv_heads,
-        shared_layout,
-        tasks,
-        block,
-        vecs,
-        permuted,
-    );
+    let at = row_unit(order, args.heads, &args, config);
     let (bh, row, u, lane, valid, base, tok) =
         (at.bh, at.list, at.u, at.lane, at.valid, at.base, at.tok);
     let unit = UNIT_POS_X as usize;
@@ -206,43 +195,33 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
     mask_bits: &[u32],
     order: &[u32],
     lengths: &[u32],
-    seq_len: usize,
-    n_blocks: usize,
-    heads: usize,
-    kv_heads: usize,
-    shared_layout: u32,
-    tasks: usize,
-    scale: f32,
-    seed_lo: u32,
-    seed_hi: u32,
-    threshold: u32,
-    keep_scale: f32,
-    #[comptime] block: usize,
-    #[comptime] vecs: usize,
-    #[comptime] query_tile: usize,
-    #[comptime] mask_words: usize,
-    #[comptime] permuted: bool,
-    #[comptime] splits: usize,
-    #[comptime] with_dk: bool,
-    #[comptime] with_dv: bool,
-    #[comptime] padded: bool,
-    #[comptime] dropout: bool,
+    args: ProblemArgs,
+    #[comptime] config: FmaConfig,
     #[define(F)] _dtype: ElemType,
 ) {
+    let seq_len = args.seq_len;
+    let n_blocks = args.n_blocks;
+    let heads = args.heads;
+    let kv_heads = args.kv_heads;
+    let shared_layout = args.shared_layout;
+    let scale = args.scale;
+    let seed_lo = args.seed_lo;
+    let seed_hi = args.seed_hi;
+    let threshold = args.threshold;
+    let keep_scale = args.keep_scale;
+    let block = config.block;
+    let vecs = config.vecs;
+    let query_tile = config.tile;
+    let mask_words = config.mask_words;
+    let permuted = config.permuted;
+    let splits = config.splits;
+    let with_dk = config.with_dk;
+    let with_dv = config.with_dv;
+    let padded = config.padded;
+    let dropout = config.dropout;
     let n = seq_len;
     // Tasks walk `(batch, kv head)` pairs: `at.bh` is the key/value pair, `at.base` its rows.
-    let at = row_unit(
-        order,
-        seq_len,
-        n_blocks,
-        kv_heads,
-        kv_heads,
-        shared_layout,
-        tasks,
-        block,
-        vecs,
-        permuted,
-    );
+    let at = row_unit(order, args.kv_heads, &args, config);
     let (bkv, u, lane, base, tok) = (at.bh, at.u, at.lane, at.base, at.tok);
     let unit = UNIT_POS_X as usize;
     let group = heads / kv_heads;

@@ -19,7 +19,9 @@ use cubecl::server::Handle;
 
 use crate::device_layout::{DeviceLayout, upload};
 use crate::error::KernelError;
-use crate::launch::{AttentionShape, arg, grid_count, launch_kernel, tensor};
+use sparse_attn_kernel_types::AttentionShape;
+
+use crate::launch::{arg, grid_count, launch_kernel, tensor};
 use crate::tiles::{MASKED, UNROLL_MAX, allowed, head_row, lane_sum, span, token};
 
 /// Marks a query row that is padding (no token): its output is zero.

@@ -2,7 +2,7 @@
 //! every launch on that device.
 //!
 //! The kernels index the layout's arrays without bounds checks (see [`crate::forward`]), so
-//! a [`CsrView`] is checked in full before it is uploaded; a caller keeps the
+//! a [`CsrLayout`] is checked in full before it is uploaded; a caller keeps the
 //! [`DeviceLayout`] next to the layout it came from (`sparse-attn-core` attaches it to its
 //! `BlockLayout`, one per device) and pays for neither the check nor the upload again.
 
@@ -11,10 +11,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::error::KernelError;
-use crate::launch::CsrView;
-
-/// Mask index of a full block (no bitmap).
-const FULL: u32 = u32::MAX;
+use sparse_attn_kernel_types::{CsrLayout, FULL_BLOCK as FULL};
 
 /// A device buffer and its element count.
 pub(crate) type Buffer = (Handle, usize);
@@ -72,7 +69,7 @@ impl DeviceLayout {
     ///
     /// # Errors
     /// [`KernelError::Layout`] naming the first array that breaks an invariant.
-    pub fn upload(client: &Client, view: &CsrView) -> Result<Self, KernelError> {
+    pub fn upload(client: &Client, view: &CsrLayout) -> Result<Self, KernelError> {
         check(view)?;
         let bits: Vec<u32> = view
             .mask_bits
@@ -156,7 +153,7 @@ fn check_below(name: &str, values: &[u32], bound: usize, what: &str) -> Result<(
 }
 
 /// Every invariant of [`DeviceLayout`] on `view`.
-fn check(view: &CsrView) -> Result<(), KernelError> {
+fn check(view: &CsrLayout) -> Result<(), KernelError> {
     let max = u32::MAX as usize;
     if view.block == 0 || view.seq_len == 0 || view.layout_heads == 0 {
         return Err(broken(format!(
@@ -270,8 +267,8 @@ mod tests {
         }
     }
 
-    fn view(a: &Arrays) -> CsrView<'_> {
-        CsrView {
+    fn view(a: &Arrays) -> CsrLayout<'_> {
+        CsrLayout {
             seq_len: 8,
             block: 4,
             n_blocks: 2,
@@ -288,7 +285,7 @@ mod tests {
         }
     }
 
-    fn reason<'a>(a: &'a Arrays, edit: impl FnOnce(&mut CsrView<'a>)) -> String {
+    fn reason<'a>(a: &'a Arrays, edit: impl FnOnce(&mut CsrLayout<'a>)) -> String {
         let mut v = view(a);
         edit(&mut v);
         match check(&v) {

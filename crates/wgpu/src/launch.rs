@@ -1,4 +1,4 @@
-//! Host side: the plain-data layout view, the checks of every buffer against the shape,
+//! Host side: the checks of every buffer against the shape,
 //! grid sizes and kernel launches.
 
 use std::sync::OnceLock;
@@ -8,12 +8,13 @@ use cubecl::client::Client;
 use cubecl::ir::ElemType;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
+use sparse_attn_kernel_types::{AttentionShape, KernelOptions};
 
+use crate::args::{FmaConfig, problem_args};
 use crate::backward::{dkdv_kernel, dq_kernel};
 use crate::device_layout::{DeviceLayout, upload};
 use crate::error::KernelError;
 use crate::forward::forward_kernel;
-use crate::options::KernelOptions;
 use crate::plan::TilePlan;
 use crate::tensor_core::{self, TensorCorePlan};
 
@@ -58,81 +59,6 @@ pub fn launch_counts() -> LaunchCounts {
     }
 }
 
-/// Shape of one attention problem: `q`, the output and `dq` are contiguous `[batch, heads,
-/// seq_len, head_dim]`, `k`, `v`, `dk`, `dv` `[batch, kv_heads, seq_len, head_dim]` (query
-/// head `h` reads key/value head `h / (heads / kv_heads)`; `kv_heads` divides `heads`), the
-/// log-sum-exp is `[batch, heads, seq_len]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttentionShape {
-    /// Batch size.
-    pub batch: usize,
-    /// Number of (query) heads.
-    pub heads: usize,
-    /// Number of key/value heads.
-    pub kv_heads: usize,
-    /// Sequence length `n` (tokens).
-    pub seq_len: usize,
-    /// Head dimension `d`.
-    pub head_dim: usize,
-}
-
-impl AttentionShape {
-    pub(crate) fn numel(&self) -> usize {
-        self.batch * self.heads * self.seq_len * self.head_dim
-    }
-
-    pub(crate) fn kv_numel(&self) -> usize {
-        self.batch * self.kv_heads * self.seq_len * self.head_dim
-    }
-
-    pub(crate) fn rows(&self) -> usize {
-        self.batch * self.heads * self.seq_len
-    }
-}
-
-/// A borrowed view of a block layout in compressed sparse row form.
-///
-/// Blocks hold `block` tokens (the last one may be shorter). For layout head `lh` (0 when
-/// every head shares the layout) and query block `r`, the active key blocks are
-/// `cols[row_ptr[lh * n_blocks + r] .. row_ptr[lh * n_blocks + r + 1]]`; `masks` holds
-/// `u32::MAX` for a full block or the index of its bitmap in `mask_bits` (`mask_words`
-/// 64-bit words each, bit `i * block + j` set when local query `i` may attend local key `j`).
-/// `col_ptr`/`t_rows`/`t_entries` are the transpose (key-block-major, `t_entries` indexing
-/// `cols`). `order[p]`, if present, is the token at layout position `p`.
-///
-/// # Invariants
-/// Those of [`DeviceLayout`]: its `upload` checks every one of them before the arrays reach
-/// a device (the kernels then index them unchecked).
-#[derive(Debug, Clone, Copy)]
-pub struct CsrView<'a> {
-    /// Sequence length in tokens.
-    pub seq_len: usize,
-    /// Block size in tokens.
-    pub block: usize,
-    /// Number of blocks, `seq_len.div_ceil(block)`.
-    pub n_blocks: usize,
-    /// 1 when every head shares the layout, else the number of heads.
-    pub layout_heads: usize,
-    /// CSR row pointers, `layout_heads * n_blocks + 1` entries.
-    pub row_ptr: &'a [u32],
-    /// Key block of each active block.
-    pub cols: &'a [u32],
-    /// Mask index of each active block, or `u32::MAX` for a full block.
-    pub masks: &'a [u32],
-    /// Transposed pointers, `layout_heads * n_blocks + 1` entries.
-    pub col_ptr: &'a [u32],
-    /// Query block of each transposed entry.
-    pub t_rows: &'a [u32],
-    /// Index into `cols`/`masks` of each transposed entry.
-    pub t_entries: &'a [u32],
-    /// Mask bitmaps, `mask_words` words each.
-    pub mask_bits: &'a [u64],
-    /// 64-bit words per mask, `(block * block).div_ceil(64)`.
-    pub mask_words: usize,
-    /// Token at each layout position, when the layout reorders tokens.
-    pub order: Option<&'a [usize]>,
-}
-
 /// The per-call options on the device: the lengths buffer (one element when unpadded) and
 /// the dropout scalars (zeros without dropout).
 pub(crate) struct DeviceOptions {
@@ -156,10 +82,10 @@ impl DeviceOptions {
             lengths: upload(client, &lengths),
             padded: options.key_lengths.is_some(),
             dropout: dropout.is_some(),
-            seed_lo: dropout.map_or(0, |d| d.seed as u32),
-            seed_hi: dropout.map_or(0, |d| (d.seed >> 32) as u32),
-            threshold: dropout.map_or(0, |d| d.threshold),
-            keep_scale: dropout.map_or(1.0, |d| d.scale),
+            seed_lo: dropout.map_or(0, |d| d.seed() as u32),
+            seed_hi: dropout.map_or(0, |d| (d.seed() >> 32) as u32),
+            threshold: dropout.map_or(0, |d| d.threshold()),
+            keep_scale: dropout.map_or(1.0, |d| d.scale() as f32),
         }
     }
 }
@@ -287,7 +213,6 @@ struct Grid {
     plan: TilePlan,
     mask_words: usize,
     permuted: bool,
-    shared_layout: u32,
     /// Lanes per vector read (4, 2 or 1: the widest dividing the head dim).
     lanes: usize,
     /// Vectors per row, `head_dim / lanes`.
@@ -344,8 +269,29 @@ impl Grid {
             plan,
             mask_words: 2 * layout.mask_words.max(1),
             permuted: layout.permuted,
-            shared_layout: u32::from(layout.layout_heads == 1),
         })
+    }
+
+    /// The FMA kernels' comptime configuration for this grid over `layout` with `opts`;
+    /// `(with_dk, with_dv)` says what a dK/dV pass writes (ignored by the other kernels).
+    fn config(
+        &self,
+        layout: &DeviceLayout,
+        opts: &DeviceOptions,
+        (with_dk, with_dv): (bool, bool),
+    ) -> FmaConfig {
+        FmaConfig {
+            block: layout.block,
+            vecs: self.vecs,
+            tile: self.plan.tile,
+            mask_words: self.mask_words,
+            permuted: self.permuted,
+            splits: self.splits,
+            padded: opts.padded,
+            dropout: opts.dropout,
+            with_dk,
+            with_dv,
+        }
     }
 }
 
@@ -402,8 +348,8 @@ pub(crate) fn tensor(handle: &Handle, len: usize) -> BufferArg {
 /// ```no_run
 /// # use cubecl::client::Client;
 /// # use cubecl::server::Handle;
-/// # use sparse_attn_wgpu::{AttentionShape, CsrView, DeviceLayout, KernelError, KernelOptions};
-/// # fn run(client: &Client, view: &CsrView, [q, k, v, out, lse]: [&Handle; 5])
+/// # use sparse_attn_wgpu::{AttentionShape, CsrLayout, DeviceLayout, KernelError, KernelOptions};
+/// # fn run(client: &Client, view: &CsrLayout, [q, k, v, out, lse]: [&Handle; 5])
 /// #     -> Result<(), KernelError> {
 /// let dtype = cubecl::ir::ElemType::Float(cubecl::ir::FloatKind::F32);
 /// let shape = AttentionShape { batch: 1, heads: 4, kv_heads: 4, seq_len: view.seq_len, head_dim: 64 };
@@ -436,6 +382,10 @@ pub fn forward(
         shape.kv_numel() / grid.lanes,
         shape.rows(),
     );
+    let (args, config) = (
+        problem_args(&shape, layout, grid.tasks, scale, &opts, 0.0),
+        grid.config(layout, &opts, (false, false)),
+    );
     launch_kernel!(forward_kernel(
         client,
         grid.count,
@@ -452,26 +402,8 @@ pub fn forward(
         arg(&layout.mask_bits),
         arg(&layout.order),
         arg(&opts.lengths),
-        shape.seq_len,
-        layout.n_blocks,
-        shape.heads,
-        shape.kv_heads,
-        grid.shared_layout,
-        grid.tasks,
-        scale,
-        f32::NEG_INFINITY,
-        opts.seed_lo,
-        opts.seed_hi,
-        opts.threshold,
-        opts.keep_scale,
-        layout.block,
-        grid.vecs,
-        grid.plan.tile,
-        grid.mask_words,
-        grid.permuted,
-        grid.splits,
-        opts.padded,
-        opts.dropout,
+        args,
+        config,
         dtype,
     ));
     Ok(KernelPath::Fma.counted())
@@ -539,25 +471,8 @@ pub fn backward(
         arg(&layout.mask_bits),
         arg(&layout.order),
         arg(&opts.lengths),
-        shape.seq_len,
-        layout.n_blocks,
-        shape.heads,
-        shape.kv_heads,
-        grid.shared_layout,
-        grid.tasks,
-        scale,
-        opts.seed_lo,
-        opts.seed_hi,
-        opts.threshold,
-        opts.keep_scale,
-        layout.block,
-        grid.vecs,
-        grid.plan.tile,
-        grid.mask_words,
-        grid.permuted,
-        grid.splits,
-        opts.padded,
-        opts.dropout,
+        problem_args(&shape, layout, grid.tasks, scale, &opts, 0.0),
+        grid.config(layout, &opts, (false, false)),
         dtype,
     ));
     // Rows of up to 32 elements keep k, v, dk and dv in registers in one pass; longer rows
@@ -588,27 +503,8 @@ pub fn backward(
             arg(&layout.mask_bits),
             arg(&layout.order),
             arg(&opts.lengths),
-            shape.seq_len,
-            layout.n_blocks,
-            shape.heads,
-            shape.kv_heads,
-            kv_grid.shared_layout,
-            kv_grid.tasks,
-            scale,
-            opts.seed_lo,
-            opts.seed_hi,
-            opts.threshold,
-            opts.keep_scale,
-            layout.block,
-            kv_grid.vecs,
-            kv_grid.plan.tile,
-            kv_grid.mask_words,
-            kv_grid.permuted,
-            kv_grid.splits,
-            with_dk,
-            with_dv,
-            opts.padded,
-            opts.dropout,
+            problem_args(&shape, layout, kv_grid.tasks, scale, &opts, 0.0),
+            kv_grid.config(layout, &opts, (with_dk, with_dv)),
             dtype,
         ));
     }

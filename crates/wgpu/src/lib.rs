@@ -19,13 +19,14 @@
 //!
 //! This crate knows nothing of Burn: it takes a CubeCL [`Client`](cubecl::client::Client),
 //! buffer [`Handle`](cubecl::server::Handle)s of contiguous `[batch, heads, seq_len,
-//! head_dim]` tensors and a [`DeviceLayout`]: a plain-data [`CsrView`] of the layout, checked
+//! head_dim]` tensors and a [`DeviceLayout`]: a plain-data [`CsrLayout`] of the layout, checked
 //! and uploaded once per device. `sparse-attn-core` calls it from its `CubeBackend` impl.
 //! Every handle is checked against the shape before a launch, and release builds launch
 //! without per-index bounds checks (debug builds, or [`CHECKED_VAR`], keep them). Tile sizes come from the device's limits read at run time
 //! ([`TilePlan::for_device`]): a device with little shared memory gets smaller tiles, never
 //! a failure; what no tile size can serve is a typed [`KernelError`].
 
+mod args;
 mod backward;
 mod decode;
 mod device_layout;
@@ -41,9 +42,8 @@ pub use decode::{DecodeQueries, NO_QUERY, decode};
 pub use device_layout::DeviceLayout;
 pub use error::KernelError;
 pub use launch::{
-    AttentionShape, CHECKED_VAR, CsrView, KernelPath, LaunchCounts, backward, check_problem,
-    forward, launch_counts,
+    CHECKED_VAR, KernelPath, LaunchCounts, backward, check_problem, forward, launch_counts,
 };
-pub use options::{DropoutArgs, KernelOptions};
 pub use plan::{MAX_HEAD_DIM, TilePlan};
+pub use sparse_attn_kernel_types::{AttentionShape, CsrLayout, DropoutMask, KernelOptions};
 pub use tensor_core::DISABLE_VAR as TENSOR_CORES_VAR;

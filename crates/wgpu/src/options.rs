@@ -1,35 +1,13 @@
 //! Key padding and attention dropout inside the kernels.
 //!
 //! The dropout generator repeats, operation for operation, the counter-based one of
-//! `sparse_attn_ndarray::dropout` (Wellons' `lowbias32` hash chained over the seed's halves,
+//! `sparse_attn_kernel_types::dropout` (Wellons' `lowbias32` hash chained over the seed's halves,
 //! the batch, the query head, the query token and the spread key token), so every backend
 //! draws the same mask; the conformance tests compare both against the f64 reference.
 
 use cubecl::prelude::*;
 
-/// Dropout as the kernels take it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DropoutArgs {
-    /// The generator's seed.
-    pub seed: u64,
-    /// Pairs whose 32-bit hash is below this are dropped (`round(p * 2^32)`).
-    pub threshold: u32,
-    /// Factor of kept probabilities, `1 / (1 - p)`.
-    pub scale: f32,
-}
-
-/// Per-call options of the kernels; the default is plain attention.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct KernelOptions<'a> {
-    /// Valid tokens of each batch row (`batch` entries): tokens at or past it are neither
-    /// queries (zero output and gradients) nor keys.
-    pub key_lengths: Option<&'a [usize]>,
-    /// Dropout on the probabilities.
-    pub dropout: Option<DropoutArgs>,
-}
-
-/// Odd multiplier spreading consecutive key tokens before the last hash.
-const KEY_SPREAD: u32 = 0x9e37_79b9;
+use sparse_attn_kernel_types::KEY_SPREAD;
 
 /// Wellons' `lowbias32` integer hash (wrapping 32-bit arithmetic).
 #[cube]

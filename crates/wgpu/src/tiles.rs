@@ -2,6 +2,8 @@
 
 use cubecl::prelude::*;
 
+use crate::args::{FmaConfig, ProblemArgs};
+
 /// Score of a disallowed pair inside the kernels: finite (WGSL has no infinity literal),
 /// far below any real score.
 pub(crate) const MASKED: f32 = -3.0e38;
@@ -21,8 +23,7 @@ pub(crate) fn lane_sum<N: Size>(x: Vector<f32, N>) -> f32 {
     sum
 }
 
-/// Marker of a full block in the mask list (same value as the layout's).
-pub(crate) const FULL: u32 = u32::MAX;
+pub(crate) use sparse_attn_kernel_types::FULL_BLOCK as FULL;
 
 /// CSR row index of query (or key) block `r` for the `bh`-th `(batch, head)` pair.
 #[cube]
@@ -64,45 +65,41 @@ pub(crate) struct RowUnit {
     pub tok: usize,
 }
 
-/// Decodes the cube's task (block `task % n_blocks` of pair `task / n_blocks`) and the unit's
-/// row and lane; cubes past the last task end here. Query head `h` reads key/value head
+/// Decodes the cube's task (block `task % n_blocks` of pair `task / n_blocks`, the pairs of
+/// `heads` heads per batch row: the query heads, or the key/value heads of the dK/dV pass)
+/// and the unit's row and lane; cubes past the last task end here. Query head `h` reads key/value head
 /// `h / (heads / kv_heads)`.
 #[cube]
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn row_unit(
     order: &[u32],
-    seq_len: usize,
-    n_blocks: usize,
     heads: usize,
-    kv_heads: usize,
-    shared_layout: u32,
-    tasks: usize,
-    #[comptime] block: usize,
-    #[comptime] vecs: usize,
-    #[comptime] permuted: bool,
+    args: &ProblemArgs,
+    #[comptime] config: FmaConfig,
 ) -> RowUnit {
+    let (block, vecs) = (config.block, config.vecs);
     let task = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
-    if task >= tasks {
+    if task >= args.tasks {
         terminate!();
     }
-    let blk = task % n_blocks;
-    let bh = task / n_blocks;
+    let blk = task % args.n_blocks;
+    let bh = task / args.n_blocks;
     let unit = UNIT_POS_X as usize;
     let u = unit % block;
     let pos = blk * block + u;
-    let valid = pos < seq_len;
+    let valid = pos < args.seq_len;
+    let kv_heads = args.kv_heads;
     let kv = (bh / heads) * kv_heads + (bh % heads) / (heads / kv_heads);
     RowUnit {
         bh,
         blk,
-        list: head_row(bh, blk, heads, n_blocks, shared_layout),
+        list: head_row(bh, blk, heads, args.n_blocks, args.shared_layout),
         u,
         lane: unit / block,
         valid,
-        base: bh * seq_len * vecs,
-        kv_base: kv * seq_len * vecs,
+        base: bh * args.seq_len * vecs,
+        kv_base: kv * args.seq_len * vecs,
         tok: if valid {
-            token(order, pos, permuted)
+            token(order, pos, config.permuted)
         } else {
             0usize
         },

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, DType, Element, TensorData, TensorMetadata, read_sync};
-use sparse_attn_ndarray::{AttentionShape, CsrLayout, DecodeRows, DecodeShape, Real};
+use sparse_attn_ndarray::{AttentionShape, DecodeRows, DecodeShape, Real};
 
 use crate::decode::DecodeParams;
 use crate::layout::BlockLayout;
@@ -196,26 +196,6 @@ fn shape_of<B: Backend>(q: &FloatTensor<B>, k: &FloatTensor<B>) -> AttentionShap
     }
 }
 
-/// The kernels' view of a layout.
-pub(crate) fn csr(layout: &BlockLayout) -> CsrLayout<'_> {
-    let (row_ptr, cols, masks, col_ptr, t_rows, t_entries, mask_bits, mask_words) = layout.raw();
-    CsrLayout {
-        seq_len: layout.seq_len(),
-        block: layout.block(),
-        n_blocks: layout.n_blocks(),
-        layout_heads: layout.layout_heads(),
-        row_ptr,
-        cols,
-        masks,
-        col_ptr,
-        t_rows,
-        t_entries,
-        mask_bits,
-        mask_words,
-        order: layout.order().map(|(order, _)| order),
-    }
-}
-
 /// Fused forward on a CPU backend, in `f64` for `f64` tensors, else in `f32`.
 pub(crate) fn forward<B: HostBuffers>(
     q: FloatTensor<B>,
@@ -242,9 +222,11 @@ fn forward_in<B: HostBuffers, T: HostElement>(
     let (q, k, v) = (host::<B, T>(&q), host::<B, T>(&k), host::<B, T>(&v));
     let mut out = sparse_attn_ndarray::zeroed::<T>(shape.numel());
     let mut lse = vec![T::ZERO; shape.rows()];
-    let (scale, extras) = (T::from_f64(params.scale), params.extras());
-    let view = csr(layout);
-    sparse_attn_ndarray::forward(&q, &k, &v, shape, &view, scale, &extras, &mut out, &mut lse);
+    let (scale, options) = (T::from_f64(params.scale), params.kernel_options());
+    let view = layout.csr();
+    sparse_attn_ndarray::forward(
+        &q, &k, &v, shape, &view, scale, &options, &mut out, &mut lse,
+    );
     let AttentionShape {
         batch,
         heads,
@@ -303,8 +285,8 @@ fn backward_in<B: HostBuffers, T: HostElement>(
         sparse_attn_ndarray::zeroed::<T>(shape.kv_numel()),
         sparse_attn_ndarray::zeroed::<T>(shape.kv_numel()),
     );
-    let (scale, extras) = (T::from_f64(params.scale), params.extras());
-    let (view, grads) = (&csr(layout), (&mut dq[..], &mut dk[..], &mut dv[..]));
+    let (scale, options) = (T::from_f64(params.scale), params.kernel_options());
+    let (view, grads) = (&layout.csr(), (&mut dq[..], &mut dk[..], &mut dv[..]));
     sparse_attn_ndarray::backward_with_deltas(
         &q,
         &k,
@@ -315,7 +297,7 @@ fn backward_in<B: HostBuffers, T: HostElement>(
         shape,
         view,
         scale,
-        &extras,
+        &options,
         grads.0,
         grads.1,
         grads.2,
@@ -385,7 +367,7 @@ fn decode_in<B: HostBuffers, T: HostElement>(
         &k,
         &v,
         shape,
-        &csr(layout),
+        &layout.csr(),
         positions,
         rows,
         scale,

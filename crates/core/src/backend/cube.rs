@@ -17,40 +17,18 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use std::sync::Arc;
 
-use sparse_attn_wgpu::{
-    AttentionShape, CsrView, DecodeQueries, DeviceLayout, DropoutArgs, KernelOptions, NO_QUERY,
-};
+use sparse_attn_wgpu::{AttentionShape, DecodeQueries, DeviceLayout, NO_QUERY};
 
 use crate::decode::DecodeParams;
 use crate::layout::BlockLayout;
 use crate::params::AttentionParams;
-
-/// The kernels' view of `layout`.
-fn view(layout: &BlockLayout) -> CsrView<'_> {
-    let (row_ptr, cols, masks, col_ptr, t_rows, t_entries, mask_bits, mask_words) = layout.raw();
-    CsrView {
-        seq_len: layout.seq_len(),
-        block: layout.block(),
-        n_blocks: layout.n_blocks(),
-        layout_heads: layout.layout_heads(),
-        row_ptr,
-        cols,
-        masks,
-        col_ptr,
-        t_rows,
-        t_entries,
-        mask_bits,
-        mask_words,
-        order: layout.order().map(|(order, _)| order),
-    }
-}
 
 /// `layout` on `tensor`'s device: checked and uploaded on first use there, then shared by
 /// every call (and every clone of the layout) on that device.
 fn on_device(layout: &BlockLayout, tensor: &CubeTensor) -> Arc<DeviceLayout> {
     layout
         .device_copy(&tensor.device, || {
-            DeviceLayout::upload(&tensor.client, &view(layout))
+            DeviceLayout::upload(&tensor.client, &layout.csr())
         })
         // A `BlockLayout` is built with the invariants `DeviceLayout` checks.
         .unwrap_or_else(|e| panic!("a built layout failed the kernels' layout check: {e}"))
@@ -64,18 +42,6 @@ fn shape_of(q: &CubeTensor, k: &CubeTensor) -> AttentionShape {
         kv_heads: k.shape().dims::<4>()[1],
         seq_len,
         head_dim,
-    }
-}
-
-/// The kernels' view of the options.
-fn options(params: &AttentionParams) -> KernelOptions<'_> {
-    KernelOptions {
-        key_lengths: params.key_lengths.as_deref(),
-        dropout: params.dropout.map(|mask| DropoutArgs {
-            seed: mask.seed(),
-            threshold: mask.threshold(),
-            scale: mask.scale() as f32,
-        }),
     }
 }
 
@@ -112,7 +78,7 @@ pub(crate) fn forward(
         shape,
         &on_device(layout, &q),
         params.scale as f32,
-        &options(params),
+        &params.kernel_options(),
         [&q.handle, &k.handle, &v.handle, &out.handle, &lse.handle],
     )
     .unwrap_or_else(|e| panic!("sparse attention forward on a CubeCL device: {e}"));
@@ -145,7 +111,7 @@ pub(crate) fn backward(
         shape,
         &on_device(layout, &q),
         params.scale as f32,
-        &options(params),
+        &params.kernel_options(),
         [
             &q.handle,
             &k.handle,

@@ -21,12 +21,14 @@ mod stored;
 use rayon::prelude::*;
 
 use crate::buffer::zeroed;
-use crate::extras::{Extras, HeadExtras};
-use crate::layout::{AttentionShape, CsrLayout};
+use sparse_attn_kernel_types::KernelOptions;
+
+use crate::options::HeadOptions;
 use crate::order::{all_to_positions, all_to_tokens, extend_rows};
 use crate::real::Real;
 use panel::PanelScratch;
 use recompute::recompute;
+use sparse_attn_kernel_types::{AttentionShape, CsrLayout};
 use stored::stored;
 
 /// Largest store of `dK`/`dV` contributions (bytes) the backward pass allocates: heads are
@@ -53,7 +55,7 @@ struct Slices<'a, T> {
     first_row: usize,
     /// The layout's token order when the query-side rows are in token order.
     query_order: Option<&'a [usize]>,
-    extras: HeadExtras<'a>,
+    extras: HeadOptions<'a>,
 }
 
 /// Buffers one task gathers a query block's rows into ([`Slices::block_rows`]).
@@ -96,7 +98,7 @@ pub fn backward<T: Real>(
     shape: AttentionShape,
     layout: &CsrLayout<'_>,
     scale: T,
-    extras: &Extras<'_>,
+    extras: &KernelOptions<'_>,
     dq: &mut [T],
     dk: &mut [T],
     dv: &mut [T],
@@ -138,7 +140,7 @@ pub fn backward_with_tile_cache<T: Real>(
     shape: AttentionShape,
     layout: &CsrLayout<'_>,
     scale: T,
-    extras: &Extras<'_>,
+    extras: &KernelOptions<'_>,
     dq: &mut [T],
     dk: &mut [T],
     dv: &mut [T],
@@ -211,7 +213,7 @@ pub fn backward_with_deltas<T: Real>(
     shape: AttentionShape,
     layout: &CsrLayout<'_>,
     scale: T,
-    extras: &Extras<'_>,
+    extras: &KernelOptions<'_>,
     dq: &mut [T],
     dk: &mut [T],
     dv: &mut [T],
@@ -268,7 +270,7 @@ struct Problem<'a, T> {
     shape: AttentionShape,
     layout: &'a CsrLayout<'a>,
     scale: T,
-    extras: &'a Extras<'a>,
+    extras: &'a KernelOptions<'a>,
     plan: &'a Plan,
 }
 
@@ -358,7 +360,7 @@ impl<'a, T: Real> Slices<'a, T> {
         bh: usize,
         shape: AttentionShape,
         layout: &CsrLayout<'a>,
-        extras: &Extras<'_>,
+        extras: &KernelOptions<'_>,
     ) -> Self {
         let (n, d) = (shape.seq_len, shape.head_dim);
         let (rows, kv) = (bh * n..(bh + 1) * n, shape.kv_slice(bh));
@@ -372,7 +374,7 @@ impl<'a, T: Real> Slices<'a, T> {
             delta: &delta[rows],
             first_row: 0,
             query_order: None,
-            extras: HeadExtras::new(extras, layout, bh / shape.heads, bh % shape.heads),
+            extras: HeadOptions::new(extras, layout, bh / shape.heads, bh % shape.heads),
         }
     }
 
@@ -436,8 +438,8 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 #[cfg(test)]
 mod tests {
     use super::{Plan, Problem, row_deltas, run};
-    use crate::extras::Extras;
-    use crate::layout::{AttentionShape, CsrLayout, FULL_BLOCK};
+    use sparse_attn_kernel_types::KernelOptions;
+    use sparse_attn_kernel_types::{AttentionShape, CsrLayout, FULL_BLOCK};
 
     /// The stored pass gives the same bits with key/value groups in parallel (each task its
     /// own store) and one after another (one shared store, each head's blocks in
@@ -493,7 +495,7 @@ mod tests {
                 mask_words: 0,
                 order,
             };
-            let extras = Extras::default();
+            let extras = KernelOptions::default();
             let (mut out, mut lse) = (vec![0.0; shape.numel()], vec![0.0; shape.rows()]);
             crate::forward(&q, &k, &v, shape, &layout, 0.5, &extras, &mut out, &mut lse);
             let delta = row_deltas(&out, &dout, d);

@@ -5,10 +5,10 @@
 use std::ops::Range;
 
 use super::{RowStaging, Slices};
-use crate::layout::CsrLayout;
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
 use crate::tile::{gemm, probabilities};
+use sparse_attn_kernel_types::CsrLayout;
 
 /// Most key blocks of one `dQ` panel (its scratch is two `b x PANEL_BLOCKS * b` tiles).
 const PANEL_BLOCKS: usize = 16;

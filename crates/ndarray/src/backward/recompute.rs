@@ -5,10 +5,10 @@ use rayon::prelude::*;
 
 use super::panel::{dq_block, softmax_grad};
 use super::{Grads, Problem, Slices};
-use crate::layout::CsrLayout;
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
 use crate::tile::{gemm, probabilities};
+use sparse_attn_kernel_types::CsrLayout;
 
 /// The backward pass without a store (a key-block column's contributions exceed the
 /// budget): dQ over the rows, then dK and dV over the columns recomputing `P` and `dS`.

@@ -7,11 +7,11 @@ use rayon::prelude::*;
 
 use super::panel::dq_block;
 use super::{Grads, Plan, Problem, Slices};
-use crate::layout::{AttentionShape, CsrLayout};
 use crate::order::gather_into;
 use crate::real::Real;
 use crate::rows::PositionRows;
 use crate::simd::avx2_dispatch;
+use sparse_attn_kernel_types::{AttentionShape, CsrLayout};
 
 /// Largest buffers of one task of the stored backward (its store and, under a permuted
 /// layout, its key/value head's rows in positions) for which key/value groups run in parallel, each

@@ -5,13 +5,14 @@
 
 use cubecl::prelude::*;
 
+use crate::args::ProblemArgs;
+
 use crate::options::{head_key, in_length, keep_factor, query_row, row_key};
 use crate::tensor_core::FRAG;
 use crate::tensor_core::stage::{
-    NO_TOKEN, PlaneTask, ProblemArgs, TensorCoreConfig, TileAt, accumulate_product, fetch_rows,
-    key_live, load_block_fragments, new_a_fragments, new_accumulators, next_pair_tile, per_unit,
-    plane_task, row_sum, row_walk, scores_into, start_pair_walk, store_rows, tile_at, tile_column,
-    write_rows,
+    NO_TOKEN, PlaneTask, TensorCoreConfig, TileAt, accumulate_product, fetch_rows, key_live,
+    load_block_fragments, new_a_fragments, new_accumulators, next_pair_tile, per_unit, plane_task,
+    row_sum, row_walk, scores_into, start_pair_walk, store_rows, tile_at, tile_column, write_rows,
 };
 use crate::tiles::{FULL, allowed, head_row, span, token};
 

@@ -4,12 +4,14 @@
 use cubecl::cmma;
 use cubecl::prelude::*;
 
+use crate::args::ProblemArgs;
+
 use crate::options::{keep_factor, query_row};
 use crate::tensor_core::FRAG;
 use crate::tensor_core::stage::{
-    NO_TOKEN, PlaneTask, ProblemArgs, TensorCoreConfig, accumulate_product, fragment_span,
-    key_live, load_block_fragments, new_a_fragments, new_accumulators, next_pair_tile, plane_task,
-    row_max, row_sum, row_walk, scores_into, start_pair_walk, tile_column, write_rows,
+    NO_TOKEN, PlaneTask, TensorCoreConfig, accumulate_product, fragment_span, key_live,
+    load_block_fragments, new_a_fragments, new_accumulators, next_pair_tile, plane_task, row_max,
+    row_sum, row_walk, scores_into, start_pair_walk, tile_column, write_rows,
 };
 use crate::tiles::{FULL, MASKED, allowed, head_row, span, token};
 

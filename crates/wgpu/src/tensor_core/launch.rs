@@ -6,10 +6,13 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::device_layout::DeviceLayout;
-use crate::launch::{AttentionShape, DeviceOptions, arg, grid_count, launch_kernel, tensor};
+use sparse_attn_kernel_types::AttentionShape;
+
+use crate::args::{ProblemArgsLaunch, problem_args};
+use crate::launch::{DeviceOptions, arg, grid_count, launch_kernel, tensor};
 use crate::tensor_core::backward::{tc_dkdv_kernel, tc_dq_kernel};
 use crate::tensor_core::forward::tc_forward_kernel;
-use crate::tensor_core::stage::{ProblemArgsLaunch, TensorCoreConfig};
+use crate::tensor_core::stage::TensorCoreConfig;
 use crate::tensor_core::{FRAG, TensorCorePlan};
 
 /// Largest head dim whose `dK` and `dV` are computed in one launch.
@@ -83,21 +86,8 @@ impl TensorCoreGrid {
         opts: &DeviceOptions,
         dtype: ElemType,
     ) -> ProblemArgsLaunch {
-        ProblemArgsLaunch::new(
-            shape.seq_len,
-            layout.n_blocks,
-            shape.heads,
-            shape.kv_heads,
-            u32::from(layout.layout_heads == 1),
-            self.tasks,
-            scale,
-            f32::NEG_INFINITY,
-            opts.seed_lo,
-            opts.seed_hi,
-            opts.threshold,
-            opts.keep_scale,
-            rescale_slack(largest_value(dtype), opts.keep_scale),
-        )
+        let slack = rescale_slack(largest_value(dtype), opts.keep_scale);
+        problem_args(shape, layout, self.tasks, scale, opts, slack)
     }
 }
 

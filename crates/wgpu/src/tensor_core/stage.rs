@@ -95,38 +95,6 @@ impl TensorCoreConfig {
     }
 }
 
-/// The scalars of one launch.
-#[derive(CubeLaunch, CubeType)]
-pub(crate) struct ProblemArgs {
-    /// Tokens per sequence.
-    pub seq_len: usize,
-    /// Blocks per sequence.
-    pub n_blocks: usize,
-    /// Query heads.
-    pub heads: usize,
-    /// Key/value heads.
-    pub kv_heads: usize,
-    /// 1 when all heads share the layout.
-    pub shared_layout: u32,
-    /// Cubes with work (the grid may have more).
-    pub tasks: usize,
-    /// Score scale.
-    pub scale: f32,
-    /// The log-sum-exp of an empty row.
-    pub neg_inf: f32,
-    /// Dropout seed, low half.
-    pub seed_lo: u32,
-    /// Dropout seed, high half.
-    pub seed_hi: u32,
-    /// Dropout threshold on the 32-bit hash.
-    pub threshold: u32,
-    /// Factor of kept probabilities.
-    pub keep_scale: f32,
-    /// How far a tile's row maximum may pass the forward's running maximum before the
-    /// output accumulators are rescaled (see `rescale_slack`); 0 rescales on every rise.
-    pub rescale_slack: f32,
-}
-
 /// Where a unit works: its cube's task and its plane and lane.
 #[derive(CubeType, Clone, Copy)]
 pub(crate) struct PlaneTask {

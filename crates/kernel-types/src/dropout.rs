@@ -6,7 +6,8 @@
 //! The generator is a chain of 32-bit integer hashes (Wellons' `lowbias32`, a bijection
 //! with good avalanche), chosen because it needs only 32-bit multiply, xor and shift: WGSL
 //! has no 64-bit integers. The CubeCL kernels repeat [`mix`] and the key derivation below
-//! operation for operation; the conformance tests compare both with the reference.
+//! operation for operation (with [`KEY_SPREAD`] from here); the conformance tests compare
+//! both with the reference.
 
 /// Wellons' `lowbias32` integer hash: a bijection of `u32` with near-ideal avalanche.
 #[inline(always)]
@@ -19,7 +20,7 @@ pub fn mix(mut x: u32) -> u32 {
 }
 
 /// Odd multiplier spreading consecutive key tokens before the last hash.
-const KEY_SPREAD: u32 = 0x9e37_79b9;
+pub const KEY_SPREAD: u32 = 0x9e37_79b9;
 
 /// A dropout mask: keep probability `1 - p`, kept probabilities scaled by `1 / (1 - p)`.
 ///

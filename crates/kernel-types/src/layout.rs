@@ -1,4 +1,4 @@
-//! The plain-data view of a block layout and of a problem's shape that the kernels read.
+//! The plain-data view of a block layout and of a problem's shape that every kernel reads.
 
 use std::ops::Range;
 
@@ -47,7 +47,7 @@ impl AttentionShape {
     }
 
     /// Index of the `(batch, kv head)` slice that `(batch, head)` slice `bh` reads.
-    pub(crate) fn kv_slice(&self, bh: usize) -> usize {
+    pub fn kv_slice(&self, bh: usize) -> usize {
         (bh / self.heads) * self.kv_heads + (bh % self.heads) / self.group()
     }
 }
@@ -103,37 +103,37 @@ pub struct CsrLayout<'a> {
 
 impl CsrLayout<'_> {
     /// Layout head used by attention head `head`.
-    pub(crate) fn layout_head(&self, head: usize) -> usize {
+    pub fn layout_head(&self, head: usize) -> usize {
         if self.layout_heads == 1 { 0 } else { head }
     }
 
     /// Indices into `cols`/`masks` of the active blocks of query block `r` of `head`.
-    pub(crate) fn row_entries(&self, head: usize, r: usize) -> std::ops::Range<usize> {
+    pub fn row_entries(&self, head: usize, r: usize) -> std::ops::Range<usize> {
         let row = self.layout_head(head) * self.n_blocks + r;
         self.row_ptr[row] as usize..self.row_ptr[row + 1] as usize
     }
 
     /// Indices into `t_rows`/`t_entries` of the query blocks attending key block `c` of
     /// `head`.
-    pub(crate) fn column_entries(&self, head: usize, c: usize) -> std::ops::Range<usize> {
+    pub fn column_entries(&self, head: usize, c: usize) -> std::ops::Range<usize> {
         let col = self.layout_head(head) * self.n_blocks + c;
         self.col_ptr[col] as usize..self.col_ptr[col + 1] as usize
     }
 
     /// Token range `[start, end)` of block `blk`.
-    pub(crate) fn block_range(&self, blk: usize) -> (usize, usize) {
+    pub fn block_range(&self, blk: usize) -> (usize, usize) {
         let start = blk * self.block;
         (start, (start + self.block).min(self.seq_len))
     }
 
     /// Token at layout position `pos`.
     #[inline]
-    pub(crate) fn token(&self, pos: usize) -> usize {
+    pub fn token(&self, pos: usize) -> usize {
         self.order.map_or(pos, |order| order[pos])
     }
 
     /// Keys of the blocks of `entries`.
-    pub(crate) fn width(&self, entries: Range<usize>) -> usize {
+    pub fn width(&self, entries: Range<usize>) -> usize {
         entries
             .map(|e| {
                 let (ks, ke) = self.block_range(self.cols[e] as usize);
@@ -143,7 +143,7 @@ impl CsrLayout<'_> {
     }
 
     /// Token range `[start, end)` of a run of consecutive key blocks (entries `run`).
-    pub(crate) fn run_range(&self, run: &Range<usize>) -> (usize, usize) {
+    pub fn run_range(&self, run: &Range<usize>) -> (usize, usize) {
         let (start, _) = self.block_range(self.cols[run.start] as usize);
         let (_, end) = self.block_range(self.cols[run.end - 1] as usize);
         (start, end)
@@ -151,7 +151,7 @@ impl CsrLayout<'_> {
 
     /// Runs of at most `max_blocks` consecutive key blocks among `entries` (ranges of
     /// entries): each run's keys are contiguous rows of `K` and `V`, so one GEMM serves it.
-    pub(crate) fn runs(
+    pub fn runs(
         &self,
         entries: Range<usize>,
         max_blocks: usize,
@@ -173,7 +173,7 @@ impl CsrLayout<'_> {
     }
 
     /// The bitmap of entry `e`, or `None` for a full block.
-    pub(crate) fn mask_of(&self, entry: usize) -> Option<&[u64]> {
+    pub fn mask_of(&self, entry: usize) -> Option<&[u64]> {
         let m = self.masks[entry];
         (m != FULL_BLOCK).then(|| {
             let m = m as usize;

@@ -1,47 +1,37 @@
-//! Per-call options beyond the layout: key padding (valid lengths per batch row) and
-//! attention dropout, applied to score and probability tiles inside the kernels.
+//! The per-call options (key padding, attention dropout) as they apply to one `(batch,
+//! head)`: to score and probability tiles inside the kernels.
 
 use std::ops::Range;
 
-use crate::dropout::DropoutMask;
-use crate::layout::CsrLayout;
+use sparse_attn_kernel_types::{CsrLayout, DropoutMask, KernelOptions};
+
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
 use crate::tile::mask_tile;
 
-/// Options of one kernel call; the default is plain attention.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Extras<'a> {
-    /// Valid tokens of each batch row (`batch` entries, each at most `seq_len`): tokens
-    /// `>= len` are neither queries (zero output, zero gradients) nor keys.
-    pub key_lengths: Option<&'a [usize]>,
-    /// Dropout on the attention probabilities.
-    pub dropout: Option<DropoutMask>,
-}
-
 /// The options as they apply to one `(batch, head)`: its valid length and dropout key.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct HeadExtras<'a> {
+pub(crate) struct HeadOptions<'a> {
     layout: CsrLayout<'a>,
     /// Valid length of this batch row, when it is shorter than the sequence.
     len: Option<usize>,
     dropout: Option<(DropoutMask, u32)>,
 }
 
-impl<'a> HeadExtras<'a> {
+impl<'a> HeadOptions<'a> {
     pub(crate) fn new(
-        extras: &Extras<'_>,
+        options: &KernelOptions<'_>,
         layout: &CsrLayout<'a>,
         batch: usize,
         head: usize,
     ) -> Self {
         Self {
             layout: *layout,
-            len: extras
+            len: options
                 .key_lengths
                 .map(|lengths| lengths[batch])
                 .filter(|&len| len < layout.seq_len),
-            dropout: extras.dropout.map(|m| (m, m.head_key(batch, head))),
+            dropout: options.dropout.map(|m| (m, m.head_key(batch, head))),
         }
     }
 
