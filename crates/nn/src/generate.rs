@@ -226,7 +226,9 @@ impl SparseTransformer {
     }
 
     /// Generates `config.max_new_tokens` tokens after each of `prompts` (of any lengths,
-    /// decoded together as one batch): one cached prefill, then one cached step per token.
+    /// decoded together as one batch): one cached prefill, then one cached step per token,
+    /// through window caches ([`new_window_cache`](Self::new_window_cache)) when the
+    /// pattern has a stream window and they are smaller than the text.
     /// Returns the new tokens of each prompt. Run it on a model without autodiff (or
     /// `model.valid()`) so that dropout is off.
     ///
@@ -297,7 +299,12 @@ impl SparseTransformer {
         if config.max_new_tokens == 0 {
             return Ok(out);
         }
-        let mut cache = self.new_cache(batch, capacity, device)?;
+        // A window pattern's caches keep only what later queries read, when that is less
+        // than the whole text (the result is the same either way).
+        let mut cache = match self.new_window_cache(batch, longest, device) {
+            Ok(window) if window.capacity() < capacity => window,
+            _ => self.new_cache(batch, capacity, device)?,
+        };
         let mut rng = StdRng::seed_from_u64(config.seed);
         // Prefill: every prompt right-padded to the longest; the logits of each prompt's last
         // token pick its first new token.
@@ -617,7 +624,7 @@ mod tests {
     }
 
     /// Greedy generation picks, at every step, the most likely token of the full forward
-    /// over the text so far.
+    /// over the text so far (here through window caches smaller than the text).
     #[test]
     fn greedy_generation_follows_the_full_forward() {
         let device = Device::ndarray();
@@ -627,7 +634,8 @@ mod tests {
             &device,
         );
         let prompt = vec![5u32, 9, 1, 33, 2];
-        let config = GenerateConfig::new(10).with_temperature(0.0);
+        // 35 tokens through window caches of 11 slots: their rows move three times.
+        let config = GenerateConfig::new(30).with_temperature(0.0);
         let new = model
             .generate(std::slice::from_ref(&prompt), &config, &device)
             .unwrap();
