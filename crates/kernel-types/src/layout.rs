@@ -26,6 +26,21 @@ pub struct AttentionShape {
 }
 
 impl AttentionShape {
+    /// The problem of queries `[batch, heads, _, head_dim]` and keys/values `[batch,
+    /// kv_heads, seq_len, head_dim]`: its length is the keys' (the queries' own in attention,
+    /// the cache's capacity in decoding).
+    pub fn of(q: [usize; 4], kv: [usize; 4]) -> Self {
+        let [batch, heads, _, head_dim] = q;
+        let [_, kv_heads, seq_len, _] = kv;
+        Self {
+            batch,
+            heads,
+            kv_heads,
+            seq_len,
+            head_dim,
+        }
+    }
+
     /// Number of elements of a `[batch, heads, seq_len, head_dim]` tensor.
     pub fn numel(&self) -> usize {
         self.batch * self.heads * self.seq_len * self.head_dim

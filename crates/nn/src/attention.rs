@@ -383,6 +383,14 @@ impl MultiHeadSparseAttention {
     /// # Ok::<(), sparse_attn_core::SparseAttentionError>(())
     /// ```
     pub fn new_window_cache(&self, batch: usize, chunk: usize, device: &Device) -> Result<KvCache> {
+        let (window, capacity) = self.window_slots(chunk)?;
+        let dtype = self.query.weight.val().dtype();
+        KvCache::for_layer(self, batch, capacity, Some(window), dtype, device)
+    }
+
+    /// The stream window of a window cache for calls of up to `chunk` tokens and its slots
+    /// per batch row: [`new_window_cache`](Self::new_window_cache) without the allocation.
+    pub(crate) fn window_slots(&self, chunk: usize) -> Result<(StreamWindow, usize)> {
         if chunk == 0 {
             return Err(SparseAttentionError::Zero { name: "chunk" });
         }
@@ -400,8 +408,7 @@ impl MultiHeadSparseAttention {
                 expected: "a pattern with the same stream window at every length, or `new_cache` with a capacity",
             });
         }
-        let dtype = self.query.weight.val().dtype();
-        KvCache::for_layer(self, batch, capacity, Some(window), dtype, device)
+        Ok((window, capacity))
     }
 
     /// Self-attention of new tokens `x` that follow the tokens in `cache`: their keys and

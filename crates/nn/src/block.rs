@@ -180,10 +180,7 @@ impl SparseTransformerBlock {
         valid: &[usize],
         cache: &mut KvCache,
     ) -> Result<Tensor<3>> {
-        let SelfAttention::Sparse(attention) = &self.attention else {
-            return Err(dense_has_no_cache());
-        };
-        let attended = attention.forward_cached_lengths(
+        let attended = self.cached_attention()?.forward_cached_lengths(
             self.norm_attention.forward(x.clone()),
             valid,
             cache,
@@ -197,10 +194,7 @@ impl SparseTransformerBlock {
     /// # Errors
     /// As `new_cache`; a dense block has no cache.
     pub fn new_cache(&self, batch: usize, capacity: usize, device: &Device) -> Result<KvCache> {
-        match &self.attention {
-            SelfAttention::Sparse(attention) => attention.new_cache(batch, capacity, device),
-            SelfAttention::Dense(_) => Err(dense_has_no_cache()),
-        }
+        self.cached_attention()?.new_cache(batch, capacity, device)
     }
 
     /// A bounded key/value cache of this block's attention for a window pattern (see
@@ -209,9 +203,21 @@ impl SparseTransformerBlock {
     /// # Errors
     /// As `new_window_cache`; a dense block has no cache.
     pub fn new_window_cache(&self, batch: usize, chunk: usize, device: &Device) -> Result<KvCache> {
+        self.cached_attention()?
+            .new_window_cache(batch, chunk, device)
+    }
+
+    /// The attention that keeps this block's key/value cache.
+    ///
+    /// # Errors
+    /// [`Unsupported`](SparseAttentionError::Unsupported) for Burn's dense attention.
+    pub(crate) fn cached_attention(&self) -> Result<&MultiHeadSparseAttention> {
         match &self.attention {
-            SelfAttention::Sparse(attention) => attention.new_window_cache(batch, chunk, device),
-            SelfAttention::Dense(_) => Err(dense_has_no_cache()),
+            SelfAttention::Sparse(attention) => Ok(attention),
+            SelfAttention::Dense(_) => Err(SparseAttentionError::Unsupported {
+                what: "cached decoding through Burn's dense attention block",
+                expected: "sparse attention blocks (a `dense: false` model)",
+            }),
         }
     }
 
@@ -221,13 +227,5 @@ impl SparseTransformerBlock {
             .activation
             .forward(self.mlp_in.forward(self.norm_mlp.forward(x.clone())));
         x + self.dropout.forward(self.mlp_out.forward(hidden))
-    }
-}
-
-/// Cached decoding needs our attention's key/value cache.
-fn dense_has_no_cache() -> SparseAttentionError {
-    SparseAttentionError::Unsupported {
-        what: "cached decoding through Burn's dense attention block",
-        expected: "sparse attention blocks (a `dense: false` model)",
     }
 }

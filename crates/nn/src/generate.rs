@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sparse_attn_core::{Result, SparseAttentionError};
 
+use crate::block::SparseTransformerBlock;
 use crate::kv_cache::KvCache;
 use crate::transformer::{Positions, SparseTransformer};
 
@@ -84,12 +85,7 @@ impl SparseTransformer {
                 max: self.max_seq_len,
             });
         }
-        let layers = self
-            .blocks
-            .iter()
-            .map(|block| block.new_cache(batch, capacity, device))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(TransformerCache { layers })
+        self.caches(|block| block.new_cache(batch, capacity, device))
     }
 
     /// Bounded key/value caches of every block for `batch` sequences of any length, for
@@ -109,11 +105,15 @@ impl SparseTransformer {
         chunk: usize,
         device: &Device,
     ) -> Result<TransformerCache> {
-        let layers = self
-            .blocks
-            .iter()
-            .map(|block| block.new_window_cache(batch, chunk, device))
-            .collect::<Result<Vec<_>>>()?;
+        self.caches(|block| block.new_window_cache(batch, chunk, device))
+    }
+
+    /// A cache of every block, each made by `make`.
+    fn caches(
+        &self,
+        make: impl Fn(&SparseTransformerBlock) -> Result<KvCache>,
+    ) -> Result<TransformerCache> {
+        let layers = self.blocks.iter().map(make).collect::<Result<Vec<_>>>()?;
         Ok(TransformerCache { layers })
     }
 
@@ -301,8 +301,12 @@ impl SparseTransformer {
         }
         // A window pattern's caches keep only what later queries read, when that is less
         // than the whole text (the result is the same either way).
-        let mut cache = match self.new_window_cache(batch, longest, device) {
-            Ok(window) if window.capacity() < capacity => window,
+        let window_slots = self.blocks.iter().try_fold(0, |most: usize, block| {
+            let (_, slots) = block.cached_attention()?.window_slots(longest)?;
+            Ok::<_, SparseAttentionError>(most.max(slots))
+        });
+        let mut cache = match window_slots {
+            Ok(slots) if slots < capacity => self.new_window_cache(batch, longest, device)?,
             _ => self.new_cache(batch, capacity, device)?,
         };
         let mut rng = StdRng::seed_from_u64(config.seed);

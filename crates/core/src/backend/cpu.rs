@@ -186,14 +186,7 @@ fn write<B: Backend, T: Real + Element>(
 }
 
 fn shape_of<B: Backend>(q: &FloatTensor<B>, k: &FloatTensor<B>) -> AttentionShape {
-    let [batch, heads, seq_len, head_dim] = q.shape().dims::<4>();
-    AttentionShape {
-        batch,
-        heads,
-        kv_heads: k.shape().dims::<4>()[1],
-        seq_len,
-        head_dim,
-    }
+    AttentionShape::of(q.shape().dims::<4>(), k.shape().dims::<4>())
 }
 
 /// Fused forward on a CPU backend, in `f64` for `f64` tensors, else in `f32`.
@@ -345,14 +338,7 @@ fn decode_in<B: HostBuffers, T: HostElement>(
 ) -> FloatTensor<B> {
     let [batch, heads, queries, head_dim] = q.shape().dims::<4>();
     let (dtype, device) = (q.dtype(), q.device());
-    let [_, kv_heads, capacity, _] = k.shape().dims::<4>();
-    let cache = AttentionShape {
-        batch,
-        heads,
-        kv_heads,
-        seq_len: capacity,
-        head_dim,
-    };
+    let cache = shape_of::<B>(&q, &k);
     let shape = DecodeShape { cache, queries };
     let (q, k, v) = (host::<B, T>(&q), host::<B, T>(&k), host::<B, T>(&v));
     let mut out = sparse_attn_ndarray::zeroed::<T>(shape.q_numel());

@@ -35,14 +35,7 @@ fn on_device(layout: &BlockLayout, tensor: &CubeTensor) -> Arc<DeviceLayout> {
 }
 
 fn shape_of(q: &CubeTensor, k: &CubeTensor) -> AttentionShape {
-    let [batch, heads, seq_len, head_dim] = q.shape().dims::<4>();
-    AttentionShape {
-        batch,
-        heads,
-        kv_heads: k.shape().dims::<4>()[1],
-        seq_len,
-        head_dim,
-    }
+    AttentionShape::of(q.shape().dims::<4>(), k.shape().dims::<4>())
 }
 
 /// An uninitialised contiguous tensor of `dims` shaped like `like` (same device and dtype).
@@ -135,15 +128,8 @@ pub(crate) fn decode(
     params: &DecodeParams,
 ) -> FloatTensor<CubeBackend> {
     let [q, k, v] = [q, k, v].map(into_contiguous);
-    let [batch, heads, queries, head_dim] = q.shape().dims::<4>();
-    let [_, kv_heads, capacity, _] = k.shape().dims::<4>();
-    let cache = AttentionShape {
-        batch,
-        heads,
-        kv_heads,
-        seq_len: capacity,
-        head_dim,
-    };
+    let [batch, _, queries, _] = q.shape().dims::<4>();
+    let cache = shape_of(&q, &k);
     // The layout position of each new row's token, and the longest layout row they read.
     let inverse = layout.order().map(|(_, inverse)| inverse);
     let (row_ptr, block, nb) = (layout.raw().0, layout.block(), layout.n_blocks());
