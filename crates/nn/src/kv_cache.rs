@@ -16,6 +16,8 @@
 //! A move copies `reach - 1` keys once per `room` tokens: at most what the decode steps of
 //! those tokens read anyway.
 
+use std::ops::Range;
+
 use burn::tensor::{DType, Device, Tensor};
 use sparse_attn_core::{DecodeRows, Result, SparseAttentionError, StreamWindow};
 
@@ -213,29 +215,19 @@ impl KvCache {
     /// after each row's cached tokens (a window cache first makes room in the rows that need
     /// it) and advances the lengths. [`check`](Self::check) must have passed for `rows`.
     pub(crate) fn append(&mut self, k: Tensor<4>, v: Tensor<4>, rows: &DecodeRows) {
-        let [batch, kv_heads, m, d] = k.dims();
+        let [batch, _, m, _] = k.dims();
         self.make_room(&rows.valid);
-        let (mut keys, mut values) = self.kv.take().expect("a cache always holds its tensors");
         let (first, valid) = (&rows.first, &rows.valid);
         let uniform = first.iter().all(|&f| f == first[0]) && valid.iter().all(|&x| x == m);
-        if uniform {
-            let at = [0..batch, 0..kv_heads, first[0]..first[0] + m, 0..d];
-            keys = keys.slice_assign(at.clone(), k);
-            values = values.slice_assign(at, v);
+        let parts: Vec<RowCopy> = if uniform {
+            vec![(0..batch, 0..m, first[0]..first[0] + m)]
         } else {
-            for (b, (&start, &new)) in first
-                .iter()
-                .zip(valid)
-                .enumerate()
-                .filter(|(_, (_, n))| **n > 0)
-            {
-                let src = [b..b + 1, 0..kv_heads, 0..new, 0..d];
-                let at = [b..b + 1, 0..kv_heads, start..start + new, 0..d];
-                keys = keys.slice_assign(at.clone(), k.clone().slice(src.clone()));
-                values = values.slice_assign(at, v.clone().slice(src));
-            }
-        }
-        self.kv = Some((keys, values));
+            (0..batch)
+                .filter(|&b| valid[b] > 0)
+                .map(|b| (b..b + 1, 0..valid[b], first[b]..first[b] + valid[b]))
+                .collect()
+        };
+        self.write((k, v), &parts);
         for (len, &new) in self.lengths.iter_mut().zip(valid) {
             *len += new;
         }
@@ -247,44 +239,55 @@ impl KvCache {
         let Some(StreamWindow { sinks, .. }) = self.window else {
             return;
         };
-        // (row, slots it holds, its new shift) of every row that moves.
-        let moves: Vec<(usize, usize, usize)> = (0..self.batch())
-            .filter_map(|b| {
-                let shift = self.shift_for(b, valid[b]);
-                (shift != self.shifts[b]).then(|| (b, self.lengths[b] - self.shifts[b], shift))
-            })
+        // (row, its new shift) of every row that moves; the kept tokens are the last `keep`
+        // the row holds (it holds `len - old shift`), and they go to slots `sinks ..`.
+        let moves: Vec<(usize, usize)> = (0..self.batch())
+            .map(|b| (b, self.shift_for(b, valid[b])))
+            .filter(|&(b, shift)| shift != self.shifts[b])
             .collect();
-        let Some(&(_, held0, shift0)) = moves.first() else {
-            return;
-        };
-        let (mut keys, mut values) = self.kv.take().expect("a cache always holds its tensors");
-        let [batch, kv_heads, _, d] = keys.dims();
-        let alike = moves.len() == batch
-            && moves.iter().all(|&(b, held, shift)| {
-                (held, shift, self.lengths[b]) == (held0, shift0, self.lengths[0])
-            });
-        let groups: Vec<(std::ops::Range<usize>, usize, usize)> = if alike {
-            vec![(0..batch, held0, shift0)]
-        } else {
-            moves
-                .iter()
-                .map(|&(b, held, shift)| (b..b + 1, held, shift))
-                .collect()
-        };
-        for (rows, held, shift) in groups {
-            // The kept tokens are the last `keep` the row holds; they go to slots `sinks ..`.
-            let len = self.lengths[rows.start];
+        let kept = |b: usize, shift: usize| {
+            let (len, held) = (self.lengths[b], self.lengths[b] - self.shifts[b]);
             let keep = len - sinks.min(len) - shift;
-            let src = [rows.clone(), 0..kv_heads, held - keep..held, 0..d];
-            let at = [rows, 0..kv_heads, sinks..sinks + keep, 0..d];
-            let (kept_keys, kept_values) =
-                (keys.clone().slice(src.clone()), values.clone().slice(src));
-            keys = keys.slice_assign(at.clone(), kept_keys);
-            values = values.slice_assign(at, kept_values);
-        }
-        self.kv = Some((keys, values));
-        for &(b, _, shift) in &moves {
+            (held - keep..held, sinks..sinks + keep)
+        };
+        let parts: Vec<RowCopy> = match moves.first() {
+            None => return,
+            Some(&(b0, s0))
+                if moves.len() == self.batch()
+                    && moves.iter().all(|&(b, s)| kept(b, s) == kept(b0, s0)) =>
+            {
+                let (from, to) = kept(b0, s0);
+                vec![(0..self.batch(), from, to)]
+            }
+            Some(_) => moves
+                .iter()
+                .map(|&(b, s)| {
+                    let (from, to) = kept(b, s);
+                    (b..b + 1, from, to)
+                })
+                .collect(),
+        };
+        let cached = self.tensors().clone();
+        self.write(cached, &parts);
+        for (b, shift) in moves {
             self.shifts[b] = shift;
         }
     }
+
+    /// Writes, for each `(rows, from, to)`, positions `from` of `src`'s keys and values
+    /// (`[batch, kv_heads, _, d]`) into slots `to` of batch rows `rows`.
+    fn write(&mut self, (src_k, src_v): (Tensor<4>, Tensor<4>), parts: &[RowCopy]) {
+        let (mut keys, mut values) = self.kv.take().expect("a cache always holds its tensors");
+        let [_, kv_heads, _, d] = keys.dims();
+        for (rows, from, to) in parts {
+            let src = [rows.clone(), 0..kv_heads, from.clone(), 0..d];
+            let at = [rows.clone(), 0..kv_heads, to.clone(), 0..d];
+            keys = keys.slice_assign(at.clone(), src_k.clone().slice(src.clone()));
+            values = values.slice_assign(at, src_v.clone().slice(src));
+        }
+        self.kv = Some((keys, values));
+    }
 }
+
+/// A copy into the cache: batch rows, source positions, destination slots.
+type RowCopy = (Range<usize>, Range<usize>, Range<usize>);
