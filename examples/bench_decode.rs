@@ -43,7 +43,7 @@ use sparse_attn::nn::{
     GenerateConfig, MultiHeadSparseAttentionConfig, PatternConfig, SparseTransformer,
     SparseTransformerConfig,
 };
-use sparse_attn::{BlockLayout, DecodeRows, backends, sparse_attention_decode};
+use sparse_attn::{DecodeRows, backends, sparse_attention_decode};
 
 #[derive(Parser)]
 struct Args {
@@ -455,10 +455,8 @@ fn per_token(args: &Args, device: &Device) -> Vec<PerTokenRow> {
             );
             let rows = DecodeRows::uniform(1, context - 1, 1);
             let time = |pattern: &PatternConfig| -> Result<f64, String> {
-                let pattern = pattern
-                    .build(context, args.block)
-                    .map_err(|e| e.to_string())?;
-                let layout = BlockLayout::build(pattern.as_ref(), context, args.block, args.heads)
+                let layout = pattern
+                    .layout(context, args.block, args.heads)
                     .map_err(|e| e.to_string())?;
                 let run = || {
                     let out = sparse_attention_decode(
