@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 
 /// Every backend compiled in, as autodiff devices.
 #[allow(clippy::vec_init_then_push)] // pushes are feature-gated
@@ -90,4 +90,19 @@ pub fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
         want[worst.1],
         worst.0
     );
+}
+
+/// `values` rounded to `dtype` (to nearest even on the mantissa: exact for the normal range,
+/// where these inputs lie), so that the reference sees what the kernels see.
+pub fn rounded(values: Vec<f64>, dtype: FloatDType) -> Vec<f64> {
+    let mantissa = if dtype == FloatDType::F16 { 10 } else { 7 };
+    let drop = 23 - mantissa;
+    values
+        .into_iter()
+        .map(|x| {
+            let bits = (x as f32).to_bits();
+            let half = (1u32 << (drop - 1)) - 1 + ((bits >> drop) & 1);
+            f64::from(f32::from_bits((bits + half) & !((1u32 << drop) - 1)))
+        })
+        .collect()
 }

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, FloatDType, Tensor};
 use rstest::rstest;
 use sparse_attn_core::pattern::{Band, BigBird, BigBirdConfig, Fixed, PerHead, Strided};
 use sparse_attn_core::reference::{RefOptions, RefShape, reference_forward_with};
@@ -15,7 +15,7 @@ use sparse_attn_core::{
     sparse_attention_decode_portable,
 };
 
-use crate::common::{Rng, assert_close, devices, to_tensor};
+use crate::common::{Rng, assert_close, devices, rounded, to_tensor};
 
 type Decode = fn(
     Tensor<4>,
@@ -179,6 +179,77 @@ fn decode_matches_the_reference_rows(
                 cap,
             );
             assert_close(&got, &want, 2e-5, &what);
+        }
+    }
+}
+
+/// The fused decode kernels at the sizes models use: head dims 64 and 128, blocks 64 and
+/// 128, a capacity that is not a multiple of the block, a row long enough to split into
+/// several key chunks, grouped-query heads, f32 and (inputs rounded to them) f16 and bf16.
+#[rstest]
+fn decode_at_model_sizes_and_dtypes(
+    #[values("window", "strided")] name: &str,
+    #[values((64, 64), (128, 64), (64, 128), (128, 128))] dims: (usize, usize),
+    #[values(FloatDType::F32, FloatDType::F16, FloatDType::BF16)] dtype: FloatDType,
+) {
+    let (d, block) = dims;
+    let (cap, heads, kv_heads, batch) = (1500, 4, 2, 1);
+    let pattern: Arc<dyn Pattern> = match name {
+        "window" => Arc::new(Band::local(300).unwrap()),
+        _ => Arc::new(Strided::new(37).unwrap()),
+    };
+    let layout = BlockLayout::build(pattern.as_ref(), cap, block, heads).unwrap();
+    let round = |x: Vec<f64>| {
+        if dtype == FloatDType::F32 {
+            x
+        } else {
+            rounded(x, dtype)
+        }
+    };
+    let mut rng = Rng::new(d as u64 * 7 + block as u64);
+    let q_full = round(rng.normals(batch * heads * cap * d));
+    let [k, v] = [(); 2].map(|_| round(rng.normals(batch * kv_heads * cap * d)));
+    let scale = 1.0 / (d as f64).sqrt();
+    // One token at the end of the capacity (its row reaches back over many key blocks) and
+    // a chunk of prefill in the middle.
+    for (rows, m) in [
+        (DecodeRows::uniform(batch, cap - 1, 1), 1),
+        (DecodeRows::uniform(batch, 700, 5), 5),
+    ] {
+        let lengths = vec![rows.first[0] + rows.valid[0]];
+        let shape = RefShape {
+            batch,
+            heads,
+            seq_len: cap,
+            head_dim: d,
+        };
+        let options = RefOptions {
+            kv_heads: Some(kv_heads),
+            key_lengths: Some(lengths),
+            dropout: None,
+        };
+        let full =
+            reference_forward_with(pattern.as_ref(), shape, &options, &q_full, &k, &v, scale);
+        let want = rows_of(&full.out, &rows, [batch, heads, cap, d], m);
+        let q = rows_of(&q_full, &rows, [batch, heads, cap, d], m);
+        let tol = match dtype {
+            FloatDType::F16 => 1e-2,
+            FloatDType::BF16 => 5e-2,
+            _ => 2e-5,
+        };
+        for (backend, device) in devices() {
+            if !device.supports_dtype(DType::from(dtype)) {
+                eprintln!("{backend}: no {dtype:?} on this device, skipped");
+                continue;
+            }
+            let what = format!("{backend} {name} d={d} b={block} {dtype:?} rows={rows:?}");
+            let q_dims = [batch, heads, m, d];
+            let kv_dims = [batch, kv_heads, cap, d];
+            let tq = to_tensor(&q, q_dims, &device).cast(dtype);
+            let [tk, tv] = [&k, &v].map(|x| to_tensor(x, kv_dims, &device).cast(dtype));
+            let out = sparse_attention_decode(tq, tk, tv, &layout, &rows, None).unwrap();
+            assert_eq!(out.dtype(), DType::from(dtype), "{what}");
+            assert_close(&values(out.cast(FloatDType::F32)), &want, tol, &what);
         }
     }
 }

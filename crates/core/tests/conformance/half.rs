@@ -25,22 +25,7 @@ use sparse_attn_core::reference::{
 };
 use sparse_attn_core::{AttentionOptions, BlockLayout, DropoutMask, Pattern, sparse_attention};
 
-use crate::common::{Rng, assert_close, devices, to_tensor};
-
-/// `values` rounded to `dtype` (to nearest even on the mantissa: exact for the normal range,
-/// where these inputs lie), so that the reference sees what the kernels see.
-fn rounded(values: Vec<f64>, dtype: FloatDType) -> Vec<f64> {
-    let mantissa = if dtype == FloatDType::F16 { 10 } else { 7 };
-    let drop = 23 - mantissa;
-    values
-        .into_iter()
-        .map(|x| {
-            let bits = (x as f32).to_bits();
-            let half = (1u32 << (drop - 1)) - 1 + ((bits >> drop) & 1);
-            f64::from(f32::from_bits((bits + half) & !((1u32 << drop) - 1)))
-        })
-        .collect()
-}
+use crate::common::{Rng, assert_close, devices, rounded, to_tensor};
 
 fn pattern(name: &str, n: usize) -> Arc<dyn Pattern> {
     match name {
