@@ -24,6 +24,22 @@ pub struct AttentionOptions {
     /// are padding, neither queries (zero output and gradients) nor keys. No `n x n` mask
     /// is built.
     pub key_lengths: Option<Vec<usize>>,
+    /// Soft-capping of the scaled scores, `cap * tanh(s / cap)` (Gemma-style logit capping),
+    /// applied before ALiBi and the masks; `cap` finite and positive.
+    pub softcap: Option<f64>,
+    /// ALiBi: each scaled (and capped) score of query token `i` and key token `j` in head
+    /// `h` minus `slope_h * |i - j|` (distance in token order, also under a permuted layout).
+    pub alibi: Option<Alibi>,
+}
+
+/// The slopes of [`AttentionOptions::alibi`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Alibi {
+    /// The standard geometric slopes of ALiBi for the input's head count
+    /// ([`alibi_slopes`](crate::alibi_slopes)).
+    Standard,
+    /// One slope per query head (finite).
+    Slopes(Vec<f64>),
 }
 
 impl AttentionOptions {
@@ -46,6 +62,24 @@ impl AttentionOptions {
         self.key_lengths = Some(lengths.into());
         self
     }
+
+    /// These options with the scores soft-capped at `cap`.
+    pub fn softcap(mut self, cap: f64) -> Self {
+        self.softcap = Some(cap);
+        self
+    }
+
+    /// These options with ALiBi at the standard slopes.
+    pub fn alibi(mut self) -> Self {
+        self.alibi = Some(Alibi::Standard);
+        self
+    }
+
+    /// These options with ALiBi at the given per-head slopes.
+    pub fn alibi_slopes(mut self, slopes: impl Into<Vec<f64>>) -> Self {
+        self.alibi = Some(Alibi::Slopes(slopes.into()));
+        self
+    }
 }
 
 /// Block-sparse multi-head attention: `out[b, h, i] = sum_j softmax_j(scale q_i . k_j) v_j`
@@ -66,7 +100,8 @@ impl AttentionOptions {
 /// Shapes that differ or are empty, `kv_heads` not dividing `heads`, a layout built for
 /// another `n` or head count, inputs on different devices, a scale that is not finite and
 /// positive, a dropout probability outside `[0, 1)`, key lengths not one per batch row or
-/// longer than `n`, a head dim beyond the kernels of the device
+/// longer than `n`, a soft-cap that is not finite and positive, ALiBi slopes not one finite
+/// slope per head, a head dim beyond the kernels of the device
 /// ([`DeviceLimit`](SparseAttentionError::DeviceLimit): above 256 on CubeCL devices), a
 /// dtype the device's kernels do not run (f64 on CubeCL devices).
 ///
@@ -198,10 +233,28 @@ fn validate(
             Some(lengths.into())
         }
     };
+    let softcap = match options.softcap {
+        Some(cap) if !(cap.is_finite() && cap > 0.0) => {
+            return Err(SparseAttentionError::SoftCap(cap));
+        }
+        cap => cap,
+    };
+    let alibi = match options.alibi {
+        None => None,
+        Some(Alibi::Standard) => Some(crate::alibi_slopes(heads).into()),
+        Some(Alibi::Slopes(slopes)) => {
+            if slopes.len() != heads || slopes.iter().any(|s| !s.is_finite()) {
+                return Err(SparseAttentionError::AlibiSlopes { got: slopes, heads });
+            }
+            Some(slopes.into())
+        }
+    };
     Ok(AttentionParams {
         scale,
         dropout,
         key_lengths,
+        softcap,
+        alibi,
     })
 }
 

@@ -86,6 +86,17 @@ pub enum SparseAttentionError {
     /// The attention scale is not a finite positive number.
     #[error("scale must be finite and positive, got {0}")]
     Scale(f64),
+    /// The soft-capping bound is not a finite positive number.
+    #[error("soft-cap must be finite and positive, got {0}")]
+    SoftCap(f64),
+    /// The ALiBi slopes are not one finite slope per query head.
+    #[error("ALiBi slopes {got:?}: expected {heads} finite slopes, one per query head")]
+    AlibiSlopes {
+        /// Slopes given.
+        got: Vec<f64>,
+        /// Query heads of the input.
+        heads: usize,
+    },
     /// A sequence longer than a layer or model was configured for.
     #[error("sequence of {len} tokens is longer than the configured maximum of {max}")]
     SequenceTooLong {

@@ -45,7 +45,7 @@ pub mod pattern;
 mod picture;
 pub mod reference;
 
-pub use api::{AttentionOptions, sparse_attention, sparse_attention_portable};
+pub use api::{Alibi, AttentionOptions, sparse_attention, sparse_attention_portable};
 pub use backend::SparseAttentionBackend;
 pub use cache::LayoutCache;
 pub use decode::{
@@ -59,6 +59,7 @@ pub use modes::{
 pub use params::{AttentionParams, DropoutMask};
 pub use pattern::{BlockCover, Geometry, Pattern, StreamWindow};
 pub use picture::LayoutStats;
+pub use sparse_attn_kernel_types::{ScoreMods, alibi_slopes};
 
 /// Which CubeCL kernels serve a GPU problem: the tensor-core kernels (f16/bf16 inputs on a
 /// device with 16x16x16 cooperative matrices, blocks and head dims multiples of 16) or the

@@ -20,6 +20,10 @@ pub struct AttentionParams {
     /// a row's length are neither queries (zero output and gradients) nor keys. `None`: every
     /// token is valid.
     pub key_lengths: Option<Arc<[usize]>>,
+    /// Soft-capping bound of the scaled scores (finite, positive; `None`: none).
+    pub softcap: Option<f64>,
+    /// ALiBi slopes, one per query head (`None`: no ALiBi).
+    pub alibi: Option<Arc<[f64]>>,
 }
 
 impl AttentionParams {
@@ -29,6 +33,8 @@ impl AttentionParams {
             scale,
             dropout: None,
             key_lengths: None,
+            softcap: None,
+            alibi: None,
         }
     }
 
@@ -37,6 +43,15 @@ impl AttentionParams {
         sparse_attn_kernel_types::KernelOptions {
             key_lengths: self.key_lengths.as_deref(),
             dropout: self.dropout,
+            mods: self.score_mods(),
+        }
+    }
+
+    /// The score modifiers of these parameters.
+    pub fn score_mods(&self) -> sparse_attn_kernel_types::ScoreMods<'_> {
+        sparse_attn_kernel_types::ScoreMods {
+            softcap: self.softcap,
+            alibi: self.alibi.as_deref(),
         }
     }
 }

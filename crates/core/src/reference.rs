@@ -5,6 +5,7 @@
 
 use crate::params::DropoutMask;
 use crate::pattern::Pattern;
+use sparse_attn_kernel_types::ScoreMods;
 
 /// Shape of a reference problem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +41,7 @@ pub struct RefGrads {
 }
 
 /// What the reference computes beyond plain attention: grouped key/value heads, key
-/// padding and dropout, each written out from its definition.
+/// padding, dropout and the score modifiers, each written out from its definition.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RefOptions {
     /// Key/value heads of `k` and `v` (`None`: as many as `q`); divides `heads`.
@@ -49,11 +50,23 @@ pub struct RefOptions {
     pub key_lengths: Option<Vec<usize>>,
     /// Dropout: each probability times `1 / (1 - p)` if the pair is kept, else 0.
     pub dropout: Option<DropoutMask>,
+    /// Soft-capping bound of the scaled scores ([`ScoreMods`]).
+    pub softcap: Option<f64>,
+    /// ALiBi slopes, one per query head ([`ScoreMods`]).
+    pub alibi: Option<Vec<f64>>,
 }
 
 impl RefOptions {
     fn kv_heads(&self, heads: usize) -> usize {
         self.kv_heads.unwrap_or(heads)
+    }
+
+    /// The score modifiers of these options.
+    fn mods(&self) -> ScoreMods<'_> {
+        ScoreMods {
+            softcap: self.softcap,
+            alibi: self.alibi.as_deref(),
+        }
     }
 
     /// Dropout factor of pair `(i, j)` of `(batch, head)`.
@@ -67,7 +80,8 @@ impl RefOptions {
 }
 
 /// Softmax probabilities of one `(batch, head)` (before dropout): `[n, n]`, zero where
-/// not allowed, and the row log-sum-exps.
+/// not allowed, the row log-sum-exps, and the derivative of each modified score by its
+/// scaled score (`[n, n]`; 1 without soft-capping).
 #[allow(clippy::too_many_arguments)]
 fn probs(
     pattern: &dyn Pattern,
@@ -78,15 +92,19 @@ fn probs(
     d: usize,
     scale: f64,
     valid: usize,
-) -> (Vec<f64>, Vec<f64>) {
+    mods: &ScoreMods<'_>,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let mut p = vec![0.0; n * n];
+    let mut grad = vec![1.0; n * n];
     let mut lse = vec![f64::NEG_INFINITY; n];
     for i in 0..n {
         let row = &mut p[i * n..(i + 1) * n];
         let mut max = f64::NEG_INFINITY;
         for (j, x) in row.iter_mut().enumerate() {
             if i < valid && j < valid && pattern.allows(head, i, j) {
-                *x = scale * (0..d).map(|t| q[i * d + t] * k[j * d + t]).sum::<f64>();
+                let s = scale * (0..d).map(|t| q[i * d + t] * k[j * d + t]).sum::<f64>();
+                *x = mods.apply(head, s, i, j);
+                grad[i * n + j] = mods.derivative(s);
                 max = max.max(*x);
             } else {
                 *x = f64::NEG_INFINITY;
@@ -106,7 +124,7 @@ fn probs(
         row.iter_mut().for_each(|x| *x /= sum);
         lse[i] = max + sum.ln();
     }
-    (p, lse)
+    (p, lse, grad)
 }
 
 /// One `(batch, head)` of a problem: its slices' offsets and its options.
@@ -179,7 +197,17 @@ pub fn reference_forward_with(
             &k[kv..kv + n * d],
             &v[kv..kv + n * d],
         );
-        let (p, l) = probs(pattern, x.head, qs, ks, n, d, scale, x.valid);
+        let (p, l, _) = probs(
+            pattern,
+            x.head,
+            qs,
+            ks,
+            n,
+            d,
+            scale,
+            x.valid,
+            &options.mods(),
+        );
         let bh = base / (n * d);
         lse[bh * n..(bh + 1) * n].copy_from_slice(&l);
         for i in 0..n {
@@ -233,10 +261,20 @@ pub fn reference_backward_with(
         let (base, kv) = (x.base, x.kv_base);
         let (qs, gs) = (&q[base..base + n * d], &dout[base..base + n * d]);
         let (ks, vs) = (&k[kv..kv + n * d], &v[kv..kv + n * d]);
-        let (p, _) = probs(pattern, x.head, qs, ks, n, d, scale, x.valid);
+        let (p, _, grad) = probs(
+            pattern,
+            x.head,
+            qs,
+            ks,
+            n,
+            d,
+            scale,
+            x.valid,
+            &options.mods(),
+        );
         let keep = |i: usize, j: usize| options.keep(x.batch, x.head, i, j);
-        // dP = (dO Vᵀ) * keep; dS = P (dP - rowsum(P dP)); dQ = dS K scale;
-        // dK = dSᵀ Q scale; dV = (P * keep)ᵀ dO
+        // dP = (dO Vᵀ) * keep; dS = P (dP - rowsum(P dP)) * d(modified)/d(scaled score);
+        // dQ = dS K scale; dK = dSᵀ Q scale; dV = (P * keep)ᵀ dO
         let mut ds = vec![0.0; n * n];
         for i in 0..n {
             let dp: Vec<f64> = (0..n)
@@ -244,7 +282,7 @@ pub fn reference_backward_with(
                 .collect();
             let delta: f64 = (0..n).map(|j| p[i * n + j] * dp[j]).sum();
             for j in 0..n {
-                ds[i * n + j] = p[i * n + j] * (dp[j] - delta);
+                ds[i * n + j] = p[i * n + j] * (dp[j] - delta) * grad[i * n + j];
             }
         }
         for i in 0..n {
@@ -283,15 +321,24 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let (q, k, v, dout) = (wave(0.1), wave(1.3), wave(2.9), wave(4.2));
-        for pattern in [
-            &Band::local(3).unwrap() as &dyn Pattern,
-            &Strided::new(2).unwrap(),
+        let plain = RefOptions::default();
+        // A cap near the scores' size, so that the tanh bends them.
+        let modified = RefOptions {
+            softcap: Some(0.4),
+            alibi: Some(vec![0.3, 0.05]),
+            ..RefOptions::default()
+        };
+        for (pattern, options) in [
+            (&Band::local(3).unwrap() as &dyn Pattern, &plain),
+            (&Strided::new(2).unwrap(), &plain),
+            (&Band::local(3).unwrap(), &modified),
+            (&Band::bidirectional_window(2), &modified),
         ] {
             let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
-                let f = reference_forward(pattern, shape, q, k, v, 0.5);
+                let f = reference_forward_with(pattern, shape, options, q, k, v, 0.5);
                 f.out.iter().zip(&dout).map(|(a, b)| a * b).sum()
             };
-            let g = reference_backward(pattern, shape, &q, &k, &v, &dout, 0.5);
+            let g = reference_backward_with(pattern, shape, options, &q, &k, &v, &dout, 0.5);
             let eps = 1e-6;
             for (which, grad) in [(0, &g.dq), (1, &g.dk), (2, &g.dv)] {
                 for x in 0..len {

@@ -1,6 +1,7 @@
 //! Plain data shared by the block-sparse attention kernels of every backend: the problem's
 //! shape ([`AttentionShape`]), the borrowed CSR view of a block layout ([`CsrLayout`], with
-//! the [`FULL_BLOCK`] marker), the per-call options ([`KernelOptions`]) and the counter-based
+//! the [`FULL_BLOCK`] marker), the per-call options ([`KernelOptions`], with the score
+//! modifiers [`ScoreMods`]) and the counter-based
 //! dropout generator ([`DropoutMask`]) that every backend repeats bit for bit.
 //!
 //! The CPU kernels (`sparse-attn-ndarray`) and the CubeCL kernels (`sparse-attn-wgpu`) both
@@ -36,7 +37,11 @@
 //! assert!(layout.mask_of(0).is_some() && layout.mask_of(1).is_none());
 //!
 //! // Options of a call with dropout 0.1 and the second batch row 5 tokens long.
-//! let options = KernelOptions { key_lengths: Some(&[6, 5]), dropout: DropoutMask::new(0.1, 7) };
+//! let options = KernelOptions {
+//!     key_lengths: Some(&[6, 5]),
+//!     dropout: DropoutMask::new(0.1, 7),
+//!     ..KernelOptions::default()
+//! };
 //! let mask = options.dropout.unwrap();
 //! assert_eq!(mask.keeps_pair(0, 0, 3, 2), mask.keeps_pair(0, 0, 3, 2));
 //! ```
@@ -46,7 +51,9 @@
 pub mod dropout;
 mod layout;
 mod options;
+mod score_mods;
 
 pub use dropout::{DropoutMask, KEY_SPREAD, mix};
 pub use layout::{AttentionShape, CsrLayout, FULL_BLOCK};
 pub use options::KernelOptions;
+pub use score_mods::{ScoreMods, alibi_slopes};

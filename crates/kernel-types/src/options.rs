@@ -1,6 +1,7 @@
 //! The per-call options every kernel takes besides the tensors and the layout.
 
 use crate::dropout::DropoutMask;
+use crate::score_mods::ScoreMods;
 
 /// Options of one kernel call, borrowed from the validated parameters of the public API
 /// (`sparse_attn_core::AttentionParams`); the default is plain attention.
@@ -14,4 +15,6 @@ pub struct KernelOptions<'a> {
     pub key_lengths: Option<&'a [usize]>,
     /// Dropout on the attention probabilities.
     pub dropout: Option<DropoutMask>,
+    /// Changes to the scores before the softmax (soft-capping, ALiBi).
+    pub mods: ScoreMods<'a>,
 }

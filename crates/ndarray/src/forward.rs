@@ -197,6 +197,7 @@ fn query_block<T: Real>(
         let w = ke - ks;
         let s = &mut s[..bq * w];
         gemm(bq, d, w, scale, (q_tile, d, 1), (&k[ks * d..ke * d], 1, d), T::ZERO, s, w);
+        x.modify_tiles(run.clone(), s, w, qs, bq);
         x.mask_tiles(run.clone(), s, w, qs, bq);
         for i in 0..bq {
             let srow = &mut s[i * w..(i + 1) * w];

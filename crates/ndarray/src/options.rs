@@ -1,5 +1,5 @@
-//! The per-call options (key padding, attention dropout) as they apply to one `(batch,
-//! head)`: to score and probability tiles inside the kernels.
+//! The per-call options (key padding, attention dropout, the score modifiers) as they apply
+//! to one `(batch, head)`: to score and probability tiles inside the kernels.
 
 use std::ops::Range;
 
@@ -9,13 +9,17 @@ use crate::real::Real;
 use crate::simd::avx2_dispatch;
 use crate::tile::mask_tile;
 
-/// The options as they apply to one `(batch, head)`: its valid length and dropout key.
+/// The options as they apply to one `(batch, head)`: its valid length, dropout key, soft-cap
+/// and ALiBi slope.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HeadOptions<'a> {
     layout: CsrLayout<'a>,
     /// Valid length of this batch row, when it is shorter than the sequence.
     len: Option<usize>,
     dropout: Option<(DropoutMask, u32)>,
+    softcap: Option<f64>,
+    /// ALiBi slope of this head.
+    slope: Option<f64>,
 }
 
 impl<'a> HeadOptions<'a> {
@@ -32,6 +36,85 @@ impl<'a> HeadOptions<'a> {
                 .map(|lengths| lengths[batch])
                 .filter(|&len| len < layout.seq_len),
             dropout: options.dropout.map(|m| (m, m.head_key(batch, head))),
+            softcap: options.mods.softcap,
+            slope: options.mods.alibi.map(|slopes| slopes[head]),
+        }
+    }
+
+    /// Applies the score modifiers to the scaled score tiles of `entries` (laid out as in
+    /// [`mask_tiles`](Self::mask_tiles)): soft-capping, then ALiBi. Call it before the masks
+    /// (a capped `-inf` would no longer be `-inf`).
+    #[inline(always)]
+    pub(crate) fn modify_tiles<T: Real>(
+        &self,
+        entries: Range<usize>,
+        s: &mut [T],
+        ld: usize,
+        qs: usize,
+        bq: usize,
+    ) {
+        if self.softcap.is_none() && self.slope.is_none() {
+            return;
+        }
+        self.each_tile(entries, s, |tile, _, ks, bk| {
+            let keys = self.key_tokens(ks, bk);
+            for (i, row) in tile.chunks_mut(ld).take(bq).enumerate() {
+                modify_row(
+                    &mut row[..bk],
+                    self.softcap,
+                    self.slope,
+                    self.layout.token(qs + i),
+                    keys,
+                );
+            }
+        });
+    }
+
+    /// With soft-capping, multiplies the `dS` tiles of `entries` (laid out as in
+    /// [`mask_tiles`](Self::mask_tiles)) by the cap's derivative `1 - tanh²(s / cap)`, which
+    /// it recovers from the probabilities `p` (before dropout) and the rows' log-sum-exps:
+    /// `cap * tanh(s / cap) = ln p + lse + slope * |i - j|`. Pairs with `p = 0` have `dS =
+    /// 0` already.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn softcap_grad_tiles<T: Real>(
+        &self,
+        entries: Range<usize>,
+        p: &[T],
+        ds: &mut [T],
+        lse: &[T],
+        ld: usize,
+        qs: usize,
+        bq: usize,
+    ) {
+        let Some(cap) = self.softcap else { return };
+        let inv_cap = T::from_f64(1.0 / cap);
+        let slope = T::from_f64(self.slope.unwrap_or(0.0));
+        let (layout, e0) = (&self.layout, entries.start);
+        for e in entries {
+            let (ks, ke) = layout.block_range(layout.cols[e] as usize);
+            let (bk, at) = (ke - ks, (e - e0) * layout.block);
+            let keys = self.key_tokens(ks, bk);
+            for i in 0..bq {
+                let qi = layout.token(qs + i);
+                let row = i * ld + at;
+                for j in 0..bk {
+                    let pr = p[row + j];
+                    if pr != T::ZERO {
+                        let dist = T::from_usize(qi.abs_diff(keys.get(j)));
+                        let t = (pr.ln() + lse[i] + slope * dist) * inv_cap;
+                        ds[row + j] = ds[row + j] * (T::ONE - t * t);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The key tokens of the tile at key positions `ks..ks + bk`.
+    fn key_tokens(&self, ks: usize, bk: usize) -> KeyTokens<'a> {
+        match self.layout.order {
+            None => KeyTokens::From(ks),
+            Some(order) => KeyTokens::Order(&order[ks..ks + bk]),
         }
     }
 
@@ -143,10 +226,7 @@ impl<'a> HeadOptions<'a> {
             return;
         };
         let scale = T::from_f64(mask.scale());
-        let keys = match self.layout.order {
-            None => KeyTokens::From(ks),
-            Some(order) => KeyTokens::Order(&order[ks..ks + bk]),
-        };
+        let keys = self.key_tokens(ks, bk);
         for (i, row) in t.chunks_mut(ld).take(bq).enumerate() {
             let row_key = DropoutMask::row_key(head_key, self.layout.token(qs + i));
             drop_row(&mut row[..bk], &mask, row_key, keys, scale);
@@ -161,6 +241,48 @@ enum KeyTokens<'a> {
     From(usize),
     /// The layout's order over the tile's positions.
     Order(&'a [usize]),
+}
+
+impl KeyTokens<'_> {
+    /// The token of column `j`.
+    #[inline(always)]
+    fn get(&self, j: usize) -> usize {
+        match *self {
+            KeyTokens::From(first) => first + j,
+            KeyTokens::Order(tokens) => tokens[j],
+        }
+    }
+}
+
+avx2_dispatch! {
+/// The score modifiers on one row of scaled scores of query token `qi`: `cap * tanh(s /
+/// cap)`, then `- slope * |qi - j|`; branch-free loops that vectorise.
+fn modify_row<T: Real>(
+    row: &mut [T],
+    softcap: Option<f64>,
+    slope: Option<f64>,
+    qi: usize,
+    keys: KeyTokens<'_>,
+) {
+    if let Some(cap) = softcap {
+        let (cap, inv) = (T::from_f64(cap), T::from_f64(1.0 / cap));
+        row.iter_mut().for_each(|x| *x = cap * (*x * inv).tanh());
+    }
+    let Some(slope) = slope else { return };
+    let slope = T::from_f64(slope);
+    match keys {
+        KeyTokens::From(first) => {
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = *x - slope * T::from_usize(qi.abs_diff(first + j));
+            }
+        }
+        KeyTokens::Order(tokens) => {
+            for (x, &tok) in row.iter_mut().zip(tokens) {
+                *x = *x - slope * T::from_usize(qi.abs_diff(tok));
+            }
+        }
+    }
+}
 }
 
 avx2_dispatch! {

@@ -28,6 +28,10 @@ pub trait Real:
     fn exp(self) -> Self;
     /// Natural log.
     fn ln(self) -> Self;
+    /// Hyperbolic tangent (vectorisable for f32: [`crate::exp::tanh`]).
+    fn tanh(self) -> Self;
+    /// Conversion from a token distance (ALiBi).
+    fn from_usize(x: usize) -> Self;
     /// Larger of two values, ignoring NaN as `f32::max` does.
     fn max(self, other: Self) -> Self;
     /// Reciprocal.
@@ -60,7 +64,7 @@ pub trait Real:
 
 /// Implements [`Real`] for a float type with its `exp` and the `gemm` crate's GEMM.
 macro_rules! real_impl {
-    ($t:ty, $exp:expr) => {
+    ($t:ty, $exp:expr, $tanh:expr) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -71,6 +75,14 @@ macro_rules! real_impl {
             }
             fn ln(self) -> Self {
                 <$t>::ln(self)
+            }
+            #[inline(always)]
+            fn tanh(self) -> Self {
+                $tanh(self)
+            }
+            #[inline(always)]
+            fn from_usize(x: usize) -> Self {
+                x as $t
             }
             #[inline(always)]
             fn max(self, other: Self) -> Self {
@@ -130,5 +142,5 @@ macro_rules! real_impl {
 }
 
 // f32 uses the vectorisable exp; f64 keeps the exactly rounded libm one.
-real_impl!(f32, crate::exp::exp);
-real_impl!(f64, f64::exp);
+real_impl!(f32, crate::exp::exp, crate::exp::tanh);
+real_impl!(f64, f64::exp, f64::tanh);

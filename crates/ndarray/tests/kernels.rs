@@ -289,6 +289,7 @@ fn fused_kernels_match_simple_dense_over_awkward_sizes() {
                     let extras = KernelOptions {
                         key_lengths: with_lengths.then_some(&lengths[..]),
                         dropout: if with_dropout { mask } else { None },
+                        ..KernelOptions::default()
                     };
                     let what = format!(
                         "n={n} b={block} h={heads}/{kv_heads}/{layout_heads} d={d} lengths={with_lengths} dropout={with_dropout}"

@@ -197,6 +197,32 @@ fn dropout_factors(
     out
 }
 
+/// The ALiBi biases of the gathered scores, `[1, Hg, rows, b, degree * b]`: `slope_h * |i -
+/// j|` for query token `i` and key token `j` (0 for padding positions, which are masked).
+fn alibi_biases(
+    layout: &BlockLayout,
+    p: &Plan,
+    slopes: &[f64],
+    heads: std::ops::Range<usize>,
+) -> Vec<f64> {
+    let b = layout.block();
+    let mut out = Vec::with_capacity(heads.len() * p.rows.len() * b * p.degree * b);
+    for h in heads {
+        for (at, &r) in p.rows.iter().enumerate() {
+            for i in 0..b {
+                let query = token_at(layout, r * b + i);
+                out.extend(key_positions(p, b, at).map(|pos| {
+                    match (query, token_at(layout, pos)) {
+                        (Some(i), Some(j)) => slopes[h] * i.abs_diff(j) as f64,
+                        _ => 0.0,
+                    }
+                }));
+            }
+        }
+    }
+    out
+}
+
 /// Everything of one bucket of one head group that forward and backward share.
 struct Gathered<B: Backend> {
     /// `[B, Hg, rows, b, d]`
@@ -205,8 +231,11 @@ struct Gathered<B: Backend> {
     k: FloatTensor<B>,
     /// `[B, Hg, rows, degree * b, d]`
     v: FloatTensor<B>,
-    /// Masked scaled scores `[B, Hg, rows, b, degree * b]`.
+    /// Masked, modified scaled scores `[B, Hg, rows, b, degree * b]`.
     s: FloatTensor<B>,
+    /// With soft-capping, the derivative of the modified scores by the scaled ones,
+    /// `1 - tanh²(s / cap)`, shaped like `s`.
+    cap_grad: Option<FloatTensor<B>>,
     /// Dropout factors shaped like `s`, if dropout is on.
     keep: Option<FloatTensor<B>>,
     /// The bucket's query blocks.
@@ -274,8 +303,22 @@ fn gather<B: Backend>(
     let k = gather_blocks::<B>(k, index.clone(), (nb, b), nr, p.degree);
     let v = gather_blocks::<B>(v, index.clone(), (nb, b), nr, p.degree);
     let scores = B::float_matmul(q.clone(), B::float_swap_dims(k.clone(), 3, 4));
-    let scores = B::float_mul_scalar(scores, params.scale.into());
+    let mut scores = B::float_mul_scalar(scores, params.scale.into());
     let full = Shape::from(vec![batch, hg, nr, b, p.degree * b]);
+    let mut cap_grad = None;
+    if let Some(cap) = params.softcap {
+        let t = B::float_tanh(B::float_div_scalar(scores, cap.into()));
+        let t2 = B::float_mul(t.clone(), t.clone());
+        cap_grad = Some(B::float_add_scalar(B::float_neg(t2), 1.0f32.into()));
+        scores = B::float_mul_scalar(t, cap.into());
+    }
+    if let Some(slopes) = &params.alibi {
+        let biases = alibi_biases(layout, &p, slopes, heads.clone());
+        let shape = vec![1, hg, nr, b, p.degree * b];
+        let data = TensorData::new(biases, shape).convert_dtype(q.dtype());
+        let biases = B::float_expand(B::float_from_data(data, &device), full.clone());
+        scores = B::float_sub(scores, biases);
+    }
     let keep = params.dropout.as_ref().map(|mask| {
         let factors = dropout_factors(layout, &p, mask, batch, heads);
         let data = TensorData::new(factors, full.clone()).convert_dtype(q.dtype());
@@ -300,6 +343,7 @@ fn gather<B: Backend>(
         k,
         v,
         s,
+        cap_grad,
         keep,
         rows,
         index,
@@ -532,7 +576,10 @@ fn backward_positions<B: Backend>(
                 None => (probs.clone(), dp),
             };
             let dv_g = B::float_matmul(B::float_swap_dims(dropped, 3, 4), dout);
-            let ds = B::float_mul(probs, B::float_sub(dp, delta));
+            let mut ds = B::float_mul(probs, B::float_sub(dp, delta));
+            if let Some(cap_grad) = g.cap_grad {
+                ds = B::float_mul(ds, cap_grad);
+            }
             let ds = B::float_mul_scalar(ds, params.scale.into());
             let dq = B::float_matmul(ds.clone(), g.k);
             let dk_g = B::float_matmul(B::float_swap_dims(ds, 3, 4), g.q);

@@ -159,7 +159,7 @@ fn decode_matches_the_reference_rows(
         let options = RefOptions {
             kv_heads: Some(kv_heads),
             key_lengths: Some(lengths),
-            dropout: None,
+            ..RefOptions::default()
         };
         let full =
             reference_forward_with(pattern.as_ref(), shape, &options, &q_full, &k, &v, scale);
@@ -226,7 +226,7 @@ fn decode_at_model_sizes_and_dtypes(
         let options = RefOptions {
             kv_heads: Some(kv_heads),
             key_lengths: Some(lengths),
-            dropout: None,
+            ..RefOptions::default()
         };
         let full =
             reference_forward_with(pattern.as_ref(), shape, &options, &q_full, &k, &v, scale);

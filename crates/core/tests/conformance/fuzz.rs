@@ -174,7 +174,7 @@ fn run(c: &Case, device: &Device, backend: &str) -> Result<Option<Vec<f32>>, Str
         let options = RefOptions {
             kv_heads: Some(c.kv_heads),
             key_lengths: c.options.key_lengths.clone(),
-            dropout: None,
+            ..RefOptions::default()
         };
         let scale = c.options.scale.unwrap_or(1.0 / (d as f64).sqrt());
         let want = reference_forward_with(pattern.as_ref(), shape, &options, &q, &k, &v, scale);

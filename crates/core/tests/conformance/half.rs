@@ -131,6 +131,7 @@ fn half_precision_matrix(
         kv_heads: Some(kv_heads),
         key_lengths: padded.then(|| lengths.clone()),
         dropout: DropoutMask::new(p, seed),
+        ..RefOptions::default()
     };
     let mut options = AttentionOptions::default().dropout(p, seed);
     if padded {

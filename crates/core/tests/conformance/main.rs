@@ -12,5 +12,6 @@ mod fuzz;
 mod half;
 mod layouts;
 mod matrix;
+mod modifiers;
 mod options;
 mod parity;

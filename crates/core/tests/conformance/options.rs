@@ -19,15 +19,16 @@ use sparse_attn_core::{
 use crate::common::{Rng, assert_close, devices, to_tensor};
 
 /// An attention entry point under test.
-type Attend =
+pub(crate) type Attend =
     fn(Tensor<4>, Tensor<4>, Tensor<4>, &BlockLayout, AttentionOptions) -> Result<Tensor<4>>;
 
-fn pattern(name: &str) -> Arc<dyn Pattern> {
+pub(crate) fn pattern(name: &str) -> Arc<dyn Pattern> {
     match name {
         "local" => Arc::new(Band::local(6).unwrap()),
         // Permuted layout: dropout and padding are defined on tokens, not positions.
         "strided" => Arc::new(Strided::new(3).unwrap()),
         "fixed" => Arc::new(Fixed::new(8, 2, 2).unwrap()),
+        "bidirectional" => Arc::new(Band::bidirectional_window(9)),
         other => panic!("unknown test pattern {other}"),
     }
 }
@@ -38,7 +39,7 @@ fn values(t: Tensor<4>) -> Vec<f32> {
 
 /// Forward and gradients of `attend` with `options` on `device`: `(out, dq, dk, dv)`.
 #[allow(clippy::too_many_arguments)]
-fn run(
+pub(crate) fn run(
     attend: Attend,
     device: &Device,
     layout: &BlockLayout,
@@ -83,6 +84,7 @@ fn options_match_reference(
         kv_heads: Some(kv_heads),
         key_lengths: padded.then(|| lengths.clone()),
         dropout: DropoutMask::new(p, seed),
+        ..RefOptions::default()
     };
     let mut options = AttentionOptions::default().dropout(p, seed);
     if padded {

@@ -129,12 +129,15 @@ fn dq_panel<T: Real>(
         gemm(bq, d, ke - ks, scale, (q, d, 1), (k, 1, d), T::ZERO, &mut p[off..], width);
         gemm(bq, d, ke - ks, T::ONE, (dout, d, 1), (v, 1, d), T::ZERO, &mut ds[off..], width);
     }
-    // Masks and padding per tile; P over whole rows.
+    // Score modifiers, masks and padding per tile; P over whole rows.
+    x.extras.modify_tiles(entries.clone(), p, width, qs, bq);
     x.extras.mask_tiles(entries.clone(), p, width, qs, bq);
     probabilities(p, lse, width);
     // With dropout, dP of the kept (scaled) probabilities: dO Vᵀ times the keep factor.
     x.extras.drop_tiles(entries.clone(), ds, width, qs, bq);
     softmax_grad(p, ds, delta, width);
+    x.extras
+        .softcap_grad_tiles(entries.clone(), p, ds, lse, width, qs, bq);
     // dQ += dS K * scale, one GEMM per run.
     for (i, run) in layout.runs(entries.clone(), usize::MAX).enumerate() {
         let (off, ks, ke) = keys(&run);

@@ -109,12 +109,15 @@ fn dkv_block<T: Real>(
         let entry = layout.t_entries[t] as usize;
         let tile = entry..entry + 1;
         gemm(bq, d, bk, scale, (q, d, 1), (k, 1, d), T::ZERO, p, bk);
+        x.extras.modify_tiles(tile.clone(), p, bk, qs, bq);
         x.extras.mask_tiles(tile.clone(), p, bk, qs, bq);
         probabilities(p, lse, bk);
         // dP = dO Vᵀ (times the keep factor under dropout), dS = P (dP - delta)
         gemm(bq, d, bk, T::ONE, (dout, d, 1), (v, 1, d), T::ZERO, dp, bk);
         x.extras.drop_tiles(tile.clone(), dp, bk, qs, bq);
         softmax_grad(p, dp, delta, bk);
+        x.extras
+            .softcap_grad_tiles(tile.clone(), p, dp, lse, bk, qs, bq);
         // dV += Pᵀ dO, P after dropout
         x.extras.drop_tiles(tile, p, bk, qs, bq);
         gemm(bk, bq, d, T::ONE, (p, 1, bk), (dout, d, 1), T::ONE, dv, d);

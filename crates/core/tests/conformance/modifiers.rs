@@ -1,0 +1,136 @@
+//! The score modifiers (soft-capping, ALiBi) on every backend, fused and portable paths,
+//! forward and gradients, against the f64 reference with the same modifiers; with key
+//! padding, dropout and grouped-query attention in the same calls, and under a permuted
+//! layout (ALiBi's distance is in token order).
+
+use burn::tensor::Tensor;
+use rstest::rstest;
+use sparse_attn_core::reference::{
+    RefOptions, RefShape, reference_backward_with, reference_forward_with,
+};
+use sparse_attn_core::{
+    AttentionOptions, BlockLayout, DropoutMask, SparseAttentionError, alibi_slopes,
+    sparse_attention, sparse_attention_portable,
+};
+
+use crate::common::{Rng, assert_close, devices, to_tensor};
+use crate::options::{Attend, pattern, run};
+
+/// Scores of these inputs are about N(0, 2): a cap of 1.5 bends most of them.
+const CAP: f64 = 1.5;
+
+#[rstest]
+fn modifiers_match_reference(
+    #[values("local", "strided", "fixed", "bidirectional")] name: &str,
+    #[values("softcap", "alibi", "both")] mods: &str,
+    #[values(false, true)] portable: bool,
+) {
+    let (heads, kv_heads) = (4, 2);
+    let (n, block, d, batch) = (37, 8, 8, 2);
+    let pattern = pattern(name);
+    let layout = BlockLayout::build(pattern.as_ref(), n, block, heads).unwrap();
+    let shape = RefShape {
+        batch,
+        heads,
+        seq_len: n,
+        head_dim: d,
+    };
+    let softcap = (mods != "alibi").then_some(CAP);
+    // Standard slopes for 4 heads are 1/4 .. 1/256; larger ones test the distances harder.
+    let slopes = (mods != "softcap").then(|| vec![0.5, 0.25, 0.1, 0.0]);
+    // "both" also pads the second batch row and drops 30% of the pairs.
+    let both = mods == "both";
+    let lengths = vec![n, 23];
+    let (p, seed) = (if both { 0.3 } else { 0.0 }, 5);
+    let reference = RefOptions {
+        kv_heads: Some(kv_heads),
+        key_lengths: both.then(|| lengths.clone()),
+        dropout: DropoutMask::new(p, seed),
+        softcap,
+        alibi: slopes.clone(),
+    };
+    let mut options = AttentionOptions::default().dropout(p, seed);
+    if both {
+        options = options.key_lengths(lengths);
+    }
+    options.softcap = softcap;
+    if let Some(slopes) = slopes {
+        options = options.alibi_slopes(slopes);
+    }
+    let (q_dims, kv_dims) = ([batch, heads, n, d], [batch, kv_heads, n, d]);
+    let mut rng = Rng::new(name.len() as u64 * 13 + mods.len() as u64);
+    // Scaled by 2 so that the scores reach the cap.
+    let mut normals =
+        |len: usize| -> Vec<f64> { rng.normals(len).into_iter().map(|x| 2.0 * x).collect() };
+    let q = normals(q_dims.iter().product());
+    let [k, v] = [(); 2].map(|_| normals(kv_dims.iter().product()));
+    let dout = normals(q.len());
+    let scale = 1.0 / (d as f64).sqrt();
+    let want = reference_forward_with(pattern.as_ref(), shape, &reference, &q, &k, &v, scale);
+    let grads = reference_backward_with(
+        pattern.as_ref(),
+        shape,
+        &reference,
+        &q,
+        &k,
+        &v,
+        &dout,
+        scale,
+    );
+    let attend: Attend = if portable {
+        sparse_attention_portable
+    } else {
+        sparse_attention
+    };
+    for (backend, device) in devices() {
+        let what = format!("{backend} {name} {mods} portable={portable}");
+        let [out, dq, dk, dv] = run(
+            attend,
+            &device,
+            &layout,
+            options.clone(),
+            [&q, &k, &v, &dout],
+            q_dims,
+            kv_dims,
+        );
+        assert_close(&out, &want.out, 5e-5, &format!("{what}: out"));
+        assert_close(&dq, &grads.dq, 2e-4, &format!("{what}: dq"));
+        assert_close(&dk, &grads.dk, 2e-4, &format!("{what}: dk"));
+        assert_close(&dv, &grads.dv, 2e-4, &format!("{what}: dv"));
+    }
+}
+
+/// The standard slopes are the default of `alibi()`; a cap or slopes that make no sense are
+/// typed errors.
+#[test]
+fn alibi_defaults_and_bad_modifiers() {
+    let (heads, n, d) = (4, 16, 8);
+    let layout = BlockLayout::build(pattern("local").as_ref(), n, 8, heads).unwrap();
+    let x = Rng::new(3).normals(heads * n * d);
+    for (backend, device) in devices() {
+        let t = || to_tensor(&x, [1, heads, n, d], &device);
+        let attend = |options: AttentionOptions| sparse_attention(t(), t(), t(), &layout, options);
+        let values = |x: Tensor<4>| x.into_data().try_to_vec::<f32>().unwrap();
+        let standard = values(attend(AttentionOptions::default().alibi()).unwrap());
+        let explicit =
+            values(attend(AttentionOptions::default().alibi_slopes(alibi_slopes(heads))).unwrap());
+        assert_eq!(
+            standard, explicit,
+            "{backend}: alibi() != the standard slopes"
+        );
+        for cap in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let err = attend(AttentionOptions::default().softcap(cap)).unwrap_err();
+            assert!(
+                matches!(err, SparseAttentionError::SoftCap(_)),
+                "{backend}: {err}"
+            );
+        }
+        for slopes in [vec![0.5; 3], vec![0.5, 0.5, f64::NAN, 0.5]] {
+            let err = attend(AttentionOptions::default().alibi_slopes(slopes)).unwrap_err();
+            assert!(
+                matches!(err, SparseAttentionError::AlibiSlopes { heads: 4, .. }),
+                "{backend}: {err}"
+            );
+        }
+    }
+}
