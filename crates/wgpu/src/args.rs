@@ -40,6 +40,8 @@ pub(crate) struct ProblemArgs {
     /// How far a tile's row maximum may pass the forward's running maximum before the
     /// output accumulators are rescaled (see `rescale_slack`); 0 rescales on every rise.
     pub rescale_slack: f32,
+    /// Soft-capping bound of the scores (read only with the configs' `softcap`).
+    pub softcap: f32,
 }
 
 /// The launch scalars of a problem: its shape and layout, `tasks` cubes with work, the
@@ -66,6 +68,7 @@ pub(crate) fn problem_args(
         opts.threshold,
         opts.keep_scale,
         rescale_slack,
+        opts.softcap,
     )
 }
 
@@ -89,6 +92,10 @@ pub(crate) struct FmaConfig {
     pub padded: bool,
     /// Dropout is on.
     pub dropout: bool,
+    /// Scores are soft-capped.
+    pub softcap: bool,
+    /// Scores carry ALiBi biases (slopes in the `slopes` buffer).
+    pub alibi: bool,
     /// The dK/dV pass writes `dK`.
     pub with_dk: bool,
     /// The dK/dV pass writes `dV`.

@@ -7,7 +7,9 @@ use cubecl::prelude::*;
 
 use crate::args::{FmaConfig, ProblemArgs};
 
-use crate::options::{head_key, in_length, keep_factor, query_row, row_key};
+use crate::options::{
+    head_key, in_length, keep_factor, modify_score, query_row, row_key, score_grad, score_mod,
+};
 use crate::tiles::{
     UNROLL_MAX, allowed, head_row, lane_sum, load_tiles, merge_sums, row_unit, span, token,
 };
@@ -33,6 +35,7 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
     mask_bits: &[u32],
     order: &[u32],
     lengths: &[u32],
+    slopes: &[f32],
     args: ProblemArgs,
     #[comptime] config: FmaConfig,
     #[define(F)] _dtype: ElemType,
@@ -61,6 +64,7 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
         lengths, seed_lo, seed_hi, bh, heads, tok, valid, padded, dropout,
     );
     let (batch, row_ok, keys) = (query.batch, query.ok, query.key);
+    let mods = score_mod(slopes, args.softcap, bh % heads, config.alibi);
 
     let mut q_row = Array::<Vector<f32, N>>::new(vecs);
     let mut do_row = Array::<Vector<f32, N>>::new(vecs);
@@ -128,13 +132,21 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
                             s += q_row[c] * k_tile[jj * vecs + c];
                             dp += do_row[c] * v_tile[jj * vecs + c];
                         }
-                        let p = f32::exp(lane_sum(s) * scale - lse_i);
+                        let raw = lane_sum(s) * scale;
+                        let mut score = raw;
+                        if comptime!(config.softcap || config.alibi) {
+                            #[rustfmt::skip]
+                            let modified = modify_score(raw, tok, key_tok, &mods, config.softcap, config.alibi);
+                            score = modified;
+                        }
+                        let p = f32::exp(score - lse_i);
                         // Under dropout, dP of the kept, scaled probability.
                         let mut dp_i = lane_sum(dp);
                         if dropout {
                             dp_i *= keep_factor(keys, key_tok, threshold, keep_scale);
                         }
-                        let ds = Vector::<f32, N>::new(p * (dp_i - delta_i));
+                        let grad = score_grad(raw, &mods, config.softcap);
+                        let ds = Vector::<f32, N>::new(p * (dp_i - delta_i) * grad);
                         #[unroll(vecs <= UNROLL_MAX)]
                         for c in 0..vecs {
                             acc[c] += ds * k_tile[jj * vecs + c];
@@ -195,6 +207,7 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
     mask_bits: &[u32],
     order: &[u32],
     lengths: &[u32],
+    slopes: &[f32],
     args: ProblemArgs,
     #[comptime] config: FmaConfig,
     #[define(F)] _dtype: ElemType,
@@ -263,6 +276,7 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
         if dropout {
             hkey = head_key(seed_lo, seed_hi, batch, h);
         }
+        let mods = score_mod(slopes, args.softcap, h, config.alibi);
         let start = col_ptr[col] as usize;
         let end = col_ptr[col + 1] as usize;
         for te in start..end {
@@ -313,7 +327,15 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
                                     dp += do_tile[ii * vecs + c] * v_row[c];
                                 }
                             }
-                            let p = f32::exp(lane_sum(s) * scale - lse_tile[ii]);
+                            let raw = lane_sum(s) * scale;
+                            let mut score = raw;
+                            if comptime!(config.softcap || config.alibi) {
+                                let qtok = token(order, query_start + t0 + ii, permuted);
+                                #[rustfmt::skip]
+                                let modified = modify_score(raw, qtok, tok, &mods, config.softcap, config.alibi);
+                                score = modified;
+                            }
+                            let p = f32::exp(score - lse_tile[ii]);
                             let mut keep = 1.0f32;
                             if dropout {
                                 keep = keep_factor(key_tile[ii], tok, threshold, keep_scale);
@@ -326,8 +348,9 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
                                 }
                             }
                             if with_dk {
+                                let grad = score_grad(raw, &mods, config.softcap);
                                 let ds = Vector::<f32, N>::new(
-                                    p * (lane_sum(dp) * keep - delta_tile[ii]),
+                                    p * (lane_sum(dp) * keep - delta_tile[ii]) * grad,
                                 );
                                 #[unroll(vecs <= UNROLL_MAX)]
                                 for c in 0..vecs {

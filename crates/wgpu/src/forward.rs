@@ -6,7 +6,7 @@ use cubecl::prelude::*;
 
 use crate::args::{FmaConfig, ProblemArgs};
 
-use crate::options::{in_length, keep_factor, query_row};
+use crate::options::{in_length, keep_factor, modify_score, query_row, score_mod};
 use crate::tiles::{
     MASKED, UNROLL_MAX, allowed, lane_sum, load_tiles, merge_pair, row_unit, span, token,
 };
@@ -18,7 +18,8 @@ use crate::tiles::{
 ///
 /// `K`/`V` come from the unit's key/value head (grouped-query attention); with `padded`,
 /// rows and keys at or past their batch row's length are masked; with `dropout`, each
-/// probability enters the output times its keep factor (the sum `l` keeps them all).
+/// probability enters the output times its keep factor (the sum `l` keeps them all); with
+/// `softcap` / `alibi`, each score is modified before the softmax.
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_kernel<F: Float, N: Size>(
@@ -33,6 +34,7 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
     mask_bits: &[u32],
     order: &[u32],
     lengths: &[u32],
+    slopes: &[f32],
     args: ProblemArgs,
     #[comptime] config: FmaConfig,
     #[define(F)] _dtype: ElemType,
@@ -62,6 +64,7 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
         lengths, seed_lo, seed_hi, bh, heads, tok, valid, padded, dropout,
     );
     let (batch, row_ok, keys) = (query.batch, query.ok, query.key);
+    let mods = score_mod(slopes, args.softcap, bh % heads, config.alibi);
 
     let mut q_row = Array::<Vector<f32, N>>::new(vecs);
     let mut acc = Array::<Vector<f32, N>>::new(vecs);
@@ -125,6 +128,10 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
                             dot += q_row[c] * k_tile[jj * vecs + c];
                         }
                         s = lane_sum(dot);
+                        if comptime!(config.softcap || config.alibi) {
+                            let key_tok = token(order, key_start + t0 + jj, permuted);
+                            s = modify_score(s, tok, key_tok, &mods, config.softcap, config.alibi);
+                        }
                         tile_max = f32::max(tile_max, s);
                     }
                     scores[t] = s;

@@ -63,8 +63,14 @@ pub fn launch_counts() -> LaunchCounts {
 /// the dropout scalars (zeros without dropout).
 pub(crate) struct DeviceOptions {
     pub lengths: (Handle, usize),
+    /// ALiBi slopes per query head (one 0 without ALiBi).
+    pub slopes: (Handle, usize),
     pub padded: bool,
     pub dropout: bool,
+    pub softcap_on: bool,
+    pub alibi: bool,
+    /// Soft-capping bound (1 without soft-capping).
+    pub softcap: f32,
     pub seed_lo: u32,
     pub seed_hi: u32,
     pub threshold: u32,
@@ -78,8 +84,16 @@ impl DeviceOptions {
             .map(|l| l.iter().map(|&x| x as u32).collect())
             .unwrap_or_default();
         let dropout = options.dropout;
+        let slopes: Vec<f32> = options
+            .mods
+            .alibi
+            .map_or(vec![0.0], |s| s.iter().map(|&x| x as f32).collect());
         Self {
             lengths: upload(client, &lengths),
+            slopes: (client.create_from_slice(f32::as_bytes(&slopes)), slopes.len()),
+            softcap_on: options.mods.softcap.is_some(),
+            alibi: options.mods.alibi.is_some(),
+            softcap: options.mods.softcap.map_or(1.0, |c| c as f32),
             padded: options.key_lengths.is_some(),
             dropout: dropout.is_some(),
             seed_lo: dropout.map_or(0, |d| d.seed() as u32),
@@ -289,6 +303,8 @@ impl Grid {
             splits: self.splits,
             padded: opts.padded,
             dropout: opts.dropout,
+            softcap: opts.softcap_on,
+            alibi: opts.alibi,
             with_dk,
             with_dv,
         }
@@ -402,6 +418,7 @@ pub fn forward(
         arg(&layout.mask_bits),
         arg(&layout.order),
         arg(&opts.lengths),
+        arg(&opts.slopes),
         args,
         config,
         dtype,
@@ -471,6 +488,7 @@ pub fn backward(
         arg(&layout.mask_bits),
         arg(&layout.order),
         arg(&opts.lengths),
+        arg(&opts.slopes),
         problem_args(&shape, layout, grid.tasks, scale, &opts, 0.0),
         grid.config(layout, &opts, (false, false)),
         dtype,
@@ -503,6 +521,7 @@ pub fn backward(
             arg(&layout.mask_bits),
             arg(&layout.order),
             arg(&opts.lengths),
+            arg(&opts.slopes),
             problem_args(&shape, layout, kv_grid.tasks, scale, &opts, 0.0),
             kv_grid.config(layout, &opts, (with_dk, with_dv)),
             dtype,

@@ -1,4 +1,4 @@
-//! Key padding and attention dropout inside the kernels.
+//! Key padding, attention dropout and the score modifiers inside the kernels.
 //!
 //! The dropout generator repeats, operation for operation, the counter-based one of
 //! `sparse_attn_kernel_types::dropout` (Wellons' `lowbias32` hash chained over the seed's halves,
@@ -96,4 +96,73 @@ pub(crate) fn query_row(
         ok: valid && in_length(lengths, batch, tok, padded),
         key,
     }
+}
+
+/// The score modifiers of one query head: its ALiBi slope and the soft-capping bound.
+#[derive(CubeType, Clone, Copy)]
+pub(crate) struct ScoreMod {
+    /// ALiBi slope of the head (0 without ALiBi).
+    pub slope: f32,
+    /// Soft-capping bound (1 without soft-capping).
+    pub cap: f32,
+}
+
+/// The [`ScoreMod`] of query head `head` (`slopes` holds one slope per query head with
+/// `alibi`).
+#[cube]
+pub(crate) fn score_mod(
+    slopes: &[f32],
+    cap: f32,
+    head: usize,
+    #[comptime] alibi: bool,
+) -> ScoreMod {
+    let mut slope = 0.0f32;
+    if alibi {
+        slope = slopes[head];
+    }
+    ScoreMod { slope, cap }
+}
+
+/// Largest `|s / cap|` handed to `tanh` (its f32 value is 1 from about 9 on); bounds the
+/// argument for devices whose `tanh` overflows on large inputs.
+const TANH_ARG_MAX: f32 = 15.0;
+
+/// `tanh(s / cap)`, NaN for NaN.
+#[cube]
+fn capped_tanh(s: f32, cap: f32) -> f32 {
+    f32::tanh(clamp_nan(s / cap, -TANH_ARG_MAX, TANH_ARG_MAX))
+}
+
+/// The modified score of the scaled score `s` of query token `qtok` and key token `ktok`
+/// (`sparse_attn_kernel_types::ScoreMods`): `cap * tanh(s / cap)` with `softcap`, then
+/// `- slope * |qtok - ktok|` with `alibi`.
+#[cube]
+pub(crate) fn modify_score(
+    s: f32,
+    qtok: usize,
+    ktok: usize,
+    mods: &ScoreMod,
+    #[comptime] softcap: bool,
+    #[comptime] alibi: bool,
+) -> f32 {
+    let mut x = s;
+    if softcap {
+        x = mods.cap * capped_tanh(s, mods.cap);
+    }
+    if alibi {
+        let dist = if qtok >= ktok { qtok - ktok } else { ktok - qtok };
+        x -= mods.slope * f32::cast_from(dist);
+    }
+    x
+}
+
+/// `d modify_score / d s` at the scaled score `s`: `1 - tanh²(s / cap)` with `softcap`, else 1.
+#[cube]
+pub(crate) fn score_grad(s: f32, mods: &ScoreMod, #[comptime] softcap: bool) -> f32 {
+    let mut g = 1.0f32;
+    if softcap {
+        let t = capped_tanh(s, mods.cap);
+        g = 1.0 - t * t;
+    }
+    g
 }

@@ -7,7 +7,9 @@ use cubecl::prelude::*;
 
 use crate::args::ProblemArgs;
 
-use crate::options::{head_key, in_length, keep_factor, query_row, row_key};
+use crate::options::{
+    head_key, in_length, keep_factor, modify_score, query_row, row_key, score_grad, score_mod,
+};
 use crate::tensor_core::FRAG;
 use crate::tensor_core::stage::{
     NO_TOKEN, PlaneTask, TensorCoreConfig, TileAt, accumulate_product, fetch_rows, key_live,
@@ -38,6 +40,7 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
     mask_bits: &[u32],
     order: &[u32],
     lengths: &[u32],
+    slopes: &[f32],
     args: ProblemArgs,
     #[comptime] config: TensorCoreConfig,
     #[define(F)] _dtype: ElemType,
@@ -131,6 +134,14 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
     );
     let mut dq_acc = new_accumulators(config.chunks());
     let mut probs = Array::<f32>::new(comptime!(config.per_lane()));
+    let mods = score_mod(slopes, args.softcap, bh % args.heads, config.alibi);
+    let modified = comptime!(config.softcap || config.alibi);
+    // The soft-cap's derivative of each score, kept from the score pass to the dS pass.
+    let mut cap_grads = Array::<f32>::new(comptime!(if config.softcap {
+        config.per_lane()
+    } else {
+        1
+    }));
 
     let list = head_row(bh, at.blk, args.heads, args.n_blocks, args.shared_layout);
     let walk = row_walk(row_ptr, list, n, query.batch, kv_base, config);
@@ -149,7 +160,16 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
             #[unroll]
             for i in 0..comptime!(config.per_lane()) {
                 let col = tile_column(i, at.row, at.part, lpr, tile);
-                probs[i] = f32::exp(scratch[row_at + col] * args.scale - lse_i);
+                let raw = scratch[row_at + col] * args.scale;
+                let mut s = raw;
+                if modified {
+                    let key_tok = key_toks[col] as usize;
+                    s = modify_score(raw, tok, key_tok, &mods, config.softcap, config.alibi);
+                }
+                if config.softcap {
+                    cap_grads[i] = score_grad(raw, &mods, config.softcap);
+                }
+                probs[i] = f32::exp(s - lse_i);
             }
         } else {
             #[unroll]
@@ -160,7 +180,16 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
                     && key_live(&key_toks, col, cur.len, config)
                     && allowed(mask_bits, mask, local, t0 + col, block, config.mask_words)
                 {
-                    p = f32::exp(scratch[row_at + col] * args.scale - lse_i);
+                    let raw = scratch[row_at + col] * args.scale;
+                    let mut s = raw;
+                    if modified {
+                        let key_tok = key_toks[col] as usize;
+                        s = modify_score(raw, tok, key_tok, &mods, config.softcap, config.alibi);
+                    }
+                    if config.softcap {
+                        cap_grads[i] = score_grad(raw, &mods, config.softcap);
+                    }
+                    p = f32::exp(s - lse_i);
                 }
                 probs[i] = p;
             }
@@ -187,7 +216,11 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
                     dp *= keep_factor(query.key, key_tok as usize, args.threshold, args.keep_scale);
                 }
             }
-            grads[at_col] = F::cast_from(probs[i] * (dp - delta_i));
+            let mut ds = probs[i] * (dp - delta_i);
+            if config.softcap {
+                ds *= cap_grads[i];
+            }
+            grads[at_col] = F::cast_from(ds);
         }
         sync_plane();
         accumulate_product(&grads, plane_at, &stage, 0, &mut dq_acc, config);
@@ -231,6 +264,7 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
     mask_bits: &[u32],
     order: &[u32],
     lengths: &[u32],
+    slopes: &[f32],
     args: ProblemArgs,
     #[comptime] config: TensorCoreConfig,
     #[define(F)] _dtype: ElemType,
@@ -302,6 +336,12 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
     let mut dk_acc = new_accumulators(comptime!(if config.with_dk { config.chunks() } else { 0 }));
     let mut dv_acc = new_accumulators(comptime!(if config.with_dv { config.chunks() } else { 0 }));
     let mut probs = Array::<f32>::new(comptime!(config.per_lane()));
+    let modified = comptime!(config.softcap || config.alibi);
+    let mut cap_grads = Array::<f32>::new(comptime!(if config.softcap {
+        config.per_lane()
+    } else {
+        1
+    }));
 
     for g in 0..group {
         let h = (bkv % args.kv_heads) * group + g;
@@ -312,6 +352,7 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
         if config.dropout {
             hkey = head_key(args.seed_lo, args.seed_hi, batch, h);
         }
+        let mods = score_mod(slopes, args.softcap, h, config.alibi);
         let start = col_ptr[col_list] as usize;
         let end = col_ptr[col_list + 1] as usize;
         let tiles = (end - start) * comptime!(block / tile);
@@ -354,8 +395,16 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
                 #[unroll]
                 for i in 0..comptime!(config.per_lane()) {
                     let col = tile_column(i, at.row, at.part, lpr, tile);
-                    probs[i] =
-                        f32::exp(scratch[plane_at + at.row * ts + col] * args.scale - lse_t[col]);
+                    let raw = scratch[plane_at + at.row * ts + col] * args.scale;
+                    let mut s = raw;
+                    if modified {
+                        let qtok = token(order, cur.start + col, config.permuted);
+                        s = modify_score(raw, qtok, tok, &mods, config.softcap, config.alibi);
+                    }
+                    if config.softcap {
+                        cap_grads[i] = score_grad(raw, &mods, config.softcap);
+                    }
+                    probs[i] = f32::exp(s - lse_t[col]);
                 }
             } else {
                 #[unroll]
@@ -366,9 +415,16 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
                         && col < tile_len
                         && allowed(mask_bits, mask, t0 + col, local, block, config.mask_words)
                     {
-                        p = f32::exp(
-                            scratch[plane_at + at.row * ts + col] * args.scale - lse_t[col],
-                        );
+                        let raw = scratch[plane_at + at.row * ts + col] * args.scale;
+                        let mut s = raw;
+                        if modified {
+                            let qtok = token(order, cur.start + col, config.permuted);
+                            s = modify_score(raw, qtok, tok, &mods, config.softcap, config.alibi);
+                        }
+                        if config.softcap {
+                            cap_grads[i] = score_grad(raw, &mods, config.softcap);
+                        }
+                        p = f32::exp(s - lse_t[col]);
                     }
                     probs[i] = p;
                 }
@@ -415,7 +471,11 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
                     if config.dropout {
                         dp *= keep_factor(keys_t[col], tok, args.threshold, args.keep_scale);
                     }
-                    grads[at_col] = F::cast_from(probs[i] * (dp - delta_t[col]));
+                    let mut ds = probs[i] * (dp - delta_t[col]);
+                    if config.softcap {
+                        ds *= cap_grads[i];
+                    }
+                    grads[at_col] = F::cast_from(ds);
                 }
                 sync_plane();
                 accumulate_product(&grads, plane_at, &stage, 0, &mut dk_acc, config);

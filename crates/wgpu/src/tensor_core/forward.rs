@@ -6,7 +6,7 @@ use cubecl::prelude::*;
 
 use crate::args::ProblemArgs;
 
-use crate::options::{keep_factor, query_row};
+use crate::options::{keep_factor, modify_score, query_row, score_mod};
 use crate::tensor_core::FRAG;
 use crate::tensor_core::stage::{
     NO_TOKEN, PlaneTask, TensorCoreConfig, accumulate_product, fragment_span, key_live,
@@ -33,6 +33,7 @@ pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
     mask_bits: &[u32],
     order: &[u32],
     lengths: &[u32],
+    slopes: &[f32],
     args: ProblemArgs,
     #[comptime] config: TensorCoreConfig,
     #[define(F)] _dtype: ElemType,
@@ -92,6 +93,8 @@ pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
         config,
     );
     let mut o_acc = new_accumulators(config.chunks());
+    let mods = score_mod(slopes, args.softcap, bh % args.heads, config.alibi);
+    let modified = comptime!(config.softcap || config.alibi);
     let mut m = f32::new(MASKED);
     let mut l = 0.0f32;
     let mut scores = Array::<f32>::new(comptime!(config.per_lane()));
@@ -114,7 +117,12 @@ pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
         if plain {
             #[unroll]
             for i in 0..comptime!(config.per_lane()) {
-                let s = scratch[row_at + tile_column(i, at.row, at.part, lpr, tile)] * args.scale;
+                let col = tile_column(i, at.row, at.part, lpr, tile);
+                let mut s = scratch[row_at + col] * args.scale;
+                if modified {
+                    let key_tok = key_toks[col] as usize;
+                    s = modify_score(s, tok, key_tok, &mods, config.softcap, config.alibi);
+                }
                 scores[i] = s;
                 tile_max = f32::max(tile_max, s);
             }
@@ -128,6 +136,10 @@ pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
                     && allowed(mask_bits, mask, local, t0 + col, block, config.mask_words)
                 {
                     s = scratch[row_at + col] * args.scale;
+                    if modified {
+                        let key_tok = key_toks[col] as usize;
+                        s = modify_score(s, tok, key_tok, &mods, config.softcap, config.alibi);
+                    }
                 }
                 scores[i] = s;
                 tile_max = f32::max(tile_max, s);

@@ -32,6 +32,10 @@ pub(crate) struct TensorCoreConfig {
     pub padded: bool,
     /// Dropout on the probabilities.
     pub dropout: bool,
+    /// Scores are soft-capped.
+    pub softcap: bool,
+    /// Scores carry ALiBi biases.
+    pub alibi: bool,
     /// The `dK`/`dV` kernel computes `dK`.
     pub with_dk: bool,
     /// The `dK`/`dV` kernel computes `dV`.
