@@ -1,5 +1,7 @@
 //! The tensor-level entry point: validated block-sparse attention on `[batch, heads, n, d]`.
 
+use std::sync::Arc;
+
 use burn::backend::Dispatch;
 use burn::tensor::Tensor;
 
@@ -233,13 +235,29 @@ fn validate(
             Some(lengths.into())
         }
     };
-    let softcap = match options.softcap {
-        Some(cap) if !(cap.is_finite() && cap > 0.0) => {
-            return Err(SparseAttentionError::SoftCap(cap));
-        }
-        cap => cap,
-    };
-    let alibi = match options.alibi {
+    let (softcap, alibi) = score_mods(options.softcap, options.alibi, heads)?;
+    Ok(AttentionParams {
+        scale,
+        dropout,
+        key_lengths,
+        softcap,
+        alibi,
+    })
+}
+
+/// Checks the score modifiers of a call with `heads` query heads: the soft-cap finite and
+/// positive, one finite ALiBi slope per head (the standard ones for [`Alibi::Standard`]).
+pub(crate) fn score_mods(
+    softcap: Option<f64>,
+    alibi: Option<Alibi>,
+    heads: usize,
+) -> Result<(Option<f64>, Option<Arc<[f64]>>)> {
+    if let Some(cap) = softcap
+        && !(cap.is_finite() && cap > 0.0)
+    {
+        return Err(SparseAttentionError::SoftCap(cap));
+    }
+    let alibi = match alibi {
         None => None,
         Some(Alibi::Standard) => Some(crate::alibi_slopes(heads).into()),
         Some(Alibi::Slopes(slopes)) => {
@@ -249,13 +267,7 @@ fn validate(
             Some(slopes.into())
         }
     };
-    Ok(AttentionParams {
-        scale,
-        dropout,
-        key_lengths,
-        softcap,
-        alibi,
-    })
+    Ok((softcap, alibi))
 }
 
 /// Checks the limits of the kernels that will run on `q`'s device, before anything is

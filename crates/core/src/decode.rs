@@ -12,10 +12,11 @@ use std::sync::Arc;
 use burn::backend::Dispatch;
 use burn::tensor::Tensor;
 
-use crate::api::{check_device_limits, check_layout, same_dtype_and_device};
+use crate::api::{AttentionOptions, check_device_limits, check_layout, same_dtype_and_device};
 use crate::backend::SparseAttentionBackend;
 use crate::error::{Result, SparseAttentionError};
 use crate::layout::BlockLayout;
+use sparse_attn_kernel_types::ScoreMods;
 
 /// Which tokens the query rows of a decode call are, per batch row.
 ///
@@ -84,6 +85,20 @@ pub struct DecodeParams {
     /// Valid new rows of each batch row (at most the call's query rows; `first + valid` at
     /// most the capacity).
     pub valid: Arc<[usize]>,
+    /// Soft-capping bound of the scaled scores (`None`: none).
+    pub softcap: Option<f64>,
+    /// ALiBi slopes, one per query head (`None`: no ALiBi).
+    pub alibi: Option<Arc<[f64]>>,
+}
+
+impl DecodeParams {
+    /// The score modifiers of these parameters.
+    pub fn score_mods(&self) -> ScoreMods<'_> {
+        ScoreMods {
+            softcap: self.softcap,
+            alibi: self.alibi.as_deref(),
+        }
+    }
 }
 
 /// Attention of new query rows over a key/value cache: row `i` of batch row `b` is token
@@ -128,7 +143,31 @@ pub fn sparse_attention_decode(
     rows: &DecodeRows,
     scale: Option<f64>,
 ) -> Result<Tensor<4>> {
-    let params = validate(&q, &k_cache, &v_cache, layout, rows, scale)?;
+    let options = AttentionOptions {
+        scale,
+        ..AttentionOptions::default()
+    };
+    sparse_attention_decode_with(q, k_cache, v_cache, layout, rows, options)
+}
+
+/// [`sparse_attention_decode`] with the score modifiers of `options` (its `scale`,
+/// `softcap` and `alibi`): the rows of [`sparse_attention`](crate::sparse_attention) with
+/// the same options.
+///
+/// # Errors
+/// As [`sparse_attention_decode`], and [`Unsupported`](SparseAttentionError::Unsupported)
+/// for dropout or key lengths (decoding runs without dropout; [`DecodeRows`] says which
+/// cached tokens are valid), a soft-cap or ALiBi slopes as [`sparse_attention`]
+/// (crate::sparse_attention) refuses them.
+pub fn sparse_attention_decode_with(
+    q: Tensor<4>,
+    k_cache: Tensor<4>,
+    v_cache: Tensor<4>,
+    layout: &BlockLayout,
+    rows: &DecodeRows,
+    options: AttentionOptions,
+) -> Result<Tensor<4>> {
+    let params = validate(&q, &k_cache, &v_cache, layout, rows, options)?;
     // The caches are the larger tensors: they decide the device's limits.
     check_device_limits(&k_cache, layout.block())?;
     Ok(Tensor::from_dispatch(
@@ -153,9 +192,9 @@ pub fn sparse_attention_decode_portable(
     v_cache: Tensor<4>,
     layout: &BlockLayout,
     rows: &DecodeRows,
-    scale: Option<f64>,
+    options: AttentionOptions,
 ) -> Result<Tensor<4>> {
-    let params = validate(&q, &k_cache, &v_cache, layout, rows, scale)?;
+    let params = validate(&q, &k_cache, &v_cache, layout, rows, options)?;
     Ok(Tensor::from_dispatch(
         crate::backend::portable_decode::decode::<Dispatch>(
             q.into_dispatch(),
@@ -173,7 +212,7 @@ fn validate(
     v: &Tensor<4>,
     layout: &BlockLayout,
     rows: &DecodeRows,
-    scale: Option<f64>,
+    options: AttentionOptions,
 ) -> Result<DecodeParams> {
     let dims = q.dims();
     let [batch, heads, queries, d] = dims;
@@ -203,7 +242,15 @@ fn validate(
     }
     check_layout(layout, capacity, heads)?;
     rows.check(batch, queries, capacity)?;
-    let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
+    if options.dropout.is_some() || options.key_lengths.is_some() {
+        return Err(SparseAttentionError::Unsupported {
+            what: "dropout or key lengths in decode attention",
+            expected: "no dropout (decoding runs without it), and the valid cached tokens \
+                       given by `DecodeRows`",
+        });
+    }
+    let mods = crate::api::score_mods(options.softcap, options.alibi, heads)?;
+    let scale = options.scale.unwrap_or(1.0 / (d as f64).sqrt());
     if !(scale.is_finite() && scale > 0.0) {
         return Err(SparseAttentionError::Scale(scale));
     }
@@ -211,5 +258,7 @@ fn validate(
         scale,
         first: rows.first.as_slice().into(),
         valid: rows.valid.as_slice().into(),
+        softcap: mods.0,
+        alibi: mods.1,
     })
 }

@@ -50,6 +50,7 @@ pub use backend::SparseAttentionBackend;
 pub use cache::LayoutCache;
 pub use decode::{
     DecodeParams, DecodeRows, sparse_attention_decode, sparse_attention_decode_portable,
+    sparse_attention_decode_with,
 };
 pub use error::{Result, SparseAttentionError};
 pub use layout::{BlockLayout, FULL, MAX_BLOCK, MIN_BLOCK};

@@ -16,7 +16,7 @@
 use rayon::prelude::*;
 
 use crate::real::Real;
-use sparse_attn_kernel_types::{AttentionShape, CsrLayout};
+use sparse_attn_kernel_types::{AttentionShape, CsrLayout, ScoreMods};
 
 /// Keys per task of one query row (rounded down to whole blocks, at least one block).
 pub const CHUNK_KEYS: usize = 1024;
@@ -60,7 +60,7 @@ struct Partial<T> {
     acc: Vec<T>,
 }
 
-/// Decode attention: `out[b, h, i] = sum_j softmax_j(scale * q_i . k_j) v_j` over the keys
+/// Decode attention: `out[b, h, i] = sum_j softmax_j(mods(scale * q_i . k_j)) v_j` over the keys
 /// `j` that `layout` allows for token `first[b] + i` among tokens `0 .. first[b] +
 /// valid[b]` of the cache (see the module docs). `positions`, for a layout with a token
 /// order, maps each token to its layout position (the order's inverse). A row with no
@@ -79,6 +79,7 @@ pub fn decode<T: Real>(
     positions: Option<&[usize]>,
     rows: DecodeRows<'_>,
     scale: T,
+    mods: ScoreMods<'_>,
     out: &mut [T],
 ) {
     let cache = shape.cache;
@@ -143,6 +144,11 @@ pub fn decode<T: Real>(
             let key = KeyRange {
                 local: positions.map_or(tok, |p| p[tok]) % layout.block,
                 len: rows.first[b] + rows.valid[b],
+                tok,
+                cap: mods.softcap.map(T::from_f64),
+                slope: mods
+                    .alibi
+                    .map(|slopes| T::from_f64(slopes[bh % cache.heads])),
             };
             let kv = cache.kv_slice(bh) * cap * d;
             let kv = (&k[kv..kv + cap * d], &v[kv..kv + cap * d]);
@@ -155,11 +161,15 @@ pub fn decode<T: Real>(
         .for_each(|(out_row, range)| merge(&partials[range.clone()], out_row));
 }
 
-/// What a query row may read: its local row in its block's masks and the cached length.
+/// What a query row may read: its local row in its block's masks and the cached length;
+/// its token and the score modifiers of its head.
 #[derive(Clone, Copy)]
-struct KeyRange {
+struct KeyRange<T> {
     local: usize,
     len: usize,
+    tok: usize,
+    cap: Option<T>,
+    slope: Option<T>,
 }
 
 /// The running max, sum and output of one query row over the key blocks `entries`.
@@ -168,7 +178,7 @@ fn chunk_partial<T: Real>(
     (k, v): (&[T], &[T]),
     layout: &CsrLayout<'_>,
     entries: std::ops::Range<usize>,
-    key: KeyRange,
+    key: KeyRange<T>,
     scale: T,
     scores: &mut Vec<(usize, T)>,
 ) -> Partial<T> {
@@ -194,7 +204,13 @@ fn chunk_partial<T: Real>(
             let bit = key.local * b + (kp - ks);
             let allowed = mask.is_none_or(|m| m[bit / 64] >> (bit % 64) & 1 == 1);
             if allowed && tok < key.len {
-                let s = dot(q, &k[tok * d..(tok + 1) * d]) * scale;
+                let mut s = dot(q, &k[tok * d..(tok + 1) * d]) * scale;
+                if let Some(cap) = key.cap {
+                    s = cap * (s * cap.recip()).tanh();
+                }
+                if let Some(slope) = key.slope {
+                    s = s - slope * T::from_usize(key.tok.abs_diff(tok));
+                }
                 scores.push((tok, s));
             }
         }
@@ -340,7 +356,18 @@ mod tests {
             valid: &[1],
         };
         let mut out = vec![1.0; 2 * d];
-        decode(&q, &k, &v, shape, &layout, None, rows, 0.5, &mut out);
+        decode(
+            &q,
+            &k,
+            &v,
+            shape,
+            &layout,
+            None,
+            rows,
+            0.5,
+            ScoreMods::default(),
+            &mut out,
+        );
         // One pass over keys 0..=first.
         let scores: Vec<f64> = (0..=first)
             .map(|j| 0.5 * dot(&q[..d], &k[j * d..(j + 1) * d]))

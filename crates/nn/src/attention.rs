@@ -10,7 +10,7 @@ use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::{Bool, DType, Device, FloatDType, Tensor};
 use sparse_attn_core::{
     AttentionOptions, Result, SparseAttentionError, StreamWindow, sparse_attention,
-    sparse_attention_decode,
+    sparse_attention_decode_with,
 };
 
 use crate::dropout_seed::next_dropout_seed;
@@ -57,6 +57,16 @@ pub struct MultiHeadSparseAttentionConfig {
     /// `None` (default): the input's dtype.
     #[config(default = "None")]
     pub attention_dtype: Option<FloatDType>,
+    /// Soft-capping of the scaled attention scores, `cap * tanh(s / cap)` (Gemma-style
+    /// logit capping), inside the kernels, forward and backward. `None` (default): none.
+    #[config(default = "None")]
+    pub softcap: Option<f64>,
+    /// ALiBi (Press et al.): every score of query token `i` and key token `j` in head `h`
+    /// minus `slope_h * |i - j|`, with the standard geometric slopes of `n_heads` heads
+    /// ([`sparse_attn_core::alibi_slopes`]), inside the kernels. Positions then reach the
+    /// model through the scores, so a model can drop its position embedding. Default: false.
+    #[config(default = false)]
+    pub alibi: bool,
     /// Initializer of the projections. Default: Kaiming uniform, as Burn's attention.
     #[config(default = "Initializer::KaimingUniform{gain:1.0/3.0f64.sqrt(), fan_out_only:false}")]
     pub initializer: Initializer,
@@ -96,6 +106,12 @@ pub struct MultiHeadSparseAttention {
     /// Dtype of the attention itself (not a parameter; `None` = the input's).
     #[module(skip)]
     pub attention_dtype: Option<FloatDType>,
+    /// Soft-capping bound of the scores (not a parameter; `None` = none).
+    #[module(skip)]
+    pub softcap: Option<f64>,
+    /// ALiBi at the standard slopes (not a parameter).
+    #[module(skip)]
+    pub alibi: bool,
 }
 
 impl MultiHeadSparseAttentionConfig {
@@ -104,7 +120,7 @@ impl MultiHeadSparseAttentionConfig {
     /// # Errors
     /// `d_model` zero, `n_heads` zero or not dividing `d_model`, `n_kv_heads` zero or not
     /// dividing `n_heads`, a block size outside `1..=128`, a dropout outside `[0, 1)`, an
-    /// `attention_dtype` the device lacks, or pattern parameters that are invalid for every
+    /// `attention_dtype` the device lacks, a soft-cap that is not finite and positive, or pattern parameters that are invalid for every
     /// sequence length.
     pub fn init(&self, device: &Device) -> Result<MultiHeadSparseAttention> {
         if self.d_model == 0 {
@@ -142,6 +158,11 @@ impl MultiHeadSparseAttentionConfig {
         if let Some(dtype) = self.attention_dtype {
             check_attention_dtype(dtype, device)?;
         }
+        if let Some(cap) = self.softcap
+            && !(cap.is_finite() && cap > 0.0)
+        {
+            return Err(SparseAttentionError::SoftCap(cap));
+        }
         // Fail early on parameters that no sequence length can fix.
         self.pattern
             .build(self.block_size.max(1), self.block_size)?;
@@ -165,6 +186,8 @@ impl MultiHeadSparseAttentionConfig {
             pattern: self.pattern.clone(),
             scale: self.scale,
             attention_dtype: self.attention_dtype,
+            softcap: self.softcap,
+            alibi: self.alibi,
         })
     }
 }
@@ -315,15 +338,26 @@ impl MultiHeadSparseAttention {
         }
     }
 
-    /// The attention options of one forward: scale, and dropout when training.
+    /// The attention options of one forward: scale, score modifiers, and dropout when
+    /// training.
     fn options(&self, scale: f64, device: &Device) -> AttentionOptions {
-        let options = AttentionOptions::with_scale(scale);
+        let options = self.score_options(scale);
         let p = self.dropout.prob;
         if p > 0.0 && self.dropout.training.is_enabled() && device.is_autodiff() {
             options.dropout(p, next_dropout_seed())
         } else {
             options
         }
+    }
+
+    /// The options every call of the layer shares: scale and score modifiers.
+    fn score_options(&self, scale: f64) -> AttentionOptions {
+        let mut options = AttentionOptions::with_scale(scale);
+        options.softcap = self.softcap;
+        if self.alibi {
+            options = options.alibi();
+        }
+        options
     }
 
     /// Head dimension (`d_model / n_heads`).
@@ -401,6 +435,12 @@ impl MultiHeadSparseAttention {
                 what: "a window cache for a pattern whose queries may read the whole past or that regroups tokens",
                 expected: "a causal window pattern (local, sliding window, dilated, streaming, or a combination of them), or `new_cache` with a capacity",
             })?;
+        if self.alibi && window.sinks > 0 {
+            return Err(SparseAttentionError::Unsupported {
+                what: "a window cache with ALiBi for a pattern with attention sinks (a sink's distance to the newest token grows without bound, a window cache's slots do not)",
+                expected: "`new_cache` with a capacity, or a window pattern without sinks",
+            });
+        }
         let capacity = KvCache::window_capacity(window, chunk);
         if self.stream_window(capacity)? != Some(window) {
             return Err(SparseAttentionError::Unsupported {
@@ -479,13 +519,13 @@ impl MultiHeadSparseAttention {
             .pattern
             .layout(capacity, self.block_size, self.n_heads)?;
         cache.append(k, v, &rows);
-        let attended = sparse_attention_decode(
+        let attended = sparse_attention_decode_with(
             q,
             cache.keys().clone(),
             cache.values().clone(),
             &layout,
             &rows,
-            Some(self.softmax_scale()),
+            self.score_options(self.softmax_scale()),
         )?;
         Ok(self.merge_heads(attended, x.dtype(), batch, m))
     }
@@ -660,7 +700,7 @@ pub(crate) mod tests {
     }
 
     /// The layer's output for `x` from its own projections and the f64 reference attention
-    /// of `pattern` (with valid key lengths when given).
+    /// of `pattern` (with valid key lengths when given, and the layer's score modifiers).
     pub(crate) fn reference_output(
         layer: &MultiHeadSparseAttention,
         x: Tensor<3>,
@@ -687,6 +727,8 @@ pub(crate) mod tests {
         let options = RefOptions {
             kv_heads: Some(kv_heads),
             key_lengths,
+            softcap: layer.softcap,
+            alibi: layer.alibi.then(|| sparse_attn_core::alibi_slopes(heads)),
             ..RefOptions::default()
         };
         let attended = reference_forward_with(pattern, shape, &options, &q, &k, &v, scale);
@@ -708,11 +750,13 @@ pub(crate) mod tests {
             num_verts: 2,
             vertsize: 1,
         };
-        // Plain multi-head, grouped-query and multi-query attention.
-        for kv_heads in [4, 2, 1] {
+        // Plain multi-head, grouped-query and multi-query attention; soft-capping and ALiBi.
+        for (kv_heads, modified) in [(4, false), (2, false), (1, false), (2, true)] {
             let layer = MultiHeadSparseAttentionConfig::new(16, 4, pattern.clone())
                 .with_block_size(4)
                 .with_n_kv_heads(Some(kv_heads))
+                .with_softcap(modified.then_some(0.5))
+                .with_alibi(modified)
                 .init(&device)
                 .unwrap();
             let (batch, n) = (2, 19);
@@ -723,7 +767,7 @@ pub(crate) mod tests {
             let worst = worst(&got, &want);
             assert!(
                 worst < 1e-5,
-                "kv heads {kv_heads}: layer differs from the dense masked reference by {worst}"
+                "kv heads {kv_heads} modified {modified}: layer differs from the dense masked reference by {worst}"
             );
         }
     }
@@ -979,6 +1023,13 @@ pub(crate) mod tests {
             .init(&device)
             .unwrap_err();
         assert!(matches!(err, SparseAttentionError::Probability { .. }));
+        for cap in [0.0, f64::NAN] {
+            let err = MultiHeadSparseAttentionConfig::new(8, 2, PatternConfig::All)
+                .with_softcap(Some(cap))
+                .init(&device)
+                .unwrap_err();
+            assert!(matches!(err, SparseAttentionError::SoftCap(_)));
+        }
         for kv_heads in [0, 3] {
             let err = MultiHeadSparseAttentionConfig::new(12, 4, PatternConfig::All)
                 .with_n_kv_heads(Some(kv_heads))

@@ -209,8 +209,9 @@ impl SparseTransformer {
         let index = Tensor::<2, Int>::from_data(TensorData::new(positions, [batch, m]), &device);
         let mut x = self.tokens.forward(tokens);
         x = match &self.positions {
-            Positions::Learned(embedding) => x + embedding.forward(index),
-            Positions::Sinusoidal(encoding) => {
+            None => x,
+            Some(Positions::Learned(embedding)) => x + embedding.forward(index),
+            Some(Positions::Sinusoidal(encoding)) => {
                 let d = encoding.sinusoids.dims()[2];
                 let rows = encoding
                     .sinusoids
@@ -625,6 +626,64 @@ mod tests {
                 assert!(diff < 1e-4, "{pattern:?} row {b}: {diff}");
             }
         }
+    }
+
+    /// With soft-capping and ALiBi (and no position embedding), cached steps through a full
+    /// cache and through a window cache smaller than the text equal the full forward; a
+    /// window cache with ALiBi for a pattern with sinks is refused (the sinks' distances
+    /// grow with the text).
+    #[test]
+    fn modified_scores_decode_as_the_full_forward() {
+        let device = Device::ndarray();
+        let modified = |pattern: PatternConfig| {
+            SparseTransformerConfig::new(64, 16, 4, 2, 48, pattern)
+                .with_block_size(4)
+                .with_positions(PositionEncoding::None)
+                .with_softcap(Some(2.0))
+                .with_alibi(true)
+                .init(&device)
+                .unwrap()
+        };
+        let n = 29;
+        for (pattern, window) in [
+            (PatternConfig::Local { ctx: 5 }, true),
+            (PatternConfig::SlidingWindow { window: 3 }, true),
+            (PatternConfig::Strided { stride: 3 }, false),
+        ] {
+            let model = modified(pattern.clone());
+            let tokens = text(1, n, &device);
+            let full = model.forward(tokens.clone()).unwrap();
+            let mut caches = vec![model.new_cache(1, n, &device).unwrap()];
+            if window {
+                let cache = model.new_window_cache(1, 3, &device).unwrap();
+                assert!(cache.capacity() < 15, "{pattern:?}: {}", cache.capacity());
+                caches.push(cache);
+            }
+            for mut cache in caches {
+                let mut parts = Vec::new();
+                for (start, end) in [(0, 3), (3, 4), (4, 7), (7, 8), (8, 11), (11, 14)]
+                    .into_iter()
+                    .chain((14..n).map(|t| (t, t + 1)))
+                {
+                    let chunk = tokens.clone().slice([0..1, start..end]);
+                    parts.push(model.forward_cached(chunk, &mut cache).unwrap());
+                }
+                let diff = max_diff(Tensor::cat(parts, 1), full.clone());
+                assert!(
+                    diff < 1e-4,
+                    "{pattern:?} capacity {}: {diff}",
+                    cache.capacity()
+                );
+            }
+        }
+        let sinks = modified(PatternConfig::Streaming {
+            sinks: 2,
+            window: 4,
+        });
+        assert!(matches!(
+            sinks.new_window_cache(1, 3, &device),
+            Err(SparseAttentionError::Unsupported { .. })
+        ));
     }
 
     /// Greedy generation picks, at every step, the most likely token of the full forward

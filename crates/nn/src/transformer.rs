@@ -21,6 +21,9 @@ pub enum PositionEncoding {
     Learned,
     /// Fixed sinusoids (Vaswani et al.), added to the token embeddings.
     Sinusoidal,
+    /// None: positions enter only through the attention scores (with
+    /// [`SparseTransformerConfig::alibi`]); also a model whose pattern alone orders tokens.
+    None,
 }
 
 /// Configuration of a [`SparseTransformer`] language model.
@@ -61,6 +64,15 @@ pub struct SparseTransformerConfig {
     /// dtype.
     #[config(default = "None")]
     pub attention_dtype: Option<burn::tensor::FloatDType>,
+    /// Soft-capping of every block's attention scores (see
+    /// [`MultiHeadSparseAttentionConfig::softcap`]). Default: none.
+    #[config(default = "None")]
+    pub softcap: Option<f64>,
+    /// ALiBi in every block (see [`MultiHeadSparseAttentionConfig::alibi`]); with it the
+    /// model usually drops its position encoding (`positions: PositionEncoding::None`).
+    /// Default: false.
+    #[config(default = false)]
+    pub alibi: bool,
 }
 
 /// Position encoding module of a [`SparseTransformer`].
@@ -81,8 +93,8 @@ pub enum Positions {
 pub struct SparseTransformer {
     /// Token embedding.
     pub tokens: Embedding,
-    /// Position encoding.
-    pub positions: Positions,
+    /// Position encoding (`None` for [`PositionEncoding::None`]).
+    pub positions: Option<Positions>,
     /// The blocks.
     pub blocks: Vec<SparseTransformerBlock>,
     /// Final norm.
@@ -114,6 +126,8 @@ impl SparseTransformerConfig {
                 .with_block_size(self.block_size)
                 .with_dropout(self.dropout)
                 .with_attention_dtype(self.attention_dtype)
+                .with_softcap(self.softcap)
+                .with_alibi(self.alibi)
                 .with_max_seq_len(Some(self.max_seq_len));
         let block = SparseTransformerBlockConfig::new(attention)
             .with_mlp_ratio(self.mlp_ratio)
@@ -123,14 +137,15 @@ impl SparseTransformerConfig {
             .map(|_| block.init(device))
             .collect::<Result<Vec<_>>>()?;
         let positions = match self.positions {
-            PositionEncoding::Learned => Positions::Learned(
+            PositionEncoding::Learned => Some(Positions::Learned(
                 EmbeddingConfig::new(self.max_seq_len, self.d_model).init(device),
-            ),
-            PositionEncoding::Sinusoidal => Positions::Sinusoidal(
+            )),
+            PositionEncoding::Sinusoidal => Some(Positions::Sinusoidal(
                 PositionalEncodingConfig::new(self.d_model)
                     .with_max_sequence_size(self.max_seq_len)
                     .init(device),
-            ),
+            )),
+            PositionEncoding::None => None,
         };
         Ok(SparseTransformer {
             tokens: EmbeddingConfig::new(self.vocab_size, self.d_model).init(device),
@@ -176,11 +191,12 @@ impl SparseTransformer {
         let device = tokens.device();
         let mut x = self.tokens.forward(tokens);
         x = match &self.positions {
-            Positions::Learned(embedding) => {
+            Some(Positions::Learned(embedding)) => {
                 let index = Tensor::<1, Int>::arange(0..n as i64, &device).reshape([1, n]);
                 x + embedding.forward(index)
             }
-            Positions::Sinusoidal(encoding) => encoding.forward(x),
+            Some(Positions::Sinusoidal(encoding)) => encoding.forward(x),
+            None => x,
         };
         for block in &self.blocks {
             x = block.forward(x, None)?;

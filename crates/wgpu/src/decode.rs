@@ -19,9 +19,10 @@ use cubecl::server::Handle;
 
 use crate::device_layout::{DeviceLayout, upload};
 use crate::error::KernelError;
-use sparse_attn_kernel_types::AttentionShape;
+use sparse_attn_kernel_types::{AttentionShape, ScoreMods};
 
 use crate::launch::{arg, grid_count, launch_kernel, tensor};
+use crate::options::{modify_score, score_mod};
 use crate::tiles::{MASKED, UNROLL_MAX, allowed, head_row, lane_sum, span, token};
 
 /// Marks a query row that is padding (no token): its output is zero.
@@ -72,6 +73,7 @@ pub(crate) fn decode_partials_kernel<F: Float, N: Size>(
     order: &[u32],
     positions: &[u32],
     lengths: &[u32],
+    slopes: &[f32],
     args: DecodeArgs,
     #[comptime] config: DecodeConfig,
     #[define(F)] _dtype: ElemType,
@@ -124,6 +126,8 @@ pub(crate) fn decode_partials_kernel<F: Float, N: Size>(
         };
         let local = pos % block;
         let kv_base = kv * args.capacity * vecs;
+        let qtok = token(order, pos, config.permuted);
+        let mods = score_mod(slopes, args.softcap, bh % args.heads, config.alibi);
         for e in first..last {
             let key_start = cols[e] as usize * block;
             let mask = masks[e];
@@ -136,7 +140,14 @@ pub(crate) fn decode_partials_kernel<F: Float, N: Size>(
                     for c in 0..vecs {
                         dot += q_row[c] * Vector::<f32, N>::cast_from(k[kv_base + tok * vecs + c]);
                     }
-                    let s = lane_sum(dot);
+                    let s = modify_score(
+                        lane_sum(dot),
+                        qtok,
+                        tok,
+                        &mods,
+                        config.softcap,
+                        config.alibi,
+                    );
                     let m_new = f32::max(m, s);
                     let alpha = f32::exp(m - m_new);
                     let p = f32::exp(s - m_new);
@@ -220,6 +231,8 @@ pub(crate) struct DecodeArgs {
     pub tasks: usize,
     /// Score scale.
     pub scale: f32,
+    /// Soft-capping bound (read only with the config's `softcap`).
+    pub softcap: f32,
 }
 
 /// What the partials kernel is specialised on.
@@ -235,12 +248,17 @@ pub(crate) struct DecodeConfig {
     pub mask_words: usize,
     /// The layout carries a token order.
     pub permuted: bool,
+    /// Scores are soft-capped.
+    pub softcap: bool,
+    /// Scores carry ALiBi biases.
+    pub alibi: bool,
 }
 
 /// Decode: writes `out` (`[B, H, queries, d]`, like `q`) from the new rows `q` and the caches
 /// `k`, `v` (`[B, H_kv, capacity, d]`, `capacity = layout.seq_len`) as
 /// `sparse_attn_core::sparse_attention_decode` defines it: row `i` of batch row `b` attends
-/// the keys its layout row allows among cache tokens `0 .. rows.lengths[b]`.
+/// the keys its layout row allows among cache tokens `0 .. rows.lengths[b]`, each score
+/// changed by the score modifiers `mods`.
 ///
 /// Buffers are contiguous, of `dtype`, in token order; they are checked against the shape
 /// before anything is launched.
@@ -256,6 +274,7 @@ pub fn decode(
     cache: AttentionShape,
     layout: &DeviceLayout,
     scale: f32,
+    mods: ScoreMods<'_>,
     rows: &DecodeQueries<'_>,
     [q, k, v, out]: [&Handle; 4],
 ) -> Result<(), KernelError> {
@@ -319,12 +338,28 @@ pub fn decode(
     let acc = client.empty(partials * cache.head_dim * size_of::<f32>());
     let positions = upload(client, rows.positions);
     let lengths = upload(client, rows.lengths);
+    let slopes: Vec<f32> = mods
+        .alibi
+        .map_or(vec![0.0], |s| s.iter().map(|&x| x as f32).collect());
+    if slopes.len() < cache.heads && mods.alibi.is_some() {
+        return shape_error(format!(
+            "{} ALiBi slopes for {} query heads",
+            slopes.len(),
+            cache.heads
+        ));
+    }
+    let slopes = (
+        client.create_from_slice(f32::as_bytes(&slopes)),
+        slopes.len(),
+    );
     let config = DecodeConfig {
         block: layout.block,
         vecs,
         units,
         mask_words: 2 * layout.mask_words.max(1),
         permuted: layout.permuted,
+        softcap: mods.softcap.is_some(),
+        alibi: mods.alibi.is_some(),
     };
     let args = DecodeArgsLaunch::new(
         cache.seq_len,
@@ -337,6 +372,7 @@ pub fn decode(
         per_chunk,
         tasks,
         scale,
+        mods.softcap.map_or(1.0, |c| c as f32),
     );
     let (q_vecs, kv_vecs) = (q_shape.numel() / lanes, cache.kv_numel() / lanes);
     launch_kernel!(decode_partials_kernel(
@@ -356,6 +392,7 @@ pub fn decode(
         arg(&layout.order),
         arg(&positions),
         arg(&lengths),
+        arg(&slopes),
         args,
         config,
         dtype,

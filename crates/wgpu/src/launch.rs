@@ -90,7 +90,10 @@ impl DeviceOptions {
             .map_or(vec![0.0], |s| s.iter().map(|&x| x as f32).collect());
         Self {
             lengths: upload(client, &lengths),
-            slopes: (client.create_from_slice(f32::as_bytes(&slopes)), slopes.len()),
+            slopes: (
+                client.create_from_slice(f32::as_bytes(&slopes)),
+                slopes.len(),
+            ),
             softcap_on: options.mods.softcap.is_some(),
             alibi: options.mods.alibi.is_some(),
             softcap: options.mods.softcap.map_or(1.0, |c| c as f32),

@@ -137,6 +137,7 @@ fn capped_tanh(s: f32, cap: f32) -> f32 {
 /// (`sparse_attn_kernel_types::ScoreMods`): `cap * tanh(s / cap)` with `softcap`, then
 /// `- slope * |qtok - ktok|` with `alibi`.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn modify_score(
     s: f32,
     qtok: usize,
@@ -150,7 +151,11 @@ pub(crate) fn modify_score(
         x = mods.cap * capped_tanh(s, mods.cap);
     }
     if alibi {
-        let dist = if qtok >= ktok { qtok - ktok } else { ktok - qtok };
+        let dist = if qtok >= ktok {
+            qtok - ktok
+        } else {
+            ktok - qtok
+        };
         x -= mods.slope * f32::cast_from(dist);
     }
     x

@@ -8,7 +8,7 @@
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, TensorMetadata, get_or_init_device_settings};
-use burn::tensor::Shape;
+use burn::tensor::{Shape, TensorData};
 
 use super::portable::{
     bool_tensor, finite_or_zero, head_groups, int_tensor, repeat_kv, reshape, slice_dim,
@@ -81,7 +81,7 @@ pub fn decode<B: Backend>(
             let part = |t: &FloatTensor<B>| slice_dim::<B>(t.clone(), 1, h0..h1);
             let keys = row_keys(layout, h0, params.first[b], params.valid[b], m);
             let w = keys.width;
-            let index = int_tensor::<B>(keys.index, &device);
+            let index = int_tensor::<B>(keys.index.clone(), &device);
             let pick = |t: &FloatTensor<B>| {
                 let picked = B::float_select(part(t), 2, index.clone());
                 reshape::<B>(picked, &[1, hg, m, w, d])
@@ -89,7 +89,24 @@ pub fn decode<B: Backend>(
             let (kp, vp) = (pick(&kb), pick(&vb));
             let qg = reshape::<B>(part(&qb), &[1, hg, m, 1, d]);
             let scores = B::float_matmul(qg, B::float_swap_dims(kp, 3, 4));
-            let scores = B::float_mul_scalar(scores, params.scale.into());
+            let mut scores = B::float_mul_scalar(scores, params.scale.into());
+            if let Some(cap) = params.softcap {
+                let t = B::float_tanh(B::float_div_scalar(scores, cap.into()));
+                scores = B::float_mul_scalar(t, cap.into());
+            }
+            if let Some(slopes) = &params.alibi {
+                // slope_h * |i - j| for row i (token first + i) and slot j's key token.
+                let first = params.first[b];
+                let biases: Vec<f64> = (h0..h1)
+                    .flat_map(|h| {
+                        keys.index.iter().enumerate().map(move |(at, &tok)| {
+                            slopes[h] * (first + at / w).abs_diff(tok as usize) as f64
+                        })
+                    })
+                    .collect();
+                let data = TensorData::new(biases, vec![1, hg, m, 1, w]).convert_dtype(q.dtype());
+                scores = B::float_sub(scores, B::float_from_data(data, &device));
+            }
             let masked = bool_tensor::<B>(keys.masked, vec![1, 1, m, 1, w], &device);
             let masked = B::bool_expand(masked, Shape::from(vec![1, hg, m, 1, w]));
             let scores = B::float_mask_fill(scores, masked, f32::NEG_INFINITY.into());

@@ -11,8 +11,8 @@ use rstest::rstest;
 use sparse_attn_core::pattern::{Band, BigBird, BigBirdConfig, Fixed, PerHead, Strided};
 use sparse_attn_core::reference::{RefOptions, RefShape, reference_forward_with};
 use sparse_attn_core::{
-    BlockLayout, DecodeRows, Pattern, Result, SparseAttentionError, sparse_attention_decode,
-    sparse_attention_decode_portable,
+    AttentionOptions, BlockLayout, DecodeRows, Pattern, Result, SparseAttentionError,
+    sparse_attention_decode, sparse_attention_decode_portable, sparse_attention_decode_with,
 };
 
 use crate::common::{Rng, assert_close, devices, rounded, to_tensor};
@@ -23,8 +23,11 @@ type Decode = fn(
     Tensor<4>,
     &BlockLayout,
     &DecodeRows,
-    Option<f64>,
+    AttentionOptions,
 ) -> Result<Tensor<4>>;
+
+/// Soft-cap and ALiBi slopes (for 4 heads) of the modifier cases.
+const CAP_AND_SLOPES: (f64, [f64; 4]) = (1.5, [0.5, 0.25, 0.1, 0.0]);
 
 /// The cache's capacity in the matrix.
 const CAP: usize = 37;
@@ -98,6 +101,22 @@ fn decode_matches_the_reference_rows(
     #[values((4, 4), (4, 2))] heads: (usize, usize),
     #[values(false, true)] portable: bool,
 ) {
+    check_decode(name, heads, portable, false);
+}
+
+/// Decoding with soft-capping and ALiBi equals the rows of the reference with the same
+/// modifiers (ALiBi's distance between the row's token and each cached key's token).
+#[rstest]
+fn decode_with_score_modifiers_matches_the_reference_rows(
+    #[values("local", "strided", "bidirectional")] name: &str,
+    #[values(false, true)] portable: bool,
+) {
+    check_decode(name, (4, 2), portable, true);
+}
+
+/// The calls of [`decode_matches_the_reference_rows`] for one pattern, head split and path,
+/// with the modifiers of [`CAP_AND_SLOPES`] when `modified`.
+fn check_decode(name: &str, heads: (usize, usize), portable: bool, modified: bool) {
     let (heads, kv_heads) = heads;
     let (cap, block, d, batch) = (CAP, 8, 8, 2);
     let pattern = pattern(name, heads);
@@ -109,8 +128,19 @@ fn decode_matches_the_reference_rows(
     let decode: Decode = if portable {
         sparse_attention_decode_portable
     } else {
-        sparse_attention_decode
+        sparse_attention_decode_with
     };
+    let (cap_value, slopes) = CAP_AND_SLOPES;
+    // Scores of these inputs are about N(0, 1): doubled q reaches the cap.
+    let q_full: Vec<f64> = if modified {
+        q_full.iter().map(|x| 3.0 * x).collect()
+    } else {
+        q_full
+    };
+    let mut options = AttentionOptions::default();
+    if modified {
+        options = options.softcap(cap_value).alibi_slopes(slopes);
+    }
     // A chunked prefill from the start and from a cached prefix (with a padded row), one
     // token at two positions, the last position of the capacity.
     let calls = [
@@ -156,20 +186,23 @@ fn decode_matches_the_reference_rows(
             seq_len: cap,
             head_dim: d,
         };
-        let options = RefOptions {
+        let reference = RefOptions {
             kv_heads: Some(kv_heads),
             key_lengths: Some(lengths),
+            softcap: modified.then_some(cap_value),
+            alibi: modified.then(|| slopes.to_vec()),
             ..RefOptions::default()
         };
         let full =
-            reference_forward_with(pattern.as_ref(), shape, &options, &q_full, &k, &v, scale);
+            reference_forward_with(pattern.as_ref(), shape, &reference, &q_full, &k, &v, scale);
         let want = rows_of(&full.out, &rows, [batch, heads, cap, d], m);
         let q = rows_of(&q_full, &rows, [batch, heads, cap, d], m);
         for (backend, device) in devices() {
-            let what =
-                format!("{backend} {name} h={heads}/{kv_heads} portable={portable} rows={rows:?}");
+            let what = format!(
+                "{backend} {name} h={heads}/{kv_heads} portable={portable} modified={modified} rows={rows:?}"
+            );
             let got = run(
-                decode,
+                (decode, options.clone()),
                 &device,
                 &layout,
                 &rows,
@@ -256,7 +289,7 @@ fn decode_at_model_sizes_and_dtypes(
 
 #[allow(clippy::too_many_arguments)]
 fn run(
-    decode: Decode,
+    (decode, options): (Decode, AttentionOptions),
     device: &Device,
     layout: &BlockLayout,
     rows: &DecodeRows,
@@ -269,11 +302,11 @@ fn run(
     let kv_dims = [batch, kv_heads, cap, d];
     let q = to_tensor(q, q_dims, device);
     let [k, v] = [k, v].map(|x| to_tensor(x, kv_dims, device));
-    values(decode(q, k, v, layout, rows, None).unwrap())
+    values(decode(q, k, v, layout, rows, options).unwrap())
 }
 
 /// Rows past the cache, rows not one per batch row, more valid rows than queries, a layout
-/// of another capacity: typed errors.
+/// of another capacity, dropout or key lengths, bad modifiers: typed errors.
 #[test]
 fn bad_decode_calls_are_typed_errors() {
     let device = Device::ndarray();
@@ -283,6 +316,36 @@ fn bad_decode_calls_are_typed_errors() {
     let call = |rows: DecodeRows, cache: Tensor<4>| {
         sparse_attention_decode(q.clone(), cache.clone(), cache, &layout, &rows, None).unwrap_err()
     };
+    // Options decoding does not take, and modifiers as the forward refuses them.
+    let rows = DecodeRows::uniform(1, 0, 2);
+    let with = |options: AttentionOptions| {
+        sparse_attention_decode_with(
+            q.clone(),
+            cache.clone(),
+            cache.clone(),
+            &layout,
+            &rows,
+            options,
+        )
+        .unwrap_err()
+    };
+    for options in [
+        AttentionOptions::default().dropout(0.1, 1),
+        AttentionOptions::default().key_lengths([2]),
+    ] {
+        assert!(matches!(
+            with(options),
+            SparseAttentionError::Unsupported { .. }
+        ));
+    }
+    assert!(matches!(
+        with(AttentionOptions::default().softcap(-1.0)),
+        SparseAttentionError::SoftCap(_)
+    ));
+    assert!(matches!(
+        with(AttentionOptions::default().alibi_slopes([0.5])),
+        SparseAttentionError::AlibiSlopes { heads: 2, .. }
+    ));
     assert!(matches!(
         call(DecodeRows::uniform(1, 15, 2), cache.clone()),
         SparseAttentionError::CacheFull {
