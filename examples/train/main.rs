@@ -129,6 +129,12 @@ struct Args {
     /// Sinusoidal instead of learned positions.
     #[arg(long)]
     sinusoidal: bool,
+    /// Soft-cap the attention scores at this bound (`cap * tanh(s / cap)`, Gemma-style).
+    #[arg(long)]
+    softcap: Option<f64>,
+    /// ALiBi (standard slopes) in every block; the model then has no position embedding.
+    #[arg(long, conflicts_with = "sinusoidal")]
+    alibi: bool,
     /// Steps between validations (and checkpoints).
     #[arg(long, default_value_t = 50)]
     eval_every: usize,
@@ -206,9 +212,12 @@ impl Args {
     }
 
     fn model_config(&self) -> SparseTransformerConfig {
-        let positions = match self.sinusoidal {
-            true => PositionEncoding::Sinusoidal,
-            false => PositionEncoding::Learned,
+        let positions = if self.alibi {
+            PositionEncoding::None
+        } else if self.sinusoidal {
+            PositionEncoding::Sinusoidal
+        } else {
+            PositionEncoding::Learned
         };
         SparseTransformerConfig::new(
             256,
@@ -223,6 +232,8 @@ impl Args {
         .with_positions(positions)
         .with_dense(self.dense)
         .with_attention_dtype(self.attention_dtype)
+        .with_softcap(self.softcap)
+        .with_alibi(self.alibi)
     }
 
     /// Warm-up over the first 10% of the steps, then cosine decay to 10% of the peak.

@@ -62,8 +62,8 @@ impl SparseTransformerBlockConfig {
     ///
     /// # Errors
     /// As [`MultiHeadSparseAttentionConfig::init`]; a zero `mlp_ratio`; a dropout outside
-    /// `[0, 1)`; grouped key/value heads with `dense` (Burn's dense attention has one
-    /// key/value head per query head).
+    /// `[0, 1)`; grouped key/value heads, soft-capping or ALiBi with `dense` (Burn's dense
+    /// attention has one key/value head per query head and no score modifiers).
     pub fn init(&self, device: &Device) -> Result<SparseTransformerBlock> {
         if self.mlp_ratio == 0 {
             return Err(SparseAttentionError::Zero { name: "mlp_ratio" });
@@ -82,6 +82,12 @@ impl SparseTransformerBlockConfig {
             return Err(SparseAttentionError::Unsupported {
                 what: "dense attention with grouped key/value heads",
                 expected: "n_kv_heads equal to n_heads (Burn's dense attention has one key/value head per query head), or the sparse layer",
+            });
+        }
+        if self.dense && (a.softcap.is_some() || a.alibi) {
+            return Err(SparseAttentionError::Unsupported {
+                what: "dense attention with soft-capping or ALiBi",
+                expected: "the sparse layer (Burn's dense attention has no score modifiers)",
             });
         }
         let attention = if self.dense {

@@ -759,6 +759,18 @@ mod tests {
             dense.new_cache(1, 8, &device),
             Err(SparseAttentionError::Unsupported { .. })
         ));
+        // Burn's dense attention has no score modifiers: refused, not ignored.
+        for (softcap, alibi) in [(Some(5.0), false), (None, true)] {
+            let refused = SparseTransformerConfig::new(64, 16, 2, 1, 48, PatternConfig::All)
+                .with_dense(true)
+                .with_softcap(softcap)
+                .with_alibi(alibi)
+                .init(&device);
+            assert!(matches!(
+                refused,
+                Err(SparseAttentionError::Unsupported { .. })
+            ));
+        }
         for pattern in [
             PatternConfig::All,
             PatternConfig::Strided { stride: 4 },
