@@ -5,8 +5,9 @@
 //!
 //! `cargo xtask bench cpu` (release build) prints a markdown table and writes
 //! `target/bench/cpu.json`. With `--extras`, each row also times the forward with 10%
-//! dropout and with key padding (one padded token, so every tile checks validity), and a
-//! second table gives their cost relative to the plain forward of the same run.
+//! dropout, with key padding (one padded token, so every tile checks validity), with
+//! soft-capping and with ALiBi, and a second table gives their cost relative to the plain
+//! forward of the same run.
 //!
 //! Every timing is the median of several runs after a warm-up; CPU backends execute eagerly
 //! and each timed region ends by reading a result back. Ratios that targets are stated in
@@ -120,8 +121,21 @@ struct Row {
     portable_fwd_ms: Option<f64>,
     portable_fwd_bwd_ms: Option<f64>,
     gemm_gflops: f64,
-    dropout_fwd_ms: Option<f64>,
-    padding_fwd_ms: Option<f64>,
+    /// Forward times with each option of `--extras` (name, ms).
+    extras: Vec<(String, f64)>,
+}
+
+/// The options `--extras` times beside the plain forward of an `n`-token row: dropout 0.1,
+/// key padding of one token (every tile then checks validity), soft-capping at 30 (Gemma's
+/// bound) and ALiBi at the standard slopes.
+fn extra_options(n: usize) -> Vec<(&'static str, AttentionOptions)> {
+    let plain = AttentionOptions::default();
+    vec![
+        ("dropout 0.1", plain.clone().dropout(0.1, 7)),
+        ("padded (n - 1)", plain.clone().key_lengths([n - 1])),
+        ("softcap 30", plain.clone().softcap(30.0)),
+        ("ALiBi", plain.alibi()),
+    ]
 }
 
 /// An attention entry point: the fused path or the portable one.
@@ -491,14 +505,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         })
                     })
                 });
-                let (dropout_fwd_ms, padding_fwd_ms) = if args.extras {
-                    let dropout = AttentionOptions::default().dropout(0.1, 7);
-                    let padding = AttentionOptions::default().key_lengths([n - 1]);
-                    let time =
-                        |opts| time_forward(sparse_attention, [&q, &k, &v], &layout, opts, reps);
-                    (Some(time(&dropout)), Some(time(&padding)))
+                let extras = if args.extras {
+                    extra_options(n)
+                        .into_iter()
+                        .map(|(name, opts)| {
+                            let ms =
+                                time_forward(sparse_attention, [&q, &k, &v], &layout, &opts, reps);
+                            (name.to_string(), ms)
+                        })
+                        .collect()
                 } else {
-                    (None, None)
+                    Vec::new()
                 };
                 let useful = 4.0 * pairs as f64 * d as f64 / (fwd_ms * 1e6);
                 let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
@@ -537,30 +554,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     portable_fwd_ms,
                     portable_fwd_bwd_ms,
                     gemm_gflops: gemm,
-                    dropout_fwd_ms,
-                    padding_fwd_ms,
+                    extras,
                 });
             }
         }
     }
     if args.extras {
+        let names: Vec<&str> = extra_options(2).iter().map(|(name, _)| *name).collect();
         println!(
-            "\n| pattern | n | b | fwd ms | dropout 0.1 fwd ms | dropout cost | padded fwd ms | padding cost |"
+            "\n| pattern | n | b | fwd ms | {} |",
+            names
+                .iter()
+                .map(|n| format!("{n} fwd ms (cost)"))
+                .collect::<Vec<_>>()
+                .join(" | ")
         );
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|{}", "---|".repeat(names.len()));
         for r in &rows {
-            let (Some(dropout), Some(padding)) = (r.dropout_fwd_ms, r.padding_fwd_ms) else {
+            if r.extras.is_empty() {
                 continue;
-            };
-            let cost = |t: f64| 100.0 * (t - r.fwd_ms) / r.fwd_ms;
+            }
+            let cells: Vec<String> = r
+                .extras
+                .iter()
+                .map(|(_, t)| format!("{t:.2} ({:+.1}%)", 100.0 * (t - r.fwd_ms) / r.fwd_ms))
+                .collect();
             println!(
-                "| {} | {} | {} | {:.2} | {dropout:.2} | {:+.1}% | {padding:.2} | {:+.1}% |",
+                "| {} | {} | {} | {:.2} | {} |",
                 r.pattern,
                 r.n,
                 r.block,
                 r.fwd_ms,
-                cost(dropout),
-                cost(padding)
+                cells.join(" | ")
             );
         }
     }

@@ -70,8 +70,9 @@ struct Args {
     /// FlexAttention results (JSON rows from `xtask/flex_attention.py`) to put beside ours.
     #[arg(long)]
     flex: Option<PathBuf>,
-    /// Also time dropout (p = 0.1), key padding (one padded token) and grouped-query
-    /// attention (heads / 4 key/value heads), printed in a second table.
+    /// Also time dropout (p = 0.1), key padding (one padded token), soft-capping (at 30),
+    /// ALiBi (standard slopes) and grouped-query attention (heads / 4 key/value heads),
+    /// printed in a second table.
     #[arg(long)]
     extras: bool,
     /// JSON output.
@@ -112,10 +113,8 @@ struct Row {
     flex_fwd_ms: Option<f64>,
     flex_fwd_bwd_ms: Option<f64>,
     flex_failed: Option<String>,
-    /// With dropout 0.1, with one padded token, with heads / 4 key/value heads (`--extras`).
-    dropout: Option<Result<(f64, f64), String>>,
-    padded: Option<Result<(f64, f64), String>>,
-    gqa: Option<Result<(f64, f64), String>>,
+    /// With each option of `--extras` (name, forward / forward+backward ms or why not).
+    extras: Vec<(String, Result<(f64, f64), String>)>,
 }
 
 /// Median wall time in ms of `f` over `reps` runs after a warm-up of at least three runs
@@ -302,15 +301,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 .expect("valid inputs")
                         })
                     };
-                    let (dropout, padded, gqa) = if args.extras {
+                    let extras = if args.extras {
                         let plain = AttentionOptions::default();
-                        (
-                            Some(with(dims, plain.clone().dropout(0.1, 7))),
-                            Some(with(dims, plain.clone().key_lengths([n - 1]))),
-                            Some(with([1, (h / 4).max(1), n, d], plain)),
-                        )
+                        let kv_heads = [1, (h / 4).max(1), n, d];
+                        [
+                            ("dropout 0.1", dims, plain.clone().dropout(0.1, 7)),
+                            ("padded (n - 1)", dims, plain.clone().key_lengths([n - 1])),
+                            ("softcap 30", dims, plain.clone().softcap(30.0)),
+                            ("ALiBi", dims, plain.clone().alibi()),
+                            ("GQA (H/4 kv heads)", kv_heads, plain),
+                        ]
+                        .into_iter()
+                        .map(|(name, kv_dims, opts)| (name.to_string(), with(kv_dims, opts)))
+                        .collect()
                     } else {
-                        (None, None, None)
+                        Vec::new()
                     };
                     // Burn's dense attention: causal mask only; it computes every pair.
                     let options = AttentionModuleOptions {
@@ -383,39 +388,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         flex_fwd_ms: flex_fwd,
                         flex_fwd_bwd_ms: flex_fwd_bwd,
                         flex_failed: fl.and_then(|f| f.failed.clone()),
-                        dropout,
-                        padded,
-                        gqa,
+                        extras,
                     });
                 }
             }
         }
     }
-    if args.extras {
+    let extra_names: Vec<&str> = rows
+        .iter()
+        .find(|r| !r.extras.is_empty())
+        .map(|r| r.extras.iter().map(|(name, _)| name.as_str()).collect())
+        .unwrap_or_default();
+    if !extra_names.is_empty() {
         println!(
-            "\n| pattern | dtype | block | n | fwd / fwd+bwd ms | dropout 0.1 | padded (n - 1) | GQA (H/4 kv heads) |"
+            "\n| pattern | dtype | block | n | fwd / fwd+bwd ms | {} |",
+            extra_names.join(" | ")
         );
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|{}", "---|".repeat(extra_names.len()));
         for r in &rows {
             let Ok((fwd, fwd_bwd)) = r.ours else { continue };
-            let cell = |x: &Option<Result<(f64, f64), String>>| match x {
-                Some(Ok((f, fb))) => format!(
+            let cell = |x: &Result<(f64, f64), String>| match x {
+                Ok((f, fb)) => format!(
                     "{f:.2} / {fb:.2} ({:+.0}% / {:+.0}%)",
                     100.0 * (f - fwd) / fwd,
                     100.0 * (fb - fwd_bwd) / fwd_bwd
                 ),
-                Some(Err(reason)) => cell_text(&Err(reason.clone())),
-                None => "-".to_string(),
+                Err(reason) => cell_text(&Err(reason.clone())),
             };
+            let cells: Vec<String> = r.extras.iter().map(|(_, x)| cell(x)).collect();
             println!(
-                "| {} | {} | {} | {} | {fwd:.2} / {fwd_bwd:.2} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {fwd:.2} / {fwd_bwd:.2} | {} |",
                 r.pattern,
                 r.dtype,
                 r.block,
                 r.n,
-                cell(&r.dropout),
-                cell(&r.padded),
-                cell(&r.gqa)
+                cells.join(" | ")
             );
         }
     }

@@ -57,15 +57,19 @@ impl<'a> HeadOptions<'a> {
             return;
         }
         self.each_tile(entries, s, |tile, _, ks, bk| {
-            let keys = self.key_tokens(ks, bk);
+            // The tile's key tokens as floats, once for all its rows (ALiBi's distances are
+            // then one subtraction and an absolute value per score: exact below 2^24).
+            let mut key_floats = [T::ZERO; 128];
+            let key_floats = &mut key_floats[..bk];
+            if self.slope.is_some() {
+                let keys = self.key_tokens(ks, bk);
+                for (j, x) in key_floats.iter_mut().enumerate() {
+                    *x = T::from_usize(keys.get(j));
+                }
+            }
             for (i, row) in tile.chunks_mut(ld).take(bq).enumerate() {
-                modify_row(
-                    &mut row[..bk],
-                    self.softcap,
-                    self.slope,
-                    self.layout.token(qs + i),
-                    keys,
-                );
+                let query = T::from_usize(self.layout.token(qs + i));
+                modify_row(&mut row[..bk], self.softcap, self.slope, query, key_floats);
             }
         });
     }
@@ -255,31 +259,24 @@ impl KeyTokens<'_> {
 }
 
 avx2_dispatch! {
-/// The score modifiers on one row of scaled scores of query token `qi`: `cap * tanh(s /
-/// cap)`, then `- slope * |qi - j|`; branch-free loops that vectorise.
+/// The score modifiers on one row of scaled scores of query token `query` (as a float) over
+/// keys of tokens `keys`: `cap * tanh(s / cap)`, then `- slope * |query - key|`; branch-free
+/// loops that vectorise.
 fn modify_row<T: Real>(
     row: &mut [T],
     softcap: Option<f64>,
     slope: Option<f64>,
-    qi: usize,
-    keys: KeyTokens<'_>,
+    query: T,
+    keys: &[T],
 ) {
     if let Some(cap) = softcap {
         let (cap, inv) = (T::from_f64(cap), T::from_f64(1.0 / cap));
         row.iter_mut().for_each(|x| *x = cap * (*x * inv).tanh());
     }
-    let Some(slope) = slope else { return };
-    let slope = T::from_f64(slope);
-    match keys {
-        KeyTokens::From(first) => {
-            for (j, x) in row.iter_mut().enumerate() {
-                *x = *x - slope * T::from_usize(qi.abs_diff(first + j));
-            }
-        }
-        KeyTokens::Order(tokens) => {
-            for (x, &tok) in row.iter_mut().zip(tokens) {
-                *x = *x - slope * T::from_usize(qi.abs_diff(tok));
-            }
+    if let Some(slope) = slope {
+        let slope = T::from_f64(slope);
+        for (x, &key) in row.iter_mut().zip(keys) {
+            *x = *x - slope * (query - key).abs();
         }
     }
 }

@@ -30,8 +30,10 @@ pub trait Real:
     fn ln(self) -> Self;
     /// Hyperbolic tangent (vectorisable for f32: [`crate::exp::tanh`]).
     fn tanh(self) -> Self;
-    /// Conversion from a token distance (ALiBi).
+    /// Conversion from a token index or distance (ALiBi).
     fn from_usize(x: usize) -> Self;
+    /// Absolute value.
+    fn abs(self) -> Self;
     /// Larger of two values, ignoring NaN as `f32::max` does.
     fn max(self, other: Self) -> Self;
     /// Reciprocal.
@@ -83,6 +85,10 @@ macro_rules! real_impl {
             #[inline(always)]
             fn from_usize(x: usize) -> Self {
                 x as $t
+            }
+            #[inline(always)]
+            fn abs(self) -> Self {
+                <$t>::abs(self)
             }
             #[inline(always)]
             fn max(self, other: Self) -> Self {

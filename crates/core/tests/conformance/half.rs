@@ -1,7 +1,7 @@
 //! The half-precision matrix: f16 and bf16 inputs over patterns, block sizes, head dims 16 to
 //! 256, lengths that are not a multiple of the block, key padding, dropout, grouped-query
-//! attention and the strided token order, forward and gradients against the f64 reference
-//! (which sees the same rounded inputs) on every backend that has the dtype.
+//! attention, the strided token order and the score modifiers, forward and gradients against
+//! the f64 reference (which sees the same rounded inputs) on every backend that has the dtype.
 //!
 //! Tolerances (relative, `|got - want| <= tol * (1 + |want|)`): 1e-2 for f16 and 5e-2 for
 //! bf16. They cover the output's rounding to the input dtype and the probabilities that the
@@ -93,17 +93,22 @@ impl Launches {
     fn check(&self, _backend: &str, _what: &str) {}
 }
 
-/// One case of the matrix: `(pattern, n, block, heads, kv_heads, head_dim, padded, dropout)`.
+/// One case of the matrix: `(pattern, n, block, heads, kv_heads, head_dim, padded, dropout,
+/// score modifiers)`; the modifiers are soft-capping at 1.5 (most scores of these inputs
+/// bend) and ALiBi with slopes 0.3, 0.1, 0.05, 0.
 #[rstest]
-#[case::local_d16_b16("local", 37, 16, 2, 2, 16, false, 0.0)]
-#[case::causal_d64_b64("all", 150, 64, 2, 2, 64, false, 0.0)]
-#[case::local_d128_b128("local", 300, 128, 2, 2, 128, false, 0.0)]
-#[case::strided_d64_b32("strided", 200, 32, 2, 2, 64, false, 0.0)]
-#[case::strided_d128_padded_dropout_gqa("strided", 150, 16, 2, 1, 128, true, 0.1)]
-#[case::fixed_d128_b64_gqa_padded("fixed", 256, 64, 4, 2, 128, true, 0.0)]
-#[case::longformer_d64_b64_dropout("longformer", 130, 64, 4, 2, 64, false, 0.2)]
-#[case::bigbird_d64_b16_padded_dropout("bigbird", 180, 16, 2, 1, 64, true, 0.1)]
-#[case::local_d256_b32("local", 100, 32, 1, 1, 256, false, 0.0)]
+#[case::local_d16_b16("local", 37, 16, 2, 2, 16, false, 0.0, false)]
+#[case::causal_d64_b64("all", 150, 64, 2, 2, 64, false, 0.0, false)]
+#[case::local_d128_b128("local", 300, 128, 2, 2, 128, false, 0.0, false)]
+#[case::strided_d64_b32("strided", 200, 32, 2, 2, 64, false, 0.0, false)]
+#[case::strided_d128_padded_dropout_gqa("strided", 150, 16, 2, 1, 128, true, 0.1, false)]
+#[case::fixed_d128_b64_gqa_padded("fixed", 256, 64, 4, 2, 128, true, 0.0, false)]
+#[case::longformer_d64_b64_dropout("longformer", 130, 64, 4, 2, 64, false, 0.2, false)]
+#[case::bigbird_d64_b16_padded_dropout("bigbird", 180, 16, 2, 1, 64, true, 0.1, false)]
+#[case::local_d256_b32("local", 100, 32, 1, 1, 256, false, 0.0, false)]
+#[case::local_d64_b64_softcap_alibi("local", 150, 64, 2, 2, 64, false, 0.0, true)]
+#[case::strided_d128_b32_padded_gqa_softcap_alibi("strided", 200, 32, 4, 2, 128, true, 0.0, true)]
+#[case::causal_d128_b128_dropout_softcap_alibi("all", 300, 128, 2, 1, 128, false, 0.1, true)]
 fn half_precision_matrix(
     #[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType,
     #[case] name: &str,
@@ -114,6 +119,7 @@ fn half_precision_matrix(
     #[case] d: usize,
     #[case] padded: bool,
     #[case] p: f64,
+    #[case] modified: bool,
 ) {
     let tol = if dtype == FloatDType::F16 { 1e-2 } else { 5e-2 };
     let batch = 2;
@@ -127,15 +133,21 @@ fn half_precision_matrix(
     };
     let lengths = vec![n, n / 2 + 3];
     let seed = 23;
+    let slopes: Vec<f64> = [0.3, 0.1, 0.05, 0.0][..heads].to_vec();
     let reference = RefOptions {
         kv_heads: Some(kv_heads),
         key_lengths: padded.then(|| lengths.clone()),
         dropout: DropoutMask::new(p, seed),
+        softcap: modified.then_some(1.5),
+        alibi: modified.then(|| slopes.clone()),
         ..RefOptions::default()
     };
     let mut options = AttentionOptions::default().dropout(p, seed);
     if padded {
         options = options.key_lengths(lengths);
+    }
+    if modified {
+        options = options.softcap(1.5).alibi_slopes(slopes);
     }
     let (q_dims, kv_dims) = ([batch, heads, n, d], [batch, kv_heads, n, d]);
     let mut rng = Rng::new((n * 31 + block + d * 7 + heads) as u64);
@@ -163,7 +175,7 @@ fn half_precision_matrix(
         }
         let what = format!(
             "{backend} {dtype:?} {name} n={n} b={block} h={heads}/{kv_heads} d={d} \
-             padded={padded} p={p}"
+             padded={padded} p={p} modified={modified}"
         );
         let launches = Launches::start();
         let tq = to_tensor(&q, q_dims, &device).cast(dtype).require_grad();
