@@ -245,13 +245,16 @@ fn validate(
     })
 }
 
+/// Validated score modifiers: the soft-cap and the per-head ALiBi slopes.
+pub(crate) type CheckedMods = (Option<f64>, Option<Arc<[f64]>>);
+
 /// Checks the score modifiers of a call with `heads` query heads: the soft-cap finite and
 /// positive, one finite ALiBi slope per head (the standard ones for [`Alibi::Standard`]).
 pub(crate) fn score_mods(
     softcap: Option<f64>,
     alibi: Option<Alibi>,
     heads: usize,
-) -> Result<(Option<f64>, Option<Arc<[f64]>>)> {
+) -> Result<CheckedMods> {
     if let Some(cap) = softcap
         && !(cap.is_finite() && cap > 0.0)
     {

@@ -49,6 +49,7 @@ const TANH_CLAMP: f32 = 7.905_311;
 /// within a few ulp, exactly `±1` for large `|x|`, NaN for NaN. Plain float ops and one
 /// division, no branch: loops over it vectorise.
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // Eigen's constants, as published.
 pub(crate) fn tanh(x: f32) -> f32 {
     const A1: f32 = 4.893_524_6e-3;
     const A3: f32 = 6.372_619_3e-4;

@@ -99,15 +99,15 @@ impl<'a> HeadOptions<'a> {
             let (ks, ke) = layout.block_range(layout.cols[e] as usize);
             let (bk, at) = (ke - ks, (e - e0) * layout.block);
             let keys = self.key_tokens(ks, bk);
-            for i in 0..bq {
+            for (i, &row_lse) in lse.iter().enumerate().take(bq) {
                 let qi = layout.token(qs + i);
                 let row = i * ld + at;
-                for j in 0..bk {
-                    let pr = p[row + j];
+                let (p_row, ds_row) = (&p[row..row + bk], &mut ds[row..row + bk]);
+                for (j, (&pr, g)) in p_row.iter().zip(ds_row.iter_mut()).enumerate() {
                     if pr != T::ZERO {
                         let dist = T::from_usize(qi.abs_diff(keys.get(j)));
-                        let t = (pr.ln() + lse[i] + slope * dist) * inv_cap;
-                        ds[row + j] = ds[row + j] * (T::ONE - t * t);
+                        let t = (pr.ln() + row_lse + slope * dist) * inv_cap;
+                        *g *= T::ONE - t * t;
                     }
                 }
             }

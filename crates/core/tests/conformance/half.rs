@@ -140,7 +140,6 @@ fn half_precision_matrix(
         dropout: DropoutMask::new(p, seed),
         softcap: modified.then_some(1.5),
         alibi: modified.then(|| slopes.clone()),
-        ..RefOptions::default()
     };
     let mut options = AttentionOptions::default().dropout(p, seed);
     if padded {
