@@ -157,8 +157,8 @@ pub fn sparse_attention_decode(
 /// # Errors
 /// As [`sparse_attention_decode`], and [`Unsupported`](SparseAttentionError::Unsupported)
 /// for dropout or key lengths (decoding runs without dropout; [`DecodeRows`] says which
-/// cached tokens are valid), a soft-cap or ALiBi slopes as [`sparse_attention`]
-/// (crate::sparse_attention) refuses them.
+/// cached tokens are valid), and a soft-cap or ALiBi slopes that
+/// [`sparse_attention`](crate::sparse_attention) refuses.
 pub fn sparse_attention_decode_with(
     q: Tensor<4>,
     k_cache: Tensor<4>,
@@ -181,11 +181,11 @@ pub fn sparse_attention_decode_with(
     ))
 }
 
-/// [`sparse_attention_decode`] through the portable path (Burn tensor operations over the
-/// gathered allowed keys of each row), to compare against and to debug a backend.
+/// [`sparse_attention_decode_with`] through the portable path (Burn tensor operations over
+/// the gathered allowed keys of each row), to compare against and to debug a backend.
 ///
 /// # Errors
-/// As [`sparse_attention_decode`].
+/// As [`sparse_attention_decode_with`].
 pub fn sparse_attention_decode_portable(
     q: Tensor<4>,
     k_cache: Tensor<4>,

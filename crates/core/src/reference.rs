@@ -85,15 +85,15 @@ impl RefOptions {
 #[allow(clippy::too_many_arguments)]
 fn probs(
     pattern: &dyn Pattern,
-    head: usize,
+    slice: &Slice,
+    options: &RefOptions,
     q: &[f64],
     k: &[f64],
     n: usize,
     d: usize,
     scale: f64,
-    valid: usize,
-    mods: &ScoreMods<'_>,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (head, valid, mods) = (slice.head, slice.valid, options.mods());
     let mut p = vec![0.0; n * n];
     let mut grad = vec![1.0; n * n];
     let mut lse = vec![f64::NEG_INFINITY; n];
@@ -197,17 +197,7 @@ pub fn reference_forward_with(
             &k[kv..kv + n * d],
             &v[kv..kv + n * d],
         );
-        let (p, l, _) = probs(
-            pattern,
-            x.head,
-            qs,
-            ks,
-            n,
-            d,
-            scale,
-            x.valid,
-            &options.mods(),
-        );
+        let (p, l, _) = probs(pattern, &x, options, qs, ks, n, d, scale);
         let bh = base / (n * d);
         lse[bh * n..(bh + 1) * n].copy_from_slice(&l);
         for i in 0..n {
@@ -261,17 +251,7 @@ pub fn reference_backward_with(
         let (base, kv) = (x.base, x.kv_base);
         let (qs, gs) = (&q[base..base + n * d], &dout[base..base + n * d]);
         let (ks, vs) = (&k[kv..kv + n * d], &v[kv..kv + n * d]);
-        let (p, _, grad) = probs(
-            pattern,
-            x.head,
-            qs,
-            ks,
-            n,
-            d,
-            scale,
-            x.valid,
-            &options.mods(),
-        );
+        let (p, _, grad) = probs(pattern, &x, options, qs, ks, n, d, scale);
         let keep = |i: usize, j: usize| options.keep(x.batch, x.head, i, j);
         // dP = (dO Vᵀ) * keep; dS = P (dP - rowsum(P dP)) * d(modified)/d(scaled score);
         // dQ = dS K scale; dK = dSᵀ Q scale; dV = (P * keep)ᵀ dO

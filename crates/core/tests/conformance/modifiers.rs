@@ -5,16 +5,14 @@
 
 use burn::tensor::Tensor;
 use rstest::rstest;
-use sparse_attn_core::reference::{
-    RefOptions, RefShape, reference_backward_with, reference_forward_with,
-};
+use sparse_attn_core::reference::{RefOptions, RefShape};
 use sparse_attn_core::{
     AttentionOptions, BlockLayout, DropoutMask, SparseAttentionError, alibi_slopes,
-    sparse_attention, sparse_attention_portable,
+    sparse_attention,
 };
 
-use crate::common::{Rng, assert_close, devices, to_tensor};
-use crate::options::{Attend, pattern, run};
+use crate::common::{Rng, devices, to_tensor};
+use crate::options::{ReferenceCase, check_against_reference, pattern};
 
 /// Scores of these inputs are about N(0, 2): a cap of 1.5 bends most of them.
 const CAP: f64 = 1.5;
@@ -65,39 +63,20 @@ fn modifiers_match_reference(
     let q = normals(q_dims.iter().product());
     let [k, v] = [(); 2].map(|_| normals(kv_dims.iter().product()));
     let dout = normals(q.len());
-    let scale = 1.0 / (d as f64).sqrt();
-    let want = reference_forward_with(pattern.as_ref(), shape, &reference, &q, &k, &v, scale);
-    let grads = reference_backward_with(
-        pattern.as_ref(),
-        shape,
-        &reference,
-        &q,
-        &k,
-        &v,
-        &dout,
-        scale,
+    check_against_reference(
+        ReferenceCase {
+            pattern: pattern.as_ref(),
+            layout: &layout,
+            shape,
+            reference: &reference,
+            options,
+            portable,
+            tolerances: (5e-5, 2e-4),
+        },
+        [&q, &k, &v, &dout],
+        kv_heads,
+        &format!("{name} {mods} portable={portable}"),
     );
-    let attend: Attend = if portable {
-        sparse_attention_portable
-    } else {
-        sparse_attention
-    };
-    for (backend, device) in devices() {
-        let what = format!("{backend} {name} {mods} portable={portable}");
-        let [out, dq, dk, dv] = run(
-            attend,
-            &device,
-            &layout,
-            options.clone(),
-            [&q, &k, &v, &dout],
-            q_dims,
-            kv_dims,
-        );
-        assert_close(&out, &want.out, 5e-5, &format!("{what}: out"));
-        assert_close(&dq, &grads.dq, 2e-4, &format!("{what}: dq"));
-        assert_close(&dk, &grads.dk, 2e-4, &format!("{what}: dk"));
-        assert_close(&dv, &grads.dv, 2e-4, &format!("{what}: dv"));
-    }
 }
 
 /// The standard slopes are the default of `alibi()`; a cap or slopes that make no sense are

@@ -95,40 +95,76 @@ fn options_match_reference(
     let q = rng.normals(q_dims.iter().product());
     let [k, v] = [(); 2].map(|_| rng.normals(kv_dims.iter().product()));
     let dout = rng.normals(q.len());
-    let scale = 1.0 / (d as f64).sqrt();
-    let want = reference_forward_with(pattern.as_ref(), shape, &reference, &q, &k, &v, scale);
-    let grads = reference_backward_with(
-        pattern.as_ref(),
-        shape,
-        &reference,
-        &q,
-        &k,
-        &v,
-        &dout,
-        scale,
+    let what = format!("{name} h={heads}/{kv_heads} padded={padded} p={p} portable={portable}");
+    check_against_reference(
+        ReferenceCase {
+            pattern: pattern.as_ref(),
+            layout: &layout,
+            shape,
+            reference: &reference,
+            options,
+            portable,
+            tolerances: (2e-5, 5e-5),
+        },
+        [&q, &k, &v, &dout],
+        kv_heads,
+        &what,
     );
-    let attend: Attend = if portable {
+}
+
+/// One call checked against the f64 reference: the layout of `pattern`, the problem's
+/// shape, the reference's options and the call's, the path, and the tolerances of the
+/// output and of the gradients.
+pub(crate) struct ReferenceCase<'a> {
+    pub pattern: &'a dyn Pattern,
+    pub layout: &'a BlockLayout,
+    pub shape: RefShape,
+    pub reference: &'a RefOptions,
+    pub options: AttentionOptions,
+    pub portable: bool,
+    pub tolerances: (f64, f64),
+}
+
+/// Runs `case` on every backend, forward and gradients of `sum(out * dout)`, against the
+/// reference on the same inputs (`k` and `v` with `kv_heads` heads).
+pub(crate) fn check_against_reference(
+    case: ReferenceCase<'_>,
+    [q, k, v, dout]: [&[f64]; 4],
+    kv_heads: usize,
+    what: &str,
+) {
+    let RefShape {
+        batch,
+        heads,
+        seq_len: n,
+        head_dim: d,
+    } = case.shape;
+    let (q_dims, kv_dims) = ([batch, heads, n, d], [batch, kv_heads, n, d]);
+    let scale = 1.0 / (d as f64).sqrt();
+    let (pattern, reference) = (case.pattern, case.reference);
+    let want = reference_forward_with(pattern, case.shape, reference, q, k, v, scale);
+    let grads = reference_backward_with(pattern, case.shape, reference, q, k, v, dout, scale);
+    let attend: Attend = if case.portable {
         sparse_attention_portable
     } else {
         sparse_attention
     };
+    let (out_tol, grad_tol) = case.tolerances;
     for (backend, device) in devices() {
-        let what = format!(
-            "{backend} {name} h={heads}/{kv_heads} padded={padded} p={p} portable={portable}"
-        );
+        let what = format!("{backend} {what}");
         let [out, dq, dk, dv] = run(
             attend,
             &device,
-            &layout,
-            options.clone(),
-            [&q, &k, &v, &dout],
+            case.layout,
+            case.options.clone(),
+            [q, k, v, dout],
             q_dims,
             kv_dims,
         );
-        assert_close(&out, &want.out, 2e-5, &format!("{what}: out"));
-        assert_close(&dq, &grads.dq, 5e-5, &format!("{what}: dq"));
-        assert_close(&dk, &grads.dk, 5e-5, &format!("{what}: dk"));
-        assert_close(&dv, &grads.dv, 5e-5, &format!("{what}: dv"));
+        assert_close(&out, &want.out, out_tol, &format!("{what}: out"));
+        assert_close(&dq, &grads.dq, grad_tol, &format!("{what}: dq"));
+        assert_close(&dk, &grads.dk, grad_tol, &format!("{what}: dk"));
+        assert_close(&dv, &grads.dv, grad_tol, &format!("{what}: dv"));
     }
 }
 

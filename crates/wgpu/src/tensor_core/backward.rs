@@ -8,7 +8,8 @@ use cubecl::prelude::*;
 use crate::args::ProblemArgs;
 
 use crate::options::{
-    head_key, in_length, keep_factor, modify_score, query_row, row_key, score_grad, score_mod,
+    ScoreMod, head_key, in_length, keep_factor, modify_score, query_row, row_key, score_grad,
+    score_mod,
 };
 use crate::tensor_core::FRAG;
 use crate::tensor_core::stage::{
@@ -135,7 +136,6 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
     let mut dq_acc = new_accumulators(config.chunks());
     let mut probs = Array::<f32>::new(comptime!(config.per_lane()));
     let mods = score_mod(slopes, args.softcap, bh % args.heads, config.alibi);
-    let modified = comptime!(config.softcap || config.alibi);
     // The soft-cap's derivative of each score, kept from the score pass to the dS pass.
     let mut cap_grads = Array::<f32>::new(comptime!(if config.softcap {
         config.per_lane()
@@ -161,15 +161,10 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
             for i in 0..comptime!(config.per_lane()) {
                 let col = tile_column(i, at.row, at.part, lpr, tile);
                 let raw = scratch[row_at + col] * args.scale;
-                let mut s = raw;
-                if modified {
-                    let key_tok = key_toks[col] as usize;
-                    s = modify_score(raw, tok, key_tok, &mods, config.softcap, config.alibi);
-                }
-                if config.softcap {
-                    cap_grads[i] = score_grad(raw, &mods, config.softcap);
-                }
-                probs[i] = f32::exp(s - lse_i);
+                let key_tok = staged_key_token(&key_toks, col, config);
+                #[rustfmt::skip]
+                let p = recomputed_prob(raw, lse_i, tok, key_tok, &mods, &mut cap_grads, i, config);
+                probs[i] = p;
             }
         } else {
             #[unroll]
@@ -181,15 +176,10 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
                     && allowed(mask_bits, mask, local, t0 + col, block, config.mask_words)
                 {
                     let raw = scratch[row_at + col] * args.scale;
-                    let mut s = raw;
-                    if modified {
-                        let key_tok = key_toks[col] as usize;
-                        s = modify_score(raw, tok, key_tok, &mods, config.softcap, config.alibi);
-                    }
-                    if config.softcap {
-                        cap_grads[i] = score_grad(raw, &mods, config.softcap);
-                    }
-                    p = f32::exp(s - lse_i);
+                    let key_tok = staged_key_token(&key_toks, col, config);
+                    #[rustfmt::skip]
+                    let prob = recomputed_prob(raw, lse_i, tok, key_tok, &mods, &mut cap_grads, i, config);
+                    p = prob;
                 }
                 probs[i] = p;
             }
@@ -336,7 +326,6 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
     let mut dk_acc = new_accumulators(comptime!(if config.with_dk { config.chunks() } else { 0 }));
     let mut dv_acc = new_accumulators(comptime!(if config.with_dv { config.chunks() } else { 0 }));
     let mut probs = Array::<f32>::new(comptime!(config.per_lane()));
-    let modified = comptime!(config.softcap || config.alibi);
     let mut cap_grads = Array::<f32>::new(comptime!(if config.softcap {
         config.per_lane()
     } else {
@@ -396,15 +385,10 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
                 for i in 0..comptime!(config.per_lane()) {
                     let col = tile_column(i, at.row, at.part, lpr, tile);
                     let raw = scratch[plane_at + at.row * ts + col] * args.scale;
-                    let mut s = raw;
-                    if modified {
-                        let qtok = token(order, cur.start + col, config.permuted);
-                        s = modify_score(raw, qtok, tok, &mods, config.softcap, config.alibi);
-                    }
-                    if config.softcap {
-                        cap_grads[i] = score_grad(raw, &mods, config.softcap);
-                    }
-                    probs[i] = f32::exp(s - lse_t[col]);
+                    let qtok = query_token(order, cur.start + col, config);
+                    #[rustfmt::skip]
+                    let p = recomputed_prob(raw, lse_t[col], qtok, tok, &mods, &mut cap_grads, i, config);
+                    probs[i] = p;
                 }
             } else {
                 #[unroll]
@@ -416,15 +400,10 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
                         && allowed(mask_bits, mask, t0 + col, local, block, config.mask_words)
                     {
                         let raw = scratch[plane_at + at.row * ts + col] * args.scale;
-                        let mut s = raw;
-                        if modified {
-                            let qtok = token(order, cur.start + col, config.permuted);
-                            s = modify_score(raw, qtok, tok, &mods, config.softcap, config.alibi);
-                        }
-                        if config.softcap {
-                            cap_grads[i] = score_grad(raw, &mods, config.softcap);
-                        }
-                        p = f32::exp(s - lse_t[col]);
+                        let qtok = query_token(order, cur.start + col, config);
+                        #[rustfmt::skip]
+                        let prob = recomputed_prob(raw, lse_t[col], qtok, tok, &mods, &mut cap_grads, i, config);
+                        p = prob;
                     }
                     probs[i] = p;
                 }
@@ -509,6 +488,55 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
             config,
         );
     }
+}
+
+/// The probability `exp(s - lse)` of the scaled score `raw` of query token `qtok` and key
+/// token `ktok`, `s` the modified score; with soft-capping, the cap's derivative at `raw` is
+/// kept in `cap_grads[i]` for the `dS` pass.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn recomputed_prob(
+    raw: f32,
+    lse: f32,
+    qtok: usize,
+    ktok: usize,
+    mods: &ScoreMod,
+    cap_grads: &mut Array<f32>,
+    i: usize,
+    #[comptime] config: TensorCoreConfig,
+) -> f32 {
+    let mut s = raw;
+    if comptime!(config.softcap || config.alibi) {
+        s = modify_score(raw, qtok, ktok, mods, config.softcap, config.alibi);
+    }
+    if config.softcap {
+        cap_grads[i] = score_grad(raw, mods, config.softcap);
+    }
+    f32::exp(s - lse)
+}
+
+/// The token of staged key `col`, read only where ALiBi needs it (0 otherwise).
+#[cube]
+fn staged_key_token(
+    key_toks: &Shared<[u32]>,
+    col: usize,
+    #[comptime] config: TensorCoreConfig,
+) -> usize {
+    let mut tok = 0usize;
+    if config.alibi {
+        tok = key_toks[col] as usize;
+    }
+    tok
+}
+
+/// The token of staged query position `pos`, read only where ALiBi needs it (0 otherwise).
+#[cube]
+fn query_token(order: &[u32], pos: usize, #[comptime] config: TensorCoreConfig) -> usize {
+    let mut tok = 0usize;
+    if config.alibi {
+        tok = token(order, pos, config.permuted);
+    }
+    tok
 }
 
 /// Registers of a query tile of the `dK`/`dV` pass fetched ahead of its use: this unit's
