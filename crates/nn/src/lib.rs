@@ -24,6 +24,8 @@ mod generate;
 mod kv_cache;
 #[cfg(test)]
 mod layer_fuzz;
+#[cfg(feature = "learner")]
+mod learner;
 mod pattern_config;
 mod transformer;
 
@@ -32,5 +34,7 @@ pub use block::{SelfAttention, SparseTransformerBlock, SparseTransformerBlockCon
 pub use dropout_seed::seed_attention_dropout;
 pub use generate::{GenerateConfig, TransformerCache};
 pub use kv_cache::KvCache;
+#[cfg(feature = "learner")]
+pub use learner::{TokenBatch, TokenBatcher};
 pub use pattern_config::{PatternConfig, PatternFactory, register_pattern};
 pub use transformer::{PositionEncoding, Positions, SparseTransformer, SparseTransformerConfig};
