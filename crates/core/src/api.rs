@@ -1,14 +1,12 @@
 //! The tensor-level entry point: validated block-sparse attention on `[batch, heads, n, d]`.
 
-use std::sync::Arc;
-
 use burn::backend::Dispatch;
 use burn::tensor::Tensor;
 
 use crate::backend::SparseAttentionBackend;
 use crate::error::{Result, SparseAttentionError};
 use crate::layout::BlockLayout;
-use crate::params::{AttentionParams, DropoutMask};
+use crate::params::{AttentionParams, DropoutMask, ScoreModParams};
 
 /// Options of [`sparse_attention`]: the default is plain attention with scale
 /// `1 / sqrt(head_dim)`.
@@ -235,18 +233,14 @@ fn validate(
             Some(lengths.into())
         }
     };
-    let (softcap, alibi) = score_mods(options.softcap, options.alibi, heads)?;
+    let mods = score_mods(options.softcap, options.alibi, heads)?;
     Ok(AttentionParams {
         scale,
         dropout,
         key_lengths,
-        softcap,
-        alibi,
+        mods,
     })
 }
-
-/// Validated score modifiers: the soft-cap and the per-head ALiBi slopes.
-pub(crate) type CheckedMods = (Option<f64>, Option<Arc<[f64]>>);
 
 /// Checks the score modifiers of a call with `heads` query heads: the soft-cap finite and
 /// positive, one finite ALiBi slope per head (the standard ones for [`Alibi::Standard`]).
@@ -254,7 +248,7 @@ pub(crate) fn score_mods(
     softcap: Option<f64>,
     alibi: Option<Alibi>,
     heads: usize,
-) -> Result<CheckedMods> {
+) -> Result<ScoreModParams> {
     if let Some(cap) = softcap
         && !(cap.is_finite() && cap > 0.0)
     {
@@ -270,7 +264,7 @@ pub(crate) fn score_mods(
             Some(slopes.into())
         }
     };
-    Ok((softcap, alibi))
+    Ok(ScoreModParams { softcap, alibi })
 }
 
 /// Checks the limits of the kernels that will run on `q`'s device, before anything is

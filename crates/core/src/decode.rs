@@ -16,7 +16,7 @@ use crate::api::{AttentionOptions, check_device_limits, check_layout, same_dtype
 use crate::backend::SparseAttentionBackend;
 use crate::error::{Result, SparseAttentionError};
 use crate::layout::BlockLayout;
-use sparse_attn_kernel_types::ScoreMods;
+use crate::params::ScoreModParams;
 
 /// Which tokens the query rows of a decode call are, per batch row.
 ///
@@ -85,20 +85,8 @@ pub struct DecodeParams {
     /// Valid new rows of each batch row (at most the call's query rows; `first + valid` at
     /// most the capacity).
     pub valid: Arc<[usize]>,
-    /// Soft-capping bound of the scaled scores (`None`: none).
-    pub softcap: Option<f64>,
-    /// ALiBi slopes, one per query head (`None`: no ALiBi).
-    pub alibi: Option<Arc<[f64]>>,
-}
-
-impl DecodeParams {
-    /// The score modifiers of these parameters.
-    pub fn score_mods(&self) -> ScoreMods<'_> {
-        ScoreMods {
-            softcap: self.softcap,
-            alibi: self.alibi.as_deref(),
-        }
-    }
+    /// Soft-capping and ALiBi.
+    pub mods: ScoreModParams,
 }
 
 /// Attention of new query rows over a key/value cache: row `i` of batch row `b` is token
@@ -258,7 +246,6 @@ fn validate(
         scale,
         first: rows.first.as_slice().into(),
         valid: rows.valid.as_slice().into(),
-        softcap: mods.0,
-        alibi: mods.1,
+        mods,
     })
 }

@@ -57,7 +57,7 @@ pub use layout::{BlockLayout, FULL, MAX_BLOCK, MIN_BLOCK};
 pub use modes::{
     AttnMode, ModeParams, SparseAttention, attention_impl, blocksparse_attention_impl,
 };
-pub use params::{AttentionParams, DropoutMask};
+pub use params::{AttentionParams, DropoutMask, ScoreModParams};
 pub use pattern::{BlockCover, Geometry, Pattern, StreamWindow};
 pub use picture::LayoutStats;
 pub use sparse_attn_kernel_types::{ScoreMods, alibi_slopes};

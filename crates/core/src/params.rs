@@ -20,10 +20,28 @@ pub struct AttentionParams {
     /// a row's length are neither queries (zero output and gradients) nor keys. `None`: every
     /// token is valid.
     pub key_lengths: Option<Arc<[usize]>>,
+    /// Soft-capping and ALiBi.
+    pub mods: ScoreModParams,
+}
+
+/// Validated score modifiers, owned by the ops' parameters (the kernels borrow them as
+/// [`ScoreMods`](sparse_attn_kernel_types::ScoreMods)); the default changes nothing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScoreModParams {
     /// Soft-capping bound of the scaled scores (finite, positive; `None`: none).
     pub softcap: Option<f64>,
-    /// ALiBi slopes, one per query head (`None`: no ALiBi).
+    /// ALiBi slopes, one finite slope per query head (`None`: no ALiBi).
     pub alibi: Option<Arc<[f64]>>,
+}
+
+impl ScoreModParams {
+    /// The kernels' view of these modifiers.
+    pub fn view(&self) -> sparse_attn_kernel_types::ScoreMods<'_> {
+        sparse_attn_kernel_types::ScoreMods {
+            softcap: self.softcap,
+            alibi: self.alibi.as_deref(),
+        }
+    }
 }
 
 impl AttentionParams {
@@ -33,8 +51,7 @@ impl AttentionParams {
             scale,
             dropout: None,
             key_lengths: None,
-            softcap: None,
-            alibi: None,
+            mods: ScoreModParams::default(),
         }
     }
 
@@ -43,15 +60,7 @@ impl AttentionParams {
         sparse_attn_kernel_types::KernelOptions {
             key_lengths: self.key_lengths.as_deref(),
             dropout: self.dropout,
-            mods: self.score_mods(),
-        }
-    }
-
-    /// The score modifiers of these parameters.
-    pub fn score_mods(&self) -> sparse_attn_kernel_types::ScoreMods<'_> {
-        sparse_attn_kernel_types::ScoreMods {
-            softcap: self.softcap,
-            alibi: self.alibi.as_deref(),
+            mods: self.mods.view(),
         }
     }
 }

@@ -357,7 +357,7 @@ fn decode_in<B: HostBuffers, T: HostElement>(
         positions,
         rows,
         scale,
-        params.score_mods(),
+        params.mods.view(),
         &mut out,
     );
     write::<B, T>(out, vec![batch, heads, queries, head_dim], dtype, &device)

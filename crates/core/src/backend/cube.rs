@@ -165,7 +165,7 @@ pub(crate) fn decode(
         cache,
         &on_device(layout, &q),
         params.scale as f32,
-        params.score_mods(),
+        params.mods.view(),
         &rows,
         [&q.handle, &k.handle, &v.handle, &out.handle],
     )

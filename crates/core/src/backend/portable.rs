@@ -306,13 +306,13 @@ fn gather<B: Backend>(
     let mut scores = B::float_mul_scalar(scores, params.scale.into());
     let full = Shape::from(vec![batch, hg, nr, b, p.degree * b]);
     let mut cap_grad = None;
-    if let Some(cap) = params.softcap {
+    if let Some(cap) = params.mods.softcap {
         let t = B::float_tanh(B::float_div_scalar(scores, cap.into()));
         let t2 = B::float_mul(t.clone(), t.clone());
         cap_grad = Some(B::float_add_scalar(B::float_neg(t2), 1.0f32.into()));
         scores = B::float_mul_scalar(t, cap.into());
     }
-    if let Some(slopes) = &params.alibi {
+    if let Some(slopes) = &params.mods.alibi {
         let biases = alibi_biases(layout, &p, slopes, heads.clone());
         let shape = vec![1, hg, nr, b, p.degree * b];
         let data = TensorData::new(biases, shape).convert_dtype(q.dtype());

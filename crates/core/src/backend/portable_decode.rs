@@ -90,11 +90,11 @@ pub fn decode<B: Backend>(
             let qg = reshape::<B>(part(&qb), &[1, hg, m, 1, d]);
             let scores = B::float_matmul(qg, B::float_swap_dims(kp, 3, 4));
             let mut scores = B::float_mul_scalar(scores, params.scale.into());
-            if let Some(cap) = params.softcap {
+            if let Some(cap) = params.mods.softcap {
                 let t = B::float_tanh(B::float_div_scalar(scores, cap.into()));
                 scores = B::float_mul_scalar(t, cap.into());
             }
-            if let Some(slopes) = &params.alibi {
+            if let Some(slopes) = &params.mods.alibi {
                 // slope_h * |i - j| for row i (token first + i) and slot j's key token.
                 let first = params.first[b];
                 let biases: Vec<f64> = (h0..h1)
