@@ -94,15 +94,14 @@ impl<'a> HeadOptions<'a> {
         let Some(cap) = self.softcap else { return };
         let inv_cap = T::from_f64(1.0 / cap);
         let slope = T::from_f64(self.slope.unwrap_or(0.0));
-        let (layout, e0) = (&self.layout, entries.start);
-        for e in entries {
-            let (ks, ke) = layout.block_range(layout.cols[e] as usize);
-            let (bk, at) = (ke - ks, (e - e0) * layout.block);
+        let e0 = entries.start;
+        self.each_tile(entries, ds, |ds_tile, e, ks, bk| {
+            let p_tile = &p[(e - e0) * self.layout.block..];
             let keys = self.key_tokens(ks, bk);
             for (i, &row_lse) in lse.iter().enumerate().take(bq) {
-                let qi = layout.token(qs + i);
-                let row = i * ld + at;
-                let (p_row, ds_row) = (&p[row..row + bk], &mut ds[row..row + bk]);
+                let qi = self.layout.token(qs + i);
+                let row = i * ld;
+                let (p_row, ds_row) = (&p_tile[row..row + bk], &mut ds_tile[row..row + bk]);
                 for (j, (&pr, g)) in p_row.iter().zip(ds_row.iter_mut()).enumerate() {
                     if pr != T::ZERO {
                         let dist = T::from_usize(qi.abs_diff(keys.get(j)));
@@ -111,7 +110,7 @@ impl<'a> HeadOptions<'a> {
                     }
                 }
             }
-        }
+        });
     }
 
     /// The key tokens of the tile at key positions `ks..ks + bk`.
