@@ -29,9 +29,12 @@ use serde::Serialize;
 use sparse_attn::pattern::{Band, Fixed, Strided};
 #[path = "common/bigbird.rs"]
 mod bigbird;
+#[path = "common/extra_options.rs"]
+mod extra_options;
 #[path = "common/timing.rs"]
 mod timing;
 use bigbird::bench_bigbird;
+use extra_options::extra_options;
 
 use burn::backend::Dispatch;
 use sparse_attn::{
@@ -123,19 +126,6 @@ struct Row {
     gemm_gflops: f64,
     /// Forward times with each option of `--extras` (name, ms).
     extras: Vec<(String, f64)>,
-}
-
-/// The options `--extras` times beside the plain forward of an `n`-token row: dropout 0.1,
-/// key padding of one token (every tile then checks validity), soft-capping at 30 (Gemma's
-/// bound) and ALiBi at the standard slopes.
-fn extra_options(n: usize) -> Vec<(&'static str, AttentionOptions)> {
-    let plain = AttentionOptions::default();
-    vec![
-        ("dropout 0.1", plain.clone().dropout(0.1, 7)),
-        ("padded (n - 1)", plain.clone().key_lengths([n - 1])),
-        ("softcap 30", plain.clone().softcap(30.0)),
-        ("ALiBi", plain.alibi()),
-    ]
 }
 
 /// An attention entry point: the fused path or the portable one.

@@ -21,6 +21,9 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 #[path = "common/caught.rs"]
 mod caught;
+#[path = "common/extra_options.rs"]
+mod extra_options;
+use extra_options::extra_options;
 #[path = "common/timing.rs"]
 mod timing;
 
@@ -302,18 +305,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         })
                     };
                     let extras = if args.extras {
-                        let plain = AttentionOptions::default();
-                        let kv_heads = [1, (h / 4).max(1), n, d];
-                        [
-                            ("dropout 0.1", dims, plain.clone().dropout(0.1, 7)),
-                            ("padded (n - 1)", dims, plain.clone().key_lengths([n - 1])),
-                            ("softcap 30", dims, plain.clone().softcap(30.0)),
-                            ("ALiBi", dims, plain.clone().alibi()),
-                            ("GQA (H/4 kv heads)", kv_heads, plain),
-                        ]
-                        .into_iter()
-                        .map(|(name, kv_dims, opts)| (name.to_string(), with(kv_dims, opts)))
-                        .collect()
+                        // The shared options on the full K/V heads, then GQA (H/4 K/V heads).
+                        let gqa = ("GQA (H/4 kv heads)", AttentionOptions::default());
+                        let gqa_dims = [1, (h / 4).max(1), n, d];
+                        extra_options(n)
+                            .into_iter()
+                            .map(|(name, opts)| (name, dims, opts))
+                            .chain([(gqa.0, gqa_dims, gqa.1)])
+                            .map(|(name, kv_dims, opts)| (name.to_string(), with(kv_dims, opts)))
+                            .collect()
                     } else {
                         Vec::new()
                     };
