@@ -498,10 +498,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let extras = if args.extras {
                     extra_options(n)
                         .into_iter()
-                        .map(|(name, opts)| {
+                        .map(|extra| {
+                            let opts = extra.for_inputs(&q);
                             let ms =
                                 time_forward(sparse_attention, [&q, &k, &v], &layout, &opts, reps);
-                            (name.to_string(), ms)
+                            (extra.name.to_string(), ms)
                         })
                         .collect()
                 } else {
@@ -550,7 +551,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     if args.extras {
-        let names: Vec<&str> = extra_options(2).iter().map(|(name, _)| *name).collect();
+        let names: Vec<&str> = extra_options(2).iter().map(|extra| extra.name).collect();
         println!(
             "\n| pattern | n | b | fwd ms | {} |",
             names

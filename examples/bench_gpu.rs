@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 mod caught;
 #[path = "common/extra_options.rs"]
 mod extra_options;
-use extra_options::extra_options;
+use extra_options::{ExtraOption, extra_options};
 #[path = "common/timing.rs"]
 mod timing;
 
@@ -298,21 +298,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let before = launch_counts();
                     let timed = time_pair(&device, same, dtype, args.reps, ours);
                     let kernels = kernels_between(before, launch_counts());
-                    let with = |kv_dims, options: AttentionOptions| {
+                    let with = |kv_dims, extra: ExtraOption| {
                         time_pair(&device, [dims, kv_dims], dtype, args.reps, |q, k, v| {
-                            sparse_attention(q, k, v, &layout, options.clone())
-                                .expect("valid inputs")
+                            let options = extra.for_inputs(&q);
+                            sparse_attention(q, k, v, &layout, options).expect("valid inputs")
                         })
                     };
                     let extras = if args.extras {
                         // The shared options on the full K/V heads, then GQA (H/4 K/V heads).
-                        let gqa = ("GQA (H/4 kv heads)", AttentionOptions::default());
+                        let gqa = ExtraOption {
+                            name: "GQA (H/4 kv heads)",
+                            options: AttentionOptions::default(),
+                            relative_bias: false,
+                        };
                         let gqa_dims = [1, (h / 4).max(1), n, d];
                         extra_options(n)
                             .into_iter()
-                            .map(|(name, opts)| (name, dims, opts))
-                            .chain([(gqa.0, gqa_dims, gqa.1)])
-                            .map(|(name, kv_dims, opts)| (name.to_string(), with(kv_dims, opts)))
+                            .map(|extra| (dims, extra))
+                            .chain([(gqa_dims, gqa)])
+                            .map(|(kv_dims, extra)| (extra.name.to_string(), with(kv_dims, extra)))
                             .collect()
                     } else {
                         Vec::new()

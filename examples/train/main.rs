@@ -30,7 +30,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sparse_attn::backends;
 use sparse_attn::nn::{
-    GenerateConfig, PatternConfig, PositionEncoding, SparseTransformer, SparseTransformerConfig,
+    GenerateConfig, PatternConfig, PositionEncoding, RelativeBiasConfig, SparseTransformer,
+    SparseTransformerConfig,
 };
 
 use checkpoint::{Checkpoint, TrainState};
@@ -135,6 +136,10 @@ struct Args {
     /// ALiBi (standard slopes) in every block; the model then has no position embedding.
     #[arg(long, conflicts_with = "sinusoidal")]
     alibi: bool,
+    /// A learnable T5 relative-position bias (32 buckets up to distance 128) in every block;
+    /// the model then has no position embedding.
+    #[arg(long, conflicts_with = "sinusoidal")]
+    relative_bias: bool,
     /// Steps between validations (and checkpoints).
     #[arg(long, default_value_t = 50)]
     eval_every: usize,
@@ -212,7 +217,7 @@ impl Args {
     }
 
     fn model_config(&self) -> SparseTransformerConfig {
-        let positions = if self.alibi {
+        let positions = if self.alibi || self.relative_bias {
             PositionEncoding::None
         } else if self.sinusoidal {
             PositionEncoding::Sinusoidal
@@ -234,6 +239,7 @@ impl Args {
         .with_attention_dtype(self.attention_dtype)
         .with_softcap(self.softcap)
         .with_alibi(self.alibi)
+        .with_relative_bias(self.relative_bias.then(RelativeBiasConfig::new))
     }
 
     /// Warm-up over the first 10% of the steps, then cosine decay to 10% of the peak.

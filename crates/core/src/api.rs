@@ -6,11 +6,11 @@ use burn::tensor::Tensor;
 use crate::backend::SparseAttentionBackend;
 use crate::error::{Result, SparseAttentionError};
 use crate::layout::BlockLayout;
-use crate::params::{AttentionParams, DropoutMask, ScoreModParams};
+use crate::params::{AttentionParams, DropoutMask, RelativeBuckets, ScoreModParams};
 
 /// Options of [`sparse_attention`]: the default is plain attention with scale
 /// `1 / sqrt(head_dim)`.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct AttentionOptions {
     /// Softmax scale; `None` (default) means `1 / sqrt(head_dim)`.
     pub scale: Option<f64>,
@@ -30,6 +30,24 @@ pub struct AttentionOptions {
     /// ALiBi: each scaled (and capped) score of query token `i` and key token `j` in head
     /// `h` minus `slope_h * |i - j|` (distance in token order, also under a permuted layout).
     pub alibi: Option<Alibi>,
+    /// A learnable relative-position bias (T5): `table[h, bucket(i - j)]` added to each
+    /// scaled, capped and ALiBi-shifted score; differentiable with respect to the table.
+    pub relative_bias: Option<RelativePositionBias>,
+}
+
+/// A learnable relative-position bias (T5, Raffel et al. 2020): a `[heads, buckets]` table
+/// of biases, one per query head and bucket of the signed token distance `i - j` (token
+/// order, also under a permuted layout; the bucketing is [`RelativeBuckets`]'s).
+///
+/// The table is a tensor of the inputs' dtype and device; under an autodiff device it gets
+/// its gradient from the backward pass: per `(head, bucket)`, the sum of the gradients of
+/// the scores in that bucket, summed in a fixed order by every backend (no atomics).
+#[derive(Debug, Clone)]
+pub struct RelativePositionBias {
+    /// `[heads, buckets.count()]` biases.
+    pub table: Tensor<2>,
+    /// The bucketing of the distances.
+    pub buckets: RelativeBuckets,
 }
 
 /// The slopes of [`AttentionOptions::alibi`].
@@ -80,6 +98,13 @@ impl AttentionOptions {
         self.alibi = Some(Alibi::Slopes(slopes.into()));
         self
     }
+
+    /// These options with a learnable relative-position bias: `table` `[heads,
+    /// buckets.count()]` over the distance buckets `buckets`.
+    pub fn relative_bias(mut self, table: Tensor<2>, buckets: RelativeBuckets) -> Self {
+        self.relative_bias = Some(RelativePositionBias { table, buckets });
+        self
+    }
 }
 
 /// Block-sparse multi-head attention: `out[b, h, i] = sum_j softmax_j(scale q_i . k_j) v_j`
@@ -101,7 +126,8 @@ impl AttentionOptions {
 /// another `n` or head count, inputs on different devices, a scale that is not finite and
 /// positive, a dropout probability outside `[0, 1)`, key lengths not one per batch row or
 /// longer than `n`, a soft-cap that is not finite and positive, ALiBi slopes not one finite
-/// slope per head, a head dim beyond the kernels of the device
+/// slope per head, a relative-position bias table not `[heads, buckets]` or of another
+/// dtype or device than `q`, a head dim beyond the kernels of the device
 /// ([`DeviceLimit`](SparseAttentionError::DeviceLimit): above 256 on CubeCL devices), a
 /// dtype the device's kernels do not run (f64 on CubeCL devices).
 ///
@@ -129,9 +155,9 @@ pub fn sparse_attention(
     layout: &BlockLayout,
     options: AttentionOptions,
 ) -> Result<Tensor<4>> {
-    let params = validate(&q, &k, &v, layout, options)?;
-    check_device_limits(&q, layout.block())?;
-    Ok(raw_attention(q, k, v, layout, params))
+    let (params, bias) = validate(&q, &k, &v, layout, options)?;
+    check_device_limits(&q, layout.block(), &params.mods)?;
+    Ok(raw_attention(q, k, v, bias, layout, params))
 }
 
 /// [`sparse_attention`] through the portable path: Burn tensor operations over the
@@ -154,25 +180,27 @@ pub fn sparse_attention_portable(
     layout: &BlockLayout,
     options: AttentionOptions,
 ) -> Result<Tensor<4>> {
-    let params = validate(&q, &k, &v, layout, options)?;
-    let (out, _lse) = crate::backend::portable::forward::<Dispatch>(
+    let (params, bias) = validate(&q, &k, &v, layout, options)?;
+    let (out, _lse) = crate::backend::portable::forward_biased::<Dispatch>(
         q.into_dispatch(),
         k.into_dispatch(),
         v.into_dispatch(),
+        bias.map(Tensor::into_dispatch),
         layout,
         &params,
     );
     Ok(Tensor::from_dispatch(out))
 }
 
-/// Checks shapes, devices, layout and options; returns the ops' parameters.
+/// Checks shapes, devices, layout and options; returns the ops' parameters and the
+/// relative-position bias table.
 fn validate(
     q: &Tensor<4>,
     k: &Tensor<4>,
     v: &Tensor<4>,
     layout: &BlockLayout,
     options: AttentionOptions,
-) -> Result<AttentionParams> {
+) -> Result<(AttentionParams, Option<Tensor<2>>)> {
     let dims = q.dims();
     let [batch, heads, n, d] = dims;
     if let Some(name) = ["batch", "heads", "seq_len", "head_dim"]
@@ -214,6 +242,7 @@ fn validate(
         }
         Some((p, seed)) => DropoutMask::new(p, seed),
     };
+    let (mods, bias) = score_mods(&options, heads, q)?;
     let key_lengths = match options.key_lengths {
         None => None,
         Some(lengths) => {
@@ -233,22 +262,25 @@ fn validate(
             Some(lengths.into())
         }
     };
-    let mods = score_mods(options.softcap, options.alibi, heads)?;
-    Ok(AttentionParams {
+    let params = AttentionParams {
         scale,
         dropout,
         key_lengths,
         mods,
-    })
+    };
+    Ok((params, bias))
 }
 
-/// Checks the score modifiers of a call with `heads` query heads: the soft-cap finite and
-/// positive, one finite ALiBi slope per head (the standard ones for [`Alibi::Standard`]).
+/// Checks the score modifiers of `options` for a call on `q` (its query heads, dtype and
+/// device): the soft-cap finite and positive, one finite ALiBi slope per head (the standard
+/// ones for [`Alibi::Standard`]), a relative-position bias table `[heads, buckets]` of
+/// `q`'s dtype and device. Returns the modifiers and the table.
 pub(crate) fn score_mods(
-    softcap: Option<f64>,
-    alibi: Option<Alibi>,
+    options: &AttentionOptions,
     heads: usize,
-) -> Result<ScoreModParams> {
+    q: &Tensor<4>,
+) -> Result<(ScoreModParams, Option<Tensor<2>>)> {
+    let (softcap, alibi) = (options.softcap, options.alibi.clone());
     if let Some(cap) = softcap
         && !(cap.is_finite() && cap > 0.0)
     {
@@ -264,15 +296,40 @@ pub(crate) fn score_mods(
             Some(slopes.into())
         }
     };
-    Ok(ScoreModParams { softcap, alibi })
+    let (relative, table) = match &options.relative_bias {
+        None => (None, None),
+        Some(RelativePositionBias { table, buckets }) => {
+            let want = [heads, buckets.count()];
+            if table.dims() != want {
+                return Err(SparseAttentionError::BiasTable {
+                    got: table.dims().to_vec(),
+                    heads,
+                    buckets: buckets.count(),
+                });
+            }
+            same_dtype_and_device("relative_bias.table", table, q)?;
+            (Some(buckets.clone()), Some(table.clone()))
+        }
+    };
+    let mods = ScoreModParams {
+        softcap,
+        alibi,
+        relative,
+    };
+    Ok((mods, table))
 }
 
 /// Checks the limits of the kernels that will run on `q`'s device, before anything is
 /// launched: on a CubeCL device, f32, f16 or bf16 inputs, head dims up to
 /// [`sparse_attn_wgpu::MAX_HEAD_DIM`], and what [`sparse_attn_wgpu::check_problem`] asks of
-/// the device (dtypes it has, shared memory and units per cube, 32-bit indexing).
+/// the device (dtypes it has, shared memory and units per cube, 32-bit indexing), and at
+/// most [`sparse_attn_wgpu::MAX_BIAS_BUCKETS`] buckets of a relative-position bias.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
-pub(crate) fn check_device_limits(q: &Tensor<4>, block: usize) -> Result<()> {
+pub(crate) fn check_device_limits(
+    q: &Tensor<4>,
+    block: usize,
+    mods: &ScoreModParams,
+) -> Result<()> {
     use burn::backend::DispatchDevice;
     use burn::tensor::DType;
     let DispatchDevice::Cube(device) = q.device().as_dispatch().clone().inner() else {
@@ -285,6 +342,16 @@ pub(crate) fn check_device_limits(q: &Tensor<4>, block: usize) -> Result<()> {
             what: "head dim",
             got: head_dim,
             max,
+            backend: "CubeCL",
+        });
+    }
+    if let Some(buckets) = &mods.relative
+        && buckets.count() > sparse_attn_wgpu::MAX_BIAS_BUCKETS
+    {
+        return Err(SparseAttentionError::DeviceLimit {
+            what: "relative-position buckets",
+            got: buckets.count(),
+            max: sparse_attn_wgpu::MAX_BIAS_BUCKETS,
             backend: "CubeCL",
         });
     }
@@ -308,14 +375,18 @@ pub(crate) fn check_device_limits(q: &Tensor<4>, block: usize) -> Result<()> {
 
 /// CPU backends have no limit beyond those of the input's validity.
 #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
-pub(crate) fn check_device_limits(_q: &Tensor<4>, _block: usize) -> Result<()> {
+pub(crate) fn check_device_limits(
+    _q: &Tensor<4>,
+    _block: usize,
+    _mods: &ScoreModParams,
+) -> Result<()> {
     Ok(())
 }
 
 /// `t` (argument `name`) has `q`'s dtype and device.
-pub(crate) fn same_dtype_and_device(
+pub(crate) fn same_dtype_and_device<const D: usize>(
     name: &'static str,
-    t: &Tensor<4>,
+    t: &Tensor<D>,
     q: &Tensor<4>,
 ) -> Result<()> {
     if t.dtype() != q.dtype() {
@@ -354,19 +425,28 @@ pub(crate) fn check_layout(layout: &BlockLayout, n: usize, heads: usize) -> Resu
     Ok(())
 }
 
-/// The backend op on validated tensors (token order; the backend applies the layout's order).
+/// The backend op on validated tensors (token order; the backend applies the layout's order):
+/// the biased op with a relative-position bias table.
 fn raw_attention(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
+    bias: Option<Tensor<2>>,
     layout: &BlockLayout,
     params: AttentionParams,
 ) -> Tensor<4> {
-    Tensor::from_dispatch(<Dispatch as SparseAttentionBackend>::sparse_attention(
-        q.into_dispatch(),
-        k.into_dispatch(),
-        v.into_dispatch(),
-        layout.clone(),
-        params,
-    ))
+    let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
+    Tensor::from_dispatch(match bias {
+        None => {
+            <Dispatch as SparseAttentionBackend>::sparse_attention(q, k, v, layout.clone(), params)
+        }
+        Some(bias) => <Dispatch as SparseAttentionBackend>::sparse_attention_biased(
+            q,
+            k,
+            v,
+            bias.into_dispatch(),
+            layout.clone(),
+            params,
+        ),
+    })
 }

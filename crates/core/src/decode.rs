@@ -85,8 +85,12 @@ pub struct DecodeParams {
     /// Valid new rows of each batch row (at most the call's query rows; `first + valid` at
     /// most the capacity).
     pub valid: Arc<[usize]>,
-    /// Soft-capping and ALiBi.
+    /// Soft-capping, ALiBi and the relative-position buckets.
     pub mods: ScoreModParams,
+    /// The relative-position bias table `[heads, buckets]` (row-major), exactly when
+    /// `mods.relative` is set: decoding is not differentiable, so it takes the table's
+    /// values.
+    pub bias_table: Option<Arc<[f64]>>,
 }
 
 /// Attention of new query rows over a key/value cache: row `i` of batch row `b` is token
@@ -157,7 +161,7 @@ pub fn sparse_attention_decode_with(
 ) -> Result<Tensor<4>> {
     let params = validate(&q, &k_cache, &v_cache, layout, rows, options)?;
     // The caches are the larger tensors: they decide the device's limits.
-    check_device_limits(&k_cache, layout.block())?;
+    check_device_limits(&k_cache, layout.block(), &params.mods)?;
     Ok(Tensor::from_dispatch(
         <Dispatch as SparseAttentionBackend>::sparse_attention_decode(
             q.into_dispatch(),
@@ -237,7 +241,14 @@ fn validate(
                        given by `DecodeRows`",
         });
     }
-    let mods = crate::api::score_mods(options.softcap, options.alibi, heads)?;
+    let (mods, table) = crate::api::score_mods(&options, heads, q)?;
+    // Decoding is not differentiable: the table's values travel with the parameters.
+    let bias_table = table.map(|t| {
+        let data = t.into_data().convert::<f64>();
+        data.try_into_vec::<f64>()
+            .expect("converted to f64 above")
+            .into()
+    });
     let scale = options.scale.unwrap_or(1.0 / (d as f64).sqrt());
     if !(scale.is_finite() && scale > 0.0) {
         return Err(SparseAttentionError::Scale(scale));
@@ -247,5 +258,6 @@ fn validate(
         first: rows.first.as_slice().into(),
         valid: rows.valid.as_slice().into(),
         mods,
+        bias_table,
     })
 }

@@ -97,6 +97,21 @@ pub enum SparseAttentionError {
         /// Query heads of the input.
         heads: usize,
     },
+    /// A relative-position bucketing outside its invariants.
+    #[error("{0}")]
+    RelativeBuckets(#[from] sparse_attn_kernel_types::BucketsError),
+    /// A relative-position bias table of the wrong shape.
+    #[error(
+        "relative-position bias table of shape {got:?}: expected [{heads}, {buckets}] (query heads, buckets)"
+    )]
+    BiasTable {
+        /// The table's shape.
+        got: Vec<usize>,
+        /// Query heads of the input.
+        heads: usize,
+        /// Buckets of the bucketing.
+        buckets: usize,
+    },
     /// A sequence longer than a layer or model was configured for.
     #[error("sequence of {len} tokens is longer than the configured maximum of {max}")]
     SequenceTooLong {

@@ -45,7 +45,9 @@ pub mod pattern;
 mod picture;
 pub mod reference;
 
-pub use api::{Alibi, AttentionOptions, sparse_attention, sparse_attention_portable};
+pub use api::{
+    Alibi, AttentionOptions, RelativePositionBias, sparse_attention, sparse_attention_portable,
+};
 pub use backend::SparseAttentionBackend;
 pub use cache::LayoutCache;
 pub use decode::{
@@ -57,10 +59,12 @@ pub use layout::{BlockLayout, FULL, MAX_BLOCK, MIN_BLOCK};
 pub use modes::{
     AttnMode, ModeParams, SparseAttention, attention_impl, blocksparse_attention_impl,
 };
-pub use params::{AttentionParams, DropoutMask, ScoreModParams};
+pub use params::{AttentionParams, DropoutMask, RelativeBuckets, ScoreModParams};
 pub use pattern::{BlockCover, Geometry, Pattern, StreamWindow};
 pub use picture::LayoutStats;
-pub use sparse_attn_kernel_types::{ScoreMods, alibi_slopes};
+pub use sparse_attn_kernel_types::{
+    BucketsError, MAX_RELATIVE_DISTANCE, RelativeBias, ScoreMods, alibi_slopes,
+};
 
 /// Which CubeCL kernels serve a GPU problem: the tensor-core kernels (f16/bf16 inputs on a
 /// device with 16x16x16 cooperative matrices, blocks and head dims multiples of 16) or the

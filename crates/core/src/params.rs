@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-pub use sparse_attn_kernel_types::DropoutMask;
+pub use sparse_attn_kernel_types::{DropoutMask, RelativeBuckets};
 
 /// What the [`SparseAttentionBackend`](crate::SparseAttentionBackend) ops take besides the
 /// tensors and the layout. Built by the public API from [`AttentionOptions`](crate::AttentionOptions)
@@ -20,7 +20,8 @@ pub struct AttentionParams {
     /// a row's length are neither queries (zero output and gradients) nor keys. `None`: every
     /// token is valid.
     pub key_lengths: Option<Arc<[usize]>>,
-    /// Soft-capping and ALiBi.
+    /// Soft-capping, ALiBi and the relative-position buckets (the bias table itself is a
+    /// tensor input of the biased ops, whose gradient they return).
     pub mods: ScoreModParams,
 }
 
@@ -32,14 +33,30 @@ pub struct ScoreModParams {
     pub softcap: Option<f64>,
     /// ALiBi slopes, one finite slope per query head (`None`: no ALiBi).
     pub alibi: Option<Arc<[f64]>>,
+    /// The buckets of a relative-position bias (`None`: none). Set exactly when the call
+    /// has a bias table: the biased ops of the attention, the decode parameters' `bias_table`.
+    pub relative: Option<RelativeBuckets>,
 }
 
 impl ScoreModParams {
-    /// The kernels' view of these modifiers.
-    pub fn view(&self) -> sparse_attn_kernel_types::ScoreMods<'_> {
+    /// The kernels' view of these modifiers, with the values of the relative-position bias
+    /// table (`[heads, buckets]`) when [`relative`](Self::relative) is set.
+    ///
+    /// # Panics
+    /// If `relative` is set without a table or the other way round (the public API pairs
+    /// them).
+    pub fn view<'a>(&'a self, table: Option<&'a [f64]>) -> sparse_attn_kernel_types::ScoreMods<'a> {
+        let bias = match (&self.relative, table) {
+            (Some(buckets), Some(table)) => {
+                Some(sparse_attn_kernel_types::RelativeBias { buckets, table })
+            }
+            (None, None) => None,
+            _ => panic!("a relative-position bias needs both its buckets and its table"),
+        };
         sparse_attn_kernel_types::ScoreMods {
             softcap: self.softcap,
             alibi: self.alibi.as_deref(),
+            bias,
         }
     }
 }
@@ -55,12 +72,16 @@ impl AttentionParams {
         }
     }
 
-    /// The kernels' view of the options (every kernel crate takes this one type).
-    pub(crate) fn kernel_options(&self) -> sparse_attn_kernel_types::KernelOptions<'_> {
+    /// The kernels' view of the options (every kernel crate takes this one type), with the
+    /// relative-position bias table's values of a biased op.
+    pub(crate) fn kernel_options<'a>(
+        &'a self,
+        bias_table: Option<&'a [f64]>,
+    ) -> sparse_attn_kernel_types::KernelOptions<'a> {
         sparse_attn_kernel_types::KernelOptions {
             key_lengths: self.key_lengths.as_deref(),
             dropout: self.dropout,
-            mods: self.mods.view(),
+            mods: self.mods.view(bias_table),
         }
     }
 }

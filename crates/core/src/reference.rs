@@ -5,7 +5,7 @@
 
 use crate::params::DropoutMask;
 use crate::pattern::Pattern;
-use sparse_attn_kernel_types::ScoreMods;
+use sparse_attn_kernel_types::{RelativeBias, RelativeBuckets, ScoreMods};
 
 /// Shape of a reference problem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +29,8 @@ pub struct RefForward {
     pub lse: Vec<f64>,
 }
 
-/// Gradients of `sum(out * dout)` with respect to `q`, `k`, `v`.
+/// Gradients of `sum(out * dout)` with respect to `q`, `k`, `v` and the relative-position
+/// bias table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RefGrads {
     /// `[batch, heads, n, d]`.
@@ -38,6 +39,8 @@ pub struct RefGrads {
     pub dk: Vec<f64>,
     /// `[batch, kv_heads, n, d]`.
     pub dv: Vec<f64>,
+    /// `[heads, buckets]` with a relative-position bias, else empty.
+    pub dbias: Vec<f64>,
 }
 
 /// What the reference computes beyond plain attention: grouped key/value heads, key
@@ -54,6 +57,8 @@ pub struct RefOptions {
     pub softcap: Option<f64>,
     /// ALiBi slopes, one per query head ([`ScoreMods`]).
     pub alibi: Option<Vec<f64>>,
+    /// A relative-position bias: its buckets and `[heads, buckets]` table ([`ScoreMods`]).
+    pub relative: Option<(RelativeBuckets, Vec<f64>)>,
 }
 
 impl RefOptions {
@@ -66,6 +71,10 @@ impl RefOptions {
         ScoreMods {
             softcap: self.softcap,
             alibi: self.alibi.as_deref(),
+            bias: self
+                .relative
+                .as_ref()
+                .map(|(buckets, table)| RelativeBias { buckets, table }),
         }
     }
 
@@ -247,6 +256,10 @@ pub fn reference_backward_with(
     let kv_len = batch * options.kv_heads(heads) * n * d;
     let mut dq = vec![0.0; batch * heads * n * d];
     let (mut dk, mut dv) = (vec![0.0; kv_len], vec![0.0; kv_len]);
+    let mut dbias = options
+        .relative
+        .as_ref()
+        .map_or(Vec::new(), |(_, table)| vec![0.0; table.len()]);
     for x in slices(shape, options) {
         let (base, kv) = (x.base, x.kv_base);
         let (qs, gs) = (&q[base..base + n * d], &dout[base..base + n * d]);
@@ -262,7 +275,13 @@ pub fn reference_backward_with(
                 .collect();
             let delta: f64 = (0..n).map(|j| p[i * n + j] * dp[j]).sum();
             for j in 0..n {
-                ds[i * n + j] = p[i * n + j] * (dp[j] - delta) * grad[i * n + j];
+                let dmod = p[i * n + j] * (dp[j] - delta);
+                // The bias adds to the modified score: its gradient is dS before the
+                // soft-cap's derivative.
+                if let Some((buckets, _)) = &options.relative {
+                    dbias[x.head * buckets.count() + buckets.bucket(i, j)] += dmod;
+                }
+                ds[i * n + j] = dmod * grad[i * n + j];
             }
         }
         for i in 0..n {
@@ -277,7 +296,7 @@ pub fn reference_backward_with(
             }
         }
     }
-    RefGrads { dq, dk, dv }
+    RefGrads { dq, dk, dv, dbias }
 }
 
 #[cfg(test)]
@@ -308,11 +327,18 @@ mod tests {
             alibi: Some(vec![0.3, 0.05]),
             ..RefOptions::default()
         };
+        let buckets = RelativeBuckets::new(6, 5, true).unwrap();
+        let table: Vec<f64> = (0..2 * 6).map(|x| ((x as f64) * 1.7).sin()).collect();
+        let biased = RefOptions {
+            relative: Some((buckets, table.clone())),
+            ..modified.clone()
+        };
         for (pattern, options) in [
             (&Band::local(3).unwrap() as &dyn Pattern, &plain),
             (&Strided::new(2).unwrap(), &plain),
             (&Band::local(3).unwrap(), &modified),
             (&Band::bidirectional_window(2), &modified),
+            (&Band::bidirectional_window(3), &biased),
         ] {
             let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
                 let f = reference_forward_with(pattern, shape, options, q, k, v, 0.5);
@@ -335,6 +361,28 @@ mod tests {
                         grad[x]
                     );
                 }
+            }
+            // The bias table's gradient.
+            if let Some((buckets, table)) = &options.relative {
+                for x in 0..table.len() {
+                    let at = |delta: f64| {
+                        let mut t = table.clone();
+                        t[x] += delta;
+                        let o = RefOptions {
+                            relative: Some((buckets.clone(), t)),
+                            ..options.clone()
+                        };
+                        let f = reference_forward_with(pattern, shape, &o, &q, &k, &v, 0.5);
+                        f.out.iter().zip(&dout).map(|(a, b)| a * b).sum::<f64>()
+                    };
+                    let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+                    assert!(
+                        (fd - g.dbias[x]).abs() < 1e-7,
+                        "bias {x}: fd {fd} vs {}",
+                        g.dbias[x]
+                    );
+                }
+                assert!(g.dbias.iter().any(|&x| x.abs() > 1e-3));
             }
         }
     }

@@ -51,9 +51,11 @@
 pub mod dropout;
 mod layout;
 mod options;
+mod relative_bias;
 mod score_mods;
 
 pub use dropout::{DropoutMask, KEY_SPREAD, mix};
 pub use layout::{AttentionShape, CsrLayout, FULL_BLOCK};
 pub use options::KernelOptions;
+pub use relative_bias::{BucketsError, MAX_RELATIVE_DISTANCE, RelativeBias, RelativeBuckets};
 pub use score_mods::{ScoreMods, alibi_slopes};

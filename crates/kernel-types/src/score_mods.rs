@@ -5,7 +5,11 @@
 //!    `1 - tanh²(s / cap)`);
 //! 2. ALiBi, `s <- s - slope_h * |i - j|` (distance in token order, also under a permuted
 //!    layout; for causal patterns `|i - j| = i - j`, and keys after the query in
-//!    bidirectional patterns are penalised by their distance too; derivative 1).
+//!    bidirectional patterns are penalised by their distance too; derivative 1);
+//! 3. a relative-position bias, `s <- s + table[h, bucket(i - j)]` ([`RelativeBias`]; its
+//!    table's gradient is the sum of the modified scores' gradients over each bucket).
+
+use crate::relative_bias::RelativeBias;
 
 /// The score modifiers of one call; the default changes nothing.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -14,12 +18,14 @@ pub struct ScoreMods<'a> {
     pub softcap: Option<f64>,
     /// ALiBi slopes, one per query head (finite).
     pub alibi: Option<&'a [f64]>,
+    /// A relative-position bias.
+    pub bias: Option<RelativeBias<'a>>,
 }
 
 impl ScoreMods<'_> {
     /// Whether no modifier is set.
     pub fn is_plain(&self) -> bool {
-        self.softcap.is_none() && self.alibi.is_none()
+        self.softcap.is_none() && self.alibi.is_none() && self.bias.is_none()
     }
 
     /// The ALiBi slope of query head `head` (0 without ALiBi).
@@ -35,7 +41,8 @@ impl ScoreMods<'_> {
             Some(cap) => cap * (s / cap).tanh(),
             None => s,
         };
-        capped - self.slope(head) * i.abs_diff(j) as f64
+        let bias = self.bias.map_or(0.0, |bias| bias.value(head, i, j));
+        capped - self.slope(head) * i.abs_diff(j) as f64 + bias
     }
 
     /// `d apply / d s` at `s` (the soft-capping's `1 - tanh²(s / cap)`, else 1).
@@ -101,6 +108,7 @@ mod tests {
         let mods = ScoreMods {
             softcap: Some(2.0),
             alibi: Some(&slopes),
+            bias: None,
         };
         let s = 3.0;
         let want = 2.0 * (1.5f64).tanh() - 0.25 * 4.0;
@@ -109,6 +117,18 @@ mod tests {
         let eps = 1e-6;
         let numeric = (mods.apply(0, s + eps, 1, 0) - mods.apply(0, s - eps, 1, 0)) / (2.0 * eps);
         assert!((mods.derivative(s) - numeric).abs() < 1e-8);
+        let buckets = crate::RelativeBuckets::new(4, 8, false).unwrap();
+        let table = [0.0, 0.0, 0.0, 0.0, 0.5, 0.25, 0.125, 0.0625];
+        let biased = ScoreMods {
+            bias: Some(RelativeBias {
+                buckets: &buckets,
+                table: &table,
+            }),
+            ..mods
+        };
+        // Distance 4 of the causal 4-bucket bucketing lands in bucket 3.
+        assert_eq!(buckets.bucket(6, 2), 3);
+        assert!((biased.apply(1, s, 6, 2) - want - 0.0625).abs() < 1e-15);
         assert!(ScoreMods::default().is_plain());
         assert_eq!(ScoreMods::default().apply(0, s, 9, 1), s);
     }

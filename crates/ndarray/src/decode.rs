@@ -16,7 +16,7 @@
 use rayon::prelude::*;
 
 use crate::real::Real;
-use sparse_attn_kernel_types::{AttentionShape, CsrLayout, ScoreMods};
+use sparse_attn_kernel_types::{AttentionShape, CsrLayout, RelativeBias, ScoreMods};
 
 /// Keys per task of one query row (rounded down to whole blocks, at least one block).
 pub const CHUNK_KEYS: usize = 1024;
@@ -149,6 +149,7 @@ pub fn decode<T: Real>(
                 slope: mods
                     .alibi
                     .map(|slopes| T::from_f64(slopes[bh % cache.heads])),
+                bias: mods.bias.map(|bias| (bias, bh % cache.heads)),
             };
             let kv = cache.kv_slice(bh) * cap * d;
             let kv = (&k[kv..kv + cap * d], &v[kv..kv + cap * d]);
@@ -162,14 +163,15 @@ pub fn decode<T: Real>(
 }
 
 /// What a query row may read: its local row in its block's masks and the cached length;
-/// its token and the score modifiers of its head.
+/// its token and the score modifiers of its head (the relative bias with the head).
 #[derive(Clone, Copy)]
-struct KeyRange<T> {
+struct KeyRange<'a, T> {
     local: usize,
     len: usize,
     tok: usize,
     cap: Option<T>,
     slope: Option<T>,
+    bias: Option<(RelativeBias<'a>, usize)>,
 }
 
 /// The running max, sum and output of one query row over the key blocks `entries`.
@@ -178,7 +180,7 @@ fn chunk_partial<T: Real>(
     (k, v): (&[T], &[T]),
     layout: &CsrLayout<'_>,
     entries: std::ops::Range<usize>,
-    key: KeyRange<T>,
+    key: KeyRange<'_, T>,
     scale: T,
     scores: &mut Vec<(usize, T)>,
 ) -> Partial<T> {
@@ -210,6 +212,9 @@ fn chunk_partial<T: Real>(
                 }
                 if let Some(slope) = key.slope {
                     s = s - slope * T::from_usize(key.tok.abs_diff(tok));
+                }
+                if let Some((bias, head)) = key.bias {
+                    s += T::from_f64(bias.value(head, key.tok, tok));
                 }
                 scores.push((tok, s));
             }

@@ -3,14 +3,14 @@
 
 use std::ops::Range;
 
-use sparse_attn_kernel_types::{CsrLayout, DropoutMask, KernelOptions};
+use sparse_attn_kernel_types::{CsrLayout, DropoutMask, KernelOptions, RelativeBuckets};
 
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
 use crate::tile::mask_tile;
 
-/// The options as they apply to one `(batch, head)`: its valid length, dropout key, soft-cap
-/// and ALiBi slope.
+/// The options as they apply to one `(batch, head)`: its valid length, dropout key, soft-cap,
+/// ALiBi slope and relative-position bias row.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HeadOptions<'a> {
     layout: CsrLayout<'a>,
@@ -20,11 +20,13 @@ pub(crate) struct HeadOptions<'a> {
     softcap: Option<f64>,
     /// ALiBi slope of this head.
     slope: Option<f64>,
+    /// The relative-position buckets and this head's row of the bias table.
+    bias: Option<(&'a RelativeBuckets, &'a [f64])>,
 }
 
 impl<'a> HeadOptions<'a> {
     pub(crate) fn new(
-        options: &KernelOptions<'_>,
+        options: &KernelOptions<'a>,
         layout: &CsrLayout<'a>,
         batch: usize,
         head: usize,
@@ -38,6 +40,48 @@ impl<'a> HeadOptions<'a> {
             dropout: options.dropout.map(|m| (m, m.head_key(batch, head))),
             softcap: options.mods.softcap,
             slope: options.mods.alibi.map(|slopes| slopes[head]),
+            bias: options.mods.bias.map(|bias| {
+                let count = bias.buckets.count();
+                (bias.buckets, &bias.table[head * count..(head + 1) * count])
+            }),
+        }
+    }
+
+    /// The relative-position bias of query token `i` and key token `j` (0 without one).
+    #[inline(always)]
+    fn bias_of(&self, i: usize, j: usize) -> f64 {
+        self.bias
+            .map_or(0.0, |(buckets, row)| row[buckets.bucket(i, j)])
+    }
+
+    /// With a relative-position bias, adds to `sums` (one per bucket) the `dS` tiles of
+    /// `entries` (laid out as in [`mask_tiles`](Self::mask_tiles); the gradient of the
+    /// modified scores, before the soft-cap's derivative): the bias table's gradient, row
+    /// by row and key by key in a fixed order.
+    #[inline(always)]
+    pub(crate) fn bias_grad_tiles<T: Real>(
+        &self,
+        entries: Range<usize>,
+        ds: &[T],
+        ld: usize,
+        qs: usize,
+        bq: usize,
+        sums: &mut [f64],
+    ) {
+        let Some((buckets, _)) = self.bias else {
+            return;
+        };
+        let (layout, e0) = (&self.layout, entries.start);
+        for e in entries {
+            let (ks, ke) = layout.block_range(layout.cols[e] as usize);
+            let keys = self.key_tokens(ks, ke - ks);
+            let tile = &ds[(e - e0) * layout.block..];
+            for (i, row) in tile.chunks(ld).take(bq).enumerate() {
+                let qi = layout.token(qs + i);
+                for (j, &g) in row[..ke - ks].iter().enumerate() {
+                    sums[buckets.bucket(qi, keys.get(j))] += g.to_f64();
+                }
+            }
         }
     }
 
@@ -53,7 +97,7 @@ impl<'a> HeadOptions<'a> {
         qs: usize,
         bq: usize,
     ) {
-        if self.softcap.is_none() && self.slope.is_none() {
+        if self.softcap.is_none() && self.slope.is_none() && self.bias.is_none() {
             return;
         }
         self.each_tile(entries, s, |tile, _, ks, bk| {
@@ -67,9 +111,16 @@ impl<'a> HeadOptions<'a> {
                     *x = T::from_usize(keys.get(j));
                 }
             }
+            let keys = self.key_tokens(ks, bk);
             for (i, row) in tile.chunks_mut(ld).take(bq).enumerate() {
-                let query = T::from_usize(self.layout.token(qs + i));
-                modify_row(&mut row[..bk], self.softcap, self.slope, query, key_floats);
+                let qi = self.layout.token(qs + i);
+                let row = &mut row[..bk];
+                modify_row(row, self.softcap, self.slope, T::from_usize(qi), key_floats);
+                if self.bias.is_some() {
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x += T::from_f64(self.bias_of(qi, keys.get(j)));
+                    }
+                }
             }
         });
     }
@@ -77,8 +128,8 @@ impl<'a> HeadOptions<'a> {
     /// With soft-capping, multiplies the `dS` tiles of `entries` (laid out as in
     /// [`mask_tiles`](Self::mask_tiles)) by the cap's derivative `1 - tanh²(s / cap)`, which
     /// it recovers from the probabilities `p` (before dropout) and the rows' log-sum-exps:
-    /// `cap * tanh(s / cap) = ln p + lse + slope * |i - j|`. Pairs with `p = 0` have `dS =
-    /// 0` already.
+    /// `cap * tanh(s / cap) = ln p + lse + slope * |i - j| - bias(i, j)`. Pairs with `p = 0`
+    /// have `dS = 0` already.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn softcap_grad_tiles<T: Real>(
@@ -104,8 +155,10 @@ impl<'a> HeadOptions<'a> {
                 let (p_row, ds_row) = (&p_tile[row..row + bk], &mut ds_tile[row..row + bk]);
                 for (j, (&pr, g)) in p_row.iter().zip(ds_row.iter_mut()).enumerate() {
                     if pr != T::ZERO {
-                        let dist = T::from_usize(qi.abs_diff(keys.get(j)));
-                        let t = (pr.ln() + row_lse + slope * dist) * inv_cap;
+                        let kj = keys.get(j);
+                        let dist = T::from_usize(qi.abs_diff(kj));
+                        let bias = T::from_f64(self.bias_of(qi, kj));
+                        let t = (pr.ln() + row_lse + slope * dist - bias) * inv_cap;
                         *g *= T::ONE - t * t;
                     }
                 }

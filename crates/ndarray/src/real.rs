@@ -40,6 +40,8 @@ pub trait Real:
     fn recip(self) -> Self;
     /// Conversion from `f64` (the scale).
     fn from_f64(x: f64) -> Self;
+    /// Conversion to `f64` (sums of the relative-position bias gradient).
+    fn to_f64(self) -> f64;
     /// `c = alpha a b + beta c` with the `gemm` crate's strided GEMM (single-threaded: the
     /// kernels parallelise over tiles).
     ///
@@ -99,6 +101,10 @@ macro_rules! real_impl {
             }
             fn from_f64(x: f64) -> Self {
                 x as $t
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
             }
             unsafe fn gemm_raw(
                 m: usize,

@@ -4,13 +4,13 @@
 //! kernels (`sparse_attn_core::sparse_attention`'s options); the layer only chooses them.
 
 use burn::config::Config;
-use burn::module::{Initializer, Module};
+use burn::module::{Initializer, Module, Param};
 use burn::nn::attention::MultiHeadAttention;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::{Bool, DType, Device, FloatDType, Tensor};
 use sparse_attn_core::{
-    AttentionOptions, Result, SparseAttentionError, StreamWindow, sparse_attention,
-    sparse_attention_decode_with,
+    AttentionOptions, RelativeBuckets, Result, SparseAttentionError, StreamWindow,
+    sparse_attention, sparse_attention_decode_with,
 };
 
 use crate::dropout_seed::next_dropout_seed;
@@ -67,9 +67,41 @@ pub struct MultiHeadSparseAttentionConfig {
     /// model through the scores, so a model can drop its position embedding. Default: false.
     #[config(default = false)]
     pub alibi: bool,
+    /// A learnable relative-position bias (T5): a `[n_heads, buckets]` table, zeros at
+    /// first, added to the scores by bucket of the token distance inside the kernels, and
+    /// trained through their backward pass. `None` (default): none.
+    #[config(default = "None")]
+    pub relative_bias: Option<RelativeBiasConfig>,
     /// Initializer of the projections. Default: Kaiming uniform, as Burn's attention.
     #[config(default = "Initializer::KaimingUniform{gain:1.0/3.0f64.sqrt(), fan_out_only:false}")]
     pub initializer: Initializer,
+}
+
+/// The bucketing of a layer's learnable relative-position bias ([`RelativeBuckets`]).
+#[derive(Config, Debug, PartialEq)]
+pub struct RelativeBiasConfig {
+    /// Buckets (T5: 32).
+    #[config(default = 32)]
+    pub buckets: usize,
+    /// Distance from which every distance shares the last bucket (T5: 128).
+    #[config(default = 128)]
+    pub max_distance: usize,
+    /// Whether keys after the query get buckets of their own (T5's encoder; for a
+    /// bidirectional pattern). Default: false (causal).
+    #[config(default = false)]
+    pub bidirectional: bool,
+}
+
+impl RelativeBiasConfig {
+    /// The bucketing.
+    ///
+    /// # Errors
+    /// [`RelativeBuckets`](SparseAttentionError::RelativeBuckets) for a count or distance
+    /// outside its invariants.
+    pub fn buckets(&self) -> Result<RelativeBuckets> {
+        RelativeBuckets::new(self.buckets, self.max_distance, self.bidirectional)
+            .map_err(SparseAttentionError::RelativeBuckets)
+    }
 }
 
 /// Multi-head self-attention whose attention is block-sparse.
@@ -112,6 +144,11 @@ pub struct MultiHeadSparseAttention {
     /// ALiBi at the standard slopes (not a parameter).
     #[module(skip)]
     pub alibi: bool,
+    /// The learnable relative-position bias table `[n_heads, buckets]`, if any.
+    pub relative_bias: Option<Param<Tensor<2>>>,
+    /// The bucketing of the relative-position bias (not a parameter).
+    #[module(skip)]
+    pub relative_buckets: Option<RelativeBuckets>,
 }
 
 impl MultiHeadSparseAttentionConfig {
@@ -163,6 +200,11 @@ impl MultiHeadSparseAttentionConfig {
         {
             return Err(SparseAttentionError::SoftCap(cap));
         }
+        let relative_buckets = self
+            .relative_bias
+            .as_ref()
+            .map(RelativeBiasConfig::buckets)
+            .transpose()?;
         // Fail early on parameters that no sequence length can fix.
         self.pattern
             .build(self.block_size.max(1), self.block_size)?;
@@ -188,6 +230,10 @@ impl MultiHeadSparseAttentionConfig {
             attention_dtype: self.attention_dtype,
             softcap: self.softcap,
             alibi: self.alibi,
+            relative_bias: relative_buckets.as_ref().map(|buckets| {
+                Param::from_tensor(Tensor::zeros([self.n_heads, buckets.count()], device))
+            }),
+            relative_buckets,
         })
     }
 }
@@ -338,10 +384,11 @@ impl MultiHeadSparseAttention {
         }
     }
 
-    /// The attention options of one forward: scale, score modifiers, and dropout when
-    /// training.
-    fn options(&self, scale: f64, device: &Device) -> AttentionOptions {
-        let options = self.score_options(scale);
+    /// The attention options of one forward on `q`: scale, score modifiers, and dropout
+    /// when training.
+    fn options(&self, scale: f64, q: &Tensor<4>) -> AttentionOptions {
+        let device = q.device();
+        let options = self.score_options(scale, q.dtype());
         let p = self.dropout.prob;
         if p > 0.0 && self.dropout.training.is_enabled() && device.is_autodiff() {
             options.dropout(p, next_dropout_seed())
@@ -350,12 +397,22 @@ impl MultiHeadSparseAttention {
         }
     }
 
-    /// The options every call of the layer shares: scale and score modifiers.
-    fn score_options(&self, scale: f64) -> AttentionOptions {
+    /// The options every call of the layer shares: scale and score modifiers (the bias
+    /// table in the attention's `dtype`).
+    fn score_options(&self, scale: f64, dtype: DType) -> AttentionOptions {
         let mut options = AttentionOptions::with_scale(scale);
         options.softcap = self.softcap;
         if self.alibi {
             options = options.alibi();
+        }
+        if let (Some(table), Some(buckets)) = (&self.relative_bias, &self.relative_buckets) {
+            let table = table.val();
+            let table = if table.dtype() == dtype {
+                table
+            } else {
+                table.cast(FloatDType::from(dtype))
+            };
+            options = options.relative_bias(table, buckets.clone());
         }
         options
     }
@@ -435,9 +492,9 @@ impl MultiHeadSparseAttention {
                 what: "a window cache for a pattern whose queries may read the whole past or that regroups tokens",
                 expected: "a causal window pattern (local, sliding window, dilated, streaming, or a combination of them), or `new_cache` with a capacity",
             })?;
-        if self.alibi && window.sinks > 0 {
+        if (self.alibi || self.relative_bias.is_some()) && window.sinks > 0 {
             return Err(SparseAttentionError::Unsupported {
-                what: "a window cache with ALiBi for a pattern with attention sinks (a sink's distance to the newest token grows without bound, a window cache's slots do not)",
+                what: "a window cache with ALiBi or a relative-position bias for a pattern with attention sinks (a sink's distance to the newest token grows without bound, a window cache's slots do not)",
                 expected: "`new_cache` with a capacity, or a window pattern without sinks",
             });
         }
@@ -519,13 +576,14 @@ impl MultiHeadSparseAttention {
             .pattern
             .layout(capacity, self.block_size, self.n_heads)?;
         cache.append(k, v, &rows);
+        let options = self.score_options(self.softmax_scale(), q.dtype());
         let attended = sparse_attention_decode_with(
             q,
             cache.keys().clone(),
             cache.values().clone(),
             &layout,
             &rows,
-            self.score_options(self.softmax_scale()),
+            options,
         )?;
         Ok(self.merge_heads(attended, x.dtype(), batch, m))
     }
@@ -612,7 +670,7 @@ impl MultiHeadSparseAttention {
         let scale = self.softmax_scale();
         let input_dtype = x.dtype();
         let (q, k, v) = self.split_heads(x.clone());
-        let options = self.options(scale, &x.device());
+        let options = self.options(scale, &q);
         let attended = match padding {
             Padding::None => sparse_attention(q, k, v, &layout, options)?,
             Padding::Lengths(lengths) => {
@@ -729,6 +787,13 @@ pub(crate) mod tests {
             key_lengths,
             softcap: layer.softcap,
             alibi: layer.alibi.then(|| sparse_attn_core::alibi_slopes(heads)),
+            relative: layer
+                .relative_buckets
+                .clone()
+                .zip(layer.relative_bias.as_ref().map(|table| {
+                    let data = table.val().into_data().convert::<f64>();
+                    data.try_into_vec::<f64>().unwrap()
+                })),
             ..RefOptions::default()
         };
         let attended = reference_forward_with(pattern, shape, &options, &q, &k, &v, scale);
@@ -742,6 +807,38 @@ pub(crate) mod tests {
         )))
     }
 
+    /// The relative-position bias table is a parameter: it gets a gradient through the
+    /// kernels' backward pass, and a record saves and loads it.
+    #[test]
+    fn the_relative_bias_table_is_trained() {
+        let device = Device::ndarray().autodiff();
+        let layer = MultiHeadSparseAttentionConfig::new(16, 4, PatternConfig::Local { ctx: 8 })
+            .with_block_size(4)
+            .with_relative_bias(Some(RelativeBiasConfig::new()))
+            .init(&device)
+            .unwrap();
+        let x = Tensor::<3>::random([2, 19, 16], Distribution::Normal(0.0, 1.0), &device);
+        let loss = (layer.forward(x).unwrap().powi_scalar(2)).sum();
+        let grads = loss.backward();
+        let table = layer.relative_bias.as_ref().unwrap();
+        let grad = table.val().grad(&grads).unwrap();
+        assert_eq!(grad.dims(), [4, 32]);
+        let norm = grad.abs().sum().into_scalar::<f32>();
+        assert!(norm > 0.0, "no gradient reached the bias table");
+        assert_eq!(
+            layer.num_params(),
+            layer_without_bias_params(&device) + 4 * 32
+        );
+    }
+
+    fn layer_without_bias_params(device: &Device) -> usize {
+        MultiHeadSparseAttentionConfig::new(16, 4, PatternConfig::Local { ctx: 8 })
+            .with_block_size(4)
+            .init(device)
+            .unwrap()
+            .num_params()
+    }
+
     #[test]
     fn matches_dense_masked_attention_from_the_same_weights() {
         let device = Device::ndarray();
@@ -750,15 +847,25 @@ pub(crate) mod tests {
             num_verts: 2,
             vertsize: 1,
         };
-        // Plain multi-head, grouped-query and multi-query attention; soft-capping and ALiBi.
+        // Plain multi-head, grouped-query and multi-query attention; soft-capping, ALiBi and a
+        // relative-position bias.
         for (kv_heads, modified) in [(4, false), (2, false), (1, false), (2, true)] {
-            let layer = MultiHeadSparseAttentionConfig::new(16, 4, pattern.clone())
+            let relative = RelativeBiasConfig::new()
+                .with_buckets(8)
+                .with_max_distance(12);
+            let mut layer = MultiHeadSparseAttentionConfig::new(16, 4, pattern.clone())
                 .with_block_size(4)
                 .with_n_kv_heads(Some(kv_heads))
                 .with_softcap(modified.then_some(0.5))
                 .with_alibi(modified)
+                .with_relative_bias(modified.then_some(relative))
                 .init(&device)
                 .unwrap();
+            if modified {
+                // A table that is not the zeros of a fresh layer.
+                let table = Tensor::<2>::random([4, 8], Distribution::Normal(0.0, 1.0), &device);
+                layer.relative_bias = Some(Param::from_tensor(table));
+            }
             let (batch, n) = (2, 19);
             let x = Tensor::<3>::random([batch, n, 16], Distribution::Normal(0.0, 1.0), &device);
             let got = host(layer.forward(x.clone()).unwrap());

@@ -84,9 +84,9 @@ impl SparseTransformerBlockConfig {
                 expected: "n_kv_heads equal to n_heads (Burn's dense attention has one key/value head per query head), or the sparse layer",
             });
         }
-        if self.dense && (a.softcap.is_some() || a.alibi) {
+        if self.dense && (a.softcap.is_some() || a.alibi || a.relative_bias.is_some()) {
             return Err(SparseAttentionError::Unsupported {
-                what: "dense attention with soft-capping or ALiBi",
+                what: "dense attention with soft-capping, ALiBi or a relative-position bias",
                 expected: "the sparse layer (Burn's dense attention has no score modifiers)",
             });
         }

@@ -636,13 +636,29 @@ mod tests {
     fn modified_scores_decode_as_the_full_forward() {
         let device = Device::ndarray();
         let modified = |pattern: PatternConfig| {
-            SparseTransformerConfig::new(64, 16, 4, 2, 48, pattern)
+            let relative = crate::RelativeBiasConfig::new()
+                .with_buckets(8)
+                .with_max_distance(12);
+            let mut model = SparseTransformerConfig::new(64, 16, 4, 2, 48, pattern)
                 .with_block_size(4)
                 .with_positions(PositionEncoding::None)
                 .with_softcap(Some(2.0))
                 .with_alibi(true)
+                .with_relative_bias(Some(relative))
                 .init(&device)
-                .unwrap()
+                .unwrap();
+            // Tables that are not a fresh model's zeros.
+            for block in &mut model.blocks {
+                if let crate::SelfAttention::Sparse(layer) = &mut block.attention {
+                    let table = Tensor::<2>::random(
+                        [4, 8],
+                        burn::tensor::Distribution::Normal(0.0, 1.0),
+                        &device,
+                    );
+                    layer.relative_bias = Some(burn::module::Param::from_tensor(table));
+                }
+            }
+            model
         };
         let n = 29;
         for (pattern, window) in [

@@ -29,7 +29,7 @@ mod learner;
 mod pattern_config;
 mod transformer;
 
-pub use attention::{MultiHeadSparseAttention, MultiHeadSparseAttentionConfig};
+pub use attention::{MultiHeadSparseAttention, MultiHeadSparseAttentionConfig, RelativeBiasConfig};
 pub use block::{SelfAttention, SparseTransformerBlock, SparseTransformerBlockConfig};
 pub use dropout_seed::seed_attention_dropout;
 pub use generate::{GenerateConfig, TransformerCache};

@@ -73,6 +73,10 @@ pub struct SparseTransformerConfig {
     /// Default: false.
     #[config(default = false)]
     pub alibi: bool,
+    /// A learnable relative-position bias in every block (see
+    /// [`MultiHeadSparseAttentionConfig::relative_bias`]; a table per block). Default: none.
+    #[config(default = "None")]
+    pub relative_bias: Option<crate::RelativeBiasConfig>,
 }
 
 /// Position encoding module of a [`SparseTransformer`].
@@ -128,6 +132,7 @@ impl SparseTransformerConfig {
                 .with_attention_dtype(self.attention_dtype)
                 .with_softcap(self.softcap)
                 .with_alibi(self.alibi)
+                .with_relative_bias(self.relative_bias.clone())
                 .with_max_seq_len(Some(self.max_seq_len));
         let block = SparseTransformerBlockConfig::new(attention)
             .with_mlp_ratio(self.mlp_ratio)

@@ -94,8 +94,16 @@ pub(crate) struct FmaConfig {
     pub dropout: bool,
     /// Scores are soft-capped.
     pub softcap: bool,
-    /// Scores carry ALiBi biases (slopes in the `slopes` buffer).
+    /// Scores carry ALiBi biases (slopes in the modifiers' buffer).
     pub alibi: bool,
+    /// Scores carry a relative-position bias (map and table in the modifiers' buffer).
+    pub relative: bool,
+    /// Buckets of the relative-position bias (0 without one).
+    pub buckets: usize,
+    /// The `dQ` pass writes `dQ` (off for a pass that only sums the bias gradient).
+    pub with_dq: bool,
+    /// The `dQ` pass sums the relative-position bias gradient of each query block.
+    pub bias_grad: bool,
     /// The dK/dV pass writes `dK`.
     pub with_dk: bool,
     /// The dK/dV pass writes `dV`.

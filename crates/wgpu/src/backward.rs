@@ -8,7 +8,8 @@ use cubecl::prelude::*;
 use crate::args::{FmaConfig, ProblemArgs};
 
 use crate::options::{
-    head_key, in_length, keep_factor, modify_score, query_row, row_key, score_grad, score_mod,
+    head_key, in_length, keep_factor, modify_score, query_row, relative_bucket, row_key,
+    score_grad, score_mod,
 };
 use crate::tiles::{
     UNROLL_MAX, allowed, head_row, lane_sum, load_tiles, merge_sums, row_unit, span, token,
@@ -17,7 +18,12 @@ use crate::tiles::{
 /// Log-sum-exp staged for a padded-out query row in the `dK`/`dV` pass: `exp(s - LSE)` is 0.
 const PADDED_LSE: f32 = 3.0e38;
 
-/// `dQ` kernel; also writes `delta_i = dO_i . O_i` (by token) for the `dK`/`dV` pass.
+/// `dQ` kernel; also writes `delta_i = dO_i . O_i` (by token) for the `dK`/`dV` pass. With
+/// `bias_grad`, also sums the relative-position bias gradient of the cube's query block:
+/// each unit keeps one sum per bucket of the scores' gradients `P (dP - delta)` over its
+/// keys, and the cube adds them up bucket by bucket in a fixed tree into `bias_sums[(bh *
+/// n_blocks + block) * buckets + bucket]`; `with_dq` off skips `dQ` (a pass for the bias
+/// gradient alone).
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dq_kernel<F: Float, N: Size>(
@@ -36,6 +42,7 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
     order: &[u32],
     lengths: &[u32],
     slopes: &[f32],
+    bias_sums: &mut [f32],
     args: ProblemArgs,
     #[comptime] config: FmaConfig,
     #[define(F)] _dtype: ElemType,
@@ -64,7 +71,14 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
         lengths, seed_lo, seed_hi, bh, heads, tok, valid, padded, dropout,
     );
     let (batch, row_ok, keys) = (query.batch, query.ok, query.key);
-    let mods = score_mod(slopes, args.softcap, bh % heads, config.alibi);
+    let mods = score_mod(
+        slopes,
+        args.softcap,
+        bh % heads,
+        args.heads,
+        config.alibi,
+        config.relative,
+    );
 
     let mut q_row = Array::<Vector<f32, N>>::new(vecs);
     let mut do_row = Array::<Vector<f32, N>>::new(vecs);
@@ -93,6 +107,11 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
     }
     let mut k_tile = Shared::<[Vector<f32, N>]>::new_slice(key_tile * vecs);
     let mut v_tile = Shared::<[Vector<f32, N>]>::new_slice(key_tile * vecs);
+    let buckets = comptime!(if config.bias_grad { config.buckets } else { 1 });
+    let mut bucket_sums = Array::<f32>::new(buckets);
+    for c in 0..buckets {
+        bucket_sums[c] = 0.0f32;
+    }
 
     let start = row_ptr[row] as usize;
     let end = row_ptr[row + 1] as usize;
@@ -134,9 +153,9 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
                         }
                         let raw = lane_sum(s) * scale;
                         let mut score = raw;
-                        if comptime!(config.softcap || config.alibi) {
+                        if comptime!(config.softcap || config.alibi || config.relative) {
                             #[rustfmt::skip]
-                            let modified = modify_score(raw, tok, key_tok, &mods, config.softcap, config.alibi);
+                            let modified = modify_score(raw, tok, key_tok, &mods, slopes, config.softcap, config.alibi, config.relative);
                             score = modified;
                         }
                         let p = f32::exp(score - lse_i);
@@ -145,18 +164,28 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
                         if dropout {
                             dp_i *= keep_factor(keys, key_tok, threshold, keep_scale);
                         }
-                        let grad = score_grad(raw, &mods, config.softcap);
-                        let ds = Vector::<f32, N>::new(p * (dp_i - delta_i) * grad);
-                        #[unroll(vecs <= UNROLL_MAX)]
-                        for c in 0..vecs {
-                            acc[c] += ds * k_tile[jj * vecs + c];
+                        if config.bias_grad {
+                            let bucket = relative_bucket(slopes, tok, key_tok, &mods);
+                            bucket_sums[bucket] += p * (dp_i - delta_i);
+                        }
+                        if config.with_dq {
+                            let grad = score_grad(raw, &mods, config.softcap);
+                            let ds = Vector::<f32, N>::new(p * (dp_i - delta_i) * grad);
+                            #[unroll(vecs <= UNROLL_MAX)]
+                            for c in 0..vecs {
+                                acc[c] += ds * k_tile[jj * vecs + c];
+                            }
                         }
                     }
                 }
             }
         }
     }
-    if splits > 1 {
+    if config.bias_grad {
+        let first = (bh * args.n_blocks + at.blk) * buckets;
+        sum_buckets(&bucket_sums, bias_sums, first, unit, config);
+    }
+    if comptime!(config.with_dq && splits > 1) {
         merge_sums(
             &mut acc,
             &mut k_tile,
@@ -169,12 +198,70 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
             splits,
         );
     }
-    if valid && lane == 0 {
+    if config.with_dq && valid && lane == 0 {
         let sv = Vector::<f32, N>::new(scale);
         #[unroll(vecs <= UNROLL_MAX)]
         for c in 0..vecs {
             dq[base + tok * vecs + c] = Vector::<F, N>::cast_from(acc[c] * sv);
         }
+    }
+}
+
+/// Adds up the cube's per-unit bucket sums `sums` bucket by bucket (a tree over the units in
+/// shared memory, the same for every run) and writes bucket `c`'s total to `out[first + c]`.
+#[cube]
+fn sum_buckets(
+    sums: &Array<f32>,
+    out: &mut [f32],
+    first: usize,
+    unit: usize,
+    #[comptime] config: FmaConfig,
+) {
+    let units = comptime!(config.block * config.splits);
+    let width = comptime!(units.next_power_of_two());
+    let steps = comptime!(width.trailing_zeros() as usize);
+    let mut scratch = Shared::<[f32]>::new_slice(units);
+    for c in 0..config.buckets {
+        sync_cube();
+        scratch[unit] = sums[c];
+        sync_cube();
+        for step in 0..steps {
+            let stride = width >> (step + 1);
+            if unit < stride && unit + stride < units {
+                let x = scratch[unit] + scratch[unit + stride];
+                scratch[unit] = x;
+            }
+            sync_cube();
+        }
+        if unit == 0 {
+            out[first + c] = scratch[0];
+        }
+    }
+    sync_cube();
+}
+
+/// The relative-position bias gradient `dbias[h, c]` from the per-block sums of the `dQ`
+/// pass (`[batch, heads, n_blocks, buckets]`): one unit per `(head, bucket)` adds them over
+/// batch rows and blocks in order.
+#[cube(launch, launch_unchecked)]
+pub(crate) fn bias_sum_kernel(
+    sums: &[f32],
+    dbias: &mut [f32],
+    batch: usize,
+    heads: usize,
+    n_blocks: usize,
+    buckets: usize,
+) {
+    let i = ABSOLUTE_POS;
+    if i < heads * buckets {
+        let (h, c) = (i / buckets, i % buckets);
+        let mut total = 0.0f32;
+        for b in 0..batch {
+            for r in 0..n_blocks {
+                total += sums[((b * heads + h) * n_blocks + r) * buckets + c];
+            }
+        }
+        dbias[i] = total;
     }
 }
 
@@ -276,7 +363,14 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
         if dropout {
             hkey = head_key(seed_lo, seed_hi, batch, h);
         }
-        let mods = score_mod(slopes, args.softcap, h, config.alibi);
+        let mods = score_mod(
+            slopes,
+            args.softcap,
+            h,
+            args.heads,
+            config.alibi,
+            config.relative,
+        );
         let start = col_ptr[col] as usize;
         let end = col_ptr[col + 1] as usize;
         for te in start..end {
@@ -329,10 +423,10 @@ pub(crate) fn dkdv_kernel<F: Float, N: Size>(
                             }
                             let raw = lane_sum(s) * scale;
                             let mut score = raw;
-                            if comptime!(config.softcap || config.alibi) {
+                            if comptime!(config.softcap || config.alibi || config.relative) {
                                 let qtok = token(order, query_start + t0 + ii, permuted);
                                 #[rustfmt::skip]
-                                let modified = modify_score(raw, qtok, tok, &mods, config.softcap, config.alibi);
+                                let modified = modify_score(raw, qtok, tok, &mods, slopes, config.softcap, config.alibi, config.relative);
                                 score = modified;
                             }
                             let p = f32::exp(score - lse_tile[ii]);

@@ -21,7 +21,7 @@ use crate::device_layout::{DeviceLayout, upload};
 use crate::error::KernelError;
 use sparse_attn_kernel_types::{AttentionShape, ScoreMods};
 
-use crate::launch::{arg, grid_count, launch_kernel, tensor};
+use crate::launch::{arg, check_mods, grid_count, launch_kernel, mods_buffer, tensor};
 use crate::options::{modify_score, score_mod};
 use crate::tiles::{MASKED, UNROLL_MAX, allowed, head_row, lane_sum, span, token};
 
@@ -127,7 +127,14 @@ pub(crate) fn decode_partials_kernel<F: Float, N: Size>(
         let local = pos % block;
         let kv_base = kv * args.capacity * vecs;
         let qtok = token(order, pos, config.permuted);
-        let mods = score_mod(slopes, args.softcap, bh % args.heads, config.alibi);
+        let mods = score_mod(
+            slopes,
+            args.softcap,
+            bh % args.heads,
+            args.heads,
+            config.alibi,
+            config.relative,
+        );
         for e in first..last {
             let key_start = cols[e] as usize * block;
             let mask = masks[e];
@@ -145,8 +152,10 @@ pub(crate) fn decode_partials_kernel<F: Float, N: Size>(
                         qtok,
                         tok,
                         &mods,
+                        slopes,
                         config.softcap,
                         config.alibi,
+                        config.relative,
                     );
                     let m_new = f32::max(m, s);
                     let alpha = f32::exp(m - m_new);
@@ -252,6 +261,8 @@ pub(crate) struct DecodeConfig {
     pub softcap: bool,
     /// Scores carry ALiBi biases.
     pub alibi: bool,
+    /// Scores carry a relative-position bias.
+    pub relative: bool,
 }
 
 /// Decode: writes `out` (`[B, H, queries, d]`, like `q`) from the new rows `q` and the caches
@@ -338,20 +349,11 @@ pub fn decode(
     let acc = client.empty(partials * cache.head_dim * size_of::<f32>());
     let positions = upload(client, rows.positions);
     let lengths = upload(client, rows.lengths);
-    let slopes: Vec<f32> = mods
-        .alibi
-        .map_or(vec![0.0], |s| s.iter().map(|&x| x as f32).collect());
-    if slopes.len() < cache.heads && mods.alibi.is_some() {
-        return shape_error(format!(
-            "{} ALiBi slopes for {} query heads",
-            slopes.len(),
-            cache.heads
-        ));
+    if let Err(reason) = check_mods(&mods, cache.heads) {
+        return shape_error(reason);
     }
-    let slopes = (
-        client.create_from_slice(f32::as_bytes(&slopes)),
-        slopes.len(),
-    );
+    let data = mods_buffer(&mods, cache.heads);
+    let slopes = (client.create_from_slice(f32::as_bytes(&data)), data.len());
     let config = DecodeConfig {
         block: layout.block,
         vecs,
@@ -360,6 +362,7 @@ pub fn decode(
         permuted: layout.permuted,
         softcap: mods.softcap.is_some(),
         alibi: mods.alibi.is_some(),
+        relative: mods.bias.is_some(),
     };
     let args = DecodeArgsLaunch::new(
         cache.seq_len,

@@ -64,7 +64,14 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
         lengths, seed_lo, seed_hi, bh, heads, tok, valid, padded, dropout,
     );
     let (batch, row_ok, keys) = (query.batch, query.ok, query.key);
-    let mods = score_mod(slopes, args.softcap, bh % heads, config.alibi);
+    let mods = score_mod(
+        slopes,
+        args.softcap,
+        bh % heads,
+        args.heads,
+        config.alibi,
+        config.relative,
+    );
 
     let mut q_row = Array::<Vector<f32, N>>::new(vecs);
     let mut acc = Array::<Vector<f32, N>>::new(vecs);
@@ -128,9 +135,18 @@ pub(crate) fn forward_kernel<F: Float, N: Size>(
                             dot += q_row[c] * k_tile[jj * vecs + c];
                         }
                         s = lane_sum(dot);
-                        if comptime!(config.softcap || config.alibi) {
+                        if comptime!(config.softcap || config.alibi || config.relative) {
                             let key_tok = token(order, key_start + t0 + jj, permuted);
-                            s = modify_score(s, tok, key_tok, &mods, config.softcap, config.alibi);
+                            s = modify_score(
+                                s,
+                                tok,
+                                key_tok,
+                                &mods,
+                                slopes,
+                                config.softcap,
+                                config.alibi,
+                                config.relative,
+                            );
                         }
                         tile_max = f32::max(tile_max, s);
                     }

@@ -8,10 +8,10 @@ use cubecl::client::Client;
 use cubecl::ir::ElemType;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use sparse_attn_kernel_types::{AttentionShape, KernelOptions};
+use sparse_attn_kernel_types::{AttentionShape, KernelOptions, RelativeBias, ScoreMods};
 
 use crate::args::{FmaConfig, problem_args};
-use crate::backward::{dkdv_kernel, dq_kernel};
+use crate::backward::{bias_sum_kernel, dkdv_kernel, dq_kernel};
 use crate::device_layout::{DeviceLayout, upload};
 use crate::error::KernelError;
 use crate::forward::forward_kernel;
@@ -59,16 +59,22 @@ pub fn launch_counts() -> LaunchCounts {
     }
 }
 
-/// The per-call options on the device: the lengths buffer (one element when unpadded) and
-/// the dropout scalars (zeros without dropout).
+/// The per-call options on the device: the lengths buffer (one element when unpadded), the
+/// score modifiers' buffer ([`mods_buffer`]) and the dropout scalars (zeros without
+/// dropout).
 pub(crate) struct DeviceOptions {
     pub lengths: (Handle, usize),
-    /// ALiBi slopes per query head (one 0 without ALiBi).
+    /// The score modifiers' buffer: ALiBi slopes per query head (zeros without ALiBi), then
+    /// the relative-position bias's reach, bucket count, bucket map and table.
     pub slopes: (Handle, usize),
     pub padded: bool,
     pub dropout: bool,
     pub softcap_on: bool,
     pub alibi: bool,
+    /// A relative-position bias is on.
+    pub relative: bool,
+    /// Its buckets (0 without one).
+    pub buckets: usize,
     /// Soft-capping bound (1 without soft-capping).
     pub softcap: f32,
     pub seed_lo: u32,
@@ -77,23 +83,135 @@ pub(crate) struct DeviceOptions {
     pub keep_scale: f32,
 }
 
+/// Most buckets of a relative-position bias the kernels take: the `dQ` pass keeps one sum
+/// per bucket in each unit's registers (spilling to local memory) while it sums the table's
+/// gradient.
+pub const MAX_BIAS_BUCKETS: usize = 128;
+
+/// The score modifiers' buffer of a call with `heads` query heads, as the kernels' `score_mod`
+/// reads it: `heads` ALiBi slopes (zeros without ALiBi); with a relative-position bias, then
+/// its reach `M`, its bucket count, the bucket of each distance `-M..=M` (exact f32 integers)
+/// and its `[heads, buckets]` table (the host table of `mods`; zeros when it is empty, for a
+/// table that [`copy_table`] writes from the device).
+pub(crate) fn mods_buffer(mods: &ScoreMods<'_>, heads: usize) -> Vec<f32> {
+    let mut data: Vec<f32> = match mods.alibi {
+        Some(slopes) => slopes.iter().map(|&x| x as f32).collect(),
+        None => vec![0.0; heads.max(1)],
+    };
+    if let Some(bias) = mods.bias {
+        let count = bias.buckets.count();
+        data.push(bias.buckets.max_distance() as f32);
+        data.push(count as f32);
+        data.extend(bias.buckets.map().iter().map(|&b| b as f32));
+        if bias.table.is_empty() {
+            data.resize(data.len() + heads * count, 0.0);
+        } else {
+            data.extend(bias.table.iter().map(|&x| x as f32));
+        }
+    }
+    data
+}
+
+/// Where the bias table starts in the buffer of [`mods_buffer`].
+fn table_offset(bias: &RelativeBias<'_>, heads: usize) -> usize {
+    heads.max(1) + 2 + bias.buckets.map().len()
+}
+
+/// Checks the modifiers against `heads` query heads: one ALiBi slope per head, a table of
+/// `heads x buckets` (or none, for a device table).
+pub(crate) fn check_mods(mods: &ScoreMods<'_>, heads: usize) -> Result<(), String> {
+    if let Some(slopes) = mods.alibi
+        && slopes.len() != heads
+    {
+        return Err(format!(
+            "{} ALiBi slopes for {} query heads",
+            slopes.len(),
+            heads
+        ));
+    }
+    if let Some(bias) = mods.bias
+        && !bias.table.is_empty()
+        && bias.table.len() != heads * bias.buckets.count()
+    {
+        return Err(format!(
+            "a bias table of {} values for {} heads of {} buckets",
+            bias.table.len(),
+            heads,
+            bias.buckets.count()
+        ));
+    }
+    Ok(())
+}
+
+/// Copies the device bias table `table` (`len` elements of the inputs' dtype) into the
+/// modifiers' buffer `data` from `offset` on, as f32.
+#[cube(launch)]
+fn copy_table_kernel<F: Float>(
+    table: &[F],
+    data: &mut [f32],
+    offset: usize,
+    len: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let i = ABSOLUTE_POS;
+    if i < len {
+        data[offset + i] = f32::cast_from(table[i]);
+    }
+}
+
+/// Writes the device `table` (`[heads, buckets]` of `dtype`) into the modifiers' buffer
+/// uploaded from [`mods_buffer`].
+fn copy_table(
+    client: &Client,
+    dtype: ElemType,
+    table: &Handle,
+    data: &(Handle, usize),
+    (offset, len): (usize, usize),
+) {
+    let cubes = len.div_ceil(256);
+    copy_table_kernel::launch(
+        client,
+        grid_count(client, cubes),
+        CubeDim::new_1d(256),
+        arg(&(table.clone(), len)),
+        arg(data),
+        offset,
+        len,
+        dtype,
+    );
+}
+
 impl DeviceOptions {
-    fn upload(client: &Client, options: &KernelOptions) -> Self {
+    /// The options of a call with `heads` query heads; `table`: the relative-position bias
+    /// table on the device (`[heads, buckets]` of `dtype`) when `options` has a bias.
+    fn upload(
+        client: &Client,
+        options: &KernelOptions,
+        heads: usize,
+        table: Option<(&Handle, ElemType)>,
+    ) -> Self {
         let lengths: Vec<u32> = options
             .key_lengths
             .map(|l| l.iter().map(|&x| x as u32).collect())
             .unwrap_or_default();
         let dropout = options.dropout;
-        let slopes: Vec<f32> = options
-            .mods
-            .alibi
-            .map_or(vec![0.0], |s| s.iter().map(|&x| x as f32).collect());
+        let data = mods_buffer(&options.mods, heads);
+        let slopes = (client.create_from_slice(f32::as_bytes(&data)), data.len());
+        if let (Some(bias), Some((table, dtype))) = (options.mods.bias, table) {
+            let len = heads * bias.buckets.count();
+            copy_table(
+                client,
+                dtype,
+                table,
+                &slopes,
+                (table_offset(&bias, heads), len),
+            );
+        }
         Self {
             lengths: upload(client, &lengths),
-            slopes: (
-                client.create_from_slice(f32::as_bytes(&slopes)),
-                slopes.len(),
-            ),
+            slopes,
+            relative: options.mods.bias.is_some(),
+            buckets: options.mods.bias.map_or(0, |b| b.buckets.count()),
             softcap_on: options.mods.softcap.is_some(),
             alibi: options.mods.alibi.is_some(),
             softcap: options.mods.softcap.map_or(1.0, |c| c as f32),
@@ -308,6 +426,10 @@ impl Grid {
             dropout: opts.dropout,
             softcap: opts.softcap_on,
             alibi: opts.alibi,
+            relative: opts.relative,
+            buckets: opts.buckets,
+            with_dq: true,
+            bias_grad: false,
             with_dk,
             with_dv,
         }
@@ -354,9 +476,11 @@ pub(crate) fn tensor(handle: &Handle, len: usize) -> BufferArg {
 /// input dtype, natural log, `-inf` for rows with no allowed key, whose output is zero).
 ///
 /// `q`, `k`, `v`, `out` are contiguous buffers of `dtype` elements, `lse` of f32, in token
-/// order, on `client`'s device, where `layout` was uploaded; `options` adds key padding and
-/// dropout. Every handle is checked against the shape before anything is launched, so the
-/// kernels never index past a buffer.
+/// order, on `client`'s device, where `layout` was uploaded; `options` adds key padding,
+/// dropout and the score modifiers. With a relative-position bias in `options`, its table
+/// is either the options' host table or, when that is empty, `bias_table` (`[heads,
+/// buckets]` of `dtype` on the device). Every handle is checked against the shape before
+/// anything is launched, so the kernels never index past a buffer.
 ///
 /// # Errors
 /// What [`TilePlan::for_device`] refuses, tensors beyond 32-bit indexing, a shape the
@@ -375,7 +499,7 @@ pub(crate) fn tensor(handle: &Handle, len: usize) -> BufferArg {
 /// // Upload once per layout and device, reuse for every call.
 /// let layout = DeviceLayout::upload(client, view)?;
 /// let scale = 1.0 / 8.0;
-/// sparse_attn_wgpu::forward(client, dtype, shape, &layout, scale, &KernelOptions::default(), [q, k, v, out, lse])?;
+/// sparse_attn_wgpu::forward(client, dtype, shape, &layout, scale, &KernelOptions::default(), [q, k, v, out, lse], None)?;
 /// # Ok(()) }
 /// ```
 pub fn forward(
@@ -386,11 +510,15 @@ pub fn forward(
     scale: f32,
     options: &KernelOptions,
     [q, k, v, out, lse]: [&Handle; 5],
+    bias_table: Option<&Handle>,
 ) -> Result<KernelPath, KernelError> {
     let grid = Grid::new(client, dtype, &shape, layout, shape.heads)?;
-    let buffers = forward_buffers(&shape, dtype, [q, k, v, out, lse]);
+    let mut buffers = forward_buffers(&shape, dtype, [q, k, v, out, lse]).to_vec();
+    let table = table_buffer(&shape, dtype, options, bias_table)?;
+    buffers.extend(table.map(|(check, _)| check));
     check_buffers(&shape, layout, options, &buffers)?;
-    let opts = DeviceOptions::upload(client, options);
+    let table = table.map(|(_, handle)| (handle, dtype));
+    let opts = DeviceOptions::upload(client, options, shape.heads, table);
     if let Some(plan) = TensorCorePlan::for_device(client, dtype, layout.block, shape.head_dim) {
         let tensors = [q, k, v, out, lse];
         tensor_core::forward(client, &plan, dtype, shape, layout, scale, &opts, tensors);
@@ -433,10 +561,14 @@ pub fn forward(
 /// dout)` from the forward's `out` and `lse` and the forward's `options` (the dropout mask
 /// is regenerated). Runs the `dQ` kernel, then the `dK`/`dV` kernel (as one pass, or a `dV`
 /// pass and a `dK` pass for head dims above 32). Buffers as in [`forward`] (`dout`, `dq` like
-/// `q`; `dk`, `dv` like `k`), checked the same way.
+/// `q`; `dk`, `dv` like `k`), checked the same way. With a relative-position bias in
+/// `options`, `bias` holds the device table of [`forward`] (or `None` with a host table)
+/// and `dbias`, an f32 buffer of `heads x buckets` that receives the table's gradient:
+/// per query block the sum over its keys of the scores' gradients, by bucket, then the
+/// sum of those over batch rows and blocks, each in a fixed order (no atomics).
 ///
 /// # Errors
-/// As [`forward`].
+/// As [`forward`], and [`KernelError::Shape`] for a bias without `dbias`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     client: &Client,
@@ -447,6 +579,7 @@ pub fn backward(
     options: &KernelOptions,
     [q, k, v, out, lse, dout]: [&Handle; 6],
     [dq, dk, dv]: [&Handle; 3],
+    (bias_table, dbias): (Option<&Handle>, Option<&Handle>),
 ) -> Result<KernelPath, KernelError> {
     let grid = Grid::new(client, dtype, &shape, layout, shape.heads)?;
     let kv_grid = Grid::new(client, dtype, &shape, layout, shape.kv_heads)?;
@@ -457,21 +590,116 @@ pub fn backward(
         ("dout", dout, n, bytes), ("dq", dq, n, bytes),
         ("dk", dk, kv_n, bytes), ("dv", dv, kv_n, bytes),
     ]);
+    let table = table_buffer(&shape, dtype, options, bias_table)?;
+    buffers.extend(table.map(|(check, _)| check));
+    let buckets = options.mods.bias.map(|b| b.buckets.count());
+    let dbias = match (buckets, dbias) {
+        (None, _) => None,
+        (Some(count), Some(dbias)) => {
+            buffers.push(("dbias", dbias, shape.heads * count, size_of::<f32>()));
+            Some((dbias, count))
+        }
+        (Some(_), None) => {
+            return Err(KernelError::Shape {
+                reason: "a relative-position bias needs a `dbias` buffer".to_string(),
+            });
+        }
+    };
     check_buffers(&shape, layout, options, &buffers)?;
-    let opts = DeviceOptions::upload(client, options);
+    let table = table.map(|(_, handle)| (handle, dtype));
+    let opts = DeviceOptions::upload(client, options, shape.heads, table);
     if let Some(plan) = TensorCorePlan::for_device(client, dtype, layout.block, shape.head_dim) {
         let (inputs, grads) = ([q, k, v, out, lse, dout], [dq, dk, dv]);
         tensor_core::backward(
             client, &plan, dtype, shape, layout, scale, &opts, inputs, grads,
         );
+        if let Some(dbias) = dbias {
+            // The tensor-core kernels keep no per-bucket sums: one FMA pass sums them.
+            let tensors = [q, k, v, out, lse, dout, dq];
+            bias_grad(
+                client, dtype, &shape, layout, scale, &opts, &grid, tensors, dbias, false,
+            );
+        }
         return Ok(KernelPath::TensorCore.counted());
     }
+    let tensors = [q, k, v, out, lse, dout, dq];
+    let delta = match dbias {
+        Some(dbias) => bias_grad(
+            client, dtype, &shape, layout, scale, &opts, &grid, tensors, dbias, true,
+        ),
+        None => dq_pass(
+            client, dtype, &shape, layout, scale, &opts, &grid, tensors, None,
+        ),
+    };
+    let (numel, kv_numel, rows) = (
+        shape.numel() / grid.lanes,
+        shape.kv_numel() / grid.lanes,
+        shape.rows(),
+    );
+    dkdv_passes(
+        client,
+        dtype,
+        &shape,
+        layout,
+        scale,
+        &opts,
+        &kv_grid,
+        [q, k, v, lse, dout, dk, dv],
+        &delta,
+        (numel, kv_numel, rows),
+    );
+    Ok(KernelPath::Fma.counted())
+}
+
+/// The bias table's buffer check and handle: the device table when `options` has a
+/// relative-position bias with no host table.
+fn table_buffer<'h>(
+    shape: &AttentionShape,
+    dtype: ElemType,
+    options: &KernelOptions,
+    bias_table: Option<&'h Handle>,
+) -> Result<Option<(BufferCheck<'h>, &'h Handle)>, KernelError> {
+    check_mods(&options.mods, shape.heads).map_err(|reason| KernelError::Shape { reason })?;
+    match (options.mods.bias, bias_table) {
+        (Some(bias), Some(table)) if bias.table.is_empty() => {
+            let len = shape.heads * bias.buckets.count();
+            Ok(Some((("bias_table", table, len, dtype.size()), table)))
+        }
+        (Some(bias), None) if bias.table.is_empty() => Err(KernelError::Shape {
+            reason: "a relative-position bias with neither a host nor a device table".to_string(),
+        }),
+        _ => Ok(None),
+    }
+}
+
+/// The FMA `dQ` pass over `[q, k, v, out, lse, dout, dq]` (writing `dq` when `with_dq`), and
+/// with `bias_sums`, the per-query-block sums of the bias gradient there. Returns the row
+/// deltas it wrote.
+#[allow(clippy::too_many_arguments)]
+fn dq_pass(
+    client: &Client,
+    dtype: ElemType,
+    shape: &AttentionShape,
+    layout: &DeviceLayout,
+    scale: f32,
+    opts: &DeviceOptions,
+    grid: &Grid,
+    [q, k, v, out, lse, dout, dq]: [&Handle; 7],
+    bias_sums: Option<(&(Handle, usize), bool)>,
+) -> (Handle, usize) {
     let (numel, kv_numel, rows) = (
         shape.numel() / grid.lanes,
         shape.kv_numel() / grid.lanes,
         shape.rows(),
     );
     let delta = (client.empty(rows * size_of::<f32>()), rows);
+    let none = (client.empty(size_of::<f32>()), 1);
+    let (sums, with_dq) = bias_sums.unwrap_or((&none, true));
+    let config = FmaConfig {
+        with_dq,
+        bias_grad: bias_sums.is_some(),
+        ..grid.config(layout, opts, (false, false))
+    };
     launch_kernel!(dq_kernel(
         client,
         grid.count.clone(),
@@ -492,10 +720,76 @@ pub fn backward(
         arg(&layout.order),
         arg(&opts.lengths),
         arg(&opts.slopes),
-        problem_args(&shape, layout, grid.tasks, scale, &opts, 0.0),
-        grid.config(layout, &opts, (false, false)),
+        arg(sums),
+        problem_args(shape, layout, grid.tasks, scale, opts, 0.0),
+        config,
         dtype,
     ));
+    delta
+}
+
+/// The relative-position bias gradient into `dbias` (`heads x buckets` f32): the `dQ` pass
+/// with its per-block sums (also writing `dq` when `with_dq`), then their ordered sum.
+/// Returns the row deltas of the `dQ` pass.
+#[allow(clippy::too_many_arguments)]
+fn bias_grad(
+    client: &Client,
+    dtype: ElemType,
+    shape: &AttentionShape,
+    layout: &DeviceLayout,
+    scale: f32,
+    opts: &DeviceOptions,
+    grid: &Grid,
+    tensors: [&Handle; 7],
+    (dbias, count): (&Handle, usize),
+    with_dq: bool,
+) -> (Handle, usize) {
+    let blocks = shape.batch * shape.heads * layout.n_blocks;
+    let sums = (
+        client.empty(blocks * count * size_of::<f32>()),
+        blocks * count,
+    );
+    let delta = dq_pass(
+        client,
+        dtype,
+        shape,
+        layout,
+        scale,
+        opts,
+        grid,
+        tensors,
+        Some((&sums, with_dq)),
+    );
+    let entries = shape.heads * count;
+    launch_kernel!(bias_sum_kernel(
+        client,
+        grid_count(client, entries.div_ceil(64)),
+        CubeDim::new_1d(64),
+        arg(&sums),
+        arg(&(dbias.clone(), entries)),
+        shape.batch,
+        shape.heads,
+        layout.n_blocks,
+        count,
+    ));
+    delta
+}
+
+/// The FMA `dK`/`dV` passes over `[q, k, v, lse, dout, dk, dv]` with the `dQ` pass's row
+/// deltas.
+#[allow(clippy::too_many_arguments)]
+fn dkdv_passes(
+    client: &Client,
+    dtype: ElemType,
+    shape: &AttentionShape,
+    layout: &DeviceLayout,
+    scale: f32,
+    opts: &DeviceOptions,
+    kv_grid: &Grid,
+    [q, k, v, lse, dout, dk, dv]: [&Handle; 7],
+    delta: &(Handle, usize),
+    (numel, kv_numel, rows): (usize, usize, usize),
+) {
     // Rows of up to 32 elements keep k, v, dk and dv in registers in one pass; longer rows
     // take a dV pass and a dK pass (two or three rows in registers each, no spills).
     let passes: &[(bool, bool)] = if shape.head_dim <= FUSED_DKDV_MAX_HEAD_DIM {
@@ -514,7 +808,7 @@ pub fn backward(
             tensor(v, kv_numel),
             tensor(lse, rows),
             tensor(dout, numel),
-            arg(&delta),
+            arg(delta),
             tensor(dk, kv_numel),
             tensor(dv, kv_numel),
             arg(&layout.col_ptr),
@@ -525,10 +819,9 @@ pub fn backward(
             arg(&layout.order),
             arg(&opts.lengths),
             arg(&opts.slopes),
-            problem_args(&shape, layout, kv_grid.tasks, scale, &opts, 0.0),
-            kv_grid.config(layout, &opts, (with_dk, with_dv)),
+            problem_args(shape, layout, kv_grid.tasks, scale, opts, 0.0),
+            kv_grid.config(layout, opts, (with_dk, with_dv)),
             dtype,
         ));
     }
-    Ok(KernelPath::Fma.counted())
 }

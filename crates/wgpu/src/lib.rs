@@ -41,6 +41,7 @@ mod tiles;
 pub use decode::{DecodeQueries, NO_QUERY, decode};
 pub use device_layout::DeviceLayout;
 pub use error::KernelError;
+pub use launch::MAX_BIAS_BUCKETS;
 pub use launch::{
     CHECKED_VAR, KernelPath, LaunchCounts, backward, check_problem, forward, launch_counts,
 };

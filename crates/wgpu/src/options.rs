@@ -98,29 +98,71 @@ pub(crate) fn query_row(
     }
 }
 
-/// The score modifiers of one query head: its ALiBi slope and the soft-capping bound.
+/// The score modifiers of one query head: its ALiBi slope, the soft-capping bound and where
+/// its relative-position biases are in the modifiers' buffer.
 #[derive(CubeType, Clone, Copy)]
 pub(crate) struct ScoreMod {
     /// ALiBi slope of the head (0 without ALiBi).
     pub slope: f32,
     /// Soft-capping bound (1 without soft-capping).
     pub cap: f32,
+    /// Largest bucketed distance `M` of the relative-position bias (0 without one).
+    pub reach: usize,
+    /// Offset of the distance -> bucket map (`2M + 1` entries).
+    pub map: usize,
+    /// Offset of the head's row of the bias table.
+    pub table: usize,
 }
 
-/// The [`ScoreMod`] of query head `head` (`slopes` holds one slope per query head with
-/// `alibi`).
+/// The [`ScoreMod`] of query head `head` of `heads`, read from the modifiers' buffer `data`
+/// as [`mods_buffer`](crate::launch::mods_buffer) lays it out: `heads` ALiBi slopes (zeros
+/// without ALiBi), then with a relative-position bias `M`, the bucket count, the bucket of
+/// each distance `-M..=M` and the `[heads, buckets]` table (integers as exact f32 values).
 #[cube]
 pub(crate) fn score_mod(
-    slopes: &[f32],
+    data: &[f32],
     cap: f32,
     head: usize,
+    heads: usize,
     #[comptime] alibi: bool,
+    #[comptime] relative: bool,
 ) -> ScoreMod {
     let mut slope = 0.0f32;
     if alibi {
-        slope = slopes[head];
+        slope = data[head];
     }
-    ScoreMod { slope, cap }
+    let mut reach = 0usize;
+    let mut map = 0usize;
+    let mut table = 0usize;
+    if relative {
+        reach = u32::cast_from(data[heads]) as usize;
+        let count = u32::cast_from(data[heads + 1]) as usize;
+        map = heads + 2;
+        table = map + 2 * reach + 1 + head * count;
+    }
+    ScoreMod {
+        slope,
+        cap,
+        reach,
+        map,
+        table,
+    }
+}
+
+/// The relative-position bucket of query token `qtok` and key token `ktok`: the map's entry
+/// for `qtok - ktok` clamped to `[-M, M]`.
+#[cube]
+pub(crate) fn relative_bucket(data: &[f32], qtok: usize, ktok: usize, mods: &ScoreMod) -> usize {
+    let m = mods.reach;
+    let mut index = m;
+    if qtok >= ktok {
+        let dist = qtok - ktok;
+        index += if dist < m { dist } else { m };
+    } else {
+        let dist = ktok - qtok;
+        index -= if dist < m { dist } else { m };
+    }
+    u32::cast_from(data[mods.map + index]) as usize
 }
 
 /// Largest `|s / cap|` handed to `tanh` (its f32 value is 1 from about 9 on); bounds the
@@ -135,7 +177,8 @@ fn capped_tanh(s: f32, cap: f32) -> f32 {
 
 /// The modified score of the scaled score `s` of query token `qtok` and key token `ktok`
 /// (`sparse_attn_kernel_types::ScoreMods`): `cap * tanh(s / cap)` with `softcap`, then
-/// `- slope * |qtok - ktok|` with `alibi`.
+/// `- slope * |qtok - ktok|` with `alibi`, then `+ table[h, bucket]` with `relative` (`data`:
+/// the modifiers' buffer of [`score_mod`]).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn modify_score(
@@ -143,8 +186,10 @@ pub(crate) fn modify_score(
     qtok: usize,
     ktok: usize,
     mods: &ScoreMod,
+    data: &[f32],
     #[comptime] softcap: bool,
     #[comptime] alibi: bool,
+    #[comptime] relative: bool,
 ) -> f32 {
     let mut x = s;
     if softcap {
@@ -159,6 +204,9 @@ pub(crate) fn modify_score(
             ktok - qtok
         };
         x -= mods.slope * f32::cast_from(dist);
+    }
+    if relative {
+        x += data[mods.table + relative_bucket(data, qtok, ktok, mods)];
     }
     x
 }

@@ -176,6 +176,15 @@ fn host<'a, B: HostBuffers, T: HostElement>(t: &'a FloatTensor<B>) -> Cow<'a, [T
     )
 }
 
+/// The values of a relative-position bias table (`[heads, buckets]`), in f64.
+pub(crate) fn table_values<B: Backend>(table: &FloatTensor<B>) -> Vec<f64> {
+    let data =
+        read_sync(B::float_into_data(table.clone())).expect("reading a CPU tensor cannot fail");
+    data.convert::<f64>()
+        .try_into_vec::<f64>()
+        .expect("converted above")
+}
+
 fn write<B: Backend, T: Real + Element>(
     values: Vec<T>,
     shape: Vec<usize>,
@@ -189,18 +198,20 @@ fn shape_of<B: Backend>(q: &FloatTensor<B>, k: &FloatTensor<B>) -> AttentionShap
     AttentionShape::of(q.shape().dims::<4>(), k.shape().dims::<4>())
 }
 
-/// Fused forward on a CPU backend, in `f64` for `f64` tensors, else in `f32`.
+/// Fused forward on a CPU backend, in `f64` for `f64` tensors, else in `f32`; `bias`: the
+/// relative-position bias table of a biased call.
 pub(crate) fn forward<B: HostBuffers>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
+    bias: Option<&FloatTensor<B>>,
     layout: &BlockLayout,
     params: &AttentionParams,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     if q.dtype() == DType::F64 {
-        forward_in::<B, f64>(q, k, v, layout, params)
+        forward_in::<B, f64>(q, k, v, bias, layout, params)
     } else {
-        forward_in::<B, f32>(q, k, v, layout, params)
+        forward_in::<B, f32>(q, k, v, bias, layout, params)
     }
 }
 
@@ -208,6 +219,7 @@ fn forward_in<B: HostBuffers, T: HostElement>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
+    bias: Option<&FloatTensor<B>>,
     layout: &BlockLayout,
     params: &AttentionParams,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
@@ -215,7 +227,11 @@ fn forward_in<B: HostBuffers, T: HostElement>(
     let (q, k, v) = (host::<B, T>(&q), host::<B, T>(&k), host::<B, T>(&v));
     let mut out = sparse_attn_ndarray::zeroed::<T>(shape.numel());
     let mut lse = vec![T::ZERO; shape.rows()];
-    let (scale, options) = (T::from_f64(params.scale), params.kernel_options());
+    let table = bias.map(table_values::<B>);
+    let (scale, options) = (
+        T::from_f64(params.scale),
+        params.kernel_options(table.as_deref()),
+    );
     let view = layout.csr();
     sparse_attn_ndarray::forward(
         &q, &k, &v, shape, &view, scale, &options, &mut out, &mut lse,
@@ -234,22 +250,32 @@ fn forward_in<B: HostBuffers, T: HostElement>(
     )
 }
 
-/// Fused backward on a CPU backend, in `f64` for `f64` tensors, else in `f32`.
+/// The gradients of a backward call: `dq`, `dk`, `dv`, and the bias table's of a biased one.
+pub(crate) type BackwardGrads<B> = (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    Option<FloatTensor<B>>,
+);
+
+/// Fused backward on a CPU backend, in `f64` for `f64` tensors, else in `f32`; with the
+/// relative-position `bias` table of a biased call, also its gradient (in its dtype).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward<B: HostBuffers>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
+    bias: Option<&FloatTensor<B>>,
     out: FloatTensor<B>,
     lse: FloatTensor<B>,
     dout: FloatTensor<B>,
     layout: &BlockLayout,
     params: &AttentionParams,
-) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+) -> BackwardGrads<B> {
     if q.dtype() == DType::F64 {
-        backward_in::<B, f64>(q, k, v, out, lse, dout, layout, params)
+        backward_in::<B, f64>(q, k, v, bias, out, lse, dout, layout, params)
     } else {
-        backward_in::<B, f32>(q, k, v, out, lse, dout, layout, params)
+        backward_in::<B, f32>(q, k, v, bias, out, lse, dout, layout, params)
     }
 }
 
@@ -258,13 +284,16 @@ fn backward_in<B: HostBuffers, T: HostElement>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
+    bias: Option<&FloatTensor<B>>,
     out: FloatTensor<B>,
     lse: FloatTensor<B>,
     dout: FloatTensor<B>,
     layout: &BlockLayout,
     params: &AttentionParams,
-) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+) -> BackwardGrads<B> {
     let (shape, dtype, device) = (shape_of::<B>(&q, &k), q.dtype(), q.device());
+    let table = bias.map(table_values::<B>);
+    let bias_meta = bias.map(|t| (t.shape().dims::<2>(), t.dtype()));
     let d = shape.head_dim;
     let (q, k, v) = (host::<B, T>(&q), host::<B, T>(&k), host::<B, T>(&v));
     let dout = host::<B, T>(&dout);
@@ -278,8 +307,13 @@ fn backward_in<B: HostBuffers, T: HostElement>(
         sparse_attn_ndarray::zeroed::<T>(shape.kv_numel()),
         sparse_attn_ndarray::zeroed::<T>(shape.kv_numel()),
     );
-    let (scale, options) = (T::from_f64(params.scale), params.kernel_options());
-    let (view, grads) = (&layout.csr(), (&mut dq[..], &mut dk[..], &mut dv[..]));
+    let mut dbias = table.as_ref().map(|t| vec![T::ZERO; t.len()]);
+    let (scale, options) = (
+        T::from_f64(params.scale),
+        params.kernel_options(table.as_deref()),
+    );
+    let view = &layout.csr();
+    let grads = (&mut dq[..], &mut dk[..], &mut dv[..], dbias.as_deref_mut());
     sparse_attn_ndarray::backward_with_deltas(
         &q,
         &k,
@@ -291,9 +325,7 @@ fn backward_in<B: HostBuffers, T: HostElement>(
         view,
         scale,
         &options,
-        grads.0,
-        grads.1,
-        grads.2,
+        grads,
         sparse_attn_ndarray::TILE_CACHE_BYTES,
     );
     let AttentionShape {
@@ -307,10 +339,14 @@ fn backward_in<B: HostBuffers, T: HostElement>(
         vec![batch, heads, seq_len, head_dim],
         vec![batch, kv_heads, seq_len, head_dim],
     );
+    let dbias = dbias
+        .zip(bias_meta)
+        .map(|(g, (dims, dtype))| write::<B, T>(g, dims.to_vec(), dtype, &device));
     (
         write::<B, T>(dq, q_dims, dtype, &device),
         write::<B, T>(dk, kv_dims.clone(), dtype, &device),
         write::<B, T>(dv, kv_dims, dtype, &device),
+        dbias,
     )
 }
 
@@ -357,7 +393,7 @@ fn decode_in<B: HostBuffers, T: HostElement>(
         positions,
         rows,
         scale,
-        params.mods.view(),
+        params.mods.view(params.bias_table.as_deref()),
         &mut out,
     );
     write::<B, T>(out, vec![batch, heads, queries, head_dim], dtype, &device)

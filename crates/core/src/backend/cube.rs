@@ -48,15 +48,24 @@ fn empty_like(like: &CubeTensor, dims: Vec<usize>) -> CubeTensor {
     )
 }
 
-/// Fused forward: `(out, lse)`, the log-sum-exp in f32.
+/// The kernels' options of a call; a biased call's table stays on the device (the kernels
+/// read it from the handle, so the options carry an empty host table).
+fn kernel_options(params: &AttentionParams, biased: bool) -> sparse_attn_wgpu::KernelOptions<'_> {
+    params.kernel_options(biased.then_some(&[][..]))
+}
+
+/// Fused forward: `(out, lse)`, the log-sum-exp in f32; `bias`: a biased call's
+/// relative-position bias table.
 pub(crate) fn forward(
     q: FloatTensor<CubeBackend>,
     k: FloatTensor<CubeBackend>,
     v: FloatTensor<CubeBackend>,
+    bias: Option<FloatTensor<CubeBackend>>,
     layout: &BlockLayout,
     params: &AttentionParams,
 ) -> (FloatTensor<CubeBackend>, FloatTensor<CubeBackend>) {
     let [q, k, v] = [q, k, v].map(into_contiguous);
+    let bias = bias.map(into_contiguous);
     let shape = shape_of(&q, &k);
     let out = empty_like(&q, q.shape().to_vec());
     let lse = empty_device_contiguous_dtype(
@@ -71,19 +80,22 @@ pub(crate) fn forward(
         shape,
         &on_device(layout, &q),
         params.scale as f32,
-        &params.kernel_options(),
+        &kernel_options(params, bias.is_some()),
         [&q.handle, &k.handle, &v.handle, &out.handle, &lse.handle],
+        bias.as_ref().map(|t| &t.handle),
     )
     .unwrap_or_else(|e| panic!("sparse attention forward on a CubeCL device: {e}"));
     (out, lse)
 }
 
-/// Fused backward: `(dq, dk, dv)`.
+/// Fused backward: `(dq, dk, dv)`, and with a biased call's `bias` table its gradient (in
+/// the table's dtype).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     q: FloatTensor<CubeBackend>,
     k: FloatTensor<CubeBackend>,
     v: FloatTensor<CubeBackend>,
+    bias: Option<FloatTensor<CubeBackend>>,
     out: FloatTensor<CubeBackend>,
     lse: FloatTensor<CubeBackend>,
     dout: FloatTensor<CubeBackend>,
@@ -93,18 +105,29 @@ pub(crate) fn backward(
     FloatTensor<CubeBackend>,
     FloatTensor<CubeBackend>,
     FloatTensor<CubeBackend>,
+    Option<FloatTensor<CubeBackend>>,
 ) {
     let [q, k, v, out, lse, dout] = [q, k, v, out, lse, dout].map(into_contiguous);
+    let bias = bias.map(into_contiguous);
     let shape = shape_of(&q, &k);
     let dq = empty_like(&q, q.shape().to_vec());
     let [dk, dv] = [(); 2].map(|_| empty_like(&q, k.shape().to_vec()));
+    // The bias gradient comes out of the kernels in f32.
+    let dbias = bias.as_ref().map(|t| {
+        empty_device_contiguous_dtype(
+            q.client.clone(),
+            q.device.clone(),
+            t.shape(),
+            burn::tensor::DType::F32,
+        )
+    });
     sparse_attn_wgpu::backward(
         &q.client,
         dtype_to_elem_type(q.dtype),
         shape,
         &on_device(layout, &q),
         params.scale as f32,
-        &params.kernel_options(),
+        &kernel_options(params, bias.is_some()),
         [
             &q.handle,
             &k.handle,
@@ -114,9 +137,24 @@ pub(crate) fn backward(
             &dout.handle,
         ],
         [&dq.handle, &dk.handle, &dv.handle],
+        (
+            bias.as_ref().map(|t| &t.handle),
+            dbias.as_ref().map(|t| &t.handle),
+        ),
     )
     .unwrap_or_else(|e| panic!("sparse attention backward on a CubeCL device: {e}"));
-    (dq, dk, dv)
+    let dbias = dbias
+        .zip(bias)
+        .map(|(g, t)| cast::<CubeBackend>(g, t.dtype));
+    (dq, dk, dv, dbias)
+}
+
+/// `t` in `dtype`.
+fn cast<B: burn::backend::Backend>(
+    t: FloatTensor<B>,
+    dtype: burn::tensor::DType,
+) -> FloatTensor<B> {
+    B::float_cast(t, dtype.into())
 }
 
 /// Fused decode: `[B, H, m, d]` from the new rows `q` and the caches `k`, `v`.
@@ -165,7 +203,7 @@ pub(crate) fn decode(
         cache,
         &on_device(layout, &q),
         params.scale as f32,
-        params.mods.view(),
+        params.mods.view(params.bias_table.as_deref()),
         &rows,
         [&q.handle, &k.handle, &v.handle, &out.handle],
     )

@@ -101,6 +101,62 @@ pub trait SparseAttentionBackend: Backend {
         Self::sparse_attention_forward(q, k, v, layout, params).0
     }
 
+    /// [`sparse_attention_forward`](Self::sparse_attention_forward) with a learnable
+    /// relative-position bias: `bias` `[H, buckets]` (the bucketing in `params.mods.relative`)
+    /// added to each modified score. Default: the portable path.
+    #[fusion(meta = |q, _k, _v, _bias, _layout, _params| (q.clone(), lse_spec(q)))]
+    fn sparse_attention_biased_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        layout: BlockLayout,
+        params: AttentionParams,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        portable::forward_biased::<Self>(q, k, v, Some(bias), &layout, &params)
+    }
+
+    /// [`sparse_attention_backward`](Self::sparse_attention_backward) with the bias of
+    /// [`sparse_attention_biased_forward`](Self::sparse_attention_biased_forward): `(dq, dk,
+    /// dv, dbias)`, `dbias` the sum of the scores' gradients over each `(head, bucket)`,
+    /// summed in a fixed order (no atomics: the same inputs give the same bits). Default:
+    /// the portable path.
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = |q, k, v, bias, _out, _lse, _dout, _layout, _params| (q.clone(), k.clone(), v.clone(), bias.clone()))]
+    fn sparse_attention_biased_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        layout: BlockLayout,
+        params: AttentionParams,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        portable::backward_biased::<Self>(q, k, v, bias, out, lse, dout, &layout, &params)
+    }
+
+    /// Differentiable biased attention output `[B, H, n, d]` (with respect to `q`, `k`, `v`
+    /// and `bias`); under `Autodiff` its backward runs
+    /// [`sparse_attention_biased_backward`](Self::sparse_attention_biased_backward).
+    #[fusion(dtype = q, shape = q)]
+    fn sparse_attention_biased(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        layout: BlockLayout,
+        params: AttentionParams,
+    ) -> FloatTensor<Self> {
+        Self::sparse_attention_biased_forward(q, k, v, bias, layout, params).0
+    }
+
     /// Decode: new query rows `q` `[B, H, m, d]` against key/value caches `[B, H_kv,
     /// capacity, d]` through the layout of the capacity, as
     /// [`sparse_attention_decode`](crate::sparse_attention_decode) defines it; `[B, H, m, d]`.
@@ -129,7 +185,44 @@ macro_rules! cpu_impl {
                 layout: BlockLayout,
                 params: AttentionParams,
             ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-                cpu::forward::<Self>(q, k, v, &layout, &params)
+                cpu::forward::<Self>(q, k, v, None, &layout, &params)
+            }
+
+            fn sparse_attention_biased_forward(
+                q: FloatTensor<Self>,
+                k: FloatTensor<Self>,
+                v: FloatTensor<Self>,
+                bias: FloatTensor<Self>,
+                layout: BlockLayout,
+                params: AttentionParams,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+                cpu::forward::<Self>(q, k, v, Some(&bias), &layout, &params)
+            }
+
+            fn sparse_attention_biased_backward(
+                q: FloatTensor<Self>,
+                k: FloatTensor<Self>,
+                v: FloatTensor<Self>,
+                bias: FloatTensor<Self>,
+                out: FloatTensor<Self>,
+                lse: FloatTensor<Self>,
+                dout: FloatTensor<Self>,
+                layout: BlockLayout,
+                params: AttentionParams,
+            ) -> (
+                FloatTensor<Self>,
+                FloatTensor<Self>,
+                FloatTensor<Self>,
+                FloatTensor<Self>,
+            ) {
+                let (dq, dk, dv, dbias) =
+                    cpu::backward::<Self>(q, k, v, Some(&bias), out, lse, dout, &layout, &params);
+                (
+                    dq,
+                    dk,
+                    dv,
+                    dbias.expect("a biased backward returns the bias gradient"),
+                )
             }
 
             fn sparse_attention_backward(
@@ -142,7 +235,9 @@ macro_rules! cpu_impl {
                 layout: BlockLayout,
                 params: AttentionParams,
             ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-                cpu::backward::<Self>(q, k, v, out, lse, dout, &layout, &params)
+                let (dq, dk, dv, _) =
+                    cpu::backward::<Self>(q, k, v, None, out, lse, dout, &layout, &params);
+                (dq, dk, dv)
             }
 
             fn sparse_attention_decode(
@@ -173,7 +268,44 @@ impl SparseAttentionBackend for burn_cubecl::CubeBackend {
         layout: BlockLayout,
         params: AttentionParams,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        cube::forward(q, k, v, &layout, &params)
+        cube::forward(q, k, v, None, &layout, &params)
+    }
+
+    fn sparse_attention_biased_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        layout: BlockLayout,
+        params: AttentionParams,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        cube::forward(q, k, v, Some(bias), &layout, &params)
+    }
+
+    fn sparse_attention_biased_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        layout: BlockLayout,
+        params: AttentionParams,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let (dq, dk, dv, dbias) =
+            cube::backward(q, k, v, Some(bias), out, lse, dout, &layout, &params);
+        (
+            dq,
+            dk,
+            dv,
+            dbias.expect("a biased backward returns the bias gradient"),
+        )
     }
 
     fn sparse_attention_backward(
@@ -186,7 +318,8 @@ impl SparseAttentionBackend for burn_cubecl::CubeBackend {
         layout: BlockLayout,
         params: AttentionParams,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        cube::backward(q, k, v, out, lse, dout, &layout, &params)
+        let (dq, dk, dv, _) = cube::backward(q, k, v, None, out, lse, dout, &layout, &params);
+        (dq, dk, dv)
     }
 
     fn sparse_attention_decode(

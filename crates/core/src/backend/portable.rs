@@ -223,6 +223,34 @@ fn alibi_biases(
     out
 }
 
+/// The flat indices into a `[H, buckets]` relative-position bias table of the gathered
+/// scores, `[Hg, rows, b, degree * b]`: `h * buckets + bucket(i, j)` for query token `i` and
+/// key token `j` of head `h` (bucket 0 for padding positions, which are masked).
+fn bias_indices(
+    layout: &BlockLayout,
+    p: &Plan,
+    buckets: &crate::params::RelativeBuckets,
+    heads: std::ops::Range<usize>,
+) -> Vec<i64> {
+    let (b, count) = (layout.block(), buckets.count());
+    let mut out = Vec::with_capacity(heads.len() * p.rows.len() * b * p.degree * b);
+    for h in heads {
+        for (at, &r) in p.rows.iter().enumerate() {
+            for i in 0..b {
+                let query = token_at(layout, r * b + i);
+                out.extend(key_positions(p, b, at).map(|pos| {
+                    let bucket = match (query, token_at(layout, pos)) {
+                        (Some(i), Some(j)) => buckets.bucket(i, j),
+                        _ => 0,
+                    };
+                    (h * count + bucket) as i64
+                }));
+            }
+        }
+    }
+    out
+}
+
 /// Everything of one bucket of one head group that forward and backward share.
 struct Gathered<B: Backend> {
     /// `[B, Hg, rows, b, d]`
@@ -238,6 +266,9 @@ struct Gathered<B: Backend> {
     cap_grad: Option<FloatTensor<B>>,
     /// Dropout factors shaped like `s`, if dropout is on.
     keep: Option<FloatTensor<B>>,
+    /// With a relative-position bias, the flat table index of each gathered score
+    /// ([`bias_indices`], batch row 0's: the table has no batch dim).
+    bias_index: Option<IntTensor<B>>,
     /// The bucket's query blocks.
     rows: IntTensor<B>,
     /// Their key blocks, `degree` per row.
@@ -283,11 +314,10 @@ fn gather_blocks<B: Backend>(
 }
 
 /// Gathers the query blocks of plan `p` (heads `heads`), their key and value blocks and
-/// their masked scores.
+/// their masked scores (`bias`: a relative-position bias table, flat `[H * buckets]`).
 fn gather<B: Backend>(
-    q: FloatTensor<B>,
-    k: FloatTensor<B>,
-    v: FloatTensor<B>,
+    (q, k, v): (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>),
+    bias: Option<&FloatTensor<B>>,
     layout: &BlockLayout,
     (heads, p): (std::ops::Range<usize>, Plan),
     params: &AttentionParams,
@@ -319,6 +349,15 @@ fn gather<B: Backend>(
         let biases = B::float_expand(B::float_from_data(data, &device), full.clone());
         scores = B::float_sub(scores, biases);
     }
+    let mut bias_index = None;
+    if let (Some(table), Some(buckets)) = (bias, &params.mods.relative) {
+        let index = bias_indices(layout, &p, buckets, heads.clone());
+        let index = int_tensor::<B>(index, &device);
+        let biases = B::float_select(table.clone(), 0, index.clone());
+        let biases = reshape::<B>(biases, &[1, hg, nr, b, p.degree * b]);
+        scores = B::float_add(scores, B::float_expand(biases, full.clone()));
+        bias_index = Some(index);
+    }
     let keep = params.dropout.as_ref().map(|mask| {
         let factors = dropout_factors(layout, &p, mask, batch, heads);
         let data = TensorData::new(factors, full.clone()).convert_dtype(q.dtype());
@@ -345,6 +384,7 @@ fn gather<B: Backend>(
         s,
         cap_grad,
         keep,
+        bias_index,
         rows,
         index,
         degree: p.degree,
@@ -407,22 +447,43 @@ pub fn forward<B: Backend>(
     layout: &BlockLayout,
     params: &AttentionParams,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
+    forward_biased::<B>(q, k, v, None, layout, params)
+}
+
+/// [`forward`] with the relative-position bias table `bias` (`[H, buckets]`, the bucketing
+/// in `params.mods.relative`) of a biased call; differentiable op by op.
+pub fn forward_biased<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    layout: &BlockLayout,
+    params: &AttentionParams,
+) -> (FloatTensor<B>, FloatTensor<B>) {
     let heads = dims::<B>(&q)[1];
     let lse_dtype = lse_dtype(q.dtype());
     let (k, v) = (repeat_kv::<B>(k, heads), repeat_kv::<B>(v, heads));
+    let bias = bias.map(|t| flat_table::<B>(t, q.dtype()));
+    let bias = bias.as_ref();
     let (out, lse) = match layout.order() {
-        None => forward_positions::<B>(q, k, v, layout, params),
+        None => forward_positions::<B>(q, k, v, bias, layout, params),
         Some((order, inverse)) => {
             let (q, k, v) = (
                 reorder::<B>(q, order),
                 reorder::<B>(k, order),
                 reorder::<B>(v, order),
             );
-            let (out, lse) = forward_positions::<B>(q, k, v, layout, params);
+            let (out, lse) = forward_positions::<B>(q, k, v, bias, layout, params);
             (reorder::<B>(out, inverse), reorder::<B>(lse, inverse))
         }
     };
     (out, B::float_cast(lse, lse_dtype))
+}
+
+/// A `[H, buckets]` bias table flat, `[H * buckets]`, in the inputs' `dtype`.
+fn flat_table<B: Backend>(table: FloatTensor<B>, dtype: burn::tensor::DType) -> FloatTensor<B> {
+    let len = dims::<B>(&table).iter().product::<usize>();
+    B::float_cast(reshape::<B>(table, &[len]), dtype.into())
 }
 
 /// The dtype of the log-sum-exp for inputs of `dtype` on every backend: f64 for f64
@@ -440,6 +501,7 @@ fn forward_positions<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
+    bias: Option<&FloatTensor<B>>,
     layout: &BlockLayout,
     params: &AttentionParams,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
@@ -460,7 +522,8 @@ fn forward_positions<B: Backend>(
         for p in plans(layout, lh) {
             let nr = p.rows.len();
             order.extend_from_slice(&p.rows);
-            let g = gather::<B>(part(&q), part(&k), part(&v), layout, (h0..h1, p), params);
+            let inputs = (part(&q), part(&k), part(&v));
+            let g = gather::<B>(inputs, bias, layout, (h0..h1, p), params);
             let max = finite_or_zero::<B>(B::float_max_dim(g.s.clone(), 4));
             let e = B::float_exp(B::float_sub(g.s, max.clone()));
             let sum = B::float_sum_dim(e.clone(), 4);
@@ -500,20 +563,73 @@ pub fn backward<B: Backend>(
     layout: &BlockLayout,
     params: &AttentionParams,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let (dq, dk, dv, _) = backward_with::<B>(q, k, v, None, out, lse, dout, layout, params);
+    (dq, dk, dv)
+}
+
+/// [`backward`] of a biased call: also the gradient of the bias table (`[H, buckets]`,
+/// in its dtype).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_biased<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    dout: FloatTensor<B>,
+    layout: &BlockLayout,
+    params: &AttentionParams,
+) -> (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+) {
+    let (table_dims, table_dtype) = (dims::<B>(&bias), bias.dtype());
+    let (dq, dk, dv, dbias) =
+        backward_with::<B>(q, k, v, Some(bias), out, lse, dout, layout, params);
+    let dbias = dbias.expect("a bias table gives a bias gradient");
+    let dbias = B::float_cast(reshape::<B>(dbias, &table_dims), table_dtype.into());
+    (dq, dk, dv, dbias)
+}
+
+/// The backward of [`backward`] and [`backward_biased`]: the bias gradient flat.
+#[allow(clippy::too_many_arguments)]
+fn backward_with<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    dout: FloatTensor<B>,
+    layout: &BlockLayout,
+    params: &AttentionParams,
+) -> (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    Option<FloatTensor<B>>,
+) {
     let (heads, kv_heads) = (dims::<B>(&q)[1], dims::<B>(&k)[1]);
     let (k, v) = (repeat_kv::<B>(k, heads), repeat_kv::<B>(v, heads));
     // The tensor ops below run in the inputs' dtype.
     let lse = B::float_cast(lse, q.dtype().into());
-    let (dq, dk, dv) = match layout.order() {
-        None => backward_positions::<B>(q, k, v, out, lse, dout, layout, params),
+    let bias = bias.map(|t| flat_table::<B>(t, q.dtype()));
+    let bias = bias.as_ref();
+    let (dq, dk, dv, dbias) = match layout.order() {
+        None => backward_positions::<B>(q, k, v, bias, out, lse, dout, layout, params),
         Some((order, inverse)) => {
             let [q, k, v, out, lse, dout] =
                 [q, k, v, out, lse, dout].map(|t| reorder::<B>(t, order));
-            let (dq, dk, dv) = backward_positions::<B>(q, k, v, out, lse, dout, layout, params);
+            let (dq, dk, dv, dbias) =
+                backward_positions::<B>(q, k, v, bias, out, lse, dout, layout, params);
             (
                 reorder::<B>(dq, inverse),
                 reorder::<B>(dk, inverse),
                 reorder::<B>(dv, inverse),
+                dbias,
             )
         }
     };
@@ -521,21 +637,28 @@ pub fn backward<B: Backend>(
         dq,
         sum_groups::<B>(dk, kv_heads),
         sum_groups::<B>(dv, kv_heads),
+        dbias,
     )
 }
 
-/// Backward on tensors already in layout positions.
+/// Backward on tensors already in layout positions (`bias`: a flat bias table).
 #[allow(clippy::too_many_arguments)]
 fn backward_positions<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
+    bias: Option<&FloatTensor<B>>,
     out: FloatTensor<B>,
     lse: FloatTensor<B>,
     dout: FloatTensor<B>,
     layout: &BlockLayout,
     params: &AttentionParams,
-) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+) -> (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    Option<FloatTensor<B>>,
+) {
     let s = dims::<B>(&q);
     let (batch, heads, n, d) = (s[0], s[1], s[2], s[3]);
     let (b, nb) = (layout.block(), layout.n_blocks());
@@ -544,6 +667,7 @@ fn backward_positions<B: Backend>(
     let (q, k, v, out, dout) = (pad(q), pad(k), pad(v), pad(out), pad(dout));
     let lse = pad_rows::<B>(reshape::<B>(lse, &[batch, heads, n, 1]), np);
     let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut dbias = bias.map(|t| B::float_zeros(t.shape(), &t.device(), t.dtype().into()));
     for (h0, h1, lh) in head_groups(layout, heads) {
         let hg = h1 - h0;
         let part = |t: &FloatTensor<B>| slice_dim::<B>(t.clone(), 1, h0..h1);
@@ -559,7 +683,8 @@ fn backward_positions<B: Backend>(
         for p in plans(layout, lh) {
             let nr = p.rows.len();
             order.extend_from_slice(&p.rows);
-            let g = gather::<B>(part(&q), part(&k), part(&v), layout, (h0..h1, p), params);
+            let inputs = (part(&q), part(&k), part(&v));
+            let g = gather::<B>(inputs, bias, layout, (h0..h1, p), params);
             let rows =
                 |t: &FloatTensor<B>| gather_blocks::<B>(part(t), g.rows.clone(), (nb, b), nr, 1);
             let lse = finite_or_zero::<B>(rows(&lse));
@@ -577,6 +702,19 @@ fn backward_positions<B: Backend>(
             };
             let dv_g = B::float_matmul(B::float_swap_dims(dropped, 3, 4), dout);
             let mut ds = B::float_mul(probs, B::float_sub(dp, delta));
+            // The bias adds to the modified scores: its gradient is dS before the cap's
+            // derivative, summed over the batch and into each score's table entry.
+            if let (Some(acc), Some(index)) = (dbias.take(), g.bias_index) {
+                let len = hg * nr * b * g.degree * b;
+                let summed = reshape::<B>(B::float_sum_dim(ds.clone(), 0), &[len]);
+                dbias = Some(B::float_select_assign(
+                    acc,
+                    0,
+                    index,
+                    summed,
+                    IndexingUpdateOp::Add,
+                ));
+            }
             if let Some(cap_grad) = g.cap_grad {
                 ds = B::float_mul(ds, cap_grad);
             }
@@ -598,7 +736,7 @@ fn backward_positions<B: Backend>(
         dvs.push(reshape::<B>(dv, &[batch, hg, np, d]));
     }
     let finish = |parts: Vec<FloatTensor<B>>| slice_dim::<B>(B::float_cat(parts, 1), 2, 0..n);
-    (finish(dqs), finish(dks), finish(dvs))
+    (finish(dqs), finish(dks), finish(dvs), dbias)
 }
 
 #[cfg(test)]

@@ -94,18 +94,21 @@ pub fn decode<B: Backend>(
                 let t = B::float_tanh(B::float_div_scalar(scores, cap.into()));
                 scores = B::float_mul_scalar(t, cap.into());
             }
-            if let Some(slopes) = &params.mods.alibi {
-                // slope_h * |i - j| for row i (token first + i) and slot j's key token.
-                let first = params.first[b];
+            let first = params.first[b];
+            let mods = params.mods.view(params.bias_table.as_deref());
+            if mods.alibi.is_some() || mods.bias.is_some() {
+                // The modifiers after the cap, `- slope_h * |i - j| + bias_h(i, j)`, for row
+                // i (token first + i) and slot j's key token.
                 let biases: Vec<f64> = (h0..h1)
                     .flat_map(|h| {
-                        keys.index.iter().enumerate().map(move |(at, &tok)| {
-                            slopes[h] * (first + at / w).abs_diff(tok as usize) as f64
-                        })
+                        keys.index
+                            .iter()
+                            .enumerate()
+                            .map(move |(at, &tok)| mods.apply(h, 0.0, first + at / w, tok as usize))
                     })
                     .collect();
                 let data = TensorData::new(biases, vec![1, hg, m, 1, w]).convert_dtype(q.dtype());
-                scores = B::float_sub(scores, B::float_from_data(data, &device));
+                scores = B::float_add(scores, B::float_from_data(data, &device));
             }
             let masked = bool_tensor::<B>(keys.masked, vec![1, 1, m, 1, w], &device);
             let masked = B::bool_expand(masked, Shape::from(vec![1, hg, m, 1, w]));

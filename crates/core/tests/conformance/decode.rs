@@ -11,8 +11,9 @@ use rstest::rstest;
 use sparse_attn_core::pattern::{Band, BigBird, BigBirdConfig, Fixed, PerHead, Strided};
 use sparse_attn_core::reference::{RefOptions, RefShape, reference_forward_with};
 use sparse_attn_core::{
-    AttentionOptions, BlockLayout, DecodeRows, Pattern, Result, SparseAttentionError,
-    sparse_attention_decode, sparse_attention_decode_portable, sparse_attention_decode_with,
+    AttentionOptions, BlockLayout, DecodeRows, Pattern, RelativeBuckets, Result,
+    SparseAttentionError, sparse_attention_decode, sparse_attention_decode_portable,
+    sparse_attention_decode_with,
 };
 
 use crate::common::{Rng, assert_close, devices, rounded, to_tensor};
@@ -104,8 +105,9 @@ fn decode_matches_the_reference_rows(
     check_decode(name, heads, portable, false);
 }
 
-/// Decoding with soft-capping and ALiBi equals the rows of the reference with the same
-/// modifiers (ALiBi's distance between the row's token and each cached key's token).
+/// Decoding with soft-capping, ALiBi and a relative-position bias equals the rows of the
+/// reference with the same modifiers (distances between the row's token and each cached
+/// key's token).
 #[rstest]
 fn decode_with_score_modifiers_matches_the_reference_rows(
     #[values("local", "strided", "bidirectional")] name: &str,
@@ -141,6 +143,10 @@ fn check_decode(name: &str, heads: (usize, usize), portable: bool, modified: boo
     if modified {
         options = options.softcap(cap_value).alibi_slopes(slopes);
     }
+    let bias = modified.then(|| {
+        let buckets = RelativeBuckets::new(8, 20, name == "bidirectional").unwrap();
+        (buckets, rng.normals(heads * 8))
+    });
     // A chunked prefill from the start and from a cached prefix (with a padded row), one
     // token at two positions, the last position of the capacity.
     let calls = [
@@ -191,6 +197,7 @@ fn check_decode(name: &str, heads: (usize, usize), portable: bool, modified: boo
             key_lengths: Some(lengths),
             softcap: modified.then_some(cap_value),
             alibi: modified.then(|| slopes.to_vec()),
+            relative: bias.clone(),
             ..RefOptions::default()
         };
         let full =
@@ -201,8 +208,13 @@ fn check_decode(name: &str, heads: (usize, usize), portable: bool, modified: boo
             let what = format!(
                 "{backend} {name} h={heads}/{kv_heads} portable={portable} modified={modified} rows={rows:?}"
             );
+            let mut options = options.clone();
+            if let Some((buckets, table)) = &bias {
+                let table = to_tensor(table, [heads, buckets.count()], &device);
+                options = options.relative_bias(table, buckets.clone());
+            }
             let got = run(
-                (decode, options.clone()),
+                (decode, options),
                 &device,
                 &layout,
                 &rows,

@@ -140,6 +140,7 @@ fn half_precision_matrix(
         dropout: DropoutMask::new(p, seed),
         softcap: modified.then_some(1.5),
         alibi: modified.then(|| slopes.clone()),
+        relative: None,
     };
     let mut options = AttentionOptions::default().dropout(p, seed);
     if padded {

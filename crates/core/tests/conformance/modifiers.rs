@@ -1,14 +1,15 @@
-//! The score modifiers (soft-capping, ALiBi) on every backend, fused and portable paths,
-//! forward and gradients, against the f64 reference with the same modifiers; with key
-//! padding, dropout and grouped-query attention in the same calls, and under a permuted
-//! layout (ALiBi's distance is in token order).
+//! The score modifiers (soft-capping, ALiBi, the learnable relative-position bias) on every
+//! backend, fused and portable paths, forward and gradients (the bias table's included),
+//! against the f64 reference with the same modifiers; with key padding, dropout and
+//! grouped-query attention in the same calls, and under a permuted layout (distances are
+//! in token order).
 
 use burn::tensor::Tensor;
 use rstest::rstest;
 use sparse_attn_core::reference::{RefOptions, RefShape};
 use sparse_attn_core::{
-    AttentionOptions, BlockLayout, DropoutMask, SparseAttentionError, alibi_slopes,
-    sparse_attention,
+    AttentionOptions, BlockLayout, DropoutMask, RelativeBuckets, SparseAttentionError,
+    alibi_slopes, sparse_attention,
 };
 
 use crate::common::{Rng, devices, to_tensor};
@@ -46,6 +47,7 @@ fn modifiers_match_reference(
         dropout: DropoutMask::new(p, seed),
         softcap,
         alibi: slopes.clone(),
+        relative: None,
     };
     let mut options = AttentionOptions::default().dropout(p, seed);
     if both {
@@ -77,6 +79,111 @@ fn modifiers_match_reference(
         kv_heads,
         &format!("{name} {mods} portable={portable}"),
     );
+}
+
+/// The learnable relative-position bias, alone and with the other modifiers, padding,
+/// dropout and GQA: forward and gradients, the table's against the reference's sums.
+#[rstest]
+fn relative_bias_matches_reference(
+    #[values("local", "strided", "fixed", "bidirectional")] name: &str,
+    #[values("bias", "all")] mods: &str,
+    #[values(false, true)] portable: bool,
+) {
+    let (heads, kv_heads) = (4, 2);
+    let (n, block, d, batch) = (37, 8, 8, 2);
+    let pattern = pattern(name);
+    let layout = BlockLayout::build(pattern.as_ref(), n, block, heads).unwrap();
+    let shape = RefShape {
+        batch,
+        heads,
+        seq_len: n,
+        head_dim: d,
+    };
+    // Small buckets so that both exact and logarithmic ones (and the last) are hit.
+    let buckets = RelativeBuckets::new(8, 20, name == "bidirectional").unwrap();
+    let mut rng = Rng::new(name.len() as u64 * 7 + mods.len() as u64);
+    let table = rng.normals(heads * buckets.count());
+    let all = mods == "all";
+    let lengths = vec![n, 23];
+    let (p, seed) = (if all { 0.3 } else { 0.0 }, 9);
+    let reference = RefOptions {
+        kv_heads: Some(kv_heads),
+        key_lengths: all.then(|| lengths.clone()),
+        dropout: DropoutMask::new(p, seed),
+        softcap: all.then_some(CAP),
+        alibi: all.then(|| vec![0.5, 0.25, 0.1, 0.0]),
+        relative: Some((buckets, table)),
+    };
+    let mut options = AttentionOptions::default().dropout(p, seed);
+    if all {
+        options = options
+            .key_lengths(lengths)
+            .softcap(CAP)
+            .alibi_slopes(vec![0.5, 0.25, 0.1, 0.0]);
+    }
+    let (q_dims, kv_dims) = ([batch, heads, n, d], [batch, kv_heads, n, d]);
+    let q = rng.normals(q_dims.iter().product());
+    let [k, v] = [(); 2].map(|_| rng.normals(kv_dims.iter().product()));
+    let dout = rng.normals(q.len());
+    check_against_reference(
+        ReferenceCase {
+            pattern: pattern.as_ref(),
+            layout: &layout,
+            shape,
+            reference: &reference,
+            options,
+            portable,
+            tolerances: (5e-5, 2e-4),
+        },
+        [&q, &k, &v, &dout],
+        kv_heads,
+        &format!("{name} {mods} portable={portable}"),
+    );
+}
+
+/// The bias table's gradient is the same bits from run to run (no atomics, a fixed order),
+/// and a table of the wrong shape, dtype or device is a typed error.
+#[test]
+fn relative_bias_is_deterministic_and_checked() {
+    let (heads, n, d) = (4, 70, 8);
+    let layout = BlockLayout::build(pattern("local").as_ref(), n, 8, heads).unwrap();
+    let buckets = RelativeBuckets::new(8, 20, false).unwrap();
+    let mut rng = Rng::new(21);
+    let x = rng.normals(2 * heads * n * d);
+    let values = rng.normals(heads * 8);
+    for (backend, device) in devices() {
+        let grad = || {
+            let t = to_tensor(&x, [2, heads, n, d], &device).require_grad();
+            let table = to_tensor(&values, [heads, 8], &device).require_grad();
+            let options = AttentionOptions::default().relative_bias(table.clone(), buckets.clone());
+            let out = sparse_attention(t.clone(), t.clone(), t, &layout, options).unwrap();
+            let g = (out.clone() * out).sum().backward();
+            let dbias = table.grad(&g).unwrap();
+            dbias.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+        };
+        let first = grad();
+        assert!(first.iter().any(|&x| x != 0.0), "{backend}: zero gradient");
+        assert_eq!(first, grad(), "{backend}: two runs differ");
+        let t = to_tensor(&x, [2, heads, n, d], &device);
+        let wrong = to_tensor(&values[..3 * 8], [3, 8], &device);
+        let options = AttentionOptions::default().relative_bias(wrong, buckets.clone());
+        let err = sparse_attention(t.clone(), t.clone(), t, &layout, options).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SparseAttentionError::BiasTable {
+                    heads: 4,
+                    buckets: 8,
+                    ..
+                }
+            ),
+            "{backend}: {err}"
+        );
+    }
+    assert!(matches!(
+        RelativeBuckets::new(8, 2, false),
+        Err(sparse_attn_core::BucketsError::MaxDistance { .. })
+    ));
 }
 
 /// The standard slopes are the default of `alibi()`; a cap or slopes that make no sense are

@@ -12,7 +12,7 @@ use sparse_attn_core::reference::{
     RefOptions, RefShape, reference_backward_with, reference_forward_with,
 };
 use sparse_attn_core::{
-    AttentionOptions, BlockLayout, DropoutMask, Pattern, Result, sparse_attention,
+    AttentionOptions, BlockLayout, DropoutMask, Pattern, RelativeBuckets, Result, sparse_attention,
     sparse_attention_portable,
 };
 
@@ -44,18 +44,50 @@ pub(crate) fn run(
     device: &Device,
     layout: &BlockLayout,
     options: AttentionOptions,
-    [q, k, v, dout]: [&[f64]; 4],
+    inputs: [&[f64]; 4],
     q_dims: [usize; 4],
     kv_dims: [usize; 4],
 ) -> [Vec<f32>; 4] {
+    run_biased(
+        attend, device, layout, options, inputs, q_dims, kv_dims, None,
+    )
+    .0
+}
+
+/// [`run`] with a relative-position bias of `table` values `[heads, buckets]` over
+/// `buckets`: also the table's gradient.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_biased(
+    attend: Attend,
+    device: &Device,
+    layout: &BlockLayout,
+    mut options: AttentionOptions,
+    [q, k, v, dout]: [&[f64]; 4],
+    q_dims: [usize; 4],
+    kv_dims: [usize; 4],
+    bias: Option<&(RelativeBuckets, Vec<f64>)>,
+) -> ([Vec<f32>; 4], Option<Vec<f32>>) {
     let tq = to_tensor(q, q_dims, device).require_grad();
     let [tk, tv] = [k, v].map(|x| to_tensor(x, kv_dims, device).require_grad());
+    let table = bias.map(|(buckets, table)| {
+        let t = to_tensor(table, [q_dims[1], buckets.count()], device).require_grad();
+        options = options.clone().relative_bias(t.clone(), buckets.clone());
+        t
+    });
     let out = attend(tq.clone(), tk.clone(), tv.clone(), layout, options).unwrap();
     let g = (out.clone() * to_tensor(dout, q_dims, device))
         .sum()
         .backward();
     let grad = |t: &Tensor<4>| values(t.grad(&g).unwrap());
-    [values(out), grad(&tq), grad(&tk), grad(&tv)]
+    let dbias = table.map(|t| {
+        t.grad(&g)
+            .unwrap()
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .unwrap()
+    });
+    ([values(out), grad(&tq), grad(&tk), grad(&tv)], dbias)
 }
 
 /// Every option combination against the reference with the same options, forward and
@@ -152,7 +184,7 @@ pub(crate) fn check_against_reference(
     let (out_tol, grad_tol) = case.tolerances;
     for (backend, device) in devices() {
         let what = format!("{backend} {what}");
-        let [out, dq, dk, dv] = run(
+        let ([out, dq, dk, dv], dbias) = run_biased(
             attend,
             &device,
             case.layout,
@@ -160,11 +192,18 @@ pub(crate) fn check_against_reference(
             [q, k, v, dout],
             q_dims,
             kv_dims,
+            reference.relative.as_ref(),
         );
         assert_close(&out, &want.out, out_tol, &format!("{what}: out"));
         assert_close(&dq, &grads.dq, grad_tol, &format!("{what}: dq"));
         assert_close(&dk, &grads.dk, grad_tol, &format!("{what}: dk"));
         assert_close(&dv, &grads.dv, grad_tol, &format!("{what}: dv"));
+        if let Some(dbias) = dbias {
+            // A table entry sums the gradients of many scores, each with its rounding.
+            let terms = (batch * n * n) as f64 / grads.dbias.len() as f64;
+            let tol = grad_tol * terms.sqrt().max(1.0);
+            assert_close(&dbias, &grads.dbias, tol, &format!("{what}: dbias"));
+        }
     }
 }
 

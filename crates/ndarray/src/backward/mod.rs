@@ -168,9 +168,7 @@ pub fn backward_with_tile_cache<T: Real>(
         layout,
         scale,
         extras,
-        dq,
-        dk,
-        dv,
+        (dq, dk, dv, None),
         tile_cache_bytes,
     );
 }
@@ -198,10 +196,15 @@ pub fn row_deltas<T: Real>(out: &[T], dout: &[T], d: usize) -> Vec<T> {
 }
 
 /// [`backward_with_tile_cache`] from the [`row_deltas`] instead of the forward's output
-/// (`delta` in token order, like every other tensor).
+/// (`delta` in token order, like every other tensor), writing `(dq, dk, dv, dbias)`: with
+/// `dbias` (`[heads, buckets]`, for the relative-position bias of `extras`), also the bias
+/// table's gradient, summed in a fixed order (per query block over its key blocks, then
+/// over batch rows and query blocks), so the same call gives the same bits on any thread
+/// count.
 ///
 /// # Panics
-/// If a slice length disagrees with `shape` (the caller validates shapes).
+/// If a slice length disagrees with `shape` (the caller validates shapes), or `dbias` is
+/// given without a relative-position bias in `extras`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_with_deltas<T: Real>(
     q: &[T],
@@ -214,9 +217,7 @@ pub fn backward_with_deltas<T: Real>(
     layout: &CsrLayout<'_>,
     scale: T,
     extras: &KernelOptions<'_>,
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
+    (dq, dk, dv, dbias): (&mut [T], &mut [T], &mut [T], Option<&mut [T]>),
     tile_cache_bytes: usize,
 ) {
     let n = shape.seq_len;
@@ -246,7 +247,23 @@ pub fn backward_with_deltas<T: Real>(
         layout.seq_len, n,
         "backward: layout built for another sequence length"
     );
+    let buckets = dbias.as_ref().map(|dbias| {
+        let bias = extras
+            .mods
+            .bias
+            .expect("backward: `dbias` without a relative-position bias");
+        let count = bias.buckets.count();
+        assert_eq!(
+            dbias.len(),
+            shape.heads * count,
+            "backward: `dbias` has the wrong length"
+        );
+        count
+    });
     if shape.numel() == 0 {
+        if let Some(dbias) = dbias {
+            dbias.fill(T::ZERO);
+        }
         return;
     }
     let inputs = [q, k, v, delta, lse, dout];
@@ -259,7 +276,47 @@ pub fn backward_with_deltas<T: Real>(
         extras,
         plan: &plan,
     };
-    run(problem, (dq, dk, dv));
+    // The bias gradient's partial sums, one row of buckets per (batch, head, query block).
+    let query_blocks = shape.batch * shape.heads * layout.n_blocks;
+    let mut sums = buckets.map(|count| vec![0.0f64; query_blocks * count]);
+    run(problem, (dq, dk, dv, sums.as_deref_mut()));
+    if let (Some(dbias), Some(sums), Some(count)) = (dbias, sums, buckets) {
+        sum_bias_grads(&sums, shape, layout.n_blocks, count, dbias);
+    }
+}
+
+/// `dbias[h, c]`: the partial sums `[batch, heads, query blocks, buckets]` summed over batch
+/// rows and query blocks, in that order.
+fn sum_bias_grads<T: Real>(
+    sums: &[f64],
+    shape: AttentionShape,
+    n_blocks: usize,
+    count: usize,
+    dbias: &mut [T],
+) {
+    let mut total = vec![0.0f64; shape.heads * count];
+    for (bh, head_sums) in sums.chunks(n_blocks * count).enumerate() {
+        let h = bh % shape.heads;
+        for row in head_sums.chunks(count) {
+            for (t, &x) in total[h * count..(h + 1) * count].iter_mut().zip(row) {
+                *t += x;
+            }
+        }
+    }
+    for (g, t) in dbias.iter_mut().zip(total) {
+        *g = T::from_f64(t);
+    }
+}
+
+/// Splits the bias gradient's partial sums into `parts` equal runs (`None`s without them).
+fn split_sums(sums: Option<&mut [f64]>, parts: usize) -> Vec<Option<&mut [f64]>> {
+    match sums {
+        Some(sums) if parts > 0 => {
+            let len = sums.len() / parts;
+            sums.chunks_mut(len.max(1)).map(Some).collect()
+        }
+        _ => (0..parts).map(|_| None).collect(),
+    }
 }
 
 /// One validated backward problem, as every pass reads it.
@@ -274,11 +331,12 @@ struct Problem<'a, T> {
     plan: &'a Plan,
 }
 
-/// The gradients `(dq, dk, dv)` a pass writes.
-type Grads<'g, T> = (&'g mut [T], &'g mut [T], &'g mut [T]);
+/// The gradients `(dq, dk, dv)` a pass writes, and the partial sums of the bias gradient it
+/// adds to (`[batch, heads, query blocks, buckets]`) with a relative-position bias.
+type Grads<'g, T> = (&'g mut [T], &'g mut [T], &'g mut [T], Option<&'g mut [f64]>);
 
 /// The backward pass of `problem` as its plan says.
-fn run<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_, T>) {
+fn run<T: Real>(problem: Problem<'_, T>, (dq, dk, dv, sums): Grads<'_, T>) {
     let Problem {
         inputs,
         shape,
@@ -288,15 +346,15 @@ fn run<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_, T>) {
     } = problem;
     let (d, numel, kv_numel) = (shape.head_dim, shape.numel(), shape.kv_numel());
     match (layout.order, plan.budget) {
-        (_, Some(_)) => stored(problem, (dq, dk, dv)),
-        (None, None) => recompute(problem, (dq, dk, dv)),
+        (_, Some(_)) => stored(problem, (dq, dk, dv, sums)),
+        (None, None) => recompute(problem, (dq, dk, dv, sums)),
         (Some(order), None) => {
             // Inputs gathered to positions once, gradients scattered back.
             let widths = [d, d, d, 1, 1, d];
             let [q, k, v, delta, lse, dout] =
                 std::array::from_fn(|i| all_to_positions(inputs[i], order, widths[i]));
             let [mut dq_p, mut dk_p, mut dv_p] = [numel, kv_numel, kv_numel].map(zeroed::<T>);
-            let grads = (&mut dq_p[..], &mut dk_p[..], &mut dv_p[..]);
+            let grads = (&mut dq_p[..], &mut dk_p[..], &mut dv_p[..], sums);
             let inputs = [&q[..], &k, &v, &delta, &lse, &dout];
             recompute(Problem { inputs, ..problem }, grads);
             for (g, dst) in [(&dq_p, dq), (&dk_p, dk), (&dv_p, dv)] {
@@ -360,7 +418,7 @@ impl<'a, T: Real> Slices<'a, T> {
         bh: usize,
         shape: AttentionShape,
         layout: &CsrLayout<'a>,
-        extras: &KernelOptions<'_>,
+        extras: &KernelOptions<'a>,
     ) -> Self {
         let (n, d) = (shape.seq_len, shape.head_dim);
         let (rows, kv) = (bh * n..(bh + 1) * n, shape.kv_slice(bh));
@@ -516,7 +574,7 @@ mod tests {
                     extras: &extras,
                     plan: &plan,
                 };
-                run(problem, (&mut dq[..], &mut dk[..], &mut dv[..]));
+                run(problem, (&mut dq[..], &mut dk[..], &mut dv[..], None));
                 [dq, dk, dv].map(|g| g.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
             };
             let (parallel, in_turn) = (grads(usize::MAX), grads(0));

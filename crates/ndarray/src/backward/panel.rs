@@ -37,8 +37,10 @@ impl<T: Real> PanelScratch<T> {
 /// panel by panel of at most [`PANEL_BLOCKS`] blocks; with `fresh`, writes the sum instead
 /// (whatever `dq` held: the first GEMM overwrites it, or zeros). With a `store` (the row's
 /// slots: `[width, d]` of `dV` contributions then `[width, d]` of `dK` ones, width the
-/// entries' keys), also writes there each panel's `Pᵀ dO` and `dSᵀ Q * scale`. The query
-/// block's rows are gathered into the scratch when `x` holds them in token order.
+/// entries' keys), also writes there each panel's `Pᵀ dO` and `dSᵀ Q * scale`. With
+/// `bias_sums` (one per bucket), also adds there the block's relative-position bias
+/// gradient. The query block's rows are gathered into the scratch when `x` holds them in
+/// token order.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn dq_block<T: Real>(
     x: &Slices<'_, T>,
@@ -50,6 +52,7 @@ pub(super) fn dq_block<T: Real>(
     (dq, fresh): (&mut [T], bool),
     scratch: &mut PanelScratch<T>,
     mut store: Option<&mut [T]>,
+    mut bias_sums: Option<&mut [f64]>,
 ) {
     // Rows past the valid length (no token order): P = 0, nothing to add or store.
     if entries.is_empty() || x.extras.block_past_end(r) {
@@ -88,6 +91,7 @@ pub(super) fn dq_block<T: Real>(
             p,
             ds,
             contributions,
+            bias_sums.as_deref_mut(),
         );
         done += w;
     }
@@ -98,7 +102,8 @@ avx2_dispatch! {
 /// `ds` (row stride `width`), with a GEMM per run of consecutive key blocks for the scores,
 /// for `dP` and for `dQ` (the first of which overwrites `dq` when `fresh`, else adds to
 /// it). With `contributions` (`[width, d]` each), also the panel's `dV` and `dK`
-/// contributions: `Pᵀ dO` (`P` after dropout) and `dSᵀ Q * scale`.
+/// contributions: `Pᵀ dO` (`P` after dropout) and `dSᵀ Q * scale`; with `bias_sums`, adds
+/// the panel's relative-position bias gradient there.
 fn dq_panel<T: Real>(
     x: &Slices<'_, T>,
     d: usize,
@@ -111,6 +116,7 @@ fn dq_panel<T: Real>(
     p: &mut [T],
     ds: &mut [T],
     contributions: Option<(&mut [T], &mut [T])>,
+    bias_sums: Option<&mut [f64]>,
 ) {
     let b = layout.block;
     let (qs, qe) = layout.block_range(r);
@@ -136,6 +142,9 @@ fn dq_panel<T: Real>(
     // With dropout, dP of the kept (scaled) probabilities: dO Vᵀ times the keep factor.
     x.extras.drop_tiles(entries.clone(), ds, width, qs, bq);
     softmax_grad(p, ds, delta, width);
+    if let Some(sums) = bias_sums {
+        x.extras.bias_grad_tiles(entries.clone(), ds, width, qs, bq, sums);
+    }
     x.extras
         .softcap_grad_tiles(entries.clone(), p, ds, lse, width, qs, bq);
     // dQ += dS K * scale, one GEMM per run.

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::panel::{dq_block, softmax_grad};
-use super::{Grads, Problem, Slices};
+use super::{Grads, Problem, Slices, split_sums};
 use crate::real::Real;
 use crate::simd::avx2_dispatch;
 use crate::tile::{gemm, probabilities};
@@ -12,7 +12,7 @@ use sparse_attn_kernel_types::CsrLayout;
 
 /// The backward pass without a store (a key-block column's contributions exceed the
 /// budget): dQ over the rows, then dK and dV over the columns recomputing `P` and `dS`.
-pub(super) fn recompute<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_, T>) {
+pub(super) fn recompute<T: Real>(problem: Problem<'_, T>, (dq, dk, dv, sums): Grads<'_, T>) {
     let Problem {
         inputs,
         shape,
@@ -29,27 +29,34 @@ pub(super) fn recompute<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_
         shape.group(),
     );
     let slices = |bh: usize| Slices::of(inputs, bh, shape, layout, extras);
+    let nb = layout.n_blocks;
     dq.par_chunks_mut(n * d)
+        .zip(split_sums(sums, shape.batch * heads))
         .enumerate()
-        .for_each(|(bh, dq_bh)| {
+        .for_each(|(bh, (dq_bh, sums_bh))| {
             let x = slices(bh);
-            dq_bh.par_chunks_mut(b * d).enumerate().for_each_init(
-                || plan.scratch(b),
-                |scratch, (r, dq_r)| {
-                    let entries = layout.row_entries(bh % heads, r);
-                    dq_block(
-                        &x,
-                        d,
-                        layout,
-                        r,
-                        entries,
-                        scale,
-                        (dq_r, true),
-                        scratch,
-                        None,
-                    );
-                },
-            );
+            dq_bh
+                .par_chunks_mut(b * d)
+                .zip(split_sums(sums_bh, nb))
+                .enumerate()
+                .for_each_init(
+                    || plan.scratch(b),
+                    |scratch, (r, (dq_r, sums_r))| {
+                        let entries = layout.row_entries(bh % heads, r);
+                        dq_block(
+                            &x,
+                            d,
+                            layout,
+                            r,
+                            entries,
+                            scale,
+                            (dq_r, true),
+                            scratch,
+                            None,
+                            sums_r,
+                        );
+                    },
+                );
         });
     dk.par_chunks_mut(n * d)
         .zip(dv.par_chunks_mut(n * d))

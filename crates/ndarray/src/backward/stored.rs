@@ -6,7 +6,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::panel::dq_block;
-use super::{Grads, Plan, Problem, Slices};
+use super::{Grads, Plan, Problem, Slices, split_sums};
 use crate::order::gather_into;
 use crate::real::Real;
 use crate::rows::PositionRows;
@@ -35,7 +35,7 @@ struct GroupScratch<T> {
 /// key/value head is gathered to positions in the task's buffers once per group, its
 /// query-side rows a block at a time by the dQ pass; its gradients are written block by
 /// block straight to token order ([`PositionRows`]).
-pub(super) fn stored<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_, T>) {
+pub(super) fn stored<T: Real>(problem: Problem<'_, T>, (dq, dk, dv, sums): Grads<'_, T>) {
     let Problem {
         inputs,
         shape,
@@ -50,8 +50,15 @@ pub(super) fn stored<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_, T
         store: plan.store::<T>(layout.block, d),
         kv: Default::default(),
     };
-    type Group<'g, T> = (usize, ((&'g mut [T], &'g mut [T]), &'g mut [T]));
-    let task = |scratch: &mut GroupScratch<T>, (bkv, ((dq_g, dk_g), dv_g)): Group<'_, T>| {
+    type Group<'g, T> = (
+        usize,
+        (
+            ((&'g mut [T], &'g mut [T]), &'g mut [T]),
+            Option<&'g mut [f64]>,
+        ),
+    );
+    let task = |scratch: &mut GroupScratch<T>,
+                (bkv, (((dq_g, dk_g), dv_g), sums_g)): Group<'_, T>| {
         let first = (bkv / shape.kv_heads) * shape.heads + (bkv % shape.kv_heads) * group;
         let GroupScratch { store, kv } = scratch;
         let (mut dk, mut dv) = (
@@ -63,7 +70,8 @@ pub(super) fn stored<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_, T
             gather_into(&inputs[1][kv_rows.clone()], order, d, &mut kv[0]);
             gather_into(&inputs[2][kv_rows], order, d, &mut kv[1]);
         }
-        for (bh, dq_bh) in (first..).zip(dq_g.chunks_mut(n * d)) {
+        let sums_g = split_sums(sums_g, group);
+        for ((bh, dq_bh), sums_bh) in (first..).zip(dq_g.chunks_mut(n * d)).zip(sums_g) {
             let x = Slices::of(inputs, bh, shape, layout, extras);
             let x = match order {
                 // Query-side rows stay in token order (the dQ pass gathers a block's);
@@ -77,7 +85,7 @@ pub(super) fn stored<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_, T
                 None => x,
             };
             let dq = PositionRows::new(dq_bh, d, order);
-            let grads = (dq, &mut dk, &mut dv);
+            let grads = (dq, &mut dk, &mut dv, sums_bh);
             let head = bh % shape.heads;
             stored_head(&x, head, shape, layout, scale, plan, store, grads);
         }
@@ -88,6 +96,7 @@ pub(super) fn stored<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_, T
         .par_chunks_mut(group * n * d)
         .zip(dk.par_chunks_mut(n * d))
         .zip(dv.par_chunks_mut(n * d))
+        .zip(split_sums(sums, shape.batch * shape.kv_heads))
         .enumerate();
     if per_task <= plan.parallel_task_bytes {
         groups.for_each_init(scratch, task);
@@ -102,7 +111,8 @@ pub(super) fn stored<T: Real>(problem: Problem<'_, T>, (dq, dk, dv): Grads<'_, T
 
 /// One head of [`stored`]: adds its dQ to `dq` and its dK, dV to `dk`, `dv` (`[n, d]`
 /// each, addressed by position), writing dK and dV instead when `head` is the first of
-/// its key/value group.
+/// its key/value group; adds its bias gradient's partial sums to the last (one row of
+/// buckets per query block).
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn stored_head<T: Real>(
     x: &Slices<'_, T>,
@@ -112,10 +122,11 @@ fn stored_head<T: Real>(
     scale: T,
     plan: &Plan,
     store: &mut [T],
-    (mut dq, dk, dv): (
+    (mut dq, dk, dv, mut sums): (
         PositionRows<'_, T>,
         &mut PositionRows<'_, T>,
         &mut PositionRows<'_, T>,
+        Option<&mut [f64]>,
     ),
 ) {
     let (d, b, nb) = (shape.head_dim, layout.block, layout.n_blocks);
@@ -143,22 +154,32 @@ fn stored_head<T: Real>(
             stores.push(mine);
             rest = tail;
         }
+        let touched = |r: &usize| slots.index[*r] != UNTOUCHED;
         let blocks: Vec<_> = dq
             .par_blocks(b, 0..nb)
             .enumerate()
-            .filter(|(r, _)| slots.index[*r] != UNTOUCHED)
+            .filter(|(r, _)| touched(r))
             .map(|(_, block)| block)
+            .collect();
+        let block_sums: Vec<_> = split_sums(sums.as_deref_mut(), nb)
+            .into_iter()
+            .enumerate()
+            .filter(|(r, _)| touched(r))
+            .map(|(_, s)| s)
             .collect();
         blocks
             .into_par_iter()
-            .zip(stores.into_par_iter())
+            .zip(stores.into_par_iter().zip(block_sums))
             .zip(slots.touched.par_iter().zip(slots.rows.par_iter()))
             .for_each_init(
                 || (plan.scratch(b), Vec::new()),
-                |(scratch, staging), ((dq_r, store), (&r, entries))| {
+                |(scratch, staging), ((dq_r, (store, sums_r)), (&r, entries))| {
                     dq_r.update(fresh, staging, |dq_r| {
                         let (entries, dq_r) = (entries.clone(), (dq_r, fresh));
-                        dq_block(x, d, layout, r, entries, scale, dq_r, scratch, Some(store))
+                        let store = Some(store);
+                        dq_block(
+                            x, d, layout, r, entries, scale, dq_r, scratch, store, sums_r,
+                        )
                     })
                 },
             );

@@ -135,7 +135,14 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
     );
     let mut dq_acc = new_accumulators(config.chunks());
     let mut probs = Array::<f32>::new(comptime!(config.per_lane()));
-    let mods = score_mod(slopes, args.softcap, bh % args.heads, config.alibi);
+    let mods = score_mod(
+        slopes,
+        args.softcap,
+        bh % args.heads,
+        args.heads,
+        config.alibi,
+        config.relative,
+    );
     // The soft-cap's derivative of each score, kept from the score pass to the dS pass.
     let mut cap_grads = Array::<f32>::new(comptime!(if config.softcap {
         config.per_lane()
@@ -163,7 +170,7 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
                 let raw = scratch[row_at + col] * args.scale;
                 let key_tok = staged_key_token(&key_toks, col, config);
                 #[rustfmt::skip]
-                let p = recomputed_prob(raw, lse_i, tok, key_tok, &mods, &mut cap_grads, i, config);
+                let p = recomputed_prob(raw, lse_i, tok, key_tok, &mods, slopes, &mut cap_grads, i, config);
                 probs[i] = p;
             }
         } else {
@@ -178,7 +185,7 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
                     let raw = scratch[row_at + col] * args.scale;
                     let key_tok = staged_key_token(&key_toks, col, config);
                     #[rustfmt::skip]
-                    let prob = recomputed_prob(raw, lse_i, tok, key_tok, &mods, &mut cap_grads, i, config);
+                    let prob = recomputed_prob(raw, lse_i, tok, key_tok, &mods, slopes, &mut cap_grads, i, config);
                     p = prob;
                 }
                 probs[i] = p;
@@ -341,7 +348,14 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
         if config.dropout {
             hkey = head_key(args.seed_lo, args.seed_hi, batch, h);
         }
-        let mods = score_mod(slopes, args.softcap, h, config.alibi);
+        let mods = score_mod(
+            slopes,
+            args.softcap,
+            h,
+            args.heads,
+            config.alibi,
+            config.relative,
+        );
         let start = col_ptr[col_list] as usize;
         let end = col_ptr[col_list + 1] as usize;
         let tiles = (end - start) * comptime!(block / tile);
@@ -387,7 +401,7 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
                     let raw = scratch[plane_at + at.row * ts + col] * args.scale;
                     let qtok = query_token(order, cur.start + col, config);
                     #[rustfmt::skip]
-                    let p = recomputed_prob(raw, lse_t[col], qtok, tok, &mods, &mut cap_grads, i, config);
+                    let p = recomputed_prob(raw, lse_t[col], qtok, tok, &mods, slopes, &mut cap_grads, i, config);
                     probs[i] = p;
                 }
             } else {
@@ -402,7 +416,7 @@ pub(crate) fn tc_dkdv_kernel<F: Float, N: Size>(
                         let raw = scratch[plane_at + at.row * ts + col] * args.scale;
                         let qtok = query_token(order, cur.start + col, config);
                         #[rustfmt::skip]
-                        let prob = recomputed_prob(raw, lse_t[col], qtok, tok, &mods, &mut cap_grads, i, config);
+                        let prob = recomputed_prob(raw, lse_t[col], qtok, tok, &mods, slopes, &mut cap_grads, i, config);
                         p = prob;
                     }
                     probs[i] = p;
@@ -501,13 +515,16 @@ fn recomputed_prob(
     qtok: usize,
     ktok: usize,
     mods: &ScoreMod,
+    data: &[f32],
     cap_grads: &mut Array<f32>,
     i: usize,
     #[comptime] config: TensorCoreConfig,
 ) -> f32 {
     let mut s = raw;
-    if comptime!(config.softcap || config.alibi) {
-        s = modify_score(raw, qtok, ktok, mods, config.softcap, config.alibi);
+    if comptime!(config.softcap || config.alibi || config.relative) {
+        #[rustfmt::skip]
+        let modified = modify_score(raw, qtok, ktok, mods, data, config.softcap, config.alibi, config.relative);
+        s = modified;
     }
     if config.softcap {
         cap_grads[i] = score_grad(raw, mods, config.softcap);
@@ -515,7 +532,7 @@ fn recomputed_prob(
     f32::exp(s - lse)
 }
 
-/// The token of staged key `col`, read only where ALiBi needs it (0 otherwise).
+/// The token of staged key `col`, read only where ALiBi or a relative bias needs it (0 otherwise).
 #[cube]
 fn staged_key_token(
     key_toks: &Shared<[u32]>,
@@ -523,17 +540,17 @@ fn staged_key_token(
     #[comptime] config: TensorCoreConfig,
 ) -> usize {
     let mut tok = 0usize;
-    if config.alibi {
+    if comptime!(config.alibi || config.relative) {
         tok = key_toks[col] as usize;
     }
     tok
 }
 
-/// The token of staged query position `pos`, read only where ALiBi needs it (0 otherwise).
+/// The token of staged query position `pos`, read only where ALiBi or a relative bias needs it (0 otherwise).
 #[cube]
 fn query_token(order: &[u32], pos: usize, #[comptime] config: TensorCoreConfig) -> usize {
     let mut tok = 0usize;
-    if config.alibi {
+    if comptime!(config.alibi || config.relative) {
         tok = token(order, pos, config.permuted);
     }
     tok

@@ -93,8 +93,15 @@ pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
         config,
     );
     let mut o_acc = new_accumulators(config.chunks());
-    let mods = score_mod(slopes, args.softcap, bh % args.heads, config.alibi);
-    let modified = comptime!(config.softcap || config.alibi);
+    let mods = score_mod(
+        slopes,
+        args.softcap,
+        bh % args.heads,
+        args.heads,
+        config.alibi,
+        config.relative,
+    );
+    let modified = comptime!(config.softcap || config.alibi || config.relative);
     let mut m = f32::new(MASKED);
     let mut l = 0.0f32;
     let mut scores = Array::<f32>::new(comptime!(config.per_lane()));
@@ -121,7 +128,16 @@ pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
                 let mut s = scratch[row_at + col] * args.scale;
                 if modified {
                     let key_tok = key_toks[col] as usize;
-                    s = modify_score(s, tok, key_tok, &mods, config.softcap, config.alibi);
+                    s = modify_score(
+                        s,
+                        tok,
+                        key_tok,
+                        &mods,
+                        slopes,
+                        config.softcap,
+                        config.alibi,
+                        config.relative,
+                    );
                 }
                 scores[i] = s;
                 tile_max = f32::max(tile_max, s);
@@ -138,7 +154,16 @@ pub(crate) fn tc_forward_kernel<F: Float, N: Size>(
                     s = scratch[row_at + col] * args.scale;
                     if modified {
                         let key_tok = key_toks[col] as usize;
-                        s = modify_score(s, tok, key_tok, &mods, config.softcap, config.alibi);
+                        s = modify_score(
+                            s,
+                            tok,
+                            key_tok,
+                            &mods,
+                            slopes,
+                            config.softcap,
+                            config.alibi,
+                            config.relative,
+                        );
                     }
                 }
                 scores[i] = s;

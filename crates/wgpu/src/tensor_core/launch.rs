@@ -74,6 +74,7 @@ impl TensorCoreGrid {
                 dropout: opts.dropout,
                 softcap: opts.softcap_on,
                 alibi: opts.alibi,
+                relative: opts.relative,
                 with_dk: true,
                 with_dv: true,
             },

@@ -36,6 +36,8 @@ pub(crate) struct TensorCoreConfig {
     pub softcap: bool,
     /// Scores carry ALiBi biases.
     pub alibi: bool,
+    /// Scores carry a relative-position bias.
+    pub relative: bool,
     /// The `dK`/`dV` kernel computes `dK`.
     pub with_dk: bool,
     /// The `dK`/`dV` kernel computes `dV`.
