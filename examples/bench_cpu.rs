@@ -6,8 +6,8 @@
 //! `cargo xtask bench cpu` (release build) prints a markdown table and writes
 //! `target/bench/cpu.json`. With `--extras`, each row also times the forward with 10%
 //! dropout, with key padding (one padded token, so every tile checks validity), with
-//! soft-capping and with ALiBi, and a second table gives their cost relative to the plain
-//! forward of the same run.
+//! soft-capping, with ALiBi and with T5's relative-position bias, and a second table gives
+//! their cost relative to the plain forward of the same run.
 //!
 //! Every timing is the median of several runs after a warm-up; CPU backends execute eagerly
 //! and each timed region ends by reading a result back. Ratios that targets are stated in

@@ -74,8 +74,9 @@ struct Args {
     #[arg(long)]
     flex: Option<PathBuf>,
     /// Also time dropout (p = 0.1), key padding (one padded token), soft-capping (at 30),
-    /// ALiBi (standard slopes) and grouped-query attention (heads / 4 key/value heads),
-    /// printed in a second table.
+    /// ALiBi (standard slopes), T5's relative-position bias (32 buckets, its table's gradient
+    /// in the backward) and grouped-query attention (heads / 4 key/value heads), printed in
+    /// a second table.
     #[arg(long)]
     extras: bool,
     /// JSON output.

@@ -40,5 +40,6 @@ pub use decode::{CHUNK_KEYS, DecodeRows, DecodeShape, decode};
 pub use forward::forward;
 pub use real::Real;
 pub use sparse_attn_kernel_types::{
-    AttentionShape, CsrLayout, DropoutMask, FULL_BLOCK, KernelOptions,
+    AttentionShape, CsrLayout, DropoutMask, FULL_BLOCK, KernelOptions, RelativeBias,
+    RelativeBuckets, ScoreMods,
 };

@@ -373,3 +373,89 @@ fn check_case(
         "{what}: not deterministic"
     );
 }
+
+/// The relative-position bias gradient is the same through every backward strategy (stored
+/// contributions in one chunk or per column, recompute), with and without a token order,
+/// and the same bits from run to run.
+#[test]
+fn bias_gradient_agrees_over_backward_strategies() {
+    use sparse_attn_ndarray::{
+        RelativeBias, RelativeBuckets, ScoreMods, backward_with_deltas, row_deltas,
+    };
+    let mut rng = Rng(7);
+    let (n, block, d) = (45, 8, 4);
+    let shape = AttentionShape {
+        batch: 2,
+        heads: 4,
+        kv_heads: 2,
+        seq_len: n,
+        head_dim: d,
+    };
+    let buckets = RelativeBuckets::new(8, 16, true).unwrap();
+    let table: Vec<f64> = (0..4 * 8).map(|_| rng.unit()).collect();
+    let extras = KernelOptions {
+        mods: ScoreMods {
+            bias: Some(RelativeBias {
+                buckets: &buckets,
+                table: &table,
+            }),
+            ..ScoreMods::default()
+        },
+        ..KernelOptions::default()
+    };
+    let o = Owned::random(&mut rng, n, block, 1);
+    let permuted = o.permuted(&mut rng);
+    let mut random = |len| (0..len).map(|_| rng.unit() as f32).collect::<Vec<f32>>();
+    let (q, k, v, g) = (
+        random(shape.numel()),
+        random(shape.kv_numel()),
+        random(shape.kv_numel()),
+        random(shape.numel()),
+    );
+    for layout in [&o, &permuted] {
+        let (mut out, mut lse) = (vec![0.0f32; shape.numel()], vec![0.0f32; shape.rows()]);
+        forward(
+            &q,
+            &k,
+            &v,
+            shape,
+            &layout.view(),
+            0.5,
+            &extras,
+            &mut out,
+            &mut lse,
+        );
+        let delta = row_deltas(&out, &g, d);
+        let widest = layout
+            .col_ptr
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(0) as usize;
+        let one_column = widest * 2 * block * d * std::mem::size_of::<f32>();
+        let dbias = |budget: usize| {
+            let mut grads =
+                [shape.numel(), shape.kv_numel(), shape.kv_numel()].map(|len| vec![0.0f32; len]);
+            let mut dbias = vec![f32::NAN; table.len()];
+            let [dq, dk, dv] = &mut grads;
+            let view = layout.view();
+            let all = (&mut dq[..], &mut dk[..], &mut dv[..], Some(&mut dbias[..]));
+            backward_with_deltas(
+                &q, &k, &v, &delta, &lse, &g, shape, &view, 0.5, &extras, all, budget,
+            );
+            dbias
+        };
+        let stored = dbias(TILE_CACHE_BYTES);
+        assert!(stored.iter().all(|x| x.is_finite()) && stored.iter().any(|&x| x != 0.0));
+        assert_eq!(stored, dbias(TILE_CACHE_BYTES), "not deterministic");
+        for budget in [one_column, 0] {
+            let other = dbias(budget);
+            for (i, (a, b)) in stored.iter().zip(&other).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                    "budget {budget} [{i}]: {a} vs {b}"
+                );
+            }
+        }
+    }
+}

@@ -384,11 +384,10 @@ impl MultiHeadSparseAttention {
         }
     }
 
-    /// The attention options of one forward on `q`: scale, score modifiers, and dropout
-    /// when training.
-    fn options(&self, scale: f64, q: &Tensor<4>) -> AttentionOptions {
-        let device = q.device();
-        let options = self.score_options(scale, q.dtype());
+    /// The attention options of one forward of an input on `device` whose attention runs
+    /// in `dtype`: scale, score modifiers, and dropout when training.
+    fn options(&self, scale: f64, device: &Device, dtype: DType) -> AttentionOptions {
+        let options = self.score_options(scale, dtype);
         let p = self.dropout.prob;
         if p > 0.0 && self.dropout.training.is_enabled() && device.is_autodiff() {
             options.dropout(p, next_dropout_seed())
@@ -670,7 +669,7 @@ impl MultiHeadSparseAttention {
         let scale = self.softmax_scale();
         let input_dtype = x.dtype();
         let (q, k, v) = self.split_heads(x.clone());
-        let options = self.options(scale, &q);
+        let options = self.options(scale, &x.device(), q.dtype());
         let attended = match padding {
             Padding::None => sparse_attention(q, k, v, &layout, options)?,
             Padding::Lengths(lengths) => {

@@ -23,7 +23,9 @@ use sparse_attn_core::pattern::{Band, BigBird, BigBirdConfig, Fixed, Longformer,
 use sparse_attn_core::reference::{
     RefOptions, RefShape, reference_backward_with, reference_forward_with,
 };
-use sparse_attn_core::{AttentionOptions, BlockLayout, DropoutMask, Pattern, sparse_attention};
+use sparse_attn_core::{
+    AttentionOptions, BlockLayout, DropoutMask, Pattern, RelativeBuckets, sparse_attention,
+};
 
 use crate::common::{Rng, assert_close, devices, rounded, to_tensor};
 
@@ -95,7 +97,8 @@ impl Launches {
 
 /// One case of the matrix: `(pattern, n, block, heads, kv_heads, head_dim, padded, dropout,
 /// score modifiers)`; the modifiers are soft-capping at 1.5 (most scores of these inputs
-/// bend) and ALiBi with slopes 0.3, 0.1, 0.05, 0.
+/// bend), ALiBi with slopes 0.3, 0.1, 0.05, 0, and a relative-position bias (16 buckets up
+/// to 64, its table's gradient checked too).
 #[rstest]
 #[case::local_d16_b16("local", 37, 16, 2, 2, 16, false, 0.0, false)]
 #[case::causal_d64_b64("all", 150, 64, 2, 2, 64, false, 0.0, false)]
@@ -134,13 +137,19 @@ fn half_precision_matrix(
     let lengths = vec![n, n / 2 + 3];
     let seed = 23;
     let slopes: Vec<f64> = [0.3, 0.1, 0.05, 0.0][..heads].to_vec();
+    let mut rng = Rng::new((n * 31 + block + d * 7 + heads) as u64);
+    let bias = modified.then(|| {
+        let buckets = RelativeBuckets::new(16, 64, false).unwrap();
+        let table = rounded(rng.normals(heads * 16), dtype);
+        (buckets, table)
+    });
     let reference = RefOptions {
         kv_heads: Some(kv_heads),
         key_lengths: padded.then(|| lengths.clone()),
         dropout: DropoutMask::new(p, seed),
         softcap: modified.then_some(1.5),
         alibi: modified.then(|| slopes.clone()),
-        relative: None,
+        relative: bias.clone(),
     };
     let mut options = AttentionOptions::default().dropout(p, seed);
     if padded {
@@ -150,7 +159,6 @@ fn half_precision_matrix(
         options = options.softcap(1.5).alibi_slopes(slopes);
     }
     let (q_dims, kv_dims) = ([batch, heads, n, d], [batch, kv_heads, n, d]);
-    let mut rng = Rng::new((n * 31 + block + d * 7 + heads) as u64);
     let q = rounded(rng.normals(q_dims.iter().product()), dtype);
     let [k, v] = [(); 2].map(|_| rounded(rng.normals(kv_dims.iter().product()), dtype));
     let dout = rounded(rng.normals(q.len()), dtype);
@@ -180,8 +188,15 @@ fn half_precision_matrix(
         let launches = Launches::start();
         let tq = to_tensor(&q, q_dims, &device).cast(dtype).require_grad();
         let [tk, tv] = [&k, &v].map(|x| to_tensor(x, kv_dims, &device).cast(dtype).require_grad());
-        let out =
-            sparse_attention(tq.clone(), tk.clone(), tv.clone(), &layout, options.clone()).unwrap();
+        let mut options = options.clone();
+        let table = bias.as_ref().map(|(buckets, table)| {
+            let t = to_tensor(table, [heads, buckets.count()], &device)
+                .cast(dtype)
+                .require_grad();
+            options = options.clone().relative_bias(t.clone(), buckets.clone());
+            t
+        });
+        let out = sparse_attention(tq.clone(), tk.clone(), tv.clone(), &layout, options).unwrap();
         assert_eq!(out.dtype(), DType::from(dtype), "{what}");
         assert_close(&f32s(out.clone()), &want.out, tol, &format!("{what}: out"));
         let g = (out * to_tensor(&dout, q_dims, &device).cast(dtype))
@@ -198,6 +213,21 @@ fn half_precision_matrix(
                 tol,
                 &format!("{what}: {name}"),
             );
+        }
+        if let Some(table) = table {
+            // Each entry sums about n * n / buckets score gradients: relative to the
+            // largest entry.
+            let got: Vec<f32> = table
+                .grad(&g)
+                .unwrap()
+                .cast(FloatDType::F32)
+                .into_data()
+                .try_to_vec()
+                .unwrap();
+            let size = grads.dbias.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+            let scaled: Vec<f64> = grads.dbias.iter().map(|x| x / size).collect();
+            let got: Vec<f32> = got.iter().map(|&x| (f64::from(x) / size) as f32).collect();
+            assert_close(&got, &scaled, tol, &format!("{what}: dbias"));
         }
         launches.check(backend, &what);
     }
