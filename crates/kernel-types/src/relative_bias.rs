@@ -72,7 +72,7 @@ impl RelativeBuckets {
         bidirectional: bool,
     ) -> Result<Self, BucketsError> {
         let half = if bidirectional { count / 2 } else { count };
-        if half < 2 || (bidirectional && count % 2 != 0) {
+        if half < 2 || (bidirectional && !count.is_multiple_of(2)) {
             return Err(BucketsError::Count(count));
         }
         let exact = half / 2;

@@ -33,7 +33,8 @@ mod simd;
 mod tile;
 
 pub use backward::{
-    TILE_CACHE_BYTES, backward, backward_with_deltas, backward_with_tile_cache, row_deltas,
+    BackwardOutputs, TILE_CACHE_BYTES, backward, backward_with_deltas, backward_with_tile_cache,
+    row_deltas,
 };
 pub use buffer::{with_capacity, zeroed};
 pub use decode::{CHUNK_KEYS, DecodeRows, DecodeShape, decode};

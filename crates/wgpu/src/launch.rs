@@ -502,6 +502,7 @@ pub(crate) fn tensor(handle: &Handle, len: usize) -> BufferArg {
 /// sparse_attn_wgpu::forward(client, dtype, shape, &layout, scale, &KernelOptions::default(), [q, k, v, out, lse], None)?;
 /// # Ok(()) }
 /// ```
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     client: &Client,
     dtype: ElemType,

@@ -195,6 +195,9 @@ pub fn row_deltas<T: Real>(out: &[T], dout: &[T], d: usize) -> Vec<T> {
     delta
 }
 
+/// What [`backward_with_deltas`] writes: `(dq, dk, dv, dbias)`.
+pub type BackwardOutputs<'g, T> = (&'g mut [T], &'g mut [T], &'g mut [T], Option<&'g mut [T]>);
+
 /// [`backward_with_tile_cache`] from the [`row_deltas`] instead of the forward's output
 /// (`delta` in token order, like every other tensor), writing `(dq, dk, dv, dbias)`: with
 /// `dbias` (`[heads, buckets]`, for the relative-position bias of `extras`), also the bias
@@ -217,7 +220,7 @@ pub fn backward_with_deltas<T: Real>(
     layout: &CsrLayout<'_>,
     scale: T,
     extras: &KernelOptions<'_>,
-    (dq, dk, dv, dbias): (&mut [T], &mut [T], &mut [T], Option<&mut [T]>),
+    (dq, dk, dv, dbias): BackwardOutputs<'_, T>,
     tile_cache_bytes: usize,
 ) {
     let n = shape.seq_len;
