@@ -86,7 +86,7 @@ impl<'a> HeadOptions<'a> {
     }
 
     /// Applies the score modifiers to the scaled score tiles of `entries` (laid out as in
-    /// [`mask_tiles`](Self::mask_tiles)): soft-capping, then ALiBi. Call it before the masks
+    /// [`mask_tiles`](Self::mask_tiles)): soft-capping, ALiBi, the relative bias. Call it before the masks
     /// (a capped `-inf` would no longer be `-inf`).
     #[inline(always)]
     pub(crate) fn modify_tiles<T: Real>(
@@ -103,22 +103,21 @@ impl<'a> HeadOptions<'a> {
         self.each_tile(entries, s, |tile, _, ks, bk| {
             // The tile's key tokens as floats, once for all its rows (ALiBi's distances are
             // then one subtraction and an absolute value per score: exact below 2^24).
+            let keys = self.key_tokens(ks, bk);
             let mut key_floats = [T::ZERO; 128];
             let key_floats = &mut key_floats[..bk];
             if self.slope.is_some() {
-                let keys = self.key_tokens(ks, bk);
                 for (j, x) in key_floats.iter_mut().enumerate() {
                     *x = T::from_usize(keys.get(j));
                 }
             }
-            let keys = self.key_tokens(ks, bk);
             for (i, row) in tile.chunks_mut(ld).take(bq).enumerate() {
                 let qi = self.layout.token(qs + i);
                 let row = &mut row[..bk];
                 modify_row(row, self.softcap, self.slope, T::from_usize(qi), key_floats);
-                if self.bias.is_some() {
+                if let Some((buckets, table)) = self.bias {
                     for (j, x) in row.iter_mut().enumerate() {
-                        *x += T::from_f64(self.bias_of(qi, keys.get(j)));
+                        *x += T::from_f64(table[buckets.bucket(qi, keys.get(j))]);
                     }
                 }
             }

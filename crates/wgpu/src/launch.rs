@@ -378,6 +378,16 @@ pub fn check_problem(
 }
 
 impl Grid {
+    /// The buffer lengths of a launch over `shape`: vectors of the `[B, H, n, d]` and `[B,
+    /// H_kv, n, d]` tensors, and rows of the log-sum-exp.
+    fn elements(&self, shape: &AttentionShape) -> (usize, usize, usize) {
+        (
+            shape.numel() / self.lanes,
+            shape.kv_numel() / self.lanes,
+            shape.rows(),
+        )
+    }
+
     /// The grid over `heads` heads of each batch row (`shape.heads` for the passes over
     /// query rows, `shape.kv_heads` for the `dK`/`dV` pass).
     fn new(
@@ -525,11 +535,7 @@ pub fn forward(
         tensor_core::forward(client, &plan, dtype, shape, layout, scale, &opts, tensors);
         return Ok(KernelPath::TensorCore.counted());
     }
-    let (numel, kv_numel, rows) = (
-        shape.numel() / grid.lanes,
-        shape.kv_numel() / grid.lanes,
-        shape.rows(),
-    );
+    let (numel, kv_numel, rows) = grid.elements(&shape);
     let (args, config) = (
         problem_args(&shape, layout, grid.tasks, scale, &opts, 0.0),
         grid.config(layout, &opts, (false, false)),
@@ -632,11 +638,6 @@ pub fn backward(
             client, dtype, &shape, layout, scale, &opts, &grid, tensors, None,
         ),
     };
-    let (numel, kv_numel, rows) = (
-        shape.numel() / grid.lanes,
-        shape.kv_numel() / grid.lanes,
-        shape.rows(),
-    );
     dkdv_passes(
         client,
         dtype,
@@ -647,7 +648,6 @@ pub fn backward(
         &kv_grid,
         [q, k, v, lse, dout, dk, dv],
         &delta,
-        (numel, kv_numel, rows),
     );
     Ok(KernelPath::Fma.counted())
 }
@@ -688,11 +688,7 @@ fn dq_pass(
     [q, k, v, out, lse, dout, dq]: [&Handle; 7],
     bias_sums: Option<(&(Handle, usize), bool)>,
 ) -> (Handle, usize) {
-    let (numel, kv_numel, rows) = (
-        shape.numel() / grid.lanes,
-        shape.kv_numel() / grid.lanes,
-        shape.rows(),
-    );
+    let (numel, kv_numel, rows) = grid.elements(shape);
     let delta = (client.empty(rows * size_of::<f32>()), rows);
     let none = (client.empty(size_of::<f32>()), 1);
     let (sums, with_dq) = bias_sums.unwrap_or((&none, true));
@@ -789,8 +785,8 @@ fn dkdv_passes(
     kv_grid: &Grid,
     [q, k, v, lse, dout, dk, dv]: [&Handle; 7],
     delta: &(Handle, usize),
-    (numel, kv_numel, rows): (usize, usize, usize),
 ) {
+    let (numel, kv_numel, rows) = kv_grid.elements(shape);
     // Rows of up to 32 elements keep k, v, dk and dv in registers in one pass; longer rows
     // take a dV pass and a dK pass (two or three rows in registers each, no spills).
     let passes: &[(bool, bool)] = if shape.head_dim <= FUSED_DKDV_MAX_HEAD_DIM {
