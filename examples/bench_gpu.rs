@@ -110,16 +110,19 @@ struct Row {
     /// Which kernels ran our forward and backward (`tensor-core`, `fma`).
     kernels: String,
     /// Our forward and forward+backward ms, or why they failed.
-    ours: Result<(f64, f64), String>,
+    ours: Timing,
     useful_tflops: Option<f64>,
     /// Burn's dense attention (up to `--dense-max-n`).
-    dense: Option<Result<(f64, f64), String>>,
+    dense: Option<Timing>,
     flex_fwd_ms: Option<f64>,
     flex_fwd_bwd_ms: Option<f64>,
     flex_failed: Option<String>,
     /// With each option of `--extras` (name, forward / forward+backward ms or why not).
-    extras: Vec<(String, Result<(f64, f64), String>)>,
+    extras: Vec<(String, Timing)>,
 }
+
+/// A timed cell: forward and forward+backward ms, or why it failed.
+type Timing = Result<(f64, f64), String>;
 
 /// Median wall time in ms of `f` over `reps` runs after a warm-up of at least three runs
 /// and two seconds (kernel compilation, memory pools growing, clocks ramping up: on the
@@ -151,8 +154,8 @@ fn time_pair(
     dtype: FloatDType,
     reps: usize,
     attend: impl Fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>,
-) -> Result<(f64, f64), String> {
-    let cell = || -> Result<(f64, f64), String> {
+) -> Timing {
+    let cell = || -> Timing {
         let sync = |d: &Device| d.sync().map_err(|e| format!("synchronisation: {e:?}"));
         let random = |dims: [usize; 4], d: &Device| {
             Tensor::<4>::random(dims, Distribution::Normal(0.0, 1.0), d).cast(dtype)
@@ -339,10 +342,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         .map(|(f, _)| 4.0 * pairs as f64 * d as f64 / (f * 1e9));
                     let fl = flex.get(&(pattern_name.clone(), name.clone(), n, block));
                     let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
-                    let part = |x: &Result<(f64, f64), String>, i: usize| {
+                    let part = |x: &Timing, i: usize| {
                         cell_text(&x.clone().map(|t| if i == 0 { t.0 } else { t.1 }))
                     };
-                    let opt_part = |x: &Option<Result<(f64, f64), String>>, i: usize| {
+                    let opt_part = |x: &Option<Timing>, i: usize| {
                         x.as_ref().map_or("-".to_string(), |x| part(x, i))
                     };
                     let ratio = |peer: Option<f64>, i: usize| {
@@ -412,7 +415,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("|---|---|---|---|---|{}", "---|".repeat(extra_names.len()));
         for r in &rows {
             let Ok((fwd, fwd_bwd)) = r.ours else { continue };
-            let cell = |x: &Result<(f64, f64), String>| match x {
+            let cell = |x: &Timing| match x {
                 Ok((f, fb)) => format!(
                     "{f:.2} / {fb:.2} ({:+.0}% / {:+.0}%)",
                     100.0 * (f - fwd) / fwd,

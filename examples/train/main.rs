@@ -8,12 +8,13 @@
 //! cargo run --release --example train -- --resume          # continue the last run
 //! ```
 //!
-//! Default data is this repository's own docs and sources (gathered at build time), the
+//! Default data is this repository's own docs and sources (read when it starts), the
 //! last 10% held out. Writes `target/train/{model.bpk, optimizer.bpk, train.json,
 //! loss.png}` and prints validation bits per byte, tokens/s and a generated sample.
 
 mod checkpoint;
 mod data;
+mod model_args;
 mod plot;
 
 use std::io::IsTerminal;
@@ -23,57 +24,17 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData, activation::softmax};
-use clap::{Parser, ValueEnum};
+use burn::tensor::{Device, Int, Tensor, TensorData, activation::softmax};
+use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sparse_attn::backends;
-use sparse_attn::nn::{
-    GenerateConfig, PatternConfig, PositionEncoding, RelativeBiasConfig, SparseTransformer,
-    SparseTransformerConfig,
-};
+use sparse_attn::nn::{GenerateConfig, SparseTransformer, SparseTransformerConfig};
 
 use checkpoint::{Checkpoint, TrainState};
 use data::{Corpus, random_batch, sequential_batches};
-
-/// The causal built-in patterns (a language model must not see the next byte).
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Pattern {
-    /// Causal dense, as a sparse layout.
-    All,
-    /// The query and the `ctx - 1` bytes before it.
-    Local,
-    /// Every `stride`-th earlier byte.
-    Strided,
-    /// The paper's strided pattern: local ∪ strided.
-    PaperStrided,
-    /// The paper's fixed pattern (local chunks + summary columns per head group).
-    Fixed,
-    /// Dilated causal window.
-    Dilated,
-    /// Causal window and a global first token.
-    Longformer,
-    /// Causal window, a global first token and seeded random blocks.
-    Bigbird,
-    /// Attention sinks and a causal window.
-    Streaming,
-    /// Consecutive causal windows of two sizes.
-    VariableWindows,
-    /// Heads alternating local and strided.
-    Mixed,
-}
-
-/// `--attention-dtype`: f16 or bf16.
-fn parse_attention_dtype(name: &str) -> Result<FloatDType, String> {
-    match name {
-        "f16" => Ok(FloatDType::F16),
-        "bf16" => Ok(FloatDType::BF16),
-        other => Err(format!(
-            "unknown attention dtype `{other}`: expected f16 or bf16"
-        )),
-    }
-}
+use model_args::ModelArgs;
 
 #[derive(Parser)]
 #[command(about = "Train a byte-level sparse transformer language model")]
@@ -81,65 +42,21 @@ struct Args {
     /// Text file to train on (any bytes; enwik8 works as is). Default: built-in corpus.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Attention pattern.
-    #[arg(long, value_enum, default_value = "local")]
-    pattern: Pattern,
-    /// Train with Burn's dense `MultiHeadAttention` (causal mask) instead.
-    #[arg(long)]
-    dense: bool,
     /// Backend (those compiled in: ndarray by default; flex, wgpu with their features).
     #[arg(long, default_value = "ndarray")]
     backend: String,
-    /// Dtype of the attention itself (f16 or bf16; the model trains in f32): on a GPU with
-    /// tensor cores (`--backend vulkan`) this runs the tensor-core kernels.
-    #[arg(long, value_parser = parse_attention_dtype)]
-    attention_dtype: Option<FloatDType>,
-    /// Tokens per training sequence.
-    #[arg(long, default_value_t = 256)]
-    seq_len: usize,
+    /// The model.
+    #[command(flatten)]
+    model: ModelArgs,
     /// Total optimizer steps (a resumed run continues up to this count).
     #[arg(long, default_value_t = 400)]
     steps: usize,
     /// Sequences per batch.
     #[arg(long, default_value_t = 16)]
     batch: usize,
-    /// Model width.
-    #[arg(long, default_value_t = 128)]
-    d_model: usize,
-    /// Heads.
-    #[arg(long, default_value_t = 4)]
-    heads: usize,
-    /// Blocks.
-    #[arg(long, default_value_t = 2)]
-    layers: usize,
-    /// Layout block size.
-    #[arg(long, default_value_t = 32)]
-    block: usize,
-    /// Window / local context of the pattern.
-    #[arg(long, default_value_t = 64)]
-    ctx: usize,
-    /// Stride of the strided patterns.
-    #[arg(long, default_value_t = 16)]
-    stride: usize,
     /// Peak learning rate (AdamW; linear warm-up, cosine decay).
     #[arg(long, default_value_t = 2e-3)]
     lr: f64,
-    /// Dropout.
-    #[arg(long, default_value_t = 0.0)]
-    dropout: f64,
-    /// Sinusoidal instead of learned positions.
-    #[arg(long)]
-    sinusoidal: bool,
-    /// Soft-cap the attention scores at this bound (`cap * tanh(s / cap)`, Gemma-style).
-    #[arg(long)]
-    softcap: Option<f64>,
-    /// ALiBi (standard slopes) in every block; the model then has no position embedding.
-    #[arg(long, conflicts_with = "sinusoidal")]
-    alibi: bool,
-    /// A learnable T5 relative-position bias (32 buckets up to distance 128) in every block;
-    /// the model then has no position embedding.
-    #[arg(long, conflicts_with = "sinusoidal")]
-    relative_bias: bool,
     /// Steps between validations (and checkpoints).
     #[arg(long, default_value_t = 50)]
     eval_every: usize,
@@ -161,87 +78,9 @@ struct Args {
     /// Prompt of the generated sample.
     #[arg(long, default_value = "/// Block-sparse attention")]
     prompt: String,
-    /// Seed of initialisation, batches and sampling.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
 }
 
 impl Args {
-    fn pattern_config(&self) -> PatternConfig {
-        let (ctx, stride) = (self.ctx, self.stride);
-        match self.pattern {
-            Pattern::All => PatternConfig::All,
-            Pattern::Local => PatternConfig::Local { ctx },
-            Pattern::Strided => PatternConfig::Strided { stride },
-            Pattern::PaperStrided => PatternConfig::PaperStrided { ctx: stride },
-            Pattern::Fixed => PatternConfig::Fixed {
-                local_ctx: ctx,
-                num_verts: 2,
-                vertsize: 1,
-            },
-            Pattern::Dilated => PatternConfig::Dilated {
-                window: ctx / 2,
-                dilation: 2,
-                causal: true,
-            },
-            Pattern::Longformer => PatternConfig::Longformer {
-                window: ctx,
-                globals: vec![0],
-                causal: true,
-            },
-            Pattern::Bigbird => PatternConfig::BigBird {
-                window: ctx,
-                globals: vec![0],
-                random_blocks: 1,
-                random_block: self.block,
-                seed: self.seed,
-                causal: true,
-            },
-            Pattern::Streaming => PatternConfig::Streaming {
-                sinks: 4,
-                window: ctx,
-            },
-            Pattern::VariableWindows => PatternConfig::VariableWindows {
-                sizes: vec![ctx / 2, ctx],
-                causal: true,
-            },
-            Pattern::Mixed => PatternConfig::PerHead(
-                (0..self.heads)
-                    .map(|h| match h % 2 {
-                        0 => PatternConfig::Local { ctx },
-                        _ => PatternConfig::Strided { stride },
-                    })
-                    .collect(),
-            ),
-        }
-    }
-
-    fn model_config(&self) -> SparseTransformerConfig {
-        let positions = if self.alibi || self.relative_bias {
-            PositionEncoding::None
-        } else if self.sinusoidal {
-            PositionEncoding::Sinusoidal
-        } else {
-            PositionEncoding::Learned
-        };
-        SparseTransformerConfig::new(
-            256,
-            self.d_model,
-            self.heads,
-            self.layers,
-            self.seq_len,
-            self.pattern_config(),
-        )
-        .with_block_size(self.block)
-        .with_dropout(self.dropout)
-        .with_positions(positions)
-        .with_dense(self.dense)
-        .with_attention_dtype(self.attention_dtype)
-        .with_softcap(self.softcap)
-        .with_alibi(self.alibi)
-        .with_relative_bias(self.relative_bias.then(RelativeBiasConfig::new))
-    }
-
     /// Warm-up over the first 10% of the steps, then cosine decay to 10% of the peak.
     fn learning_rate(&self, step: usize) -> f64 {
         let warmup = (self.steps / 10).max(1);
@@ -338,12 +177,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let device = backends::device(&args.backend)?;
     let train_device = device.clone().autodiff();
-    let corpus = Corpus::load(args.data.as_deref(), 0.1, args.seq_len + 1)?;
+    let corpus = Corpus::load(args.data.as_deref(), 0.1, args.model.seq_len + 1)?;
     let checkpoint = Checkpoint::new(&args.out)?;
-    let pattern = if args.dense {
+    let pattern = if args.model.dense {
         "dense".to_string()
     } else {
-        format!("{:?}", args.pattern).to_lowercase()
+        format!("{:?}", args.model.pattern).to_lowercase()
     };
 
     let (config, mut state) = if args.resume {
@@ -352,7 +191,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .context("the checkpoint's model configuration")?;
         (config, state)
     } else {
-        let config = args.model_config();
+        let config = args.model.model_config();
         let state = TrainState {
             model: serde_json::to_value(&config)?,
             pattern: pattern.clone(),
@@ -397,7 +236,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.eval_windows,
         &device,
     );
-    let mut rng = StdRng::seed_from_u64(args.seed.wrapping_add(state.step as u64));
+    let mut rng = StdRng::seed_from_u64(args.model.seed.wrapping_add(state.step as u64));
     if state.valid_curve.is_empty() {
         state.valid_curve.push((0, validate(&model, &valid)?));
     }

@@ -63,7 +63,9 @@ fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-const ALL: &str = "sparse-attn-core/flex,sparse-attn-core/wgpu,sparse-attn-core/fusion";
+/// The features of `cargo test-all` (.cargo/config.toml): every backend CI can run, fusion,
+/// burn-train's `Learner`.
+const ALL: &str = "sparse-attn/flex,sparse-attn/wgpu,sparse-attn/fusion,sparse-attn/learner";
 
 fn main() -> Result<()> {
     match Cli::parse().task {
@@ -79,17 +81,10 @@ fn main() -> Result<()> {
                 "-D",
                 "warnings",
             ])?;
+            // The README's test commands, through the aliases of .cargo/config.toml.
             cargo(&["test", "--workspace"])?;
-            cargo(&[
-                "test",
-                "-p",
-                "sparse-attn-core",
-                "--features",
-                "wgpu",
-                "--test",
-                "conformance",
-            ])?;
-            cargo(&["test", "--workspace", "--features", ALL])
+            cargo(&["test-wgpu"])?;
+            cargo(&["test-all"])
         }
         Task::GpuBundle => bundle::gpu_bundle(),
         Task::Fuzz { cases } => {

@@ -390,7 +390,7 @@ impl MultiHeadSparseAttention {
         let options = self.score_options(scale, dtype);
         let p = self.dropout.prob;
         if p > 0.0 && self.dropout.training.is_enabled() && device.is_autodiff() {
-            options.dropout(p, next_dropout_seed())
+            options.dropout(p, next_dropout_seed(device))
         } else {
             options
         }

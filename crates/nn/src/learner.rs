@@ -2,10 +2,19 @@
 //! validation steps compute the next-token loss of a [`TokenBatch`] and hand burn-train a
 //! `SequenceOutput` (loss, logits, targets), so the loss, perplexity and accuracy metrics,
 //! checkpointing, early stopping and the training strategies of `SupervisedTraining` work on
-//! a sparse transformer unchanged. [`TokenBatcher`] turns byte windows into batches.
+//! a sparse transformer unchanged. [`TokenBatcher`] turns byte windows into batches;
+//! [`BitsPerTokenMetric`] reports the loss in bits per token (bits per byte for a byte-level
+//! model), the unit language-model results are compared in.
+
+use std::sync::Arc;
 
 use burn::data::dataloader::batcher::Batcher;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData, TensorReadError};
+use burn::train::metric::state::{FormatOptions, NumericMetricState};
+use burn::train::metric::{
+    Adaptor, Metric, MetricAttributes, MetricMetadata, MetricName, Numeric, NumericAttributes,
+    NumericEntry, SerializedEntry,
+};
 use burn::train::{InferenceStep, SequenceOutput, TrainOutput, TrainStep};
 use sparse_attn_core::{Result, SparseAttentionError};
 
@@ -121,6 +130,108 @@ impl InferenceStep for SparseTransformer {
     }
 }
 
+/// The mean next-token cross-entropy in bits (the loss in nats over `ln 2`), averaged over
+/// the batches of an epoch by their sizes: bits per byte for a byte-level model.
+///
+/// # Example
+/// ```
+/// # use burn::train::metric::LossMetric;
+/// # use sparse_attn_nn::BitsPerTokenMetric;
+/// // Beside Burn's loss metric, in `SupervisedTraining::metrics((LossMetric::new(), ...))`.
+/// let metrics = (LossMetric::new(), BitsPerTokenMetric::new());
+/// # let _ = metrics;
+/// ```
+#[derive(Clone)]
+pub struct BitsPerTokenMetric {
+    name: MetricName,
+    state: NumericMetricState,
+}
+
+impl Default for BitsPerTokenMetric {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BitsPerTokenMetric {
+    /// The metric, named "Bits per token".
+    pub fn new() -> Self {
+        Self {
+            name: Arc::new("Bits per token".to_string()),
+            state: NumericMetricState::default(),
+        }
+    }
+}
+
+/// The input of [`BitsPerTokenMetric`]: a batch's mean cross-entropy in nats (shape `[1]`)
+/// and the number of sequences it averages.
+pub struct BitsPerTokenInput {
+    loss: Tensor<1>,
+    sequences: usize,
+}
+
+impl Adaptor<BitsPerTokenInput> for SequenceOutput {
+    fn adapt(&self) -> BitsPerTokenInput {
+        BitsPerTokenInput {
+            loss: self.loss.clone(),
+            sequences: self.targets.dims()[0],
+        }
+    }
+}
+
+impl Metric for BitsPerTokenMetric {
+    type Input = BitsPerTokenInput;
+
+    fn update(
+        &mut self,
+        input: &BitsPerTokenInput,
+        _metadata: &MetricMetadata,
+    ) -> Result<SerializedEntry, TensorReadError> {
+        let nats = input.loss.clone().mean().try_into_scalar::<f64>()?;
+        self.state
+            .update(nats / std::f64::consts::LN_2, input.sequences);
+        Ok(self
+            .state
+            .compute_update(FormatOptions::new(self.name()).precision(3)))
+    }
+
+    fn compute(&mut self) -> Result<SerializedEntry, TensorReadError> {
+        Ok(self
+            .state
+            .compute_final(FormatOptions::new(self.name()).precision(3)))
+    }
+
+    fn clear(&mut self) {
+        self.state.reset();
+    }
+
+    fn name(&self) -> MetricName {
+        self.name.clone()
+    }
+
+    fn attributes(&self) -> MetricAttributes {
+        NumericAttributes {
+            unit: Some("bits".to_string()),
+            higher_is_better: false,
+        }
+        .into()
+    }
+}
+
+impl Numeric for BitsPerTokenMetric {
+    fn value(&self) -> Option<NumericEntry> {
+        Some(self.state.current_value())
+    }
+
+    fn running_value(&self) -> Option<NumericEntry> {
+        Some(self.state.running_value())
+    }
+
+    fn final_value(&self) -> NumericEntry {
+        self.state.final_value()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     // burn-ndarray is deprecated upstream (0.22) but is our default backend.
@@ -133,7 +244,10 @@ mod tests {
     use burn::optim::AdamConfig;
     use burn::optim::lr_scheduler::constant::ConstantLr;
     use burn::train::logger::InMemoryMetricLogger;
-    use burn::train::{Learner, SupervisedTraining};
+    use burn::train::metric::LossMetric;
+    use burn::train::{
+        ExecutionStrategy, Learner, MultiDeviceOptim, SupervisedTraining, TrainingStrategy,
+    };
 
     use super::*;
     use crate::{PatternConfig, SparseTransformerConfig};
@@ -155,31 +269,90 @@ mod tests {
             .build(InMemDataset::new(items))
     }
 
-    /// A sparse transformer trains through burn-train's `Learner` on one CPU device: the
-    /// validation loss after two epochs is below the untrained model's.
-    #[test]
-    fn the_learner_trains_a_sparse_transformer() {
-        let device = Device::ndarray().autodiff();
+    /// Trains a small sparse transformer for two epochs through burn-train's `Learner` with
+    /// `strategy` (`None`: one device); the validation loss before and after.
+    fn train(strategy: Option<ExecutionStrategy>, device: &Device) -> (f32, f32) {
         let model =
             SparseTransformerConfig::new(256, 32, 2, 1, 16, PatternConfig::Local { ctx: 4 })
                 .with_block_size(4)
-                .init(&device)
+                .with_dropout(0.1)
+                .init(device)
                 .unwrap();
-        let valid = loader(8, &device);
+        let valid = loader(8, device);
         let loss_of = |model: &SparseTransformer| -> f32 {
             let batch = valid.iter().next().unwrap().unwrap();
             InferenceStep::step(model, batch).loss.into_scalar::<f32>()
         };
         let before = loss_of(&model);
         let learner = Learner::new(model, AdamConfig::new().init(), ConstantLr::new(1e-2));
-        let dir = std::env::temp_dir().join(format!("sparse-attn-learner-{}", std::process::id()));
-        let result = SupervisedTraining::new(&dir, loader(32, &device), valid.clone())
+        let dir = std::env::temp_dir().join(format!(
+            "sparse-attn-learner-{}-{}",
+            std::process::id(),
+            strategy.is_some()
+        ));
+        let mut training = SupervisedTraining::new(&dir, loader(32, device), valid.clone())
+            .metrics((LossMetric::new(), BitsPerTokenMetric::new()))
             .num_epochs(2)
             .with_metric_logger(InMemoryMetricLogger::new())
-            .with_application_logger(None)
-            .launch(learner);
-        let after = loss_of(&result.model);
+            .with_application_logger(None);
+        if let Some(strategy) = strategy {
+            training = training.with_training_strategy(TrainingStrategy::Default(strategy));
+        }
+        let result = training.launch(learner);
         let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            result.error.is_none(),
+            "training failed: {:?}",
+            result.error.map(|e| e.to_string())
+        );
+        (before, loss_of(&result.model))
+    }
+
+    /// A sparse transformer (attention dropout on) trains through burn-train's `Learner` on
+    /// one CPU device: the validation loss after two epochs is below the untrained model's.
+    #[test]
+    fn the_learner_trains_a_sparse_transformer() {
+        let (before, after) = train(None, &Device::ndarray().autodiff());
         assert!(after < before - 0.5, "loss {before} -> {after}");
+    }
+
+    /// The same through the multi-device strategy with two replicas (on the one CPU device,
+    /// a thread each; each step sums their gradients on the first).
+    #[test]
+    fn the_learner_trains_on_two_replicas() {
+        let device = Device::ndarray().autodiff();
+        let strategy = ExecutionStrategy::multi(
+            vec![device.clone(), device.clone()],
+            MultiDeviceOptim::OptimMainDevice,
+        );
+        let (before, after) = train(Some(strategy), &device);
+        assert!(after < before - 0.5, "loss {before} -> {after}");
+    }
+
+    /// Bits per token are the loss over ln 2.
+    #[test]
+    fn bits_per_token_are_the_loss_in_bits() {
+        let device = Device::ndarray();
+        let loss = Tensor::<1>::from_floats([std::f32::consts::LN_2 * 3.0], &device);
+        let targets = Tensor::<2, Int>::zeros([2, 5], &device);
+        let output = SequenceOutput::new(loss, Tensor::zeros([2, 5, 7], &device), None, targets);
+        let mut metric = BitsPerTokenMetric::new();
+        let input: BitsPerTokenInput = output.adapt();
+        let metadata = MetricMetadata {
+            progress: burn::data::dataloader::Progress::new(1, 1, None),
+            iteration: Some(0),
+            lr: None,
+        };
+        metric.update(&input, &metadata).unwrap();
+        match metric.value() {
+            Some(NumericEntry::Aggregated {
+                aggregated_value,
+                count,
+            }) => {
+                assert!((aggregated_value - 3.0).abs() < 1e-5, "{aggregated_value}");
+                assert_eq!(count, 2);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 }

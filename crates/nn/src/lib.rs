@@ -35,6 +35,6 @@ pub use dropout_seed::seed_attention_dropout;
 pub use generate::{GenerateConfig, TransformerCache};
 pub use kv_cache::KvCache;
 #[cfg(feature = "learner")]
-pub use learner::{TokenBatch, TokenBatcher};
+pub use learner::{BitsPerTokenInput, BitsPerTokenMetric, TokenBatch, TokenBatcher};
 pub use pattern_config::{PatternConfig, PatternFactory, register_pattern};
 pub use transformer::{PositionEncoding, Positions, SparseTransformer, SparseTransformerConfig};

@@ -342,6 +342,17 @@ mod tests {
         a.assert_approx_eq::<f32>(&b, burn::tensor::Tolerance::absolute(1e-4));
     }
 
+    /// A second device of this build: flex where it is compiled in (a device of another
+    /// backend, standing for a second card), else the ndarray device again.
+    fn second_device() -> Device {
+        #[cfg(feature = "flex")]
+        return Device::flex();
+        #[cfg(not(feature = "flex"))]
+        Device::ndarray()
+    }
+
+    /// A record saved on one device loads on another, and the model computes the same
+    /// logits there.
     #[test]
     fn record_and_config_round_trip() {
         let device = Device::ndarray();
@@ -350,15 +361,86 @@ mod tests {
         let config: SparseTransformerConfig = serde_json::from_str(&json).unwrap();
         let saved = config.init(&device).unwrap();
         let bytes = saved.clone().into_record().into_bytes().unwrap();
-        let loaded = config
-            .init(&device)
-            .unwrap()
-            .load_record(ModuleRecord::from_bytes(bytes).unwrap());
         let x = tokens(1, 10, &device);
-        assert_eq!(
-            saved.forward(x.clone()).unwrap().into_data(),
-            loaded.forward(x).unwrap().into_data()
+        let expected = saved.forward(x.clone()).unwrap().into_data();
+        for target in [device.clone(), second_device()] {
+            let loaded = config
+                .init(&target)
+                .unwrap()
+                .load_record(ModuleRecord::from_bytes(bytes.clone()).unwrap());
+            let logits = loaded.forward(x.clone().to_device(&target)).unwrap();
+            logits
+                .into_data()
+                .assert_approx_eq::<f32>(&expected, burn::tensor::Tolerance::absolute(1e-4));
+        }
+    }
+
+    /// Data parallelism as burn-train's multi-device strategy runs it: each replica (a fork
+    /// of the model on its device) takes half the batch, its gradients move to the main
+    /// device and are summed there; the sum is the whole batch's gradient on one device,
+    /// for every parameter (the relative-bias table's included).
+    #[test]
+    fn two_replicas_gradients_sum_to_the_whole_batch_gradient() {
+        use burn::optim::{GradientsAccumulator, GradientsParams};
+
+        let main = Device::ndarray().autodiff();
+        let other = second_device().autodiff();
+        let model = config(false, PositionEncoding::Learned)
+            .with_relative_bias(Some(crate::RelativeBiasConfig::new()))
+            .init(&main)
+            .unwrap();
+        let batch = tokens(4, 23, &main);
+        let whole =
+            GradientsParams::from_grads(model.loss(batch.clone()).unwrap().backward(), &model);
+        let mut sum = GradientsAccumulator::new();
+        for (rows, device) in [(0..2, &main), (2..4, &other)] {
+            let replica = model.clone().fork(device);
+            let half = batch.clone().slice([rows, 0..23]).to_device(device);
+            // Each replica's loss is its half's mean: half the whole batch's mean.
+            let loss = replica.loss(half).unwrap().mul_scalar(0.5);
+            let grads = GradientsParams::from_grads(loss.backward(), &replica);
+            sum.accumulate(&model, grads.to_device(&main, &model));
+        }
+        let summed = sum.grads();
+        let mut compared = 0;
+        let mut worst = 0.0f32;
+        model.visit(&mut CompareGradients {
+            whole: &whole,
+            summed: &summed,
+            compared: &mut compared,
+            worst: &mut worst,
+        });
+        assert!(compared > 10, "only {compared} parameters compared");
+        // Another backend rounds its kernels differently (flex beside ndarray: ~3e-4).
+        let tolerance = if other == main { 1e-4 } else { 1e-3 };
+        assert!(
+            worst < tolerance,
+            "summed replica gradients differ by {worst}"
         );
+    }
+
+    /// Compares, parameter by parameter, two sets of gradients (the largest absolute
+    /// difference relative to the gradient's scale).
+    struct CompareGradients<'a> {
+        whole: &'a burn::optim::GradientsParams,
+        summed: &'a burn::optim::GradientsParams,
+        compared: &'a mut usize,
+        worst: &'a mut f32,
+    }
+
+    impl ModuleVisitor for CompareGradients<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let (Some(a), Some(b)) = (
+                self.whole.get::<D>(param.id),
+                self.summed.get::<D>(param.id),
+            ) else {
+                panic!("a parameter has no gradient on one side");
+            };
+            let scale = a.clone().abs().max().into_scalar::<f32>().max(1e-3);
+            let diff = (a - b).abs().max().into_scalar::<f32>() / scale;
+            *self.worst = self.worst.max(diff);
+            *self.compared += 1;
+        }
     }
 
     #[test]

@@ -69,3 +69,40 @@ pub fn device(name: &str) -> Result<Device, UnknownBackend> {
         }
     })
 }
+
+/// `count` devices of backend `name` for data-parallel training (burn-train's
+/// `ExecutionStrategy::MultiDevice`), one model replica on each.
+///
+/// On a GPU backend (`wgpu`, `vulkan`) these are the first `count` discrete GPUs, or the
+/// default device when `count` is 1. A CPU backend (`ndarray`, `flex`) has one device: its
+/// `count` replicas share it, each on its own thread.
+///
+/// # Errors
+/// [`UnknownBackend`] when `name` is not in [`BACKENDS`].
+///
+/// # Example
+/// ```
+/// let replicas = sparse_attn::backends::devices("ndarray", 2).unwrap();
+/// assert_eq!(replicas.len(), 2);
+/// ```
+pub fn devices(name: &str, count: usize) -> Result<Vec<Device>, UnknownBackend> {
+    let first = device(name)?;
+    if count == 1 {
+        return Ok(vec![first]);
+    }
+    Ok((0..count)
+        .map(|index| replica_device(name, index, &first))
+        .collect())
+}
+
+/// The device of replica `index` of backend `name` (`first`: its default device).
+#[cfg_attr(not(feature = "wgpu"), allow(unused_variables))]
+fn replica_device(name: &str, index: usize, first: &Device) -> Device {
+    match name {
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Device::wgpu(DeviceKind::DiscreteGpu(index)),
+        #[cfg(feature = "vulkan")]
+        "vulkan" => Device::vulkan(DeviceKind::DiscreteGpu(index)),
+        _ => first.clone(),
+    }
+}
