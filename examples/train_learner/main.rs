@@ -37,6 +37,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use burn::data::dataloader::DataLoaderBuilder;
+use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::InMemDataset;
 use burn::module::Module;
 use burn::optim::AdamWConfig;
@@ -44,13 +45,16 @@ use burn::optim::lr_scheduler::LrSchedulerConfig;
 use burn::optim::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
 use burn::optim::lr_scheduler::linear::LinearLrSchedulerConfig;
 use burn::optim::lr_scheduler::sequential::SequentialLrSchedulerConfig;
+use burn::tensor::Device;
 use burn::train::metric::{LearningRateMetric, LossMetric};
 use burn::train::{
     ExecutionStrategy, Learner, MultiDeviceOptim, SupervisedTraining, TrainingStrategy,
 };
 use clap::Parser;
 use sparse_attn::backends;
-use sparse_attn::nn::{BitsPerTokenMetric, TokenBatcher, seed_attention_dropout};
+use sparse_attn::nn::{
+    BitsPerTokenMetric, SparseTransformer, TokenBatcher, seed_attention_dropout,
+};
 
 use data::Corpus;
 use model_args::ModelArgs;
@@ -139,9 +143,30 @@ fn schedule(peak: f64, steps: usize) -> anyhow::Result<SequentialLrSchedulerConf
     ))
 }
 
+/// The mean next-token loss of `model` (in validation mode) over `windows`, in bits per
+/// byte, in batches of `batch` on `device`.
+fn valid_bits(
+    model: &SparseTransformer,
+    windows: &[Vec<u32>],
+    batch: usize,
+    device: &Device,
+) -> anyhow::Result<f64> {
+    let model = model.valid();
+    let (mut sum, mut rows) = (0.0, 0);
+    for group in windows.chunks(batch) {
+        let loss: f32 = model
+            .sequence_output(TokenBatcher.batch(group.to_vec(), device))?
+            .loss
+            .into_scalar();
+        sum += f64::from(loss) * group.len() as f64;
+        rows += group.len();
+    }
+    Ok(sum / rows.max(1) as f64 / std::f64::consts::LN_2)
+}
+
 fn main() -> std::process::ExitCode {
     match run(Args::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(_) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
@@ -149,7 +174,8 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+/// Trains as `args` say; the validation bits per byte before and after.
+fn run(args: Args) -> anyhow::Result<(f64, f64)> {
     if args.devices == 0 || !args.batch.is_multiple_of(args.devices) {
         bail!(
             "--batch {} over --devices {}: expected at least one device and a batch that \
@@ -185,6 +211,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.backend,
         args.devices,
     );
+    let plain = main.clone().without_autodiff();
+    let before = valid_bits(&model, &valid, per_device, &plain)?;
     let scheduler = schedule(args.lr, steps)?
         .init()
         .map_err(|e| anyhow::anyhow!("learning-rate schedule: {e}"))?;
@@ -204,14 +232,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         };
         builder.build(InMemDataset::new(items))
     };
+    let valid_loader = loader(valid.clone(), false);
     let train_tokens = args.epochs * train.len() * seq_len;
-    let mut training =
-        SupervisedTraining::new(&args.out, loader(train, true), loader(valid, false))
-            .metrics((LossMetric::new(), BitsPerTokenMetric::new()))
-            .metric_train_numeric(LearningRateMetric::new())
-            .with_default_checkpointers()
-            .num_epochs(args.epochs)
-            .summary();
+    let mut training = SupervisedTraining::new(&args.out, loader(train, true), valid_loader)
+        .metrics((LossMetric::new(), BitsPerTokenMetric::new()))
+        .metric_train_numeric(LearningRateMetric::new())
+        .with_default_checkpointers()
+        .num_epochs(args.epochs)
+        .summary();
     if args.devices > 1 {
         let optim = if args.sharded {
             MultiDeviceOptim::OptimSharded
@@ -242,11 +270,62 @@ fn run(args: Args) -> anyhow::Result<()> {
             stop.reason.as_deref().unwrap_or("no reason given")
         );
     }
+    let after = valid_bits(&result.model, &valid, per_device, &plain)?;
     println!(
-        "{train_tokens} training tokens in {seconds:.1} s with validation ({:.0} tokens/s); \
-         checkpoints in {}",
+        "validation bits/byte: {before:.3} -> {after:.3}; {train_tokens} training tokens in \
+         {seconds:.1} s with validation ({:.0} tokens/s); checkpoints in {}",
         train_tokens as f64 / seconds,
         args.out.join("checkpoint").display()
     );
-    Ok(())
+    Ok((before, after))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A few steps of the example on the CPU, on one device and on two replicas: the
+    /// validation loss falls.
+    #[test]
+    fn the_example_trains_on_one_and_two_replicas() {
+        for devices in ["1", "2"] {
+            let out = std::env::temp_dir().join(format!(
+                "sparse-attn-train-learner-{}-{devices}",
+                std::process::id()
+            ));
+            let args = Args::parse_from([
+                "train_learner",
+                "--devices",
+                devices,
+                "--seq-len",
+                "32",
+                "--d-model",
+                "32",
+                "--heads",
+                "2",
+                "--layers",
+                "1",
+                "--block",
+                "8",
+                "--ctx",
+                "16",
+                "--batch",
+                "4",
+                "--train-windows",
+                "64",
+                "--eval-windows",
+                "8",
+                "--lr",
+                "0.01",
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+            let (before, after) = run(args).unwrap();
+            let _ = std::fs::remove_dir_all(&out);
+            assert!(
+                after < before - 1.0,
+                "{devices} device(s): {before} -> {after}"
+            );
+        }
+    }
 }

@@ -1,10 +1,11 @@
-//! `cargo xtask gpu-bundle`: packs the GPU benchmark and the conformance tests for a GPU
-//! machine that has no Rust toolchain (../shared/GPU.md).
+//! `cargo xtask gpu-bundle`: packs the benchmarks, the Learner example and the conformance
+//! tests for a GPU machine that has no Rust toolchain (../shared/GPU.md).
 //!
-//! Builds, in release and with the `vulkan` feature, the `bench_gpu` and `bench_decode`
-//! examples and the `sparse-attn-core` conformance test binary; strips them and compresses
-//! them with xz into `.gpu/` (git-ignored), named after them (`bench_gpu.xz`, ...). The GPU machine unpacks
-//! them with `xz -dc .gpu/NAME.xz > /tmp/NAME && chmod +x /tmp/NAME`.
+//! Builds, in release and with one feature set (`flex`, `vulkan`, `learner`), the examples of
+//! [`EXAMPLES`] and the `sparse-attn-core` conformance test binary; strips them and
+//! compresses them with xz into `.gpu/` (git-ignored), named after them (`bench_gpu.xz`,
+//! ...). The GPU machine unpacks them with `xz -dc .gpu/NAME.xz > /tmp/NAME && chmod +x
+//! /tmp/NAME`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,8 +26,9 @@ struct Target {
     name: String,
 }
 
-/// Runs a cargo build command with JSON messages; returns the executable of target `name`.
-fn build(args: &[&str], name: &str) -> Result<PathBuf> {
+/// Runs a cargo build command with JSON messages; returns the executables of the targets
+/// `names`, in that order.
+fn build(args: &[&str], names: &[&str]) -> Result<Vec<PathBuf>> {
     println!("$ cargo {}", args.join(" "));
     let output = Command::new(env!("CARGO"))
         .args(args)
@@ -36,15 +38,22 @@ fn build(args: &[&str], name: &str) -> Result<PathBuf> {
     if !output.status.success() {
         bail!("cargo {} failed with {}", args.join(" "), output.status);
     }
-    String::from_utf8_lossy(&output.stdout)
+    let built: Vec<(String, PathBuf)> = String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| serde_json::from_str::<Artifact>(line).ok())
         .filter(|a| a.reason == "compiler-artifact")
-        .find_map(|a| match (a.target, a.executable) {
-            (Some(t), Some(exe)) if t.name == name => Some(exe),
-            _ => None,
+        .filter_map(|a| Some((a.target?.name, a.executable?)))
+        .collect();
+    names
+        .iter()
+        .map(|name| {
+            built
+                .iter()
+                .find(|(target, _)| target == name)
+                .map(|(_, exe)| exe.clone())
+                .with_context(|| format!("cargo built no executable named {name}"))
         })
-        .with_context(|| format!("cargo built no executable named {name}"))
+        .collect()
 }
 
 /// Strips `exe` into `dir/NAME` and compresses it to `dir/NAME.xz`.
@@ -71,54 +80,37 @@ fn pack(exe: &Path, dir: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Builds and packs the binaries into `.gpu/`: the GPU benchmark, the conformance tests and
-/// the CPU benchmark (the GPU machine's host is a quieter many-core CPU).
+/// The features of every bundled binary: one feature set, so that the examples and the test
+/// binary share one release build of the dependencies.
+const FEATURES: &str = "sparse-attn/flex,sparse-attn/vulkan,sparse-attn/learner";
+
+/// The bundled examples: the benchmarks (the GPU machine's host is also a quieter many-core
+/// CPU for `bench_cpu`) and the Learner training example.
+const EXAMPLES: [&str; 4] = ["bench_cpu", "bench_gpu", "bench_decode", "train_learner"];
+
+/// Builds and packs the binaries into `.gpu/`: the examples and the conformance tests.
 pub fn gpu_bundle() -> Result<()> {
     let dir = Path::new(".gpu");
     std::fs::create_dir_all(dir)?;
-    let cpu_bench = build(
-        &[
-            "build",
-            "--release",
-            "-p",
-            "sparse-attn",
-            "--features",
-            "flex",
-            "--example",
-            "bench_cpu",
-        ],
-        "bench_cpu",
-    )?;
-    pack(&cpu_bench, dir, "bench_cpu")?;
-    for example in ["bench_gpu", "bench_decode"] {
-        let bench = build(
-            &[
-                "build",
-                "--release",
-                "-p",
-                "sparse-attn",
-                "--features",
-                "vulkan",
-                "--example",
-                example,
-            ],
-            example,
-        )?;
-        pack(&bench, dir, example)?;
+    let mut args = vec!["build", "--release", "--workspace", "--features", FEATURES];
+    for example in EXAMPLES {
+        args.extend(["--example", example]);
+    }
+    for (exe, name) in build(&args, &EXAMPLES)?.iter().zip(EXAMPLES) {
+        pack(exe, dir, name)?;
     }
     let tests = build(
         &[
             "test",
             "--release",
             "--no-run",
-            "-p",
-            "sparse-attn-core",
+            "--workspace",
             "--features",
-            "vulkan",
+            FEATURES,
             "--test",
             "conformance",
         ],
-        "conformance",
+        &["conformance"],
     )?;
-    pack(&tests, dir, "conformance")
+    pack(&tests[0], dir, "conformance")
 }

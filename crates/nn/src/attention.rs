@@ -40,7 +40,9 @@ pub struct MultiHeadSparseAttentionConfig {
     /// Dropout probability on the attention probabilities, applied inside the kernels (the
     /// backward pass regenerates the mask from its seed), active only on an autodiff device
     /// in training (Burn's `Dropout` rule; `valid()` turns it off). Each forward draws a fresh
-    /// seed from [`seed_attention_dropout`](crate::seed_attention_dropout)'s sequence. Default: 0.
+    /// seed from its device's sequence (one per device, so that data-parallel replicas draw
+    /// different masks; restarted by [`seed_attention_dropout`](crate::seed_attention_dropout)).
+    /// Default: 0.
     #[config(default = 0.0)]
     pub dropout: f64,
     /// Softmax scale; `None` (default) means `1 / sqrt(d_model / n_heads)`.

@@ -10,7 +10,11 @@
 //!   in the same block, for comparison);
 //! - [`SparseTransformer`]: a decoder-only language model of such blocks, with cached
 //!   decoding ([`KvCache`], [`TransformerCache`]) and seeded generation
-//!   ([`SparseTransformer::generate`]).
+//!   ([`SparseTransformer::generate`]);
+//! - with the `learner` feature, what burn-train's `Learner` needs: the model's train and
+//!   validation steps, `TokenBatcher` and `BitsPerTokenMetric`; the layers keep nothing
+//!   per device that a fork to another device (data-parallel replicas) does not carry
+//!   (layouts are host data, uploaded per device; dropout seeds come per device).
 //!
 //! Every config is a Burn `Config` (saved as JSON with the model) and every layer a Burn
 //! `Module` (saved and loaded with Burn's records).

@@ -342,12 +342,15 @@ mod tests {
         a.assert_approx_eq::<f32>(&b, burn::tensor::Tolerance::absolute(1e-4));
     }
 
-    /// A second device of this build: flex where it is compiled in (a device of another
-    /// backend, standing for a second card), else the ndarray device again.
+    /// A second device of this build, standing for a second card: wgpu where it is compiled
+    /// in (the CubeCL kernels, layouts uploaded to that device), else flex, else the ndarray
+    /// device again.
     fn second_device() -> Device {
-        #[cfg(feature = "flex")]
+        #[cfg(feature = "wgpu")]
+        return Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+        #[cfg(all(feature = "flex", not(feature = "wgpu")))]
         return Device::flex();
-        #[cfg(not(feature = "flex"))]
+        #[cfg(not(any(feature = "flex", feature = "wgpu")))]
         Device::ndarray()
     }
 
