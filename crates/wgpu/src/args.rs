@@ -100,8 +100,6 @@ pub(crate) struct FmaConfig {
     pub relative: bool,
     /// Buckets of the relative-position bias (0 without one).
     pub buckets: usize,
-    /// The `dQ` pass writes `dQ` (off for a pass that only sums the bias gradient).
-    pub with_dq: bool,
     /// The `dQ` pass sums the relative-position bias gradient of each query block.
     pub bias_grad: bool,
     /// The dK/dV pass writes `dK`.

@@ -22,8 +22,7 @@ const PADDED_LSE: f32 = 3.0e38;
 /// `bias_grad`, also sums the relative-position bias gradient of the cube's query block:
 /// each unit keeps one sum per bucket of the scores' gradients `P (dP - delta)` over its
 /// keys, and the cube adds them up bucket by bucket in a fixed tree into `bias_sums[(bh *
-/// n_blocks + block) * buckets + bucket]`; `with_dq` off skips `dQ` (a pass for the bias
-/// gradient alone).
+/// n_blocks + block) * buckets + bucket]`.
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dq_kernel<F: Float, N: Size>(
@@ -168,13 +167,11 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
                             let bucket = relative_bucket(slopes, tok, key_tok, &mods);
                             bucket_sums[bucket] += p * (dp_i - delta_i);
                         }
-                        if config.with_dq {
-                            let grad = score_grad(raw, &mods, config.softcap);
-                            let ds = Vector::<f32, N>::new(p * (dp_i - delta_i) * grad);
-                            #[unroll(vecs <= UNROLL_MAX)]
-                            for c in 0..vecs {
-                                acc[c] += ds * k_tile[jj * vecs + c];
-                            }
+                        let grad = score_grad(raw, &mods, config.softcap);
+                        let ds = Vector::<f32, N>::new(p * (dp_i - delta_i) * grad);
+                        #[unroll(vecs <= UNROLL_MAX)]
+                        for c in 0..vecs {
+                            acc[c] += ds * k_tile[jj * vecs + c];
                         }
                     }
                 }
@@ -183,9 +180,19 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
     }
     if config.bias_grad {
         let first = (bh * args.n_blocks + at.blk) * buckets;
-        sum_buckets(&bucket_sums, bias_sums, first, unit, config);
+        let units = comptime!(config.block * config.splits);
+        let mut scratch = Shared::<[f32]>::new_slice(units);
+        sum_buckets(
+            &bucket_sums,
+            &mut scratch,
+            bias_sums,
+            first,
+            unit,
+            units,
+            buckets,
+        );
     }
-    if comptime!(config.with_dq && splits > 1) {
+    if comptime!(splits > 1) {
         merge_sums(
             &mut acc,
             &mut k_tile,
@@ -198,7 +205,7 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
             splits,
         );
     }
-    if config.with_dq && valid && lane == 0 {
+    if valid && lane == 0 {
         let sv = Vector::<f32, N>::new(scale);
         #[unroll(vecs <= UNROLL_MAX)]
         for c in 0..vecs {
@@ -207,21 +214,23 @@ pub(crate) fn dq_kernel<F: Float, N: Size>(
     }
 }
 
-/// Adds up the cube's per-unit bucket sums `sums` bucket by bucket (a tree over the units in
-/// shared memory, the same for every run) and writes bucket `c`'s total to `out[first + c]`.
+/// Adds up the cube's per-unit bucket sums `sums` (`buckets` of them in each of the cube's
+/// `units` units) bucket by bucket, a tree over the units in `scratch` (at least `units`
+/// entries, free for the call) the same for every run, and writes bucket `c`'s total to
+/// `out[first + c]`.
 #[cube]
-fn sum_buckets(
+pub(crate) fn sum_buckets(
     sums: &Array<f32>,
+    scratch: &mut Shared<[f32]>,
     out: &mut [f32],
     first: usize,
     unit: usize,
-    #[comptime] config: FmaConfig,
+    #[comptime] units: usize,
+    #[comptime] buckets: usize,
 ) {
-    let units = comptime!(config.block * config.splits);
     let width = comptime!(units.next_power_of_two());
     let steps = comptime!(width.trailing_zeros() as usize);
-    let mut scratch = Shared::<[f32]>::new_slice(units);
-    for c in 0..config.buckets {
+    for c in 0..buckets {
         sync_cube();
         scratch[unit] = sums[c];
         sync_cube();

@@ -438,7 +438,6 @@ impl Grid {
             alibi: opts.alibi,
             relative: opts.relative,
             buckets: opts.buckets,
-            with_dq: true,
             bias_grad: false,
             with_dk,
             with_dv,
@@ -617,27 +616,40 @@ pub fn backward(
     let opts = DeviceOptions::upload(client, options, shape.heads, table);
     if let Some(plan) = TensorCorePlan::for_device(client, dtype, layout.block, shape.head_dim) {
         let (inputs, grads) = ([q, k, v, out, lse, dout], [dq, dk, dv]);
+        let sums = dbias.map(|(_, count)| bias_sums(client, &shape, layout, count));
         tensor_core::backward(
-            client, &plan, dtype, shape, layout, scale, &opts, inputs, grads,
+            client,
+            &plan,
+            dtype,
+            shape,
+            layout,
+            scale,
+            &opts,
+            inputs,
+            grads,
+            sums.as_ref(),
         );
-        if let Some(dbias) = dbias {
-            // The tensor-core kernels keep no per-bucket sums: one FMA pass sums them.
-            let tensors = [q, k, v, out, lse, dout, dq];
-            bias_grad(
-                client, dtype, &shape, layout, scale, &opts, &grid, tensors, dbias, false,
-            );
+        if let (Some(sums), Some(dbias)) = (&sums, dbias) {
+            sum_bias_grad(client, &shape, layout, sums, dbias);
         }
         return Ok(KernelPath::TensorCore.counted());
     }
     let tensors = [q, k, v, out, lse, dout, dq];
-    let delta = match dbias {
-        Some(dbias) => bias_grad(
-            client, dtype, &shape, layout, scale, &opts, &grid, tensors, dbias, true,
-        ),
-        None => dq_pass(
-            client, dtype, &shape, layout, scale, &opts, &grid, tensors, None,
-        ),
-    };
+    let sums = dbias.map(|(_, count)| bias_sums(client, &shape, layout, count));
+    let delta = dq_pass(
+        client,
+        dtype,
+        &shape,
+        layout,
+        scale,
+        &opts,
+        &grid,
+        tensors,
+        sums.as_ref(),
+    );
+    if let (Some(sums), Some(dbias)) = (&sums, dbias) {
+        sum_bias_grad(client, &shape, layout, sums, dbias);
+    }
     dkdv_passes(
         client,
         dtype,
@@ -673,9 +685,8 @@ fn table_buffer<'h>(
     }
 }
 
-/// The FMA `dQ` pass over `[q, k, v, out, lse, dout, dq]` (writing `dq` when `with_dq`), and
-/// with `bias_sums`, the per-query-block sums of the bias gradient there. Returns the row
-/// deltas it wrote.
+/// The FMA `dQ` pass over `[q, k, v, out, lse, dout, dq]`, and with `bias_sums`, the
+/// per-query-block sums of the bias gradient there. Returns the row deltas it wrote.
 #[allow(clippy::too_many_arguments)]
 fn dq_pass(
     client: &Client,
@@ -686,14 +697,13 @@ fn dq_pass(
     opts: &DeviceOptions,
     grid: &Grid,
     [q, k, v, out, lse, dout, dq]: [&Handle; 7],
-    bias_sums: Option<(&(Handle, usize), bool)>,
+    bias_sums: Option<&(Handle, usize)>,
 ) -> (Handle, usize) {
     let (numel, kv_numel, rows) = grid.elements(shape);
     let delta = (client.empty(rows * size_of::<f32>()), rows);
     let none = (client.empty(size_of::<f32>()), 1);
-    let (sums, with_dq) = bias_sums.unwrap_or((&none, true));
+    let sums = bias_sums.unwrap_or(&none);
     let config = FmaConfig {
-        with_dq,
         bias_grad: bias_sums.is_some(),
         ..grid.config(layout, opts, (false, false))
     };
@@ -725,51 +735,39 @@ fn dq_pass(
     delta
 }
 
-/// The relative-position bias gradient into `dbias` (`heads x buckets` f32): the `dQ` pass
-/// with its per-block sums (also writing `dq` when `with_dq`), then their ordered sum.
-/// Returns the row deltas of the `dQ` pass.
-#[allow(clippy::too_many_arguments)]
-fn bias_grad(
+/// A buffer for the per-query-block sums of the bias gradient (`[batch, heads, n_blocks,
+/// buckets]` f32) that a `dQ` pass fills.
+fn bias_sums(
     client: &Client,
-    dtype: ElemType,
     shape: &AttentionShape,
     layout: &DeviceLayout,
-    scale: f32,
-    opts: &DeviceOptions,
-    grid: &Grid,
-    tensors: [&Handle; 7],
-    (dbias, count): (&Handle, usize),
-    with_dq: bool,
+    count: usize,
 ) -> (Handle, usize) {
-    let blocks = shape.batch * shape.heads * layout.n_blocks;
-    let sums = (
-        client.empty(blocks * count * size_of::<f32>()),
-        blocks * count,
-    );
-    let delta = dq_pass(
-        client,
-        dtype,
-        shape,
-        layout,
-        scale,
-        opts,
-        grid,
-        tensors,
-        Some((&sums, with_dq)),
-    );
+    let entries = shape.batch * shape.heads * layout.n_blocks * count;
+    (client.empty(entries * size_of::<f32>()), entries)
+}
+
+/// The relative-position bias gradient `dbias` (`heads x buckets` f32): the ordered sum of
+/// a `dQ` pass's per-query-block sums `sums`.
+fn sum_bias_grad(
+    client: &Client,
+    shape: &AttentionShape,
+    layout: &DeviceLayout,
+    sums: &(Handle, usize),
+    (dbias, count): (&Handle, usize),
+) {
     let entries = shape.heads * count;
     launch_kernel!(bias_sum_kernel(
         client,
         grid_count(client, entries.div_ceil(64)),
         CubeDim::new_1d(64),
-        arg(&sums),
+        arg(sums),
         arg(&(dbias.clone(), entries)),
         shape.batch,
         shape.heads,
         layout.n_blocks,
         count,
     ));
-    delta
 }
 
 /// The FMA `dK`/`dV` passes over `[q, k, v, lse, dout, dk, dv]` with the `dQ` pass's row

@@ -7,9 +7,10 @@ use cubecl::prelude::*;
 
 use crate::args::ProblemArgs;
 
+use crate::backward::sum_buckets;
 use crate::options::{
-    ScoreMod, head_key, in_length, keep_factor, modify_score, query_row, row_key, score_grad,
-    score_mod,
+    ScoreMod, head_key, in_length, keep_factor, modify_score, query_row, relative_bucket, row_key,
+    score_grad, score_mod,
 };
 use crate::tensor_core::FRAG;
 use crate::tensor_core::stage::{
@@ -23,7 +24,10 @@ use crate::tiles::{FULL, allowed, head_row, span, token};
 const PADDED_LSE: f32 = 3.0e38;
 
 /// `dQ` kernel; also writes `delta_i = dO_i . O_i` (f32, by token) for the `dK`/`dV` pass.
-/// Plane `p` of cube `(block r, pair bh)` owns query positions `r * block + 16 p ..`.
+/// Plane `p` of cube `(block r, pair bh)` owns query positions `r * block + 16 p ..`. With
+/// `bias_grad`, each unit also sums the scores' gradients `P (dP - delta)` of its elements
+/// per bucket of the relative-position bias, and the cube adds them up in a fixed tree into
+/// `bias_sums[(bh * n_blocks + r) * buckets + bucket]` (no atomics).
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
@@ -42,6 +46,7 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
     order: &[u32],
     lengths: &[u32],
     slopes: &[f32],
+    bias_sums: &mut [f32],
     args: ProblemArgs,
     #[comptime] config: TensorCoreConfig,
     #[define(F)] _dtype: ElemType,
@@ -143,6 +148,11 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
         config.alibi,
         config.relative,
     );
+    let buckets = comptime!(if config.bias_grad { config.buckets } else { 1 });
+    let mut bucket_sums = Array::<f32>::new(buckets);
+    for c in 0..buckets {
+        bucket_sums[c] = 0.0f32;
+    }
     // The soft-cap's derivative of each score, kept from the score pass to the dS pass.
     let mut cap_grads = Array::<f32>::new(comptime!(if config.softcap {
         config.per_lane()
@@ -214,6 +224,11 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
                 }
             }
             let mut ds = probs[i] * (dp - delta_i);
+            if config.bias_grad {
+                // The bias is added last: its gradient is dS before the cap's derivative.
+                let key_tok = staged_key_token(&key_toks, col, config);
+                bucket_sums[relative_bucket(slopes, tok, key_tok, &mods)] += ds;
+            }
             if config.softcap {
                 ds *= cap_grads[i];
             }
@@ -221,6 +236,13 @@ pub(crate) fn tc_dq_kernel<F: Float, N: Size>(
         }
         sync_plane();
         accumulate_product(&grads, plane_at, &stage, 0, &mut dq_acc, config);
+    }
+    if config.bias_grad {
+        // `scratch` (block x tile stride f32) is free once the last tile's products are in.
+        sync_cube();
+        let first = (bh * args.n_blocks + at.blk) * buckets;
+        #[rustfmt::skip]
+        sum_buckets(&bucket_sums, &mut scratch, bias_sums, first, at.unit, comptime!(config.units()), buckets);
     }
     let dst_row = if valid { tok as u32 } else { NO_TOKEN };
     write_rows(

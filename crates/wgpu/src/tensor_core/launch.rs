@@ -75,6 +75,8 @@ impl TensorCoreGrid {
                 softcap: opts.softcap_on,
                 alibi: opts.alibi,
                 relative: opts.relative,
+                bias_grad: false,
+                buckets: opts.buckets,
                 with_dk: true,
                 with_dv: true,
             },
@@ -152,8 +154,9 @@ pub(crate) fn backward(
     opts: &DeviceOptions,
     [q, k, v, out, lse, dout]: [&Handle; 6],
     [dq, dk, dv]: [&Handle; 3],
+    bias_sums: Option<&(Handle, usize)>,
 ) {
-    let grid = TensorCoreGrid::new(
+    let mut grid = TensorCoreGrid::new(
         client,
         plan,
         &shape,
@@ -162,9 +165,12 @@ pub(crate) fn backward(
         shape.heads,
         plan.dq_tile,
     );
+    grid.config.bias_grad = bias_sums.is_some();
     let lanes = grid.config.lanes;
     let (numel, kv_numel, rows) = (shape.numel(), shape.kv_numel(), shape.rows());
     let delta = (client.empty(rows * size_of::<f32>()), rows);
+    // A one-element stand-in where no bias gradient is summed.
+    let none = (client.empty(size_of::<f32>()), 1);
 
     launch_kernel!(tc_dq_kernel(
         client,
@@ -186,6 +192,7 @@ pub(crate) fn backward(
         arg(&layout.order),
         arg(&opts.lengths),
         arg(&opts.slopes),
+        arg(bias_sums.unwrap_or(&none)),
         grid.args(&shape, layout, scale, opts, dtype),
         grid.config,
         dtype,

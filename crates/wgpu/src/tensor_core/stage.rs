@@ -38,6 +38,10 @@ pub(crate) struct TensorCoreConfig {
     pub alibi: bool,
     /// Scores carry a relative-position bias.
     pub relative: bool,
+    /// The `dQ` kernel also sums the bias gradient per query block (`buckets` sums per unit).
+    pub bias_grad: bool,
+    /// Buckets of the relative-position bias (0 without one).
+    pub buckets: usize,
     /// The `dK`/`dV` kernel computes `dK`.
     pub with_dk: bool,
     /// The `dK`/`dV` kernel computes `dV`.
