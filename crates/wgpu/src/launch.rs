@@ -614,9 +614,12 @@ pub fn backward(
     check_buffers(&shape, layout, options, &buffers)?;
     let table = table.map(|(_, handle)| (handle, dtype));
     let opts = DeviceOptions::upload(client, options, shape.heads, table);
-    if let Some(plan) = TensorCorePlan::for_device(client, dtype, layout.block, shape.head_dim) {
+    // Both `dQ` kernels sum the bias gradient per query block; one ordered sum follows.
+    let sums = dbias.map(|(_, count)| bias_sums(client, &shape, layout, count));
+    let path = if let Some(plan) =
+        TensorCorePlan::for_device(client, dtype, layout.block, shape.head_dim)
+    {
         let (inputs, grads) = ([q, k, v, out, lse, dout], [dq, dk, dv]);
-        let sums = dbias.map(|(_, count)| bias_sums(client, &shape, layout, count));
         tensor_core::backward(
             client,
             &plan,
@@ -629,39 +632,37 @@ pub fn backward(
             grads,
             sums.as_ref(),
         );
-        if let (Some(sums), Some(dbias)) = (&sums, dbias) {
-            sum_bias_grad(client, &shape, layout, sums, dbias);
-        }
-        return Ok(KernelPath::TensorCore.counted());
-    }
-    let tensors = [q, k, v, out, lse, dout, dq];
-    let sums = dbias.map(|(_, count)| bias_sums(client, &shape, layout, count));
-    let delta = dq_pass(
-        client,
-        dtype,
-        &shape,
-        layout,
-        scale,
-        &opts,
-        &grid,
-        tensors,
-        sums.as_ref(),
-    );
+        KernelPath::TensorCore
+    } else {
+        let tensors = [q, k, v, out, lse, dout, dq];
+        let delta = dq_pass(
+            client,
+            dtype,
+            &shape,
+            layout,
+            scale,
+            &opts,
+            &grid,
+            tensors,
+            sums.as_ref(),
+        );
+        dkdv_passes(
+            client,
+            dtype,
+            &shape,
+            layout,
+            scale,
+            &opts,
+            &kv_grid,
+            [q, k, v, lse, dout, dk, dv],
+            &delta,
+        );
+        KernelPath::Fma
+    };
     if let (Some(sums), Some(dbias)) = (&sums, dbias) {
         sum_bias_grad(client, &shape, layout, sums, dbias);
     }
-    dkdv_passes(
-        client,
-        dtype,
-        &shape,
-        layout,
-        scale,
-        &opts,
-        &kv_grid,
-        [q, k, v, lse, dout, dk, dv],
-        &delta,
-    );
-    Ok(KernelPath::Fma.counted())
+    Ok(path.counted())
 }
 
 /// The bias table's buffer check and handle: the device table when `options` has a
