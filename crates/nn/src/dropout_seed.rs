@@ -2,7 +2,7 @@
 //!
 //! The kernels draw their dropout mask from a counter-based generator keyed by a seed; a
 //! layer needs a fresh seed at every training forward. Seeds come from one sequence per
-//! device (SplitMix64 over a counter, mixed with the device's id), so that data-parallel
+//! device (SplitMix64 over a counter, mixed with a key of the device), so that data-parallel
 //! training draws a different mask on each replica and each replica's masks depend only on
 //! the seed and its own call order, not on how the replicas' threads interleave; a run
 //! repeats exactly after [`seed_attention_dropout`]. Drawing seeds on the host costs
@@ -18,10 +18,10 @@ use burn::tensor::Device;
 /// The start of every device's counter until [`seed_attention_dropout`] is called.
 const DEFAULT_SEED: u64 = 0x5eed_a77e_0000_0000;
 
-/// The sequences' start and, per device (in the order they first drew), the draws since.
+/// The sequences' start and, per device, its key and the draws since.
 struct Sequences {
     seed: u64,
-    draws: Vec<(Device, u64)>,
+    draws: Vec<(Device, u64, u64)>,
 }
 
 impl Sequences {
@@ -31,21 +31,32 @@ impl Sequences {
         self.draws.clear();
     }
 
-    /// The next seed of `device`'s sequence: the device's draw counter mixed with the
-    /// device's position among the devices that drew since the reset. Devices compare by
-    /// hardware identity, so an autodiff device shares the sequence of the device it wraps.
+    /// The next seed of `device`'s sequence: the device's draw counter mixed with its key.
+    /// Devices compare by hardware identity, so an autodiff device shares the sequence of
+    /// the device it wraps.
     fn next(&mut self, device: &Device) -> u64 {
-        let index = match self.draws.iter().position(|(d, _)| d == device) {
+        let index = match self.draws.iter().position(|(d, _, _)| d == device) {
             Some(index) => index,
             None => {
-                self.draws.push((device.clone(), 0));
+                self.draws.push((device.clone(), device_key(device), 0));
                 self.draws.len() - 1
             }
         };
-        let draw = &mut self.draws[index].1;
+        let (_, key, draw) = &mut self.draws[index];
         *draw += 1;
-        mix(mix(self.seed.wrapping_add(*draw - 1)) ^ mix(index as u64))
+        mix(mix(self.seed.wrapping_add(*draw - 1)) ^ mix(*key))
     }
+}
+
+/// A key of `device` that depends only on which device it is (FNV-1a over the debug form
+/// of the device without autodiff, which names its backend and index), not on when it
+/// first drew: the order in which replicas' threads first draw must not change their masks.
+fn device_key(device: &Device) -> u64 {
+    format!("{:?}", device.clone().without_autodiff())
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
 }
 
 static SEQUENCES: Mutex<Sequences> = Mutex::new(Sequences {
@@ -124,6 +135,15 @@ mod tests {
                 "another device's draws leave this sequence alone"
             );
             assert!(others.iter().all(|s| !alone.contains(s)));
+            // Nor does which device drew first.
+            sequences.reset(11);
+            let first_b = sequences.next(&b);
+            assert_eq!(first_b, others[0]);
+            let late: Vec<u64> = (0..4).map(|_| sequences.next(&a)).collect();
+            assert_eq!(
+                late, alone,
+                "the order of first draws leaves the sequences alone"
+            );
         }
         let mut sorted = alone.clone();
         sorted.sort_unstable();
